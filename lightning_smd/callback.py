@@ -1,0 +1,431 @@
+"""The Lightning glue: hooks, logging, the summary.
+
+``SMDCallback()`` finds the model's normalized weights when fit starts, measures each one after every
+optimizer step (on the device, without host synchronization), compares it with the equilibrium Spherical
+Motion Dynamics predicts for the optimizer settings in force, logs to every logger the Trainer has at
+its log interval, and writes ``smd_summary.json`` with the verdict when training ends — also when it
+ends early, by an exception or an interrupt (then marked ``"complete": false``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from lightning_smd.detect import Detection, find_normalized_weights, format_detection_table
+from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
+from lightning_smd.measure import StepRecorder
+from lightning_smd.theory import rule_for
+
+__all__ = ["SMDCallback", "SMDWarning", "SUMMARY_FILENAME"]
+
+SUMMARY_FILENAME = "smd_summary.json"
+#: A planned run shorter than this many relaxation times gets a warning at fit start.
+SHORT_RUN_RELAXATION_TIMES = 3.0
+
+
+class SMDWarning(UserWarning):
+    """Warnings of lightning_smd (filter them with ``warnings.filterwarnings(..., category=SMDWarning)``)."""
+
+
+class SMDCallback(Callback):
+    """Measure the Spherical Motion Dynamics of every normalized weight and check its equilibrium.
+
+    Args:
+        tolerance: a layer is in band when its smoothed angular update is within ``1 ± tolerance`` of
+            the prediction.
+        window: steps a layer must stay in band to count as in equilibrium.
+        ema_steps: time constant (steps) of the moving averages of the angular update, its ratio to the
+            prediction and the gradient statistic ``L``.
+        min_fraction: share of tracked layers (with a prediction) in equilibrium at the end of training
+            for the run verdict ``"equilibrium"``.
+        include: parameter-name globs to track in addition to the detected ones.
+        exclude: parameter-name globs never to track.
+        log_every_n_steps: log interval in optimizer steps; default: the Trainer's ``log_every_n_steps``.
+        log_per_layer: log the per-layer metrics, not only the aggregates.
+        summary_path: where to write the summary JSON; default ``<trainer.log_dir>/smd_summary.json``.
+            ``False`` writes none.
+        verbose: print the table of tracked weights at fit start and the result table at the end
+            (rank zero only).
+        keep_history: keep every step's values in memory (``callback.diagnostics.unit_history(name)``).
+        use_momentum_buffer: for PyTorch SGD with heavy-ball momentum, take the update from the momentum
+            buffer (exact, no weight copy); ``False`` keeps a snapshot of the weights as for other
+            optimizers.
+    """
+
+    def __init__(
+        self,
+        *,
+        tolerance: float = 0.1,
+        window: int = 100,
+        ema_steps: int = 50,
+        min_fraction: float = 0.9,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_every_n_steps: int | None = None,
+        log_per_layer: bool = True,
+        summary_path: str | os.PathLike | bool | None = None,
+        verbose: bool = True,
+        keep_history: bool = False,
+        use_momentum_buffer: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = DiagnosticsConfig(tolerance=tolerance, window=window, ema_steps=ema_steps, min_fraction=min_fraction)
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        self.include = list(include or [])
+        self.exclude = list(exclude or [])
+        self.log_every_n_steps = log_every_n_steps
+        self.log_per_layer = log_per_layer
+        self.summary_path = summary_path
+        self.verbose = verbose
+        self.keep_history = keep_history
+        self.use_momentum_buffer = use_momentum_buffer
+        self.detection: Detection | None = None
+        self.recorder: StepRecorder | None = None
+        self.diagnostics: Diagnostics | None = None
+        self.warnings: list[str] = []
+        self._summary: dict[str, Any] | None = None
+        self._summary_file: str | None = None
+        self._last_logged_step = -1
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+        self.warnings = []
+        self._summary = None
+        self._last_logged_step = -1
+        det = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
+        self.detection = det
+        named = dict(pl_module.named_parameters())
+        units = [u for u in det.units if all(p in named for p in u.params)]
+        if det.error:
+            self._warn(trainer, det.error)
+        recorder = StepRecorder(
+            [[named[p] for p in u.params] for u in units],
+            list(trainer.optimizers),
+            capacity=self._interval(trainer) + 1,
+            use_momentum_buffer=self.use_momentum_buffer,
+        )
+        if recorder.unoptimized:
+            names = ", ".join(units[i].name for i in recorder.unoptimized)
+            self._warn(
+                trainer,
+                f"{len(recorder.unoptimized)} normalized weight(s) are not updated by any optimizer (or by parts of "
+                f"several): {names}. They are not measured.",
+            )
+            keep = [i for i in range(len(units)) if i not in set(recorder.unoptimized)]
+            recorder.close()
+            units = [units[i] for i in keep]
+            recorder = StepRecorder(
+                [[named[p] for p in u.params] for u in units],
+                list(trainer.optimizers),
+                capacity=self._interval(trainer) + 1,
+                use_momentum_buffer=self.use_momentum_buffer,
+            )
+        self.recorder = recorder
+        self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history)
+        if self.verbose and trainer.is_global_zero:
+            if units:
+                print(f"SMDCallback: tracking {len(units)} normalized weight(s)\n" + format_detection_table(Detection(units=units)))
+        self._check_setup(trainer, pl_module, units, recorder)
+
+    def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list, recorder: StepRecorder) -> None:
+        if not units:
+            rejected = "; ".join(f"{k}: {v}" for k, v in list((self.detection.rejected if self.detection else {}).items())[:3])
+            self._warn(
+                trainer,
+                f"SMDCallback found no normalized (scale-invariant) weight in {type(pl_module).__name__}: no Conv/Linear "
+                "weight reaches a BatchNorm/GroupNorm/LayerNorm/InstanceNorm/RMSNorm through positively homogeneous ops "
+                f"only{' (' + rejected + ')' if rejected else ''}. Nothing is measured and the verdict will be "
+                "'not_applicable'. If the model does normalize some weights, name them with "
+                "SMDCallback(include=['block.*.conv.weight'])."
+                ,
+            )
+            return
+        zero_wd: dict[tuple[int, int], list[str]] = {}
+        taus: list[tuple[float, str, str]] = []
+        for slot in recorder.slots:
+            rule = slot.rule
+            for u_local, u in enumerate(slot.units):
+                g = slot.groups[int(slot.unit_group[u_local])]
+                group = slot.optimizer.param_groups[g]
+                h = rule.hyper(group)
+                if rule.name == "unknown":
+                    continue
+                if not h.get("weight_decay", 0.0) > 0.0:
+                    zero_wd.setdefault((slot.index, g), []).append(units[u].name)
+                    continue
+                tau = rule.relaxation_time(h)
+                if math.isfinite(tau):
+                    taus.append((tau, units[u].name, rule.describe(h)))
+        unknown = sorted({type(s.optimizer).__name__ for s in recorder.slots if s.rule.name == "unknown"})
+        if unknown:
+            self._warn(
+                trainer,
+                f"No SMD rule is known for optimizer {', '.join(unknown)}: its normalized weights are measured and logged, "
+                "but there is no prediction to compare with, so their verdict is 'not_applicable'. Register a rule with "
+                "lightning_smd.theory.register(MyOptimizer, MyRule()) (see the README).",
+            )
+        for (oi, g), names in zero_wd.items():
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self._warn(
+                trainer,
+                f"{len(names)} normalized weight(s) ({shown}) are in param group {g} of optimizer {oi} with weight_decay=0. "
+                "Spherical Motion Dynamics has no equilibrium without weight decay: their norm grows without bound and "
+                "the effective learning rate lr/|w|^2 decays towards zero. Give that param group weight_decay > 0 "
+                "(e.g. 5e-4 for SGD, 0.05-0.1 for AdamW); only exclude norm affine parameters and biases from decay.",
+            )
+        planned = _planned_steps(trainer)
+        if taus and planned is not None:
+            tau, name, desc = max(taus)
+            needed = SHORT_RUN_RELAXATION_TIMES * tau
+            if planned < needed:
+                self._warn(
+                    trainer,
+                    f"The run is planned for {planned} optimizer steps, fewer than {SHORT_RUN_RELAXATION_TIMES:g} relaxation "
+                    f"times of the slowest layer ({name}: tau = {tau:.0f} steps for {desc}; tau = (1-momentum)/(2*lr*weight_decay)). "
+                    f"Layers will likely not reach equilibrium: train for at least {math.ceil(needed)} steps, or raise "
+                    "lr*weight_decay (the intrinsic learning rate) to shorten tau.",
+                )
+
+    # ------------------------------------------------------------------------------------------
+    # Per step
+    # ------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.recorder is None or self.recorder.pending == 0:
+            return
+        if not self._is_log_step(trainer):
+            return
+        self._flush(trainer, _logger_step(trainer))
+
+    def _is_log_step(self, trainer: pl.Trainer) -> bool:
+        loop = trainer.fit_loop.epoch_loop
+        should_accumulate = getattr(loop, "_should_accumulate", None)
+        if callable(should_accumulate) and should_accumulate():
+            return False
+        return (_logger_step(trainer) + 1) % self._interval(trainer) == 0 or bool(trainer.should_stop)
+
+    def _interval(self, trainer: pl.Trainer) -> int:
+        return int(self.log_every_n_steps or max(int(trainer.log_every_n_steps or 1), 1))
+
+    def _flush(self, trainer: pl.Trainer, step: int) -> None:
+        """Drain the device buffers (one host synchronization), update the diagnostics and log."""
+        assert self.recorder is not None and self.diagnostics is not None
+        for batch in self.recorder.drain():
+            self.diagnostics.update(batch)
+        if step <= self._last_logged_step:
+            return
+        metrics = self.diagnostics.metrics(per_layer=self.log_per_layer)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        for key in ("smd/angular_update_ratio", "smd/equilibrium_fraction"):
+            trainer.callback_metrics[key] = torch.tensor(metrics[key])
+        self._last_logged_step = step
+
+    # ------------------------------------------------------------------------------------------
+    # End
+    # ------------------------------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recorder is None or self.diagnostics is None:
+            return
+        if self.recorder.pending:
+            self._flush(trainer, max(_logger_step(trainer) - 1, self._last_logged_step + 1))
+        self._finish(trainer, complete=True)
+        if self.verbose and trainer.is_global_zero:
+            print(self.format_summary())
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Never lose what was measured: write the summary, marked incomplete, before the exception goes on.
+        if self.recorder is None or self.diagnostics is None:
+            return
+        try:
+            for batch in self.recorder.drain():
+                self.diagnostics.update(batch)
+            self._finish(trainer, complete=False, error=f"{type(exception).__name__}: {exception}")
+        except Exception as err:  # noqa: BLE001 - the callback never raises on its own failures
+            warnings.warn(f"SMDCallback could not write its summary after {type(exception).__name__}: {err}", SMDWarning, stacklevel=2)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def _finish(self, trainer: pl.Trainer, complete: bool, error: str | None = None) -> None:
+        assert self.diagnostics is not None and self.recorder is not None
+        summary = self.diagnostics.summary()
+        summary["complete"] = complete
+        if error:
+            summary["error"] = error
+        summary["optimizers"] = [_optimizer_info(i, opt, self.recorder) for i, opt in enumerate(trainer.optimizers)]
+        summary["extra_memory_bytes"] = self.recorder.extra_bytes
+        summary["warnings"] = list(self.warnings)
+        summary["not_tracked"] = dict(self.detection.rejected) if self.detection else {}
+        summary["detection_error"] = self.detection.error if self.detection else None
+        summary["global_step"] = int(trainer.global_step)
+        self._summary = summary
+        if self.summary_path is False or not trainer.is_global_zero:
+            return
+        path = str(self.summary_path) if self.summary_path not in (None, True) else os.path.join(_log_dir(trainer), SUMMARY_FILENAME)
+        try:
+            _atomic_write_json(path, summary)
+            self._summary_file = path
+        except OSError as err:
+            self._warn(trainer, f"could not write the SMD summary to {path}: {err}")
+
+    # ------------------------------------------------------------------------------------------
+    # Public results
+    # ------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """The run summary (the content of ``smd_summary.json``); computed now if training has not ended."""
+        if self._summary is not None:
+            return self._summary
+        if self.diagnostics is None:
+            return {"verdict": "not_applicable", "reason": "SMDCallback has not been attached to a fit yet", "layers": [], "steps": 0, "complete": False}
+        out = self.diagnostics.summary()
+        out["complete"] = False
+        return out
+
+    @property
+    def summary_file(self) -> str | None:
+        """Where the summary JSON was written (rank zero), or ``None``."""
+        return self._summary_file
+
+    def format_summary(self) -> str:
+        """The end-of-training table: per layer measured vs predicted, and the verdict."""
+        s = self.summary()
+        return format_summary_table(s)
+
+    def _warn(self, trainer: pl.Trainer, message: str) -> None:
+        self.warnings.append(message)
+        if trainer.is_global_zero:
+            warnings.warn(message, SMDWarning, stacklevel=3)
+
+
+def format_summary_table(summary: dict[str, Any]) -> str:
+    """Format a summary dict (as written to ``smd_summary.json``) as a fixed-width table."""
+
+    def f(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    rows = [("layer", "angular update", "predicted", "ratio", "|w|", "predicted |w|", "equilibrium", "since step")]
+    for r in summary.get("layers", []):
+        rows.append(
+            (
+                r["name"],
+                f(r.get("angular_update"), ".3e"),
+                f(r.get("predicted_angular_update"), ".3e"),
+                f(r.get("ratio"), ".3f"),
+                f(r.get("weight_norm"), ".3f"),
+                f(r.get("predicted_weight_norm"), ".3f"),
+                "yes" if r.get("in_equilibrium") else "no",
+                f(r.get("first_equilibrium_step"), "d"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    verdict = summary.get("verdict", "?")
+    state = "" if summary.get("complete", True) else " (incomplete run)"
+    lines.append(f"SMD verdict after {summary.get('steps', 0)} steps: {verdict}{state} — {summary.get('reason', '')}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs the current batch's metrics at (``_batches_that_stepped``)."""
+    loop = trainer.fit_loop.epoch_loop
+    step = getattr(loop, "_batches_that_stepped", None)
+    return int(step) if step is not None else max(int(trainer.global_step) - 1, 0)
+
+
+def _planned_steps(trainer: pl.Trainer) -> int | None:
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        est = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - an unknown plan just means no warning
+        return None
+    if est is None or not math.isfinite(float(est)):
+        return None
+    return int(est)
+
+
+def _log_dir(trainer: pl.Trainer) -> str:
+    try:
+        d = trainer.log_dir
+    except Exception:  # noqa: BLE001
+        d = None
+    return d or trainer.default_root_dir
+
+
+def _optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:
+    rule = rule_for(optimizer)
+    slot = next((s for s in recorder.slots if s.index == index), None)
+    groups = []
+    for g in optimizer.param_groups:
+        h = rule.hyper(g)
+        groups.append({k: (v if math.isfinite(v) else None) for k, v in h.items()})
+    return {
+        "index": index,
+        "class": type(optimizer).__name__,
+        "rule": rule.name,
+        "param_groups": groups,
+        "measurement": None if slot is None else ("momentum_buffer" if slot.momentum_path else "snapshot"),
+        "steps": 0 if slot is None else slot.steps_taken,
+    }
+
+
+def _atomic_write_json(path: str, data: dict[str, Any]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".smd_summary.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_sanitize(data), fh, indent=2, default=_json_default, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _sanitize(obj: Any) -> Any:
+    """JSON has no nan/inf: write them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

@@ -1,0 +1,327 @@
+"""Smoothing, equilibrium verdicts and the run summary, on the host.
+
+:class:`Diagnostics` consumes the :class:`~lightning_smd.measure.StepBatch` es that the recorder drains
+once per log interval and keeps, per tracked unit:
+
+- the angular update Δ and the ratio ``Δ/Δ*`` to the prediction *of the step it was measured at*, both
+  smoothed by a bias-corrected exponential moving average over ``ema_steps`` steps (so a schedule that
+  moves Δ* step by step is compared step by step);
+- the online estimate ``L = E‖g‖²‖w‖²`` (same EMA) for the predicted equilibrium norm;
+- an "in equilibrium" flag: the smoothed ratio has stayed within ``1 ± tolerance`` for the last
+  ``window`` steps; and the first step of the first such window.
+
+The run verdict is ``equilibrium`` when at least ``min_fraction`` of the units with a prediction are in
+equilibrium at the end, ``not_reached`` otherwise, and ``not_applicable`` when nothing is tracked or no
+tracked unit has a prediction (unknown optimizer).
+
+Pure numpy: usable from a hand-written loop without Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from lightning_smd.detect import NormalizedWeight
+from lightning_smd.measure import StepBatch
+from lightning_smd.theory import Rule
+
+__all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS"]
+
+VERDICTS = ("equilibrium", "not_reached", "not_applicable")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Criteria of the equilibrium verdict (all documented in the README)."""
+
+    tolerance: float = 0.1
+    """A unit is in band when its smoothed ``Δ/Δ*`` is within ``1 ± tolerance``."""
+    window: int = 100
+    """…and in equilibrium once it has stayed in band for this many consecutive steps."""
+    ema_steps: int = 50
+    """Time constant (steps) of the exponential moving averages of Δ, Δ/Δ* and L."""
+    min_fraction: float = 0.9
+    """Share of units (with a prediction) that must be in equilibrium at the end for the run verdict."""
+
+    def __post_init__(self) -> None:
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        if self.window < 1 or self.ema_steps < 1:
+            raise ValueError(f"window and ema_steps must be >= 1, got {self.window} and {self.ema_steps}")
+        if not 0.0 < self.min_fraction <= 1.0:
+            raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction}")
+
+
+class _Ema:
+    """Bias-corrected exponential moving averages of a vector, skipping nan entries."""
+
+    def __init__(self, n: int, steps: int) -> None:
+        self.beta = 1.0 - 1.0 / steps
+        self.acc = np.zeros(n)
+        self.weight = np.zeros(n)
+
+    def update(self, idx: np.ndarray, x: np.ndarray) -> None:
+        ok = np.isfinite(x)
+        i = idx[ok]
+        self.acc[i] = self.beta * self.acc[i] + (1.0 - self.beta) * x[ok]
+        self.weight[i] = self.beta * self.weight[i] + (1.0 - self.beta)
+
+    def value(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
+        w = self.weight[idx]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(w > 0, self.acc[idx] / np.where(w > 0, w, 1.0), np.nan)
+
+
+class Diagnostics:
+    """Per-unit smoothing and equilibrium state; see the module docstring.
+
+    Args:
+        units: the tracked units, in the order the recorder indexes them.
+        config: the verdict criteria.
+        keep_history: also keep every step's raw values (for tests, plots and notebooks).
+    """
+
+    def __init__(self, units: Sequence[NormalizedWeight], config: DiagnosticsConfig | None = None, keep_history: bool = False) -> None:
+        self.units = list(units)
+        self.config = config or DiagnosticsConfig()
+        n = len(self.units)
+        self.delta = _Ema(n, self.config.ema_steps)
+        self.ratio = _Ema(n, self.config.ema_steps)
+        self.unit_grad = _Ema(n, self.config.ema_steps)
+        self.steps = np.zeros(n, dtype=np.int64)
+        self.last_delta = np.full(n, np.nan)
+        self.norm = np.full(n, np.nan)
+        self.predicted = np.full(n, np.nan)
+        self.relaxation = np.full(n, np.nan)
+        self.band_run = np.zeros(n, dtype=np.int64)
+        self.first_equilibrium = np.full(n, -1, dtype=np.int64)
+        self.steps_in_equilibrium = np.zeros(n, dtype=np.int64)
+        self.hyper: list[dict[str, float] | None] = [None] * n
+        self.rules: list[Rule | None] = [None] * n
+        self.optimizer: list[int] = [-1] * n
+        self.reasons: list[str | None] = [None] * n
+        self.keep_history = keep_history
+        self.history: list[dict[str, Any]] = []
+        self._memo: dict[tuple[Any, ...], tuple[float, float, str | None]] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def _predict(self, rule: Rule, h: dict[str, float]) -> tuple[float, float, str | None]:
+        key = (rule, tuple(sorted(h.items())))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = (rule.angular_update(h), rule.relaxation_time(h), rule.reason(h))
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+    def update(self, batch: StepBatch) -> None:
+        """Fold one drained batch of steps into the per-unit state."""
+        idx = batch.unit_index
+        cfg = self.config
+        k = len(batch.steps)
+        n_groups = int(batch.unit_group.max()) + 1 if len(batch.unit_group) else 0
+        hist_pred = np.empty((k, len(idx))) if self.keep_history else None
+        hist_ratio = np.empty((k, len(idx))) if self.keep_history else None
+        for r in range(k):
+            preds = [self._predict(batch.rule, batch.hyper[r][g]) for g in range(n_groups)]
+            pred = np.array([p[0] for p in preds])[batch.unit_group]
+            delta = batch.angular_update[r]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(pred > 0, delta / pred, np.nan)
+            self.delta.update(idx, delta)
+            self.ratio.update(idx, ratio)
+            self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
+            smoothed = self.ratio.value(idx)
+            in_band = np.abs(smoothed - 1.0) <= cfg.tolerance  # nan compares False
+            self.band_run[idx] = np.where(in_band, self.band_run[idx] + 1, 0)
+            step = int(batch.steps[r])
+            in_eq = self.band_run[idx] >= cfg.window
+            self.steps_in_equilibrium[idx] += in_eq
+            newly = in_eq & (self.first_equilibrium[idx] < 0)
+            self.first_equilibrium[idx[newly]] = step - cfg.window + 1
+            if hist_pred is not None and hist_ratio is not None:
+                hist_pred[r] = pred
+                hist_ratio[r] = smoothed
+        self.steps[idx] = batch.steps[-1] if k else self.steps[idx]
+        if k:
+            self.last_delta[idx] = batch.angular_update[-1]
+            self.norm[idx] = np.sqrt(batch.norm_sq_after[-1])
+            last = batch.hyper[-1]
+            for j, u in enumerate(idx):
+                h = last[int(batch.unit_group[j])]
+                pred_delta, tau, reason = self._predict(batch.rule, h)
+                self.hyper[u] = h
+                self.rules[u] = batch.rule
+                self.optimizer[u] = batch.optimizer_index
+                self.predicted[u] = pred_delta
+                self.relaxation[u] = tau
+                self.reasons[u] = reason
+        if self.keep_history and k:
+            lr = np.array([[batch.hyper[r][int(g)].get("lr", math.nan) for g in batch.unit_group] for r in range(k)])
+            self.history.append(
+                {
+                    "optimizer": batch.optimizer_index,
+                    "units": idx.copy(),
+                    "steps": batch.steps.copy(),
+                    "angular_update": batch.angular_update.copy(),
+                    "predicted_angular_update": hist_pred,
+                    "ratio": hist_ratio,
+                    "weight_norm": np.sqrt(batch.norm_sq_after),
+                    "grad_norm": np.sqrt(batch.grad_sq),
+                    "lr": lr,
+                }
+            )
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def in_equilibrium(self) -> np.ndarray:
+        return self.band_run >= self.config.window
+
+    @property
+    def applicable(self) -> np.ndarray:
+        """Units whose optimizer has a rule (a prediction of 0, i.e. weight decay 0, counts: it is a failure)."""
+        out = np.zeros(len(self.units), dtype=bool)
+        for u, rule in enumerate(self.rules):
+            out[u] = rule is not None and rule.name != "unknown"
+        return out
+
+    def predicted_weight_norm(self) -> np.ndarray:
+        out = np.full(len(self.units), np.nan)
+        L = self.unit_grad.value()
+        for u, (rule, h) in enumerate(zip(self.rules, self.hyper)):
+            if rule is not None and h is not None:
+                out[u] = rule.weight_norm(h, float(L[u]), self.units[u].numel)
+        return out
+
+    def equilibrium_fraction(self) -> float:
+        app = self.applicable
+        if not app.any():
+            return math.nan
+        return float(self.in_equilibrium[app].mean())
+
+    def median_ratio(self) -> float:
+        r = self.ratio.value()[self.applicable]
+        r = r[np.isfinite(r)]
+        return float(np.median(r)) if r.size else math.nan
+
+    def verdict(self) -> tuple[str, str]:
+        """``(verdict, one-sentence reason)``."""
+        cfg = self.config
+        if not self.units:
+            return "not_applicable", "no normalized (scale-invariant) weight is tracked"
+        app = self.applicable
+        if not app.any():
+            reasons = {r for r in self.reasons if r}
+            if self.steps.max(initial=0) == 0:
+                return "not_applicable", "no optimizer step was measured"
+            return "not_applicable", "; ".join(sorted(reasons)) or "no tracked weight has an SMD prediction"
+        frac = self.equilibrium_fraction()
+        n_app = int(app.sum())
+        n_eq = int(self.in_equilibrium[app].sum())
+        if frac >= cfg.min_fraction:
+            return "equilibrium", (
+                f"{n_eq}/{n_app} tracked layers ended in equilibrium (smoothed angular update within "
+                f"±{cfg.tolerance:.0%} of the prediction for the last {cfg.window} steps; at least {cfg.min_fraction:.0%} required)"
+            )
+        return "not_reached", (
+            f"only {n_eq}/{n_app} tracked layers ended in equilibrium; at least {cfg.min_fraction:.0%} must stay within "
+            f"±{cfg.tolerance:.0%} of the predicted angular update for the last {cfg.window} steps"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def metrics(self, per_layer: bool = True, prefix: str = "smd/") -> dict[str, float]:
+        """The logged metrics: always the same keys for the same units (CSV loggers need that)."""
+        out = {
+            f"{prefix}angular_update_ratio": self.median_ratio(),
+            f"{prefix}equilibrium_fraction": self.equilibrium_fraction(),
+        }
+        if per_layer:
+            smoothed = self.delta.value()
+            ratio = self.ratio.value()
+            pred_norm = self.predicted_weight_norm()
+            eq = self.in_equilibrium
+            for u, unit in enumerate(self.units):
+                base = f"{prefix}{unit.name}/"
+                out[base + "angular_update"] = float(smoothed[u])
+                out[base + "predicted_angular_update"] = float(self.predicted[u])
+                out[base + "angular_update_ratio"] = float(ratio[u])
+                out[base + "weight_norm"] = float(self.norm[u])
+                out[base + "predicted_weight_norm"] = float(pred_norm[u])
+                out[base + "in_equilibrium"] = float(eq[u])
+        return out
+
+    def layer_rows(self) -> list[dict[str, Any]]:
+        smoothed = self.delta.value()
+        ratio = self.ratio.value()
+        pred_norm = self.predicted_weight_norm()
+        eq = self.in_equilibrium
+        rows = []
+        for u, unit in enumerate(self.units):
+            first = int(self.first_equilibrium[u])
+            rows.append(
+                {
+                    "name": unit.name,
+                    "params": list(unit.params),
+                    "shape": list(unit.shape),
+                    "numel": unit.numel,
+                    "layer": unit.layer,
+                    "normalization": unit.norm,
+                    "granularity": unit.granularity,
+                    "found_by": unit.found_by,
+                    "optimizer": self.optimizer[u],
+                    "rule": self.rules[u].name if self.rules[u] is not None else None,
+                    "hyper": self.hyper[u],
+                    "steps": int(self.steps[u]),
+                    "angular_update": _num(smoothed[u]),
+                    "last_angular_update": _num(self.last_delta[u]),
+                    "predicted_angular_update": _num(self.predicted[u]),
+                    "ratio": _num(ratio[u]),
+                    "weight_norm": _num(self.norm[u]),
+                    "predicted_weight_norm": _num(pred_norm[u]),
+                    "relaxation_time": _num(self.relaxation[u]),
+                    "in_equilibrium": bool(eq[u]),
+                    "first_equilibrium_step": first if first >= 0 else None,
+                    "steps_in_equilibrium": int(self.steps_in_equilibrium[u]),
+                    "reason": self.reasons[u],
+                }
+            )
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        verdict, reason = self.verdict()
+        return {
+            "verdict": verdict,
+            "reason": reason,
+            "steps": int(self.steps.max(initial=0)),
+            "criteria": asdict(self.config),
+            "equilibrium_fraction": _num(self.equilibrium_fraction()),
+            "angular_update_ratio": _num(self.median_ratio()),
+            "layers": self.layer_rows(),
+        }
+
+    def unit_history(self, name: str) -> dict[str, np.ndarray]:
+        """Every recorded step of one unit (needs ``keep_history=True``)."""
+        u = [x.name for x in self.units].index(name)
+        keys = ("steps", "angular_update", "predicted_angular_update", "ratio", "weight_norm", "grad_norm", "lr")
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        for h in self.history:
+            where = np.nonzero(h["units"] == u)[0]
+            if not where.size:
+                continue
+            j = int(where[0])
+            parts["steps"].append(h["steps"])
+            for k in keys[1:]:
+                parts[k].append(h[k][:, j])
+        return {k: (np.concatenate(v) if v else np.empty(0)) for k, v in parts.items()}
+
+
+def _num(x: float) -> float | None:
+    """A JSON-safe float: nan and inf become None."""
+    x = float(x)
+    return x if math.isfinite(x) else None

@@ -1,0 +1,321 @@
+"""On-device statistics after every optimizer step: the hot path.
+
+:class:`StepRecorder` hooks ``torch.optim.Optimizer.register_step_post_hook`` on each optimizer, so it
+sees every *real* step (manual optimization, several optimizers and gradient accumulation included; a
+step skipped by AMP's GradScaler never calls the hook). On each step it records, per tracked tensor,
+three squared norms in float64 into a device buffer:
+
+- ``‖w_{t+1}‖²`` the weight after the step;
+- ``‖w_{t+1} − w_t‖²`` the update. For PyTorch SGD with heavy-ball momentum the update is exactly
+  ``−η·buf`` (DESIGN §3), so ``‖buf‖²`` is recorded and no copy of the weights is kept; every other
+  optimizer keeps one snapshot of the tracked weights and subtracts it;
+- ``‖g_t‖²`` the loss gradient the step used (``p.grad``), for the online estimate of ``L``.
+
+The step path is a constant number of foreach launches per optimizer, whatever the number of tensors,
+and never synchronizes the host: no ``.item()``, no ``float(tensor)``, no branching on tensor values.
+:meth:`StepRecorder.drain` copies the buffer to the host once per log interval and turns it, in float64
+on the host, into per-unit norms and angular updates (``Δ = 2·asin(‖â − b̂‖/2)``, accurate to far
+below 1e-6 rad).
+
+This module does not import Lightning: a hand-written loop can use it directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_smd.theory import Rule, rule_for
+
+__all__ = ["StepBatch", "StepRecorder", "angles_from_norms"]
+
+
+def angles_from_norms(norm_sq_before: np.ndarray, norm_sq_after: np.ndarray, update_sq: np.ndarray) -> np.ndarray:
+    """Vectorized :func:`lightning_smd.theory.angle_from_norms` in float64 (nan where a norm is 0)."""
+    a = np.sqrt(np.asarray(norm_sq_before, dtype=np.float64))
+    b = np.sqrt(np.asarray(norm_sq_after, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chord_sq = (np.asarray(update_sq, dtype=np.float64) - (a - b) ** 2) / (a * b)
+    chord_sq = np.clip(chord_sq, 0.0, 4.0)
+    out = 2.0 * np.arcsin(np.sqrt(chord_sq) / 2.0)
+    return np.where((a > 0) & (b > 0), out, np.nan)
+
+
+@dataclass
+class StepBatch:
+    """Host-side statistics of the steps one optimizer took since the last drain.
+
+    Arrays are ``[k, n]``: ``k`` steps, ``n`` units (``unit_index`` gives their positions among all
+    tracked units). ``steps`` counts this optimizer's steps (1 = after its first step).
+    """
+
+    optimizer_index: int
+    unit_index: np.ndarray
+    steps: np.ndarray
+    norm_sq_before: np.ndarray
+    norm_sq_after: np.ndarray
+    update_sq: np.ndarray
+    grad_sq: np.ndarray
+    angular_update: np.ndarray
+    hyper: list[list[dict[str, float]]]
+    """Per step, per param group of this optimizer (``unit_group`` indexes it): the rule's floats."""
+    unit_group: np.ndarray
+    rule: Rule
+
+
+class _Slot:
+    """Everything recorded for one optimizer."""
+
+    def __init__(
+        self,
+        index: int,
+        optimizer: torch.optim.Optimizer,
+        tensors: list[torch.Tensor],
+        tensor_unit: list[int],
+        tensor_group: list[int],
+        units: list[int],
+        capacity: int,
+        use_momentum_buffer: bool,
+    ) -> None:
+        self.index = index
+        self.optimizer = optimizer
+        self.tensors = tensors
+        self.rule = rule_for(optimizer)
+        self.groups = sorted(set(tensor_group))  # optimizer param-group indices used by tracked tensors
+        pos = {g: i for i, g in enumerate(self.groups)}
+        self.tensor_group = np.array([pos[g] for g in tensor_group], dtype=np.int64)
+        self.units = units  # global unit indices, in local order
+        local = {u: i for i, u in enumerate(units)}
+        # Sum of per-tensor squares into per-unit squares: [P, n] 0/1 matrix.
+        self.to_units = np.zeros((len(tensors), len(units)))
+        for t, u in enumerate(tensor_unit):
+            self.to_units[t, local[u]] = 1.0
+        unit_group = np.zeros(len(units), dtype=np.int64)
+        for t, u in enumerate(tensor_unit):
+            unit_group[local[u]] = self.tensor_group[t]
+        self.unit_group = unit_group
+        self.device = tensors[0].device
+        self.momentum_path = use_momentum_buffer and _is_heavy_ball_sgd(optimizer, self.groups)
+        self.snapshot: list[torch.Tensor] | None = None
+        if not self.momentum_path:
+            self.snapshot = [t.detach().clone() for t in tensors]
+        self.capacity = max(int(capacity), 1)
+        self.buffer = torch.zeros(self.capacity, 3 * len(tensors), dtype=torch.float64, device=self.device)
+        self.count = 0
+        self.steps_taken = 0
+        self.hyper_log: list[tuple[tuple[Any, ...], ...]] = []
+        self.spill: list[tuple[np.ndarray, list[tuple[tuple[Any, ...], ...]], np.ndarray]] = []
+        self._zero = torch.zeros(1, dtype=tensors[0].dtype, device=self.device)
+        with torch.no_grad():
+            norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+            self.initial = torch.stack(norms).square_()
+        self.last_norm_sq: np.ndarray | None = None  # per tensor, host; None until the first drain
+
+    @property
+    def extra_bytes(self) -> int:
+        snap = sum(t.numel() * t.element_size() for t in self.snapshot) if self.snapshot is not None else 0
+        return snap + self.buffer.numel() * self.buffer.element_size()
+
+    def record(self) -> None:
+        """Called right after the optimizer stepped. Host-sync free."""
+        if self.count == self.capacity:
+            self._spill()
+        tensors = self.tensors
+        zero = self._zero
+        with torch.no_grad():
+            grads = [t.grad if t.grad is not None else zero for t in tensors]
+            if self.momentum_path:
+                state = self.optimizer.state
+                updates = []
+                for t in tensors:
+                    st = state.get(t)
+                    buf = st.get("momentum_buffer") if st else None
+                    # A tensor without gradient is skipped by SGD: it did not move this step.
+                    updates.append(buf if (buf is not None and t.grad is not None) else zero)
+                update_norms = torch._foreach_norm(updates, 2, dtype=torch.float64)
+            else:
+                assert self.snapshot is not None
+                torch._foreach_sub_(self.snapshot, tensors)  # snapshot := w_t - w_{t+1}
+                update_norms = torch._foreach_norm(self.snapshot, 2, dtype=torch.float64)
+                torch._foreach_copy_(self.snapshot, tensors)
+            weight_norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+            grad_norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+            row = self.buffer[self.count]
+            torch.stack(weight_norms + update_norms + grad_norms, out=row)
+            row.square_()
+        groups = self.optimizer.param_groups
+        keys = self.rule.keys
+        self.hyper_log.append(tuple(tuple(_freeze(groups[g].get(k)) for k in keys) for g in self.groups))
+        self.count += 1
+        self.steps_taken += 1
+
+    def _spill(self) -> None:
+        # The buffer is full before the owner drained it (log interval longer than the capacity): move it
+        # to the host now. This is the only place the step path synchronizes, and only then.
+        data = self.buffer[: self.count].to("cpu", copy=True).numpy()
+        steps = np.arange(self.steps_taken - self.count + 1, self.steps_taken + 1)
+        self.spill.append((data, self.hyper_log, steps))
+        self.hyper_log = []
+        self.count = 0
+
+    def drain(self) -> StepBatch | None:
+        parts = list(self.spill)
+        self.spill = []
+        if self.count:
+            data = self.buffer[: self.count].to("cpu", copy=True).numpy()
+            steps = np.arange(self.steps_taken - self.count + 1, self.steps_taken + 1)
+            parts.append((data, self.hyper_log, steps))
+        self.hyper_log = []
+        self.count = 0
+        if not parts:
+            return None
+        data = np.concatenate([p[0] for p in parts])
+        raw_hyper = [h for p in parts for h in p[1]]
+        steps = np.concatenate([p[2] for p in parts])
+        n_t = len(self.tensors)
+        w_sq, d_sq, g_sq = data[:, :n_t], data[:, n_t : 2 * n_t], data[:, 2 * n_t :]
+        if self.last_norm_sq is None:
+            self.last_norm_sq = self.initial.to("cpu", copy=True).numpy()
+        before = np.concatenate([self.last_norm_sq[None, :], w_sq[:-1]], axis=0)
+        self.last_norm_sq = w_sq[-1].copy()
+        keys = self.rule.keys
+        hyper = [[self.rule.hyper(dict(zip(keys, (_thaw(v) for v in group)))) for group in step] for step in raw_hyper]
+        if self.momentum_path:
+            # ‖w_{t+1} − w_t‖ = η·‖buf‖ with the lr of the step (read inside the post-hook, before the
+            # scheduler moved it).
+            lr = np.array([[g.get("lr", math.nan) for g in step] for step in hyper], dtype=np.float64)
+            d_sq = d_sq * lr[:, self.tensor_group] ** 2
+        m = self.to_units
+        before_u, after_u, upd_u, grad_u = before @ m, w_sq @ m, d_sq @ m, g_sq @ m
+        return StepBatch(
+            optimizer_index=self.index,
+            unit_index=np.array(self.units, dtype=np.int64),
+            steps=steps,
+            norm_sq_before=before_u,
+            norm_sq_after=after_u,
+            update_sq=upd_u,
+            grad_sq=grad_u,
+            angular_update=angles_from_norms(before_u, after_u, upd_u),
+            hyper=hyper,
+            unit_group=self.unit_group,
+            rule=self.rule,
+        )
+
+
+def _freeze(value: Any) -> Any:
+    # A tensor hyper-parameter (capturable/compiled optimizers) is updated in place by schedulers: keep a
+    # device copy now and convert it to a float at drain time, never on the step path.
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return float(value)
+    return value
+
+
+def _is_heavy_ball_sgd(optimizer: torch.optim.Optimizer, groups: Iterable[int]) -> bool:
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    for g in groups:
+        group = optimizer.param_groups[g]
+        if not group.get("momentum", 0.0) or group.get("nesterov", False) or group.get("maximize", False):
+            return False
+    return True
+
+
+class StepRecorder:
+    """Records the SMD statistics of tracked tensors after every step of every optimizer.
+
+    Args:
+        unit_params: for each tracked unit, its parameter tensors.
+        optimizers: the optimizers to hook; a tracked parameter none of them holds is reported by
+            :attr:`unoptimized` and not measured.
+        capacity: steps buffered on the device between drains (a full buffer is moved to the host on
+            the step that fills it — the only host synchronization of the step path).
+        use_momentum_buffer: measure heavy-ball SGD's update from its momentum buffer instead of a
+            weight snapshot (exact, and saves one copy of the tracked weights).
+    """
+
+    def __init__(
+        self,
+        unit_params: Sequence[Sequence[torch.Tensor]],
+        optimizers: Sequence[torch.optim.Optimizer],
+        capacity: int = 64,
+        use_momentum_buffer: bool = True,
+    ) -> None:
+        self.n_units = len(unit_params)
+        self.slots: list[_Slot] = []
+        self.unit_optimizer = np.full(self.n_units, -1, dtype=np.int64)
+        self.unit_group = np.full(self.n_units, -1, dtype=np.int64)
+        owner: dict[int, tuple[int, int]] = {}
+        for oi, opt in enumerate(optimizers):
+            for gi, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    owner.setdefault(id(p), (oi, gi))
+        per_opt: dict[int, tuple[list[torch.Tensor], list[int], list[int], list[int]]] = {}
+        self.unoptimized: list[int] = []
+        for u, params in enumerate(unit_params):
+            where = [owner.get(id(p)) for p in params]
+            if any(w is None for w in where) or len({w[0] for w in where if w}) != 1:
+                self.unoptimized.append(u)
+                continue
+            oi = where[0][0]  # type: ignore[index]
+            tensors, t_unit, t_group, units = per_opt.setdefault(oi, ([], [], [], []))
+            for p, w in zip(params, where):
+                tensors.append(p)
+                t_unit.append(u)
+                t_group.append(w[1])  # type: ignore[index]
+            units.append(u)
+            self.unit_optimizer[u] = oi
+            self.unit_group[u] = where[0][1]  # type: ignore[index]
+        self._handles = []
+        for oi in sorted(per_opt):
+            tensors, t_unit, t_group, units = per_opt[oi]
+            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer)
+            self.slots.append(slot)
+            self._handles.append(optimizers[oi].register_step_post_hook(_PostHook(slot)))
+
+    @property
+    def extra_bytes(self) -> int:
+        """Device memory this recorder holds: weight snapshots plus the statistics buffers."""
+        return sum(s.extra_bytes for s in self.slots)
+
+    @property
+    def pending(self) -> int:
+        """Steps recorded on the device and not drained yet (host counters only: no sync)."""
+        return sum(s.count + sum(len(p[2]) for p in s.spill) for s in self.slots)
+
+    def drain(self) -> list[StepBatch]:
+        """Copy the recorded steps to the host (one synchronization) and return them per optimizer."""
+        out = []
+        for slot in self.slots:
+            batch = slot.drain()
+            if batch is not None:
+                out.append(batch)
+        return out
+
+    def close(self) -> None:
+        """Remove the optimizer hooks and free the device buffers."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for slot in self.slots:
+            slot.snapshot = None
+
+
+class _PostHook:
+    """A picklable step post-hook (a bound lambda would not survive ``ddp_spawn``)."""
+
+    def __init__(self, slot: _Slot) -> None:
+        self.slot = slot
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.slot.record()
