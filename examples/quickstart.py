@@ -25,28 +25,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from lightning_smd import SMDCallback
-
-
-class NoisyTemplates(IterableDataset):
-    """An endless stream of noisy images of 10 class templates, with label noise."""
-
-    def __init__(self, batch_size: int = 64, size: int = 16, classes: int = 10, noise: float = 1.0, flip: float = 0.2, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.templates = torch.randn(classes, 3, size, size, generator=g)
-        self.batch_size, self.classes, self.noise, self.flip, self.seed = batch_size, classes, noise, flip, seed
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + 1)
-        while True:
-            y = torch.randint(0, self.classes, (self.batch_size,), generator=g)
-            x = self.templates[y] + self.noise * torch.randn(self.batch_size, *self.templates.shape[1:], generator=g)
-            flip = torch.rand(self.batch_size, generator=g) < self.flip
-            y = torch.where(flip, torch.randint(0, self.classes, (self.batch_size,), generator=g), y)
-            yield x, y
+from lightning_smd.demo import NoisyTemplates
 
 
 class ConvNet(pl.LightningModule):

@@ -1,0 +1,220 @@
+"""The measurement: accuracy against float64 references, the observer property, no host syncs."""
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import Module, SmallConvNet, SmallResNet, loader, sgd, trainer
+
+from lightning_smd import SMDCallback
+from lightning_smd.measure import StepRecorder, _Slot
+
+
+class ReferenceAngles(pl.Callback):
+    """Float64 copies of the tracked weights right before and right after every optimizer step."""
+
+    def __init__(self, names):
+        self.names = names
+        self.angles = []
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        named = dict(pl_module.named_parameters())
+        self._before = {n: named[n].detach().to(torch.float64).clone() for n in self.names}
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        named = dict(pl_module.named_parameters())
+        row = []
+        for n in self.names:
+            a = self._before[n].flatten()
+            b = named[n].detach().to(torch.float64).flatten()
+            ua, ub = a / a.norm(), b / b.norm()
+            row.append(2.0 * math.atan2(float((ua - ub).norm()), float((ua + ub).norm())))
+        self.angles.append(row)
+
+
+def _decaying_lr(opt):
+    # lr from 0.1 down to 1e-6 over 30 steps: angles from ~1e-2 down to below 1e-5 rad
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 10.0 ** (-5.0 * min(t, 30) / 30))
+
+
+@pytest.mark.parametrize(
+    "optimizer,precision,use_buffer,path",
+    [
+        (sgd(momentum=0.0), "32-true", True, "snapshot"),
+        (lambda p: torch.optim.Adam(p, lr=0.1), "32-true", True, "snapshot"),
+        (sgd(momentum=0.9), "32-true", False, "snapshot"),
+        (sgd(momentum=0.9), "64-true", True, "momentum_buffer"),
+    ],
+    ids=["sgd-snapshot", "adam-snapshot", "sgdm-snapshot", "sgdm-buffer-float64"],
+)
+def test_angles_match_float64_reference(tmp_path, optimizer, precision, use_buffer, path):
+    torch.manual_seed(0)
+    names = ["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"]
+    ref = ReferenceAngles(names)
+    smd = SMDCallback(keep_history=True, use_momentum_buffer=use_buffer, verbose=False)
+    model = Module(SmallConvNet(), optimizer=optimizer, scheduler=_decaying_lr)
+    dtype = torch.float64 if precision == "64-true" else torch.float32
+    t = trainer(tmp_path, [smd, ref], max_steps=36, precision=precision)
+    with pytest.warns() if "adam" in str(optimizer) else contextlib.nullcontext():
+        t.fit(model, loader(dtype=dtype))
+    assert smd.summary()["optimizers"][0]["measurement"] == path
+    reference = np.array(ref.angles)
+    assert reference.shape == (36, 3)
+    assert (reference < 1e-5).any() and (reference > 1e-3).any()
+    for j, name in enumerate(names):
+        measured = smd.diagnostics.unit_history(name)["angular_update"]
+        np.testing.assert_allclose(measured, reference[:, j], rtol=1e-6, atol=0)
+
+
+def test_weight_norms_and_gradients_are_float64_exact(tmp_path):
+    torch.manual_seed(0)
+    smd = SMDCallback(keep_history=True, verbose=False)
+    model = Module(SmallConvNet())
+    norms = []
+
+    class Norms(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            norms.append(float(pl_module.net.conv2.weight.detach().double().norm()))
+
+    trainer(tmp_path, [smd, Norms()], max_steps=12).fit(model, loader())
+    h = smd.diagnostics.unit_history("net.conv2.weight")
+    np.testing.assert_allclose(h["weight_norm"], norms, rtol=1e-12)
+    assert list(h["steps"]) == list(range(1, 13))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [sgd(momentum=0.9), sgd(momentum=0.0), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)],
+    ids=["sgdm-buffer", "sgd-snapshot", "adamw-snapshot"],
+)
+def test_callback_is_an_observer_bit_for_bit(tmp_path, optimizer):
+    states = []
+    for with_cb in (False, True):
+        torch.manual_seed(0)
+        model = Module(SmallResNet(), optimizer=optimizer)
+        callbacks = [SMDCallback(verbose=False)] if with_cb else []
+        with warnings_ignored():
+            trainer(tmp_path / str(with_cb), callbacks, max_steps=25).fit(model, loader())
+        states.append(_state(model))
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+@contextlib.contextmanager
+def warnings_ignored():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class HostSync(AssertionError):
+    pass
+
+
+_SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    """Make every Tensor method that copies a value to the host raise."""
+    saved = {name: getattr(torch.Tensor, name) for name in _SYNCING}
+    saved_to = torch.Tensor.to
+
+    def raiser(name):
+        def f(self, *a, **k):
+            raise HostSync(f"Tensor.{name} called on the step path")
+
+        return f
+
+    def to(self, *args, **kwargs):
+        dev = kwargs.get("device", args[0] if args else None)
+        if isinstance(dev, (str, torch.device)) and torch.device(dev).type == "cpu":
+            raise HostSync("Tensor.to('cpu') called on the step path")
+        return saved_to(self, *args, **kwargs)
+
+    try:
+        for name in _SYNCING:
+            setattr(torch.Tensor, name, raiser(name))
+        torch.Tensor.to = to
+        yield
+    finally:
+        for name, f in saved.items():
+            setattr(torch.Tensor, name, f)
+        torch.Tensor.to = saved_to
+
+
+def test_forbid_host_sync_catches_syncs():
+    # The guard used below must be able to fail.
+    x = torch.ones(2)
+    for call in (lambda: x.sum().item(), lambda: bool(x.sum()), lambda: float(x.sum()), lambda: x.tolist(), lambda: x.to("cpu")):
+        with forbid_host_sync(), pytest.raises(HostSync):
+            call()
+    assert x.sum().item() == 2.0  # restored
+
+
+@pytest.mark.parametrize("optimizer", [sgd(momentum=0.9), sgd(momentum=0.0)], ids=["buffer", "snapshot"])
+def test_no_host_sync_between_log_steps(tmp_path, monkeypatch, optimizer):
+    every = 5
+    guarded = {"record": 0, "batch_end": 0}
+    original_record = _Slot.record
+    original_batch_end = SMDCallback.on_train_batch_end
+
+    def record(self):
+        with forbid_host_sync():
+            original_record(self)
+        guarded["record"] += 1
+
+    def batch_end(self, trainer, *args):
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if (step + 1) % every:  # not a log step: nothing may reach the host
+            with forbid_host_sync():
+                original_batch_end(self, trainer, *args)
+            guarded["batch_end"] += 1
+        else:
+            original_batch_end(self, trainer, *args)
+
+    monkeypatch.setattr(_Slot, "record", record)
+    monkeypatch.setattr(SMDCallback, "on_train_batch_end", batch_end)
+    smd = SMDCallback(verbose=False, log_every_n_steps=every)
+    trainer(tmp_path, [smd], max_steps=23).fit(Module(SmallConvNet(), optimizer=optimizer), loader())
+    assert guarded["record"] == 23
+    assert guarded["batch_end"] == 23 - 4  # steps 5, 10, 15, 20 log
+    assert smd.summary()["steps"] == 23
+
+
+def test_recorder_without_lightning_and_momentum_path_saves_memory():
+    torch.manual_seed(0)
+    net = SmallConvNet()
+    params = [[net.conv1.weight], [net.conv3.weight]]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    rec = StepRecorder(params, [opt], capacity=4)
+    assert rec.slots[0].momentum_path and rec.slots[0].snapshot is None
+    data = iter(loader())
+    for _ in range(6):  # more steps than the capacity: the buffer spills once
+        x, y = next(data)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert rec.pending == 6
+    (batch,) = rec.drain()
+    assert rec.pending == 0
+    assert batch.angular_update.shape == (6, 2) and np.isfinite(batch.angular_update).all()
+    assert list(batch.steps) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(np.sqrt(batch.norm_sq_after[-1]), [float(net.conv1.weight.norm()), float(net.conv3.weight.norm())], rtol=1e-6)
+    snap = StepRecorder(params, [torch.optim.SGD(net.parameters(), lr=0.1)], capacity=4)
+    weight_bytes = sum(p[0].numel() * 4 for p in params)
+    assert snap.extra_bytes - rec.extra_bytes == weight_bytes
+    rec.close()
+    snap.close()

@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+
+from lightning_smd import theory
+from lightning_smd.theory import (
+    Rule,
+    SGDRule,
+    UnknownRule,
+    angle_from_norms,
+    nesterov_factor,
+    register,
+    rule_for,
+    sgd_angular_update,
+    sgd_relaxation_time,
+    sgd_weight_norm,
+)
+
+
+def test_sgdm_angular_update_matches_worked_example():
+    # DESIGN §2: eta = 0.1, lambda = 1e-4, alpha = 0.9 -> 3.2444e-3 rad/step
+    assert sgd_angular_update(0.1, 1e-4, 0.9) == pytest.approx(3.2444e-3, rel=2e-5)
+
+
+@pytest.mark.parametrize("lr,wd,mom", [(0.1, 5e-4, 0.0), (0.05, 1e-3, 0.9), (1.0, 1e-5, 0.5), (3e-3, 0.1, 0.99)])
+def test_sgd_closed_forms(lr, wd, mom):
+    assert sgd_angular_update(lr, wd, mom) == pytest.approx(math.sqrt(2 * lr * wd / (1 + mom)), rel=1e-12)
+    assert sgd_relaxation_time(lr, wd, mom) == pytest.approx((1 - mom) / (2 * lr * wd), rel=1e-12)
+    L = 3.7
+    expected = (lr * L / (wd * (1 - mom) * (2 - lr * wd / (1 + mom)))) ** 0.25
+    assert sgd_weight_norm(lr, wd, mom, L) == pytest.approx(expected, rel=1e-12)
+
+
+def test_plain_sgd_weight_norm_is_theorem_1():
+    lr, wd, L = 0.1, 5e-4, 2.0
+    assert sgd_weight_norm(lr, wd, 0.0, L) == pytest.approx((lr * L / (wd * (2 - lr * wd))) ** 0.25, rel=1e-12)
+
+
+def test_plain_sgd_prediction_is_first_order_of_exact_fixed_point():
+    lr, wd = 0.1, 1e-4
+    exact = math.acos(1 - lr * wd)
+    assert sgd_angular_update(lr, wd) == pytest.approx(exact, rel=1e-4)
+
+
+def test_no_weight_decay_means_no_equilibrium():
+    assert sgd_angular_update(0.1, 0.0, 0.9) == 0.0
+    assert sgd_relaxation_time(0.1, 0.0, 0.9) == math.inf
+    assert sgd_weight_norm(0.1, 0.0, 0.9, 1.0) == math.inf
+    assert "weight_decay is 0" in SGDRule().reason({"lr": 0.1, "weight_decay": 0.0, "momentum": 0.9})
+    assert SGDRule().reason({"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9}) is None
+
+
+def test_nesterov_factor():
+    assert nesterov_factor(0.0) == 1.0
+    assert nesterov_factor(0.9) == pytest.approx(math.sqrt(1 + 2 * 0.9 * (1 - 0.81)), rel=1e-12)
+    assert 1.15 < nesterov_factor(0.9) < 1.17  # DESIGN §2: measured ~1.15x the heavy-ball value
+    hb = sgd_angular_update(0.1, 1e-4, 0.9)
+    assert sgd_angular_update(0.1, 1e-4, 0.9, nesterov=True) == pytest.approx(hb * nesterov_factor(0.9), rel=1e-12)
+
+
+def test_sgd_rule_reads_param_group_and_dampening():
+    rule = SGDRule()
+    group = {"lr": 0.2, "weight_decay": 1e-3, "momentum": 0.9, "dampening": 0.5, "nesterov": False, "params": []}
+    h = rule.hyper(group)
+    assert h == {"lr": 0.2, "weight_decay": 1e-3, "momentum": 0.9, "dampening": 0.5, "nesterov": 0.0}
+    # dampening tau scales the step like a learning rate eta*(1 - tau)
+    assert rule.angular_update(h) == pytest.approx(sgd_angular_update(0.1, 1e-3, 0.9), rel=1e-12)
+    assert rule.relaxation_time(h) == pytest.approx(sgd_relaxation_time(0.1, 1e-3, 0.9), rel=1e-12)
+
+
+# Norms as after an optimizer step (radial change ~ lr*wd) for every angle; a 40 % radial jump only with
+# angles >= 1e-3 (documented limit: relative error ~ eps * (radial/tangential change)^2).
+_CASES = [(t, 1.0, 1.0) for t in (1e-9, 1e-7, 1e-6, 1e-5, 1e-3, 0.3, 2.5)]
+_CASES += [(t, 3.0, 2.9997) for t in (1e-7, 1e-6, 1e-5, 1e-3, 0.3)]
+_CASES += [(t, 0.5, 0.7) for t in (1e-3, 0.3, 2.5)]
+
+
+@pytest.mark.parametrize("theta,r1,r2", _CASES)
+def test_angle_from_norms_keeps_precision_for_tiny_angles(theta, r1, r2):
+    # |d|^2 written without cancellation: (r1 - r2)^2 + 4 r1 r2 sin^2(theta/2)
+    d_sq = (r1 - r2) ** 2 + 4 * r1 * r2 * math.sin(theta / 2) ** 2
+    assert angle_from_norms(r1 * r1, r2 * r2, d_sq) == pytest.approx(theta, rel=1e-6)
+
+
+def test_angle_from_norms_vs_float64_vectors():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, dtype=torch.float64, generator=g)
+    b = a + 1e-6 * torch.randn(1000, dtype=torch.float64, generator=g) - 1e-4 * a
+    ref = 2 * math.atan2(float((a / a.norm() - b / b.norm()).norm()), float((a / a.norm() + b / b.norm()).norm()))
+    got = angle_from_norms(float(a.norm() ** 2), float(b.norm() ** 2), float((b - a).norm() ** 2))
+    assert got == pytest.approx(ref, rel=1e-6)
+    assert ref < 1e-5
+
+
+def test_registry_finds_sgd_subclasses_and_wrappers():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.SGD(p, lr=0.1)
+    assert isinstance(rule_for(opt), SGDRule)
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    assert isinstance(rule_for(MySGD(p, lr=0.1)), SGDRule)
+
+    class Wrapper:  # LightningOptimizer-like
+        _optimizer = opt
+
+    assert isinstance(rule_for(Wrapper()), SGDRule)
+
+
+def test_unknown_optimizer_gets_no_prediction_and_says_how_to_register():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    rule = rule_for(torch.optim.Rprop(p))
+    assert isinstance(rule, UnknownRule)
+    h = rule.hyper({"lr": 0.1})
+    assert math.isnan(rule.angular_update(h))
+    assert "lightning_smd.theory.register" in rule.reason(h)
+
+
+def test_register_custom_rule():
+    class MyOpt(torch.optim.SGD):
+        pass
+
+    class Fixed(Rule):
+        def angular_update(self, h):
+            return 0.123
+
+    try:
+        register(MyOpt, Fixed(name="fixed"))
+        rule = rule_for(MyOpt([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+        assert rule.name == "fixed" and rule.angular_update({}) == 0.123
+        with pytest.raises(TypeError):
+            register(MyOpt, object())  # type: ignore[arg-type]
+    finally:
+        theory._REGISTRY.pop(theory._class_key(MyOpt), None)
+
+
+def test_theory_module_imports_only_the_standard_library():
+    import ast
+    import sys
+
+    tree = ast.parse(open(theory.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
