@@ -1,8 +1,7 @@
 """Quickstart: watch a BatchNorm ConvNet reach its Spherical Motion Dynamics equilibrium on CPU.
 
-    python examples/quickstart.py                 # full run (~1,200 steps, about a minute on 2 cores)
-    python examples/quickstart.py --steps 300     # shorter
-    SMD_EXAMPLE_FAST=1 python examples/quickstart.py   # CI size (a few seconds)
+    python examples/quickstart.py                      # full size: 2,000 steps, ~35 s on 2 cores
+    SMD_EXAMPLE_FAST=1 python examples/quickstart.py   # CI size: 800 steps of a narrower net, ~7 s
 
 The task is a noisy synthetic classification problem that draws a *fresh* batch every step and flips
 20 % of the labels, so the gradient noise never vanishes — the regime SMD describes. (A data set the
@@ -32,7 +31,7 @@ from lightning_smd.demo import NoisyTemplates
 
 
 class ConvNet(pl.LightningModule):
-    def __init__(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-3, width: int = 16):
+    def __init__(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-3, width: int = 32):
         super().__init__()
         self.save_hyperparameters()
         w = width
@@ -64,8 +63,9 @@ class ConvNet(pl.LightningModule):
 def main(argv: list[str] | None = None) -> dict:
     fast = os.environ.get("SMD_EXAMPLE_FAST", "") not in ("", "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300 if fast else 1200)
+    parser.add_argument("--steps", type=int, default=800 if fast else 2000)
     parser.add_argument("--out", default="smd_runs/quickstart", help="log directory")
+    parser.add_argument("--width", type=int, default=16 if fast else 32, help="channels of the first conv")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(ConvNet(), DataLoader(NoisyTemplates(), batch_size=None))
+    trainer.fit(ConvNet(width=args.width), DataLoader(NoisyTemplates(), batch_size=None))
     summary = smd.summary()
     print(f"\n{args.steps} steps in {time.perf_counter() - start:.1f} s; metrics: {os.path.join(os.path.normpath(trainer.logger.log_dir), 'metrics.csv')}; summary: {smd.summary_file}")
     return summary
