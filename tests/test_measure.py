@@ -212,7 +212,7 @@ def test_recorder_without_lightning_and_momentum_path_saves_memory():
     assert rec.pending == 0
     assert batch.angular_update.shape == (6, 2) and np.isfinite(batch.angular_update).all()
     assert list(batch.steps) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(np.sqrt(batch.norm_sq_after[-1]), [float(net.conv1.weight.norm()), float(net.conv3.weight.norm())], rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(batch.norm_sq_after[-1]), [float(net.conv1.weight.detach().norm()), float(net.conv3.weight.detach().norm())], rtol=1e-6)
     snap = StepRecorder(params, [torch.optim.SGD(net.parameters(), lr=0.1)], capacity=4)
     weight_bytes = sum(p[0].numel() * 4 for p in params)
     assert snap.extra_bytes - rec.extra_bytes == weight_bytes
