@@ -1,37 +1,55 @@
 """Which parameters are scale-invariant ("normalized"), at what granularity, and why.
 
 A weight ``W`` is scale-invariant when the model's outputs do not change if ``W`` is multiplied by any
-``k > 0``. This module decides that from the model's real data flow, not from module order: it traces
-the forward pass with :mod:`torch.fx` and propagates, for each candidate weight, the *degree of
-homogeneity* of every value in ``W``:
+``k > 0``. This module decides that from the model's real data flow, never from module order. It builds a
+small data-flow graph of the forward pass — with :mod:`torch.fx` where the model traces, otherwise by
+recording the torch calls of one real forward pass — and propagates, for each candidate weight, the
+*degree of homogeneity* of every value in that weight's scale:
 
 - a value that does not depend on the scale of ``W`` has degree 0;
-- ``conv(x, W)`` has degree 1; positively homogeneous ops (ReLU, pooling, reshapes, dropout, scalar
-  multiplication) keep the degree; products add degrees, quotients subtract them;
-- a normalization (BatchNorm, GroupNorm, LayerNorm, InstanceNorm, RMSNorm, functional forms) maps any
-  non-zero degree back to 0: it absorbs the scale;
-- anything else that mixes degrees (a residual addition, a bias added after, a non-homogeneous
-  activation before the norm, the model output) breaks invariance.
+- ``conv(x, W)`` has degree 1; positively homogeneous ops (ReLU, LeakyReLU, pooling, reshapes, dropout,
+  scalar multiplication, concatenation of equal degrees) keep the degree; products add degrees, quotients
+  subtract them, ``sqrt`` halves them;
+- a normalization (BatchNorm, GroupNorm, LayerNorm, InstanceNorm, RMSNorm and their functional forms)
+  maps any non-zero degree back to 0: it absorbs the scale. So does dividing a weight by its own norm or
+  standard deviation (weight standardization, weight normalization);
+- anything else that mixes degrees (a residual addition, a bias added after, a non-homogeneous activation
+  before the norm, the model output) breaks invariance.
 
-``W`` is tracked when every output of the forward pass has degree 0 in ``W``. A conv/linear bias that a
-per-channel normalization cancels (BatchNorm, InstanceNorm) does not stop its weight from being tracked;
-where the bias is not cancelled, the weight and bias are only invariant *together* and become one unit.
+``W`` is tracked when every output has degree 0 in it. A conv/linear bias that a per-channel
+normalization cancels (BatchNorm, InstanceNorm) does not stop its weight from being tracked; where the
+bias is not cancelled, the weight and the bias are invariant only *together* and become one unit.
+
+The structural answer is then checked numerically where a gradient is at hand: scale invariance implies
+``⟨∇L(W), W⟩ = 0`` (per filter where the invariance is per filter), see :func:`verify_orthogonality`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import math
 import operator
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["NormalizedWeight", "Detection", "find_normalized_weights", "format_detection_table"]
+__all__ = [
+    "NormalizedWeight",
+    "Detection",
+    "find_normalized_weights",
+    "format_detection_table",
+    "verify_orthogonality",
+    "ORTHOGONALITY_TOLERANCE",
+]
+
+#: ``|cos(∇L(W), W)|`` below this counts as orthogonal (float32 gradients give ~1e-6 for invariant
+#: weights; weights that are not invariant typically give 1e-2 or more).
+ORTHOGONALITY_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -47,13 +65,19 @@ class NormalizedWeight:
     numel: int
     """Number of elements of the unit (all its parameters)."""
     layer: str
-    """The layer using the weight (``Conv2d``, ``linear`` for a functional call, …)."""
+    """The op using the weight (``Conv2d``, ``conv2d`` for a functional call, ``weight_norm`` …)."""
     norm: str
     """The normalization(s) that absorb its scale."""
     granularity: str
     """``filter`` (each output filter/row is invariant on its own), ``group`` or ``tensor``."""
     found_by: str
-    """``fx`` (traced data flow) or ``include`` (named by the user)."""
+    """``fx`` (traced data flow), ``run`` (recorded from a real forward pass) or ``include`` (named by the user)."""
+    group_size: int | None = None
+    """Filters per invariant group when ``granularity == "group"``."""
+    filter_dim: int = 0
+    """The weight dimension that indexes output filters (1 for transposed convolutions)."""
+    verification: float | None = None
+    """``|cos(∇L(W), W)|`` on a real batch at the unit's granularity (the largest over filters/groups)."""
 
 
 @dataclass
@@ -64,8 +88,11 @@ class Detection:
     rejected: dict[str, str] = field(default_factory=dict)
     """Conv/linear weights that are *not* tracked, with the reason."""
     method: str = "fx"
+    """``fx``, ``run`` (recorded forward pass), ``deferred`` (needs a real batch) or ``none``."""
     error: str | None = None
     """Why the data flow could not be analysed (then only ``include`` patterns are honoured)."""
+    rejected_verification: dict[str, float] = field(default_factory=dict)
+    """``|cos(∇L(W), W)|`` of the rejected weights, where a gradient was at hand."""
 
     @property
     def names(self) -> list[str]:
@@ -73,29 +100,26 @@ class Detection:
 
 
 # ----------------------------------------------------------------------------------------------
-# Op semantics
+# Op semantics, by name (shared by the fx and the recording front ends)
 # ----------------------------------------------------------------------------------------------
 
-_LAYER_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Linear,
-)
-_LAYER_FUNCTIONS = {
-    F.conv1d: "conv1d",
-    F.conv2d: "conv2d",
-    F.conv3d: "conv3d",
-    F.conv_transpose1d: "conv_transpose1d",
-    F.conv_transpose2d: "conv_transpose2d",
-    F.conv_transpose3d: "conv_transpose3d",
-    F.linear: "linear",
+_LAYERS = {
+    "conv1d": 1,
+    "conv2d": 1,
+    "conv3d": 1,
+    "conv_transpose1d": 1,
+    "conv_transpose2d": 1,
+    "conv_transpose3d": 1,
+    "linear": -1,
 }
-
-# Normalization kind -> (granularity of the invariance it gives, cancels a per-channel constant?)
+_NORMS = {
+    "batch_norm": "batch",
+    "instance_norm": "instance",
+    "group_norm": "group",
+    "layer_norm": "layer",
+    "rms_norm": "rms",
+}
+# kind -> (granularity, cancels a per-channel constant)
 _NORM_KINDS = {
     "batch": ("filter", True),
     "instance": ("filter", True),
@@ -103,209 +127,138 @@ _NORM_KINDS = {
     "layer": ("tensor", False),
     "rms": ("tensor", False),
 }
-
-
-def _norm_modules() -> dict[type[nn.Module], str]:
-    table: dict[type[nn.Module], str] = {
-        nn.BatchNorm1d: "batch",
-        nn.BatchNorm2d: "batch",
-        nn.BatchNorm3d: "batch",
-        nn.SyncBatchNorm: "batch",
-        nn.InstanceNorm1d: "instance",
-        nn.InstanceNorm2d: "instance",
-        nn.InstanceNorm3d: "instance",
-        nn.GroupNorm: "group",
-        nn.LayerNorm: "layer",
-    }
-    rms = getattr(nn, "RMSNorm", None)
-    if rms is not None:
-        table[rms] = "rms"
-    return table
-
-
-_NORM_MODULES = _norm_modules()
-_NORM_FUNCTIONS: dict[Any, str] = {
-    F.batch_norm: "batch",
-    F.instance_norm: "instance",
-    F.group_norm: "group",
-    F.layer_norm: "layer",
+# Positively homogeneous of degree 1 in their first argument.
+_UNARY = {
+    "relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "hardtanh_zero",
+    "max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d", "_max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices",
+    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "pad", "interpolate", "upsample", "pixel_shuffle", "pixel_unshuffle", "zero_pad",
+    "flatten", "unflatten", "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "transpose_", "t", "T", "mT",
+    "contiguous", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_", "expand", "expand_as", "repeat", "repeat_interleave",
+    "neg", "negative", "__neg__", "__pos__", "positive", "mean", "sum", "nansum", "amax", "amin", "max", "min",
+    "narrow", "chunk", "split", "unbind", "roll", "flip", "clone", "detach", "float", "double", "half", "bfloat16",
+    "to", "type_as", "__getitem__", "select", "index_select", "gather", "movedim", "moveaxis", "swapaxes", "swapdims",
+    "identity", "data", "as_strided", "getitem", "tile", "unfold", "fold", "im2col", "col2im",
 }
-if hasattr(F, "rms_norm"):
-    _NORM_FUNCTIONS[F.rms_norm] = "rms"
+# Unary ops that also commute with adding a per-channel constant (a bias before them stays cancellable).
+_BIAS_TRANSPARENT = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d", "_max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "identity", "contiguous", "clone",
+}
+# f(kx) = k^p f(x)
+_POWER = {
+    "sqrt": 0.5, "sqrt_": 0.5, "rsqrt": -0.5, "rsqrt_": -0.5, "reciprocal": -1.0, "norm": 1.0, "std": 1.0,
+    "var": 2.0, "abs": 1.0, "__abs__": 1.0, "square": 2.0, "vector_norm": 1.0, "matrix_norm": 1.0,
+}
+_MUL = {"mul", "mul_", "__mul__", "__rmul__", "multiply", "matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum", "outer", "baddbmm"}
+_DIV = {"div", "div_", "__truediv__", "truediv", "true_divide", "divide"}
+_RDIV = {"__rtruediv__", "__rdiv__"}
+_ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__", "subtract"}
+_CAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+_META = {"size", "dim", "numel", "type", "__len__", "shape", "dtype", "device", "ndim", "is_cuda", "requires_grad",
+         "is_floating_point", "element_size", "stride", "storage_offset", "is_contiguous", "get_device", "data_ptr",
+         "nelement", "ndimension", "layout", "is_leaf", "grad_fn", "_version"}
+# Scalar constants added to a homogeneous value that still count as "a stabilizing epsilon" (like
+# BatchNorm's eps): weight standardization divides by ``std + eps``.
+_EPS = 1e-3
 
-# Positively homogeneous of degree 1 in their first tensor argument (f(kx) = k f(x), k > 0).
-_HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Identity,
-    nn.ZeroPad1d if hasattr(nn, "ZeroPad1d") else nn.Identity,
-    nn.ZeroPad2d,
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-    nn.Upsample,
+_NORM_MODULES: list[tuple[type[nn.Module], str]] = [
+    (nn.SyncBatchNorm, "batch"),
+    (nn.modules.batchnorm._BatchNorm, "batch"),
+    (nn.modules.instancenorm._InstanceNorm, "instance"),
+    (nn.GroupNorm, "group"),
+    (nn.LayerNorm, "layer"),
+]
+if hasattr(nn, "RMSNorm"):
+    _NORM_MODULES.append((nn.RMSNorm, "rms"))
+_LAYER_MODULES = {
+    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d", nn.ConvTranspose3d: "conv_transpose3d",
+    nn.Linear: "linear",
+}
+_UNARY_MODULES = (
+    nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.Identity, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample,
 )
-# Ops that also commute with adding a per-channel constant (so a bias before them stays cancellable).
-_BIAS_TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Identity,
+_BIAS_TRANSPARENT_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Identity,
 )
-_HOMOGENEOUS_FUNCTIONS: set[Any] = {
-    torch.relu,
-    F.relu,
-    F.leaky_relu,
-    F.prelu,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.pad,
-    F.interpolate,
-    torch.flatten,
-    torch.reshape,
-    torch.permute,
-    torch.transpose,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.neg,
-    torch.mean,
-    torch.sum,
-    torch.amax,
-    torch.amin,
-    torch.narrow,
-    torch.chunk,
-    torch.split,
-    torch.roll,
-    operator.getitem,
-    operator.neg,
-    operator.pos,
-}
-_BIAS_TRANSPARENT_FUNCTIONS: set[Any] = {
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-}
-_HOMOGENEOUS_METHODS = {
-    "relu",
-    "relu_",
-    "view",
-    "view_as",
-    "reshape",
-    "reshape_as",
-    "flatten",
-    "unflatten",
-    "permute",
-    "transpose",
-    "t",
-    "contiguous",
-    "squeeze",
-    "unsqueeze",
-    "expand",
-    "expand_as",
-    "repeat",
-    "neg",
-    "mean",
-    "sum",
-    "amax",
-    "amin",
-    "narrow",
-    "chunk",
-    "split",
-    "roll",
-    "clone",
-    "detach",
-    "float",
-    "to",
-    "type_as",
-    "__getitem__",
-}
-_META_METHODS = {"size", "dim", "numel", "type", "__len__"}
-_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
-# Degree multipliers: f(kx) = k^p f(x).
-_POWER_METHODS = {"sqrt": 0.5, "rsqrt": -0.5, "reciprocal": -1.0, "norm": 1.0, "std": 1.0, "var": 2.0, "abs": 1.0, "square": 2.0}
-_POWER_FUNCTIONS = {
-    torch.sqrt: 0.5,
-    torch.rsqrt: -0.5,
-    torch.reciprocal: -1.0,
-    torch.norm: 1.0,
-    torch.std: 1.0,
-    torch.var: 2.0,
-    torch.abs: 1.0,
-    torch.square: 2.0,
-    torch.linalg.vector_norm: 1.0,
-    operator.abs: 1.0,
-}
 
 
 # ----------------------------------------------------------------------------------------------
-# The degree lattice
+# The graph
 # ----------------------------------------------------------------------------------------------
-# A value is one of:
-#   0.0            independent of the unit's scale
-#   d (float != 0) positively homogeneous of degree d
-#   _AFF           degree 1 plus a per-channel constant (a layer's bias, analysing the weight alone)
-#   _BROKEN        depends on the scale in any other way
-_AFF = "aff"
+
+
+@dataclass
+class _Op:
+    kind: str  # input|param|layer|norm|unary|power|mul|div|rdiv|add|cat|meta|weight_norm|opaque|output
+    args: list[int | None]  # node ids of the tensor operands, in order (None: a constant)
+    label: str = ""
+    name: str = ""
+    consts: list[Any] = field(default_factory=list)  # scalar operands (add: the epsilon test)
+    norm_kind: str = ""
+    transparent: bool = False
+    power: float = 1.0
+    weight: int | None = None
+    bias: int | None = None
+    param: str | None = None  # kind == "param"
+    own_params: tuple[str, ...] = ()  # parameters an opaque op/norm uses directly
+    feature_axis: int = 1  # layers: where the output features are (1 conv, -1 linear)
+    filter_dim: int = 0  # layers: weight dim indexing output filters
+    groups: int | None = None  # group norms: number of groups
+
+
+def _op_from_name(name: str, args: list[int | None], consts: list[Any], label: str) -> _Op:
+    """Classify a call by the name of the torch function / Tensor method."""
+    if name in _LAYERS:
+        x, w, b = (args + [None, None, None])[:3]
+        transposed = name.startswith("conv_transpose")
+        return _Op("layer", [x], label=label, weight=w, bias=b, feature_axis=_LAYERS[name], filter_dim=1 if transposed else 0)
+    if name in _NORMS:
+        return _Op("norm", args, label=label, norm_kind=_NORMS[name])
+    if name in _META:
+        return _Op("meta", [], label=label)
+    if name in _UNARY:
+        return _Op("unary", args[:1], label=label, transparent=name in _BIAS_TRANSPARENT)
+    if name in _POWER:
+        return _Op("power", args[:1], label=label, power=_POWER[name])
+    if name in ("pow", "pow_", "__pow__") and consts and isinstance(consts[0], (int, float)):
+        return _Op("power", args[:1], label=label, power=float(consts[0]))
+    if name in _MUL:
+        return _Op("mul", args, label=label)
+    if name in _DIV:
+        return _Op("div", args[:2], label=label)
+    if name in _RDIV:
+        return _Op("rdiv", args[:2], label=label)
+    if name in _ADD:
+        return _Op("add", args, label=label, consts=consts)
+    if name in _CAT:
+        return _Op("cat", args, label=label)
+    if name in ("_weight_norm", "weight_norm"):
+        return _Op("weight_norm", args[:2], label=label)
+    return _Op("opaque", args, label=label)
+
+
+_AFF = "aff"  # degree 1 plus a per-channel constant (a layer's bias, analysing its weight alone)
 _BROKEN = "broken"
 
-Value = Any  # float | str
+
+def _nz(d: float) -> Any:
+    return 0.0 if abs(d) < 1e-12 else d
 
 
-def _is_broken(v: Value) -> bool:
-    return v == _BROKEN
-
-
-def _degree_of_product(a: Value, b: Value) -> Value:
+def _product(a: Any, b: Any) -> Any:
     if a == 0.0:
         return b if b != _AFF else _BROKEN
     if b == 0.0:
@@ -315,309 +268,333 @@ def _degree_of_product(a: Value, b: Value) -> Value:
     return _BROKEN
 
 
-def _nz(d: float) -> Value:
-    return 0.0 if abs(d) < 1e-12 else d
+class _Graph:
+    """Ops in topological order; ``outputs`` are the node ids whose values the loss sees."""
 
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+        self.outputs: list[int] = []
+        self.param_node: dict[str, int] = {}
 
-def _degree_of_sum(values: Sequence[Value]) -> Value:
-    values = list(values)
-    if not values:
+    def add(self, op: _Op) -> int:
+        self.ops.append(op)
+        if not op.name:
+            op.name = f"{op.label}_{len(self.ops) - 1}"
+        return len(self.ops) - 1
+
+    def param(self, name: str) -> int:
+        if name not in self.param_node:
+            self.param_node[name] = self.add(_Op("param", [], label=name, name=name, param=name))
+        return self.param_node[name]
+
+    def finalize(self) -> None:
+        n = len(self.ops)
+        self.users: list[list[int]] = [[] for _ in range(n)]
+        for i, op in enumerate(self.ops):
+            refs = list(op.args) + [op.weight, op.bias]
+            for a in refs:
+                if a is not None:
+                    self.users[a].append(i)
+        self.param_users: dict[str, list[int]] = {}
+        for i, op in enumerate(self.ops):
+            for p in op.own_params:
+                self.param_users.setdefault(p, []).append(i)
+        self.out_set = set(self.outputs)
+
+    # ------------------------------------------------------------------------------------------
+    def layer_weights(self) -> list[tuple[str, int]]:
+        """(parameter, layer node) for every layer whose weight is a parameter or derived from one alone."""
+        out = []
+        for i, op in enumerate(self.ops):
+            if op.kind == "layer" and op.weight is not None:
+                p = self._source_param(op.weight)
+                if p is not None:
+                    out.append((p, i))
+        return out
+
+    def _source_param(self, node: int) -> str | None:
+        """The one parameter a layer's weight is computed from (itself, a weight-norm direction, a
+        standardized weight …), or None when it is computed from several tensors or from none."""
+        op = self.ops[node]
+        if op.kind == "param":
+            return op.param
+        if op.kind == "weight_norm":  # w = g * v / |v|: the direction parameter v is the invariant one
+            v = op.args[0] if op.args else None
+            return self.ops[v].param if v is not None and self.ops[v].kind == "param" else None
+        found: set[str] = set()
+        stack, seen = [node], set()
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            o = self.ops[i]
+            if o.kind == "param":
+                found.add(o.param)  # type: ignore[arg-type]
+            elif o.kind == "input" or o.own_params or len(seen) > 64:
+                return None
+            else:
+                stack.extend(a for a in list(o.args) + [o.weight, o.bias] if a is not None)
+        return next(iter(found)) if len(found) == 1 else None
+
+    def param_of(self, node: int | None) -> str | None:
+        return self.ops[node].param if node is not None and self.ops[node].kind == "param" else None
+
+    def propagate(self, unit: set[str], weight_only_bias: str | None) -> tuple[bool, str, list[tuple[int, Any]]]:
+        """Propagate the degree of every value in the scale of ``unit``.
+
+        Returns (invariant, why not, absorbing normalizations as (node, degree in)).
+        """
+        value: dict[int, Any] = {}
+        start = [self.param_node[p] for p in unit if p in self.param_node]
+        start += [i for p in unit for i in self.param_users.get(p, [])]
+        if not start:
+            return False, "not used in the forward pass", []
+        heap = list(set(start))
+        heapq.heapify(heap)
+        queued = set(heap)
+        absorbed: list[tuple[int, Any]] = []
+
+        def val(a: int | None) -> Any:
+            return 0.0 if a is None else value.get(a, 0.0)
+
+        while heap:
+            i = heapq.heappop(heap)
+            op = self.ops[i]
+            v = self._eval(op, unit, weight_only_bias, val, absorbed, i)
+            if v != 0.0:
+                value[i] = v
+                if i in self.out_set:
+                    return False, self._explain(i, value), absorbed
+                for u in self.users[i]:
+                    if u not in queued:
+                        queued.add(u)
+                        heapq.heappush(heap, u)
+        return True, "", absorbed
+
+    def _eval(self, op: _Op, unit: set[str], wob: str | None, val: Callable, absorbed: list, i: int) -> Any:
+        k = op.kind
+        if k == "param":
+            return 1.0 if op.param in unit else 0.0
+        if k == "layer":
+            x = val(op.args[0]) if op.args else 0.0
+            core = _product(x, val(op.weight))
+            if op.bias is None:
+                return core
+            b = val(op.bias)
+            if core == b:
+                return core
+            if core == 1.0 and b == 0.0 and wob is not None and self.param_of(op.bias) == wob:
+                return _AFF
+            return _BROKEN
+        if k == "norm":
+            x = val(op.args[0]) if op.args else 0.0
+            if any(val(a) != 0.0 for a in op.args[1:]) or any(p in unit for p in op.own_params):
+                return _BROKEN
+            if x == 0.0:
+                return 0.0
+            if x == _AFF and not _NORM_KINDS[op.norm_kind][1]:
+                return _BROKEN
+            if x == _BROKEN:
+                return _BROKEN
+            absorbed.append((i, x))
+            return 0.0
+        if k == "unary":
+            x = val(op.args[0]) if op.args else 0.0
+            if any(p in unit for p in op.own_params) or (x == _AFF and not op.transparent):
+                return _BROKEN
+            return x
+        if k == "power":
+            x = val(op.args[0]) if op.args else 0.0
+            return _nz(x * op.power) if isinstance(x, float) else _BROKEN
+        if k == "mul":
+            v: Any = 0.0
+            for a in op.args:
+                v = _product(v, val(a))
+            return v
+        if k in ("div", "rdiv"):
+            a, b = (op.args + [None, None])[:2]
+            num, den = (val(a), val(b)) if k == "div" else (val(b), val(a))
+            if den != 0.0 and isinstance(den, float) and isinstance(num, float) and _nz(num - den) == 0.0:
+                absorbed.append((i, den))  # w / |w|, w / std(w): a normalization of the weight itself
+            return _product(num, -den if isinstance(den, float) else _BROKEN)
+        if k == "add":
+            vals = [val(a) for a in op.args if a is not None]
+            nonzero = [x for x in vals if x != 0.0]
+            if not nonzero:
+                return 0.0
+            first = nonzero[0]
+            if any(x != first for x in nonzero) or len(nonzero) < len(vals):
+                return _BROKEN
+            consts = [c for c in op.consts if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0]
+            if consts and not (isinstance(first, float) and all(0 < abs(c) <= _EPS for c in consts)):
+                return _BROKEN
+            return first
+        if k == "cat":
+            vals = [val(a) for a in op.args if a is not None]
+            nonzero = [x for x in vals if x != 0.0]
+            if not nonzero:
+                return 0.0
+            return nonzero[0] if all(x == nonzero[0] for x in vals) else _BROKEN
+        if k == "weight_norm":
+            v_deg, g_deg = val(op.args[0]) if op.args else 0.0, val(op.args[1]) if len(op.args) > 1 else 0.0
+            if not isinstance(v_deg, float):
+                return _BROKEN
+            if v_deg != 0.0:
+                absorbed.append((i, v_deg))
+            return g_deg
+        if k == "meta":
+            return 0.0
+        # opaque: fine only when nothing it reads depends on the scale
+        if any(p in unit for p in op.own_params) or any(val(a) != 0.0 for a in op.args):
+            return _BROKEN
         return 0.0
-    first = values[0]
-    if any(v != first for v in values[1:]):
-        return _BROKEN
-    return first
+
+    def _explain(self, out: int, value: dict[int, Any]) -> str:
+        """Name the op where the scale stopped being absorbed."""
+        i = out
+        seen: set[int] = set()
+        while i not in seen:
+            seen.add(i)
+            op = self.ops[i]
+            if value.get(i) != _BROKEN:
+                return f"its scale reaches the model output through {op.name} ({op.label}) without a normalization"
+            preds = [a for a in list(op.args) + [op.weight, op.bias] if a is not None and value.get(a) == _BROKEN]
+            if not preds:
+                why = {
+                    "add": "an addition mixes it with a term of another scale (e.g. a residual connection or a bias added after it)",
+                    "layer": "a bias is added that no normalization cancels",
+                    "cat": "it is concatenated with values of another scale",
+                    "norm": "the normalization's own parameters depend on it",
+                }.get(op.kind, "this op is not positively homogeneous")
+                return f"not scale-invariant at {op.name} ({op.label}): {why}"
+            i = preds[0]
+        return "not scale-invariant"
 
 
-@dataclass
-class _Op:
-    kind: str  # param | layer | norm | unary | power | mul | div | add | cat | meta | output | module_opaque | other
-    args: list[Any]  # fx nodes / constants in order
-    label: str = ""
-    norm_kind: str = ""
-    transparent: bool = False  # unary: commutes with a per-channel constant
-    power: float = 1.0
-    weight: Any = None  # layer: param name (call_module) or node (functional)
-    bias: Any = None
-    params: tuple[str, ...] = ()  # params used by an opaque module
+# ----------------------------------------------------------------------------------------------
+# Front end 1: torch.fx
+# ----------------------------------------------------------------------------------------------
 
 
-def _classify(node: torch.fx.Node, modules: dict[str, nn.Module], pname: dict[int, str]) -> _Op:
-    op = node.op
-    if op == "placeholder":
-        return _Op("other", [], label="input")
-    if op == "get_attr":
-        return _Op("param", [], label=str(node.target))
-    if op == "output":
-        return _Op("output", list(_flatten(node.args)), label="output")
-    if op == "call_module":
-        mod = modules[str(node.target)]
-        label = type(mod).__name__
-        tensor_args = list(_flatten(node.args)) + list(_flatten(node.kwargs.values()))
-        if isinstance(mod, _LAYER_MODULES):
-            w = pname.get(id(mod.weight)) if isinstance(getattr(mod, "weight", None), torch.Tensor) else None
-            b = pname.get(id(mod.bias)) if isinstance(getattr(mod, "bias", None), torch.Tensor) else None
-            return _Op("layer", [node.args[0]] if node.args else tensor_args[:1], label=label, weight=w, bias=b)
-        for cls, kind in _NORM_MODULES.items():
-            if type(mod) is cls or isinstance(mod, cls):
-                own = tuple(pname[id(p)] for p in mod.parameters(recurse=True) if id(p) in pname)
-                return _Op("norm", tensor_args[:1], label=label, norm_kind=kind, params=own)
-        if isinstance(mod, _HOMOGENEOUS_MODULES) and not isinstance(mod, nn.PReLU):
-            return _Op("unary", tensor_args[:1], label=label, transparent=isinstance(mod, _BIAS_TRANSPARENT_MODULES))
-        own = tuple(pname[id(p)] for p in mod.parameters(recurse=True) if id(p) in pname)
-        if isinstance(mod, nn.PReLU):
-            return _Op("unary", tensor_args[:1], label=label, params=own)
-        return _Op("module_opaque", tensor_args, label=label, params=own)
-    if op == "call_function":
-        fn = node.target
-        name = getattr(fn, "__name__", str(fn))
-        args = list(node.args)
-        if fn in _LAYER_FUNCTIONS:
-            x = args[0] if args else node.kwargs.get("input")
-            w = args[1] if len(args) > 1 else node.kwargs.get("weight")
-            b = args[2] if len(args) > 2 else node.kwargs.get("bias")
-            return _Op("layer", [x], label=_LAYER_FUNCTIONS[fn], weight=w, bias=b)
-        if fn in _NORM_FUNCTIONS:
-            rest = [a for a in list(_flatten(args[1:])) + list(_flatten(node.kwargs.values()))]
-            return _Op("norm", [args[0]] + rest, label=name, norm_kind=_NORM_FUNCTIONS[fn])
-        if fn is getattr and len(args) > 1 and args[1] in _META_ATTRS:
-            return _Op("meta", [], label=f"getattr.{args[1]}")
-        if fn in _HOMOGENEOUS_FUNCTIONS:
-            return _Op("unary", args[:1], label=name, transparent=fn in _BIAS_TRANSPARENT_FUNCTIONS)
-        if fn in _POWER_FUNCTIONS:
-            return _Op("power", args[:1], label=name, power=_POWER_FUNCTIONS[fn])
-        if fn in (operator.mul, torch.mul, operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum):
-            if fn is torch.einsum:
-                return _Op("mul", list(_flatten(args[1:])), label=name)
-            return _Op("mul", args[:2], label=name)
-        if fn in (operator.truediv, torch.div, torch.true_divide):
-            return _Op("div", args[:2], label=name)
-        if fn in (operator.add, operator.sub, torch.add, torch.sub):
-            return _Op("add", args[:2], label=name)
-        if fn is operator.pow or fn is torch.pow:
-            if len(args) > 1 and isinstance(args[1], (int, float)):
-                return _Op("power", args[:1], label=name, power=float(args[1]))
-        if fn in (torch.cat, torch.concat, torch.stack):
-            return _Op("cat", list(_flatten(args[:1])), label=name)
-        return _Op("other", list(_flatten(args)) + list(_flatten(node.kwargs.values())), label=name)
-    if op == "call_method":
-        method = str(node.target)
-        args = list(node.args)
-        if method in _META_METHODS:
-            return _Op("meta", [], label=method)
-        if method in _HOMOGENEOUS_METHODS:
-            return _Op("unary", args[:1], label=method)
-        if method in _POWER_METHODS:
-            return _Op("power", args[:1], label=method, power=_POWER_METHODS[method])
-        if method in ("mul", "mul_", "matmul", "bmm", "mm", "__mul__", "__rmul__"):
-            return _Op("mul", args[:2], label=method)
-        if method in ("div", "div_", "__truediv__"):
-            return _Op("div", args[:2], label=method)
-        if method in ("add", "add_", "sub", "sub_", "__add__", "__sub__"):
-            return _Op("add", args[:2], label=method)
-        if method == "pow" and len(args) > 1 and isinstance(args[1], (int, float)):
-            return _Op("power", args[:1], label=method, power=float(args[1]))
-        return _Op("other", list(_flatten(args)) + list(_flatten(node.kwargs.values())), label=method)
-    return _Op("other", list(_flatten(node.args)), label=str(node.target))
+def _norm_kind_of_module(mod: nn.Module) -> str | None:
+    for cls, kind in _NORM_MODULES:
+        if isinstance(mod, cls):
+            return kind
+    return None
 
 
-def _flatten(obj: Any) -> Iterable[Any]:
+def _layer_name_of_module(mod: nn.Module) -> str | None:
+    for cls, name in _LAYER_MODULES.items():
+        if isinstance(mod, cls):
+            return name
+    return None
+
+
+def _flatten_args(obj: Any) -> Iterable[Any]:
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            yield from _flatten(item)
+            yield from _flatten_args(item)
     elif isinstance(obj, dict):
         for item in obj.values():
-            yield from _flatten(item)
+            yield from _flatten_args(item)
     elif isinstance(obj, slice):
-        yield from _flatten((obj.start, obj.stop, obj.step))
+        yield from _flatten_args((obj.start, obj.stop, obj.step))
     else:
         yield obj
 
 
-# ----------------------------------------------------------------------------------------------
-# Graph analysis
-# ----------------------------------------------------------------------------------------------
+def _weight_refs(g: _Graph, mod: nn.Module, prefix: str, pname: Mapping[int, str]) -> tuple[int | None, int | None]:
+    """Param nodes of a layer module's weight and bias (a weight-norm parametrization becomes its op)."""
+    w_ref: int | None = None
+    parametrizations = getattr(mod, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        plist = parametrizations["weight"]
+        kinds = [type(p).__name__ for p in plist]
+        g_param, v_param = getattr(plist, "original0", None), getattr(plist, "original1", None)
+        if kinds == ["_WeightNorm"] and g_param is not None and v_param is not None:
+            v = g.param(pname[id(v_param)]) if id(v_param) in pname else None
+            gg = g.param(pname[id(g_param)]) if id(g_param) in pname else None
+            w_ref = g.add(_Op("weight_norm", [v, gg], label="weight_norm"))
+        else:
+            # An unknown parametrization: the weight's originals reach the output through opaque math.
+            own = tuple(pname[id(p)] for p in plist.parameters() if id(p) in pname)
+            w_ref = g.add(_Op("opaque", [], label="parametrization", own_params=own))
+    else:
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and id(w) in pname:
+            w_ref = g.param(pname[id(w)])
+    b = getattr(mod, "bias", None)
+    b_ref = g.param(pname[id(b)]) if isinstance(b, torch.Tensor) and id(b) in pname else None
+    return w_ref, b_ref
 
 
-class _Graph:
-    """An fx graph with each node classified once, ready for one propagation per candidate unit."""
+def _graph_from_fx(model: nn.Module, pname: Mapping[int, str]) -> _Graph:
+    traced = torch.fx.Tracer().trace(model)
+    modules = dict(model.named_modules())
+    g = _Graph()
+    node_id: dict[torch.fx.Node, int] = {}
 
-    def __init__(self, graph: torch.fx.Graph, modules: dict[str, nn.Module], pname: dict[int, str], root: nn.Module):
-        self.nodes = list(graph.nodes)
-        self.index = {n: i for i, n in enumerate(self.nodes)}
-        self.ops = [_classify(n, modules, pname) for n in self.nodes]
-        self.users = [[self.index[u] for u in n.users] for n in self.nodes]
-        # get_attr nodes that read a parameter: node index -> canonical parameter name
-        self.param_nodes: dict[int, str] = {}
-        for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
-            if op.kind == "param":
-                obj = _resolve_attr(root, str(node.target))
-                if isinstance(obj, torch.Tensor) and id(obj) in pname:
-                    self.param_nodes[i] = pname[id(obj)]
-        # Which nodes use which parameter directly (layers via call_module, opaque modules, norms)
-        self.param_users: dict[str, list[int]] = {}
-        for i, op in enumerate(self.ops):
-            names: list[str] = []
-            if op.kind == "layer":
-                names += [p for p in (op.weight, op.bias) if isinstance(p, str)]
-            names += list(op.params)
-            for p in names:
-                self.param_users.setdefault(p, []).append(i)
-        for i, p in self.param_nodes.items():
-            self.param_users.setdefault(p, []).append(i)
+    def ref(a: Any) -> int | None:
+        return node_id.get(a) if isinstance(a, torch.fx.Node) else None
 
-    def layers_of(self, pname: str) -> list[int]:
-        """Layer nodes that use ``pname`` as their weight (directly or through a get_attr node)."""
-        out = []
-        for i, op in enumerate(self.ops):
-            if op.kind != "layer":
-                continue
-            w = op.weight
-            if w == pname or (isinstance(w, torch.fx.Node) and self.param_nodes.get(self.index[w]) == pname):
-                out.append(i)
-        return out
-
-    def bias_of(self, layer_index: int) -> str | None:
-        b = self.ops[layer_index].bias
-        if isinstance(b, str):
-            return b
-        if isinstance(b, torch.fx.Node):
-            return self.param_nodes.get(self.index[b])
-        return None
-
-    def _ref_degree(self, ref: Any, unit: set[str], val: Any) -> Value:
-        """Degree of a layer's weight/bias reference: a parameter name (call_module) or an fx node."""
-        if isinstance(ref, str):
-            return 1.0 if ref in unit else 0.0
-        if isinstance(ref, torch.fx.Node):
-            return val(ref)
-        return 0.0
-
-    def propagate(self, unit: set[str], weight_only_bias: str | None) -> tuple[bool, str, set[tuple[str, str]]]:
-        """Propagate the degree of every value in the scale of ``unit``.
-
-        ``weight_only_bias``: the bias of the unit's layer when analysing the weight alone (the layer's
-        output is then degree 1 plus a per-channel constant). Returns (invariant, first breaking op,
-        normalizations that absorbed the scale).
-        """
-        start = [i for p in unit for i in self.param_users.get(p, [])]
-        if not start:
-            return False, "not used in the forward pass", set()
-        reach: set[int] = set()
-        stack = list(start)
-        while stack:
-            i = stack.pop()
-            if i in reach:
-                continue
-            reach.add(i)
-            stack.extend(self.users[i])
-        value: dict[int, Value] = {}
-        norms: set[tuple[str, str]] = set()
-
-        def val(a: Any) -> Value:
-            if isinstance(a, torch.fx.Node):
-                return value.get(self.index[a], 0.0)
-            return 0.0
-
-        for i in sorted(reach):
-            op = self.ops[i]
-            if op.kind == "param":
-                v: Value = 1.0 if self.param_nodes.get(i) in unit else 0.0
-            elif op.kind == "layer":
-                w = self._ref_degree(op.weight, unit, val)
-                x = val(op.args[0]) if op.args else 0.0
-                core = _degree_of_product(x, w)
-                if op.bias is None:
-                    v = core
-                else:
-                    b = self._ref_degree(op.bias, unit, val)
-                    bias_name = op.bias if isinstance(op.bias, str) else self.param_nodes.get(self.index[op.bias])
-                    if core == b:
-                        v = core
-                    elif core == 1.0 and b == 0.0 and bias_name is not None and bias_name == weight_only_bias:
-                        v = _AFF
-                    else:
-                        v = _BROKEN
-            elif op.kind == "norm":
-                x = val(op.args[0]) if op.args else 0.0
-                others = [val(a) for a in op.args[1:]]
-                if any(o != 0.0 for o in others) or any(p in unit for p in op.params):
-                    v = _BROKEN
-                elif x == 0.0:
-                    v = 0.0
-                elif x == _AFF:
-                    v = 0.0 if _NORM_KINDS[op.norm_kind][1] else _BROKEN
-                    if v == 0.0:
-                        norms.add((op.label, op.norm_kind))
-                elif x == _BROKEN:
-                    v = _BROKEN
-                else:
-                    v = 0.0
-                    norms.add((op.label, op.norm_kind))
-            elif op.kind == "unary":
-                x = val(op.args[0]) if op.args else 0.0
-                if any(p in unit for p in op.params):
-                    v = _BROKEN
-                elif x == _AFF and not op.transparent:
-                    v = _BROKEN
-                else:
-                    v = x
-            elif op.kind == "power":
-                x = val(op.args[0]) if op.args else 0.0
-                v = _nz(x * op.power) if isinstance(x, float) else _BROKEN
-            elif op.kind == "mul":
-                v = 0.0
-                for a in op.args:
-                    v = _degree_of_product(v, val(a))
-            elif op.kind == "div":
-                a = val(op.args[0]) if op.args else 0.0
-                b2 = val(op.args[1]) if len(op.args) > 1 else 0.0
-                v = _degree_of_product(a, -b2 if isinstance(b2, float) else _BROKEN)
-            elif op.kind == "add":
-                vals = [val(a) for a in op.args]
-                consts = [a for a in op.args if not isinstance(a, torch.fx.Node)]
-                if consts and any(c != 0 for c in consts if isinstance(c, (int, float))) and any(x != 0.0 for x in vals):
-                    v = _BROKEN
-                else:
-                    v = _degree_of_sum([x for a, x in zip(op.args, vals) if isinstance(a, torch.fx.Node)])
-            elif op.kind == "cat":
-                v = _degree_of_sum([val(a) for a in op.args if isinstance(a, torch.fx.Node)])
-            elif op.kind == "meta":
-                v = 0.0
-            elif op.kind == "output":
-                bad = [a for a in op.args if isinstance(a, torch.fx.Node) and val(a) != 0.0]
-                if bad:
-                    return False, _explain(self, bad[0], value), norms
-                continue
-            else:  # other / module_opaque: fine only when nothing it reads depends on the scale
-                if any(p in unit for p in op.params) or any(val(a) != 0.0 for a in op.args):
-                    v = _BROKEN
-                else:
-                    v = 0.0
-            value[i] = v
-        return True, "", norms
-
-
-def _explain(g: _Graph, node: torch.fx.Node, value: dict[int, Value]) -> str:
-    """Name the op where the scale stopped being absorbed."""
-    # Walk back from the offending output to the earliest node whose value is broken.
-    i = g.index[node]
-    seen = set()
-    while i not in seen:
-        seen.add(i)
-        op = g.ops[i]
-        if value.get(i) != _BROKEN:
-            return f"its scale reaches the model output through {op.label or g.nodes[i].name} without a normalization"
-        preds = [a for a in op.args if isinstance(a, torch.fx.Node) and value.get(g.index[a]) == _BROKEN]
-        if not preds:
-            kind = {
-                "add": "an addition (e.g. a residual connection or a bias added after it) mixes it with a term of another scale",
-                "layer": "a bias is added that no normalization cancels",
-                "cat": "it is concatenated with values of another scale",
-            }.get(op.kind, "this op is not positively homogeneous")
-            return f"not scale-invariant at {g.nodes[i].name} ({op.label}): {kind}"
-        i = g.index[preds[0]]
-    return "not scale-invariant"
+    for node in traced.nodes:
+        args = list(_flatten_args(node.args)) + list(_flatten_args(node.kwargs))
+        refs = [ref(a) for a in args if isinstance(a, torch.fx.Node)]
+        consts = [a for a in args if not isinstance(a, torch.fx.Node)]
+        if node.op == "placeholder":
+            node_id[node] = g.add(_Op("input", [], label="input", name=node.name))
+        elif node.op == "get_attr":
+            obj = _resolve_attr(model, str(node.target))
+            if isinstance(obj, torch.Tensor) and id(obj) in pname:
+                node_id[node] = g.param(pname[id(obj)])
+            else:
+                node_id[node] = g.add(_Op("input", [], label="constant", name=node.name))
+        elif node.op == "output":
+            g.outputs.extend(r for r in refs if r is not None)
+        elif node.op == "call_module":
+            mod = modules[str(node.target)]
+            label = type(mod).__name__
+            first = ref(node.args[0]) if node.args else (refs[0] if refs else None)
+            layer = _layer_name_of_module(mod)
+            kind = _norm_kind_of_module(mod)
+            own = tuple(pname[id(p)] for p in mod.parameters() if id(p) in pname)
+            if layer is not None:
+                w_ref, b_ref = _weight_refs(g, mod, str(node.target), pname)
+                op = _op_from_name(layer, [first, w_ref, b_ref], [], label)
+            elif kind is not None:
+                op = _Op("norm", [first], label=label, norm_kind=kind, own_params=own, groups=getattr(mod, "num_groups", None))
+            elif isinstance(mod, nn.PReLU):
+                op = _Op("unary", [first], label=label)
+            elif isinstance(mod, _UNARY_MODULES):
+                op = _Op("unary", [first], label=label, transparent=isinstance(mod, _BIAS_TRANSPARENT_MODULES))
+            else:
+                op = _Op("opaque", refs, label=label, own_params=own)
+            op.name = node.name
+            node_id[node] = g.add(op)
+        elif node.op in ("call_function", "call_method"):
+            target = node.target
+            if node.op == "call_method":
+                name = str(target)
+            elif target is getattr:
+                name = str(node.args[1]) if len(node.args) > 1 else "getattr"
+            else:
+                name = getattr(target, "__name__", str(target))
+            if name in _LAYERS:
+                x = node.args[0] if node.args else node.kwargs.get("input")
+                w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                op = _op_from_name(name, [ref(x), ref(w), ref(b)], [], name)
+            elif name in _NORMS:
+                op = _op_from_name(name, refs, consts, name)
+                if name == "group_norm" and len(node.args) > 1 and isinstance(node.args[1], int):
+                    op.groups = node.args[1]
+            else:
+                op = _op_from_name(name, refs, consts, name)
+            op.name = node.name
+            node_id[node] = g.add(op)
+    g.finalize()
+    return g
 
 
 def _resolve_attr(root: nn.Module, target: str) -> Any:
@@ -630,110 +607,170 @@ def _resolve_attr(root: nn.Module, target: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Public entry point
+# Front end 2: recording one real forward pass
+# ----------------------------------------------------------------------------------------------
+
+
+class DataFlowRecorder(TorchFunctionMode):
+    """Records the data flow of the torch calls made while it is active (``with recorder: loss = ...``).
+
+    Works for any model, whatever Python control flow it uses: it sees every torch function and Tensor
+    method called on real tensors, with parameters recognized by identity. Call :meth:`graph` with the
+    tensor(s) the loss is computed from.
+    """
+
+    def __init__(self, named_params: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        # Lazy parameters keep their identity when they are materialized, so ids found now stay valid.
+        self.pname = {id(p): n for n, p in named_params.items()}
+        self.g = _Graph()
+        self._producer: dict[int, int] = {}
+        self._keep: list[Any] = []
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        try:
+            self._record(func, args, kwargs, out)
+        except Exception:  # noqa: BLE001 - recording must never break the forward pass
+            pass
+        return out
+
+    def _ref(self, t: torch.Tensor) -> int | None:
+        # A parameter is a leaf: whatever in-place initialization ran on it (lazy modules), its value in the
+        # forward pass is the parameter itself.
+        name = self.pname.get(id(t))
+        if name is not None:
+            return self.g.param(name)
+        return self._producer.get(id(t))
+
+    def _record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        self.calls += 1
+        name = getattr(func, "__name__", "")
+        if name == "__get__":
+            owner = getattr(func, "__self__", None)
+            name = getattr(owner, "__name__", "__get__")
+        flat = list(_flatten_args(args)) + list(_flatten_args(kwargs))
+        refs = [self._ref(a) if isinstance(a, torch.Tensor) else None for a in flat if isinstance(a, torch.Tensor)]
+        consts = [a for a in flat if not isinstance(a, torch.Tensor)]
+        if name in _LAYERS:
+            positional = list(args) + [kwargs.get("weight"), kwargs.get("bias")]
+            x, w, b = (positional + [None, None, None])[:3]
+            op = _op_from_name(name, [self._tref(x), self._tref(w), self._tref(b)], consts, name)
+        else:
+            op = _op_from_name(name, refs, consts, name)
+            if name == "group_norm":
+                op.groups = next((c for c in consts if isinstance(c, int) and not isinstance(c, bool)), None)
+        i = self.g.add(op)
+        for t in _flatten_args(out):
+            if isinstance(t, torch.Tensor) and id(t) not in self.pname:
+                self._producer[id(t)] = i
+                self._keep.append(t)  # keep alive so that ids are not reused while recording
+
+    def _tref(self, t: Any) -> int | None:
+        return self._ref(t) if isinstance(t, torch.Tensor) else None
+
+    def graph(self, outputs: Any) -> _Graph:
+        g = self.g
+        for t in _flatten_args(outputs):
+            if isinstance(t, torch.Tensor):
+                r = self._ref(t)
+                if r is not None:
+                    g.outputs.append(r)
+        g.finalize()
+        self._keep = []
+        self._producer = {}
+        return g
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis
 # ----------------------------------------------------------------------------------------------
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     """Strip wrappers whose parameters live under a prefix (``torch.compile``'s ``_orig_mod``)."""
     prefix = ""
-    while hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod  # type: ignore[assignment]
         prefix += "_orig_mod."
     return model, prefix
 
 
-def find_normalized_weights(
-    model: nn.Module,
-    example_input: Any = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-) -> Detection:
-    """Find the scale-invariant weights of ``model`` from its traced data flow.
-
-    Args:
-        model: any ``nn.Module`` (a LightningModule included); its ``forward`` is traced with torch.fx.
-        example_input: reserved for the run-time fallback for models fx cannot trace.
-        include: parameter-name globs to track in addition (``"encoder.*.weight"``) — the way out when
-            detection cannot see a weight's normalization.
-        exclude: parameter-name globs never to track.
-
-    Returns:
-        A :class:`Detection` with the tracked units, and the conv/linear weights not tracked with the reason.
-        It never raises for a model it cannot analyse: ``error`` then says why.
-    """
-    inner, prefix = _unwrap(model)
-    pname: dict[int, str] = {}
-    params: dict[str, nn.Parameter] = {}
-    for name, p in inner.named_parameters():
-        pname[id(p)] = name
-        params[name] = p
-    det = Detection()
-    try:
-        graph = torch.fx.Tracer().trace(inner)
-        g = _Graph(graph, dict(inner.named_modules()), pname, inner)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means "fall back", never crash training
-        det.method = "none"
-        det.error = (
-            f"torch.fx could not trace {type(inner).__name__}.forward ({type(err).__name__}: {_first_line(err)}). "
-            "Name the normalized weights yourself with SMDCallback(include=['layer1.*.weight', ...])."
-        )
-        g = None
-
+def _analyse(g: _Graph, params: Mapping[str, nn.Parameter], found_by: str, prefix: str, det: Detection) -> list[NormalizedWeight]:
     units: list[NormalizedWeight] = []
-    if g is not None:
-        candidates: list[str] = []
-        for i, op in enumerate(g.ops):
-            if op.kind != "layer":
-                continue
-            w = op.weight if isinstance(op.weight, str) else (g.param_nodes.get(g.index[op.weight]) if isinstance(op.weight, torch.fx.Node) else None)
-            if w is not None and w not in candidates:
-                candidates.append(w)
-        for w in candidates:
-            p = params[w]
-            if not p.requires_grad:
-                det.rejected[prefix + w] = "frozen (requires_grad=False)"
-                continue
-            layer_nodes = g.layers_of(w)
-            biases = {g.bias_of(i) for i in layer_nodes}
-            bias = next(iter(biases)) if len(biases) == 1 else None
-            label = g.ops[layer_nodes[0]].label if layer_nodes else "?"
-            ok, why, norms = g.propagate({w}, weight_only_bias=bias)
-            unit_params: tuple[str, ...] = (w,)
-            if not ok and bias is not None and params[bias].requires_grad:
-                ok2, _, norms2 = g.propagate({w, bias}, weight_only_bias=None)
-                if ok2:
-                    ok, norms, unit_params = True, norms2, (w, bias)
-            if not ok:
-                det.rejected[prefix + w] = why
-                continue
-            granularity = _coarsest({kind for _, kind in norms})
-            numel = sum(params[n].numel() for n in unit_params)
-            name = prefix + w + ("+bias" if len(unit_params) > 1 else "")
-            units.append(
-                NormalizedWeight(
-                    name=name,
-                    params=tuple(prefix + n for n in unit_params),
-                    shape=tuple(p.shape),
-                    numel=numel,
-                    layer=label,
-                    norm="+".join(sorted({label for label, _ in norms})),
-                    granularity=granularity,
-                    found_by="fx",
-                )
+    by_weight: dict[str, list[int]] = {}
+    for p, i in g.layer_weights():
+        by_weight.setdefault(p, []).append(i)
+    for w, layer_nodes in by_weight.items():
+        p = params[w]
+        if not p.requires_grad:
+            det.rejected[prefix + w] = "frozen (requires_grad=False)"
+            continue
+        first = g.ops[layer_nodes[0]]
+        via_weight_norm = g.ops[first.weight].kind == "weight_norm" if first.weight is not None else False
+        biases = {g.param_of(g.ops[i].bias) for i in layer_nodes}
+        bias = next(iter(biases)) if len(biases) == 1 else None
+        ok, why, absorbed = g.propagate({w}, weight_only_bias=bias)
+        unit_params: tuple[str, ...] = (w,)
+        if not ok and bias is not None and params[bias].requires_grad and not via_weight_norm:
+            ok2, _, absorbed2 = g.propagate({w, bias}, weight_only_bias=None)
+            if ok2:
+                ok, absorbed, unit_params = True, absorbed2, (w, bias)
+        if not ok:
+            det.rejected[prefix + w] = why
+            continue
+        norms = sorted({g.ops[i].label for i, _ in absorbed})
+        granularity, group_size = _granularity(g, absorbed, first, p)
+        units.append(
+            NormalizedWeight(
+                name=prefix + w + ("+bias" if len(unit_params) > 1 else ""),
+                params=tuple(prefix + n for n in unit_params),
+                shape=tuple(p.shape),
+                numel=sum(params[n].numel() for n in unit_params),
+                layer="weight_norm" if via_weight_norm else first.label,
+                norm="+".join(norms),
+                granularity=granularity,
+                found_by=found_by,
+                group_size=group_size,
+                filter_dim=first.filter_dim,
             )
-    det.units = _apply_overrides(units, model, include, exclude, det)
-    return det
+        )
+    return units
+
+
+def _granularity(g: _Graph, absorbed: list[tuple[int, Any]], layer: _Op, weight: torch.Tensor) -> tuple[str, int | None]:
+    """The finest structural granularity the absorbing normalizations give (the numerical check refines it)."""
+    order = {"filter": 0, "group": 1, "tensor": 2}
+    grans: list[tuple[str, int | None]] = []
+    n_filters = weight.shape[layer.filter_dim] if weight.dim() else 1
+    for i, _ in absorbed:
+        op = g.ops[i]
+        if op.kind in ("weight_norm", "div"):
+            grans.append(("filter", None) if op.kind == "weight_norm" else ("tensor", None))
+        elif op.kind == "norm":
+            gran = _NORM_KINDS[op.norm_kind][0]
+            if gran == "group" and op.groups:
+                size = max(n_filters // op.groups, 1)
+                grans.append(("filter", None) if size == 1 else (("tensor", None) if op.groups == 1 else ("group", size)))
+            elif gran == "filter" and layer.feature_axis != 1:
+                # BatchNorm after a Linear: per row only if the features stay on the channel axis
+                grans.append(("filter", None))
+            else:
+                grans.append((gran, None))
+    if not grans:
+        return "tensor", None
+    return max(grans, key=lambda x: order[x[0]])
 
 
 def _apply_overrides(
     units: list[NormalizedWeight],
-    model: nn.Module,
+    named: Mapping[str, nn.Parameter],
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     det: Detection,
 ) -> list[NormalizedWeight]:
-    named = dict(model.named_parameters())
     out = list(units)
     have = {p for u in out for p in u.params}
     for pattern in include or ():
@@ -744,11 +781,7 @@ def _apply_overrides(
             if n in have or not named[n].requires_grad:
                 continue
             p = named[n]
-            out.append(
-                NormalizedWeight(
-                    name=n, params=(n,), shape=tuple(p.shape), numel=p.numel(), layer="?", norm="?", granularity="tensor", found_by="include"
-                )
-            )
+            out.append(NormalizedWeight(name=n, params=(n,), shape=tuple(p.shape), numel=p.numel(), layer="?", norm="?", granularity="tensor", found_by="include"))
             have.add(n)
             det.rejected.pop(n, None)
     if exclude:
@@ -764,10 +797,230 @@ def _apply_overrides(
     return out
 
 
-def _coarsest(kinds: set[str]) -> str:
-    order = {"filter": 0, "group": 1, "tensor": 2}
-    grans = [_NORM_KINDS[k][0] for k in kinds if k in _NORM_KINDS] or ["tensor"]
-    return max(grans, key=order.__getitem__)
+def _is_lazy(model: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+
+
+def find_normalized_weights(
+    model: nn.Module,
+    example_input: Any = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> Detection:
+    """Find the scale-invariant weights of ``model`` from its data flow, and explain every decision.
+
+    Args:
+        model: any ``nn.Module`` (a LightningModule, a ``torch.compile``'d module included).
+        example_input: an input batch (a tensor, or a tuple/dict of arguments for ``forward``). With it, the
+            model is also run once in training mode (its parameters, buffers and gradients are restored
+            afterwards): a model fx cannot trace is analysed from that real forward pass, and every
+            candidate weight gets the numerical check ``|cos(∇L(W), W)|`` with ``L`` a fixed random linear
+            function of the outputs — which also settles the granularity.
+        include: parameter-name globs to track in addition (the way out when detection cannot see a
+            weight's normalization).
+        exclude: parameter-name globs never to track.
+
+    Returns:
+        A :class:`Detection`. It never raises for a model it cannot analyse: ``error`` then says why.
+    """
+    inner, prefix = _unwrap(model)
+    params = dict(inner.named_parameters())
+    pname = {id(p): n for n, p in params.items()}
+    det = Detection()
+    g: _Graph | None = None
+    found_by = "fx"
+    fx_error: str | None = None
+    if _is_lazy(inner) and example_input is None:
+        det.method = "deferred"
+        det.error = "the model has lazy (uninitialized) parameters: detection needs a forward pass first"
+    else:
+        if not _is_lazy(inner):
+            try:
+                g = _graph_from_fx(inner, pname)
+            except Exception as err:  # noqa: BLE001 - any tracing failure means "fall back", never crash
+                fx_error = f"{type(err).__name__}: {_first_line(err)}"
+        if g is None and example_input is not None:
+            try:
+                g = _graph_from_run(inner, example_input)
+                found_by = det.method = "run"
+                params = dict(inner.named_parameters())  # lazy modules are materialized now
+            except Exception as err:  # noqa: BLE001
+                det.method = "none"
+                det.error = (
+                    f"{type(inner).__name__} could not be analysed: torch.fx failed ({fx_error}) and so did a real "
+                    f"forward pass ({type(err).__name__}: {_first_line(err)}). Name the normalized weights with "
+                    "SMDCallback(include=['layer1.*.weight', ...])."
+                )
+        elif g is None:
+            det.method = "deferred"
+            det.error = (
+                f"torch.fx could not trace {type(inner).__name__}.forward ({fx_error}); the data flow is recorded from "
+                "the first real forward pass instead (pass example_input=... here, or let SMDCallback do it on the first "
+                "training batch). If that fails too, name the weights with SMDCallback(include=['layer1.*.weight', ...])."
+            )
+    units = _analyse(g, params, found_by, prefix, det) if g is not None else []
+    named = {prefix + n: p for n, p in params.items()}
+    det.units = _apply_overrides(units, named, include, exclude, det)
+    if example_input is not None and det.method not in ("none", "deferred"):
+        _verify_with_input(model, example_input, det)
+    return det
+
+
+def detect_from_graph(model: nn.Module, graph: _Graph, include: Sequence[str] | None, exclude: Sequence[str] | None) -> Detection:
+    """Detection from a graph recorded by :class:`DataFlowRecorder` (used by the callback's first batch)."""
+    inner, prefix = _unwrap(model)
+    params = dict(inner.named_parameters())
+    det = Detection(method="run")
+    units = _analyse(graph, params, "run", prefix, det)
+    det.units = _apply_overrides(units, {prefix + n: p for n, p in params.items()}, include, exclude, det)
+    return det
+
+
+def _call(model: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    return model(example_input)
+
+
+def _graph_from_run(model: nn.Module, example_input: Any) -> _Graph:
+    with _restored(model), torch.no_grad():
+        rec = DataFlowRecorder(dict(model.named_parameters()))
+        with rec:
+            out = _call(model, example_input)
+        return rec.graph(out)
+
+
+class _restored:
+    """Run a model in training mode and restore its mode, buffers and gradients afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        self.grads = {p: (p.grad.detach().clone() if p.grad is not None else None) for p in self.model.parameters()}
+        self.model.train()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in self.modes.items():
+            m.train(mode)
+        with torch.no_grad():
+            for n, b in self.model.named_buffers():
+                if n in self.buffers:
+                    b.copy_(self.buffers[n])
+        for p, grad in self.grads.items():
+            p.grad = grad
+
+
+def _verify_with_input(model: nn.Module, example_input: Any, det: Detection) -> None:
+    inner, prefix = _unwrap(model)
+    named = {prefix + n: p for n, p in inner.named_parameters()}
+    candidates = {p for u in det.units for p in u.params} | {n for n in det.rejected if n in named}
+    with _restored(inner):
+        for p in inner.parameters():
+            p.grad = None
+        out = _call(inner, example_input)
+        gen = torch.Generator().manual_seed(1234)
+        loss = 0.0
+        for t in _flatten_args(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
+                r = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+                loss = loss + (t * r).sum()
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss.backward()
+        grads = {n: (named[n].grad.detach().clone() if named[n].grad is not None else None) for n in candidates}
+    units, rejected = verify_orthogonality(det.units, {n: named[n] for n in candidates}, grads, det.rejected)
+    det.units = units
+    det.rejected_verification = rejected
+
+
+def verify_orthogonality(
+    units: Sequence[NormalizedWeight],
+    params: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | None],
+    rejected: Mapping[str, str] | None = None,
+) -> tuple[list[NormalizedWeight], dict[str, float]]:
+    """Numerical check of scale invariance: ``⟨∇L(W), W⟩ = 0``.
+
+    For each unit, the relative value ``|cos(g, w)|`` is computed per filter, per block of filters and for
+    the whole unit. The structural granularity stands (a BatchNorm eps effect must not coarsen it); where
+    the gradient shows a finer invariance than the structure did (LayerNorm/RMSNorm over attention heads, a
+    standardized weight), the granularity becomes the finest at which every value is below
+    :data:`ORTHOGONALITY_TOLERANCE`. ``verification`` is the largest ``|cos|`` at the final granularity. Rejected weights get their whole-tensor value. Runs once, off the step
+    path; it synchronizes the host.
+    """
+    out = []
+    for u in units:
+        ws = [params[n].detach() for n in u.params]
+        gs = [grads.get(n) for n in u.params]
+        if any(g is None for g in gs) or u.found_by == "include":
+            if u.found_by == "include" and not any(g is None for g in gs):
+                out.append(replace(u, verification=_cos_blocks([w.flatten() for w in ws], [g.flatten() for g in gs], 1)[0]))  # type: ignore[union-attr]
+            else:
+                out.append(u)
+            continue
+        rows_w = [_rows(w, u.filter_dim) for w in ws]
+        rows_g = [_rows(g, u.filter_dim) for g in gs]  # type: ignore[arg-type]
+        n_filters = rows_w[0].shape[0]
+        if any(r.shape[0] != n_filters for r in rows_w):
+            out.append(replace(u, verification=_cos_blocks([w.flatten() for w in ws], [g.flatten() for g in gs], 1)[0]))  # type: ignore[union-attr]
+            continue
+        w_rows = torch.cat([r.to(torch.float64) for r in rows_w], dim=1)
+        g_rows = torch.cat([r.to(torch.float64) for r in rows_g], dim=1)
+        # The structural granularity stands (a BatchNorm eps effect must not coarsen it); a coarser structural
+        # answer (LayerNorm/RMSNorm over reshaped heads, a standardized weight) is refined when the gradient
+        # shows a finer invariance.
+        current = {"filter": 1, "group": u.group_size or n_filters, "tensor": n_filters}[u.granularity]
+        best = (u.granularity, u.group_size, _block_cos(w_rows, g_rows, current))
+        for size in [1] + [d for d in _divisors(n_filters) if d < current]:
+            if size >= current:
+                break
+            c = _block_cos(w_rows, g_rows, size)
+            if c <= ORTHOGONALITY_TOLERANCE:
+                best = ("filter", None, c) if size == 1 else ("group", size, c)
+                break
+        out.append(replace(u, granularity=best[0], group_size=best[1], verification=best[2]))
+    rejected_cos: dict[str, float] = {}
+    for name in rejected or {}:
+        w, g = params.get(name), grads.get(name)
+        if w is not None and g is not None:
+            rejected_cos[name] = _cos_blocks([w.detach().flatten()], [g.flatten()], 1)[0]
+    return out, rejected_cos
+
+
+def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.dim() == 1:
+        return t.reshape(-1, 1)
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0]
+
+
+def _block_cos(w_rows: torch.Tensor, g_rows: torch.Tensor, size: int) -> float:
+    """Largest |cos(g, w)| over contiguous blocks of ``size`` filters (blocks with no gradient skipped)."""
+    n = w_rows.shape[0]
+    w = w_rows.reshape(n // size, -1)
+    g = g_rows.reshape(n // size, -1)
+    dots = (w * g).sum(1)
+    denom = w.norm(dim=1) * g.norm(dim=1)
+    ok = denom > 0
+    if not bool(ok.any()):
+        return 0.0
+    return float((dots[ok].abs() / denom[ok]).max())
+
+
+def _cos_blocks(ws: list[torch.Tensor], gs: list[torch.Tensor], size: int) -> list[float]:
+    w = torch.cat([x.to(torch.float64) for x in ws]).reshape(1, -1)
+    g = torch.cat([x.to(torch.float64) for x in gs]).reshape(1, -1)
+    return [_block_cos(w, g, 1)]
 
 
 def _first_line(err: BaseException) -> str:
@@ -777,9 +1030,11 @@ def _first_line(err: BaseException) -> str:
 
 def format_detection_table(det: Detection) -> str:
     """A fixed-width table of the tracked units (like Lightning's model summary)."""
-    rows = [("name", "shape", "layer", "normalization", "granularity", "found by")]
+    rows = [("name", "shape", "layer", "normalization", "granularity", "found by", "|cos(g,w)|")]
     for u in det.units:
-        rows.append((u.name, "x".join(map(str, u.shape)), u.layer, u.norm, u.granularity, u.found_by))
+        gran = f"group of {u.group_size}" if u.granularity == "group" and u.group_size else u.granularity
+        ver = "-" if u.verification is None else f"{u.verification:.1e}"
+        rows.append((u.name, "x".join(map(str, u.shape)), u.layer, u.norm, gran, u.found_by, ver))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
