@@ -9,6 +9,7 @@ ends early, by an exception or an interrupt (then marked ``"complete": false``).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -22,7 +23,17 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_smd.detect import Detection, find_normalized_weights, format_detection_table
+from lightning_smd.detect import (
+    NOT_ORTHOGONAL_WARNING,
+    ORTHOGONALITY_TOLERANCE,
+    DataFlowRecorder,
+    Detection,
+    NormalizedWeight,
+    detect_from_graph,
+    find_normalized_weights,
+    format_detection_table,
+    verify_orthogonality,
+)
 from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
 from lightning_smd.measure import StepRecorder
 from lightning_smd.theory import rule_for
@@ -98,6 +109,15 @@ class SMDCallback(Callback):
         self._summary: dict[str, Any] | None = None
         self._summary_file: str | None = None
         self._last_logged_step = -1
+        self._flow: DataFlowRecorder | None = None
+        self._deferred = False
+        self._verify_pending = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callback: hooks, device buffers and an active recorder stay behind.
+        state = {k: v for k, v in self.__dict__.items() if not inspect.ismethod(v)}  # Lightning binds `log` here
+        state.update(recorder=None, _flow=None, diagnostics=None, detection=None)
+        return state
 
     # ------------------------------------------------------------------------------------------
     # Set-up
@@ -107,18 +127,36 @@ class SMDCallback(Callback):
         self.warnings = []
         self._summary = None
         self._last_logged_step = -1
+        self._verify_pending = False
+        self._deferred = False
         det = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
         self.detection = det
-        named = dict(pl_module.named_parameters())
-        units = [u for u in det.units if all(p in named for p in u.params)]
+        if det.method == "deferred":
+            # fx could not trace the model (or it has lazy parameters): record the data flow of the first
+            # training batch instead, and attach before its optimizer step.
+            self._deferred = True
+            if det.units:  # include= patterns
+                self._attach(trainer, pl_module, det.units)
+            return
         if det.error:
             self._warn(trainer, det.error)
-        recorder = StepRecorder(
-            [[named[p] for p in u.params] for u in units],
-            list(trainer.optimizers),
-            capacity=self._interval(trainer) + 1,
-            use_momentum_buffer=self.use_momentum_buffer,
-        )
+        self._attach(trainer, pl_module, det.units)
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[NormalizedWeight]) -> None:
+        """Create the recorder and the diagnostics for ``units`` and issue the fit-start warnings."""
+        self._close()
+        named = dict(pl_module.named_parameters())
+        units = [u for u in units if all(p in named for p in u.params)]
+
+        def make(units: list[NormalizedWeight]) -> StepRecorder:
+            return StepRecorder(
+                [[named[p] for p in u.params] for u in units],
+                list(trainer.optimizers),
+                capacity=self._interval(trainer) + 1,
+                use_momentum_buffer=self.use_momentum_buffer,
+            )
+
+        recorder = make(units)
         if recorder.unoptimized:
             names = ", ".join(units[i].name for i in recorder.unoptimized)
             self._warn(
@@ -126,21 +164,74 @@ class SMDCallback(Callback):
                 f"{len(recorder.unoptimized)} normalized weight(s) are not updated by any optimizer (or by parts of "
                 f"several): {names}. They are not measured.",
             )
-            keep = [i for i in range(len(units)) if i not in set(recorder.unoptimized)]
+            dropped = set(recorder.unoptimized)
             recorder.close()
-            units = [units[i] for i in keep]
-            recorder = StepRecorder(
-                [[named[p] for p in u.params] for u in units],
-                list(trainer.optimizers),
-                capacity=self._interval(trainer) + 1,
-                use_momentum_buffer=self.use_momentum_buffer,
-            )
+            units = [u for i, u in enumerate(units) if i not in dropped]
+            recorder = make(units)
         self.recorder = recorder
         self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history)
-        if self.verbose and trainer.is_global_zero:
-            if units:
-                print(f"SMDCallback: tracking {len(units)} normalized weight(s)\n" + format_detection_table(Detection(units=units)))
+        self._verify_pending = bool(units)
         self._check_setup(trainer, pl_module, units, recorder)
+
+    # ------------------------------------------------------------------------------------------
+    # First batch: deferred detection and the numerical check of invariance
+    # ------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._deferred and self._flow is None:
+            self._flow = DataFlowRecorder(dict(pl_module.named_parameters()))
+            self._flow.__enter__()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._flow is not None:
+            self._finish_deferred(trainer, pl_module, loss)
+
+    def _stop_flow(self) -> DataFlowRecorder | None:
+        flow, self._flow = self._flow, None
+        if flow is not None:
+            flow.__exit__(None, None, None)
+        return flow
+
+    def _finish_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        flow = self._stop_flow()
+        self._deferred = False
+        if flow is None:
+            return
+        previous = self.detection
+        try:
+            det = detect_from_graph(pl_module, flow.graph(loss), self.include, self.exclude)
+        except Exception as err:  # noqa: BLE001 - never crash the training run over detection
+            det = Detection(method="none", error=f"the recorded data flow could not be analysed ({type(err).__name__}: {err})")
+        if previous is not None and previous.error and det.error is None:
+            det.error = None  # fx failed, the recorded forward pass worked
+        self.detection = det
+        if det.error:
+            self._warn(trainer, det.error + " Name the normalized weights with SMDCallback(include=[...]).")
+        units = det.units or (previous.units if previous else [])
+        self._attach(trainer, pl_module, units)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self._flow is not None:  # no on_before_backward was seen (loss.backward() called directly)
+            self._finish_deferred(trainer, pl_module, None)
+        if not self._verify_pending or self.diagnostics is None or self.detection is None:
+            return
+        self._verify_pending = False
+        # One host synchronization, once per fit: |cos(g, w)| of every candidate weight on the first batch.
+        named = dict(pl_module.named_parameters())
+        names = {p for u in self.diagnostics.units for p in u.params} | {n for n in self.detection.rejected if n in named}
+        grads = {n: named[n].grad for n in names}
+        try:
+            units, rejected = verify_orthogonality(self.diagnostics.units, {n: named[n] for n in names}, grads, self.detection.rejected)
+        except Exception as err:  # noqa: BLE001
+            self._warn(trainer, f"the numerical check of scale invariance failed ({type(err).__name__}: {err}); detection is structural only")
+            return
+        self.diagnostics.units = units
+        self.detection.units = units
+        self.detection.rejected_verification = rejected
+        for u in units:
+            if u.verification is not None and u.verification > NOT_ORTHOGONAL_WARNING and u.found_by != "include":
+                self._warn(trainer, _verification_message(u))
+        if self.verbose and trainer.is_global_zero and units:
+            print(f"SMDCallback: tracking {len(units)} normalized weight(s)\n" + format_detection_table(Detection(units=units)))
 
     def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list, recorder: StepRecorder) -> None:
         if not units:
@@ -249,6 +340,7 @@ class SMDCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Never lose what was measured: write the summary, marked incomplete, before the exception goes on.
+        self._stop_flow()
         if self.recorder is None or self.diagnostics is None:
             return
         try:
@@ -262,6 +354,7 @@ class SMDCallback(Callback):
         self._close()
 
     def _close(self) -> None:
+        self._stop_flow()
         if self.recorder is not None:
             self.recorder.close()
 
@@ -276,6 +369,8 @@ class SMDCallback(Callback):
         summary["warnings"] = list(self.warnings)
         summary["not_tracked"] = dict(self.detection.rejected) if self.detection else {}
         summary["detection_error"] = self.detection.error if self.detection else None
+        summary["detection_method"] = self.detection.method if self.detection else None
+        summary["not_tracked_verification"] = dict(self.detection.rejected_verification) if self.detection else {}
         summary["global_step"] = int(trainer.global_step)
         self._summary = summary
         if self.summary_path is False or not trainer.is_global_zero:
@@ -314,6 +409,24 @@ class SMDCallback(Callback):
         self.warnings.append(message)
         if trainer.is_global_zero:
             warnings.warn(message, SMDWarning, stacklevel=3)
+
+
+def _verification_message(u: NormalizedWeight) -> str:
+    head = (
+        f"{u.name} was detected as scale-invariant (through {u.norm or u.layer}), but on the first batch its gradient is "
+        f"not orthogonal to it: |cos(g, w)| = {u.verification:.1e} at {u.granularity} granularity (invariant weights give "
+        f"below {ORTHOGONALITY_TOLERANCE:.0e}). "
+    )
+    if any(k in u.norm.lower() for k in ("batch", "instance", "group", "layer", "rms")) and (u.verification or 0) < 0.1:
+        return head + (
+            "The normalization's eps breaks scale invariance when the variance of the activations it normalizes is not "
+            "large against eps: this layer follows the SMD predictions only approximately. That is a property of the "
+            "model, not a detection error."
+        )
+    return head + (
+        "Something outside the analysed forward pass uses this weight: a loss term on the weights (an explicit L2 "
+        f"penalty), a hook, or a path that bypasses the normalization. Check the model, or pass exclude=['{u.name}']."
+    )
 
 
 def format_summary_table(summary: dict[str, Any]) -> str:

@@ -45,11 +45,17 @@ __all__ = [
     "format_detection_table",
     "verify_orthogonality",
     "ORTHOGONALITY_TOLERANCE",
+    "NOT_ORTHOGONAL_WARNING",
+    "DataFlowRecorder",
+    "detect_from_graph",
 ]
 
 #: ``|cos(∇L(W), W)|`` below this counts as orthogonal (float32 gradients give ~1e-6 for invariant
 #: weights; weights that are not invariant typically give 1e-2 or more).
 ORTHOGONALITY_TOLERANCE = 1e-3
+#: A tracked unit whose ``|cos(∇L(W), W)|`` exceeds this is *clearly* not orthogonal and gets a warning.
+#: Between the two values lie the real but small effects of a normalization's eps on tiny activations.
+NOT_ORTHOGONAL_WARNING = 1e-2
 
 
 @dataclass(frozen=True)
@@ -700,6 +706,9 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
 
 def _analyse(g: _Graph, params: Mapping[str, nn.Parameter], found_by: str, prefix: str, det: Detection) -> list[NormalizedWeight]:
     units: list[NormalizedWeight] = []
+    if not g.outputs:
+        det.error = "the forward pass produced no tensor output to analyse"
+        return units
     by_weight: dict[str, list[int]] = {}
     for p, i in g.layer_weights():
         by_weight.setdefault(p, []).append(i)

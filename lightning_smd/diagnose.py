@@ -274,6 +274,8 @@ class Diagnostics:
                     "normalization": unit.norm,
                     "granularity": unit.granularity,
                     "found_by": unit.found_by,
+                    "group_size": unit.group_size,
+                    "verification": unit.verification,
                     "optimizer": self.optimizer[u],
                     "rule": self.rules[u].name if self.rules[u] is not None else None,
                     "hyper": self.hyper[u],

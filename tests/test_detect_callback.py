@@ -1,0 +1,114 @@
+"""Detection inside the callback: the recorded first batch, the numerical check, overrides, the table."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import Module, SmallConvNet, loader, sgd, trainer
+from torch import nn
+from torch.nn import functional as F
+from zoo import LazyNet, Untraceable
+
+from lightning_smd import SMDCallback, SMDWarning, find_normalized_weights
+
+GOOD_OPT = sgd(lr=0.2, weight_decay=0.05)  # tau = 5 steps: no short-run warning
+
+
+def fit(tmp_path, model, steps=10, **kw):
+    smd = SMDCallback(verbose=kw.pop("verbose", False), **kw)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [smd], max_steps=steps).fit(model, loader())
+    return smd, [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
+
+
+def test_untraceable_model_is_detected_from_the_first_training_batch(tmp_path):
+    net = Untraceable()
+    net.fc = nn.Linear(8, 10)
+    smd, msgs = fit(tmp_path, Module(net, optimizer=GOOD_OPT), steps=16)
+    assert msgs == []
+    s = smd.summary()
+    assert s["detection_method"] == "run"
+    assert [layer["name"] for layer in s["layers"]] == ["net.conv1.weight", "net.conv2.weight"]
+    assert all(layer["steps"] == 16 and layer["found_by"] == "run" for layer in s["layers"])  # from the first step on
+    assert all(layer["verification"] < 1e-2 for layer in s["layers"])
+
+
+def test_lazy_modules_are_detected_once_materialized(tmp_path):
+    net = LazyNet()
+    net.fc = nn.LazyLinear(10)
+    model = Module(net, optimizer=GOOD_OPT)
+    smd, msgs = fit(tmp_path, model, steps=16)
+    assert msgs == []
+    assert [layer["name"] for layer in smd.summary()["layers"]] == ["net.conv.weight"]
+    assert smd.summary()["layers"][0]["steps"] == 16
+
+
+class L2OnWeights(Module):
+    """Adds an explicit L2 penalty on conv1's weight: its gradient is no longer orthogonal to it."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y) + 0.5 * self.net.conv1.weight.pow(2).sum()
+
+
+def test_numerical_check_warns_when_the_gradient_is_not_orthogonal(tmp_path):
+    smd, msgs = fit(tmp_path, L2OnWeights(SmallConvNet(), optimizer=GOOD_OPT), steps=16)
+    assert len(msgs) == 1
+    assert "net.conv1.weight" in msgs[0] and "not orthogonal" in msgs[0] and "L2 penalty" in msgs[0]
+    layers = {layer["name"]: layer for layer in smd.summary()["layers"]}
+    assert layers["net.conv1.weight"]["verification"] > 0.1
+    assert layers["net.conv2.weight"]["verification"] < 1e-2
+
+
+def test_summary_reports_verification_and_rejected_values(tmp_path):
+    smd, _ = fit(tmp_path, Module(SmallConvNet(), optimizer=GOOD_OPT), steps=3)
+    s = smd.summary()
+    assert all(layer["verification"] is not None and layer["granularity"] == "filter" for layer in s["layers"])
+    assert "net.fc.weight" in s["not_tracked"] and s["not_tracked_verification"]["net.fc.weight"] > 1e-2
+
+
+def test_table_is_printed_with_the_verification_value(tmp_path, capsys):
+    fit(tmp_path, Module(SmallConvNet(), optimizer=GOOD_OPT), steps=2, verbose=True)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("name"))
+    for column in ("shape", "layer", "normalization", "granularity", "found by", "|cos(g,w)|"):
+        assert column in header
+    assert "net.conv2.weight" in out and "BatchNorm2d" in out
+
+
+def test_include_and_exclude_through_the_callback(tmp_path):
+    smd, _ = fit(tmp_path, Module(SmallConvNet(), optimizer=GOOD_OPT), steps=3, include=["net.fc.weight"], exclude=["*conv2*"])
+    names = [layer["name"] for layer in smd.summary()["layers"]]
+    assert names == ["net.conv1.weight", "net.conv3.weight", "net.fc.weight"]
+    assert smd.summary()["not_tracked"]["net.conv2.weight"] == "excluded by the user"
+
+
+def test_a_model_that_cannot_be_run_gets_a_clear_message_not_a_crash():
+    det = find_normalized_weights(Untraceable(), example_input=torch.randn(2, 5, 8, 8))  # wrong channel count
+    assert det.units == [] and det.method == "none"
+    assert "include=" in det.error and "torch.fx failed" in det.error
+    det = find_normalized_weights(Untraceable(), example_input=torch.randn(2, 5, 8, 8), include=["conv1.weight"])
+    assert [u.name for u in det.units] == ["conv1.weight"]
+
+
+def test_callback_pickles_before_and_after_fit(tmp_path):
+    import pickle
+
+    smd = SMDCallback(verbose=False)
+    pickle.loads(pickle.dumps(smd))
+    trainer(tmp_path, [smd], max_steps=2).fit(Module(SmallConvNet(), optimizer=torch.optim.SGD), loader())
+    clone = pickle.loads(pickle.dumps(smd))
+    assert clone.recorder is None and clone.config == smd.config
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_logging_interval_option(tmp_path, every):
+    smd = SMDCallback(verbose=False, log_every_n_steps=every)
+    t = trainer(tmp_path, [smd], max_steps=6)
+    t.fit(Module(SmallConvNet(), optimizer=GOOD_OPT), loader())
+    import csv
+
+    with open(tmp_path / "metrics.csv") as fh:
+        logged = [int(r["step"]) for r in csv.DictReader(fh) if r.get("smd/equilibrium_fraction")]
+    assert logged == ([0, 1, 2, 3, 4, 5] if every == 1 else [2, 5])
