@@ -72,6 +72,10 @@ class SMDCallback(Callback):
         use_momentum_buffer: for PyTorch SGD with heavy-ball momentum, take the update from the momentum
             buffer (exact, no weight copy); ``False`` keeps a snapshot of the weights as for other
             optimizers.
+        per_filter: also measure every filter (or group) of the weights whose filters are scale-invariant
+            on their own, and log the RMS over filters of their angular updates
+            (``smd/<name>/filter_angular_update_rms``; each filter has the same predicted Δ*). Costs a few
+            extra launches per tracked tensor and step.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class SMDCallback(Callback):
         verbose: bool = True,
         keep_history: bool = False,
         use_momentum_buffer: bool = True,
+        per_filter: bool = False,
     ) -> None:
         super().__init__()
         self.config = DiagnosticsConfig(tolerance=tolerance, window=window, ema_steps=ema_steps, min_fraction=min_fraction)
@@ -102,6 +107,7 @@ class SMDCallback(Callback):
         self.verbose = verbose
         self.keep_history = keep_history
         self.use_momentum_buffer = use_momentum_buffer
+        self.per_filter = per_filter
         self.detection: Detection | None = None
         self.recorder: StepRecorder | None = None
         self.diagnostics: Diagnostics | None = None
@@ -147,16 +153,7 @@ class SMDCallback(Callback):
         self._close()
         named = dict(pl_module.named_parameters())
         units = [u for u in units if all(p in named for p in u.params)]
-
-        def make(units: list[NormalizedWeight]) -> StepRecorder:
-            return StepRecorder(
-                [[named[p] for p in u.params] for u in units],
-                list(trainer.optimizers),
-                capacity=self._interval(trainer) + 1,
-                use_momentum_buffer=self.use_momentum_buffer,
-            )
-
-        recorder = make(units)
+        recorder = self._make_recorder(trainer, pl_module, units)
         if recorder.unoptimized:
             names = ", ".join(units[i].name for i in recorder.unoptimized)
             self._warn(
@@ -167,11 +164,21 @@ class SMDCallback(Callback):
             dropped = set(recorder.unoptimized)
             recorder.close()
             units = [u for i, u in enumerate(units) if i not in dropped]
-            recorder = make(units)
+            recorder = self._make_recorder(trainer, pl_module, units)
         self.recorder = recorder
         self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history)
         self._verify_pending = bool(units)
         self._check_setup(trainer, pl_module, units, recorder)
+
+    def _make_recorder(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[NormalizedWeight]) -> StepRecorder:
+        named = dict(pl_module.named_parameters())
+        return StepRecorder(
+            [[named[p] for p in u.params] for u in units],
+            list(trainer.optimizers),
+            capacity=self._interval(trainer) + 1,
+            use_momentum_buffer=self.use_momentum_buffer,
+            unit_filters=[_filter_spec(u) for u in units] if self.per_filter else None,
+        )
 
     # ------------------------------------------------------------------------------------------
     # First batch: deferred detection and the numerical check of invariance
@@ -224,6 +231,11 @@ class SMDCallback(Callback):
         except Exception as err:  # noqa: BLE001
             self._warn(trainer, f"the numerical check of scale invariance failed ({type(err).__name__}: {err}); detection is structural only")
             return
+        if self.per_filter and [_filter_spec(u) for u in units] != [_filter_spec(u) for u in self.diagnostics.units]:
+            # the check found a finer invariance (e.g. per attention head): record per-filter stats at it
+            assert self.recorder is not None
+            self.recorder.close()
+            self.recorder = self._make_recorder(trainer, pl_module, units)
         self.diagnostics.units = units
         self.detection.units = units
         self.detection.rejected_verification = rejected
@@ -409,6 +421,14 @@ class SMDCallback(Callback):
         self.warnings.append(message)
         if trainer.is_global_zero:
             warnings.warn(message, SMDWarning, stacklevel=3)
+
+
+def _filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
+    if u.granularity == "filter":
+        return (u.filter_dim, 1)
+    if u.granularity == "group" and u.group_size:
+        return (u.filter_dim, u.group_size)
+    return None
 
 
 def _verification_message(u: NormalizedWeight) -> str:

@@ -93,6 +93,8 @@ class Diagnostics:
         self.delta = _Ema(n, self.config.ema_steps)
         self.ratio = _Ema(n, self.config.ema_steps)
         self.unit_grad = _Ema(n, self.config.ema_steps)
+        self.filter_delta = _Ema(n, self.config.ema_steps)
+        self.per_filter = False
         self.steps = np.zeros(n, dtype=np.int64)
         self.last_delta = np.full(n, np.nan)
         self.norm = np.full(n, np.nan)
@@ -137,6 +139,9 @@ class Diagnostics:
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
             self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
+            if batch.filter_angular_update_rms is not None:
+                self.per_filter = True
+                self.filter_delta.update(idx, batch.filter_angular_update_rms[r])
             smoothed = self.ratio.value(idx)
             in_band = np.abs(smoothed - 1.0) <= cfg.tolerance  # nan compares False
             self.band_run[idx] = np.where(in_band, self.band_run[idx] + 1, 0)
@@ -175,6 +180,9 @@ class Diagnostics:
                     "weight_norm": np.sqrt(batch.norm_sq_after),
                     "grad_norm": np.sqrt(batch.grad_sq),
                     "lr": lr,
+                    "filter_angular_update_rms": (
+                        batch.filter_angular_update_rms.copy() if batch.filter_angular_update_rms is not None else np.full((k, len(idx)), np.nan)
+                    ),
                 }
             )
 
@@ -246,6 +254,7 @@ class Diagnostics:
             ratio = self.ratio.value()
             pred_norm = self.predicted_weight_norm()
             eq = self.in_equilibrium
+            filter_rms = self.filter_delta.value()
             for u, unit in enumerate(self.units):
                 base = f"{prefix}{unit.name}/"
                 out[base + "angular_update"] = float(smoothed[u])
@@ -254,6 +263,8 @@ class Diagnostics:
                 out[base + "weight_norm"] = float(self.norm[u])
                 out[base + "predicted_weight_norm"] = float(pred_norm[u])
                 out[base + "in_equilibrium"] = float(eq[u])
+                if self.per_filter:
+                    out[base + "filter_angular_update_rms"] = float(filter_rms[u])
         return out
 
     def layer_rows(self) -> list[dict[str, Any]]:
@@ -261,6 +272,7 @@ class Diagnostics:
         ratio = self.ratio.value()
         pred_norm = self.predicted_weight_norm()
         eq = self.in_equilibrium
+        filter_rms = self.filter_delta.value()
         rows = []
         for u, unit in enumerate(self.units):
             first = int(self.first_equilibrium[u])
@@ -288,6 +300,7 @@ class Diagnostics:
                     "predicted_weight_norm": _num(pred_norm[u]),
                     "relaxation_time": _num(self.relaxation[u]),
                     "in_equilibrium": bool(eq[u]),
+                    "filter_angular_update_rms": _num(filter_rms[u]) if self.per_filter else None,
                     "first_equilibrium_step": first if first >= 0 else None,
                     "steps_in_equilibrium": int(self.steps_in_equilibrium[u]),
                     "reason": self.reasons[u],
@@ -310,7 +323,7 @@ class Diagnostics:
     def unit_history(self, name: str) -> dict[str, np.ndarray]:
         """Every recorded step of one unit (needs ``keep_history=True``)."""
         u = [x.name for x in self.units].index(name)
-        keys = ("steps", "angular_update", "predicted_angular_update", "ratio", "weight_norm", "grad_norm", "lr")
+        keys = ("steps", "angular_update", "predicted_angular_update", "ratio", "weight_norm", "grad_norm", "lr", "filter_angular_update_rms")
         parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         for h in self.history:
             where = np.nonzero(h["units"] == u)[0]

@@ -66,6 +66,8 @@ class StepBatch:
     """Per step, per param group of this optimizer (``unit_group`` indexes it): the rule's floats."""
     unit_group: np.ndarray
     rule: Rule
+    filter_angular_update_rms: np.ndarray | None = None
+    """``[k, n]`` RMS over filters (or groups) of the per-filter angular update; nan where not recorded."""
 
 
 class _Slot:
@@ -81,6 +83,7 @@ class _Slot:
         units: list[int],
         capacity: int,
         use_momentum_buffer: bool,
+        tensor_filter: list[tuple[int, int] | None] | None = None,
     ) -> None:
         self.index = index
         self.optimizer = optimizer
@@ -115,11 +118,34 @@ class _Slot:
             norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
             self.initial = torch.stack(norms).square_()
         self.last_norm_sq: np.ndarray | None = None  # per tensor, host; None until the first drain
+        # Per-filter statistics (opt-in): tensor position -> (filter dim, filters per invariant group)
+        self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None}
+        self.pf_tensors = sorted(self.filter_of)
+        self.pf_rows = [tensors[t].shape[self.filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.pf_tensors]
+        self.tensor_unit_local = [local[u] for u in tensor_unit]
+        self.pf_buffer: torch.Tensor | None = None
+        self.pf_log: list[np.ndarray] = []
+        self.pf_last: np.ndarray | None = None
+        if self.pf_tensors:
+            total = sum(self.pf_rows)
+            self.pf_buffer = torch.zeros(self.capacity, 2 * total, dtype=torch.float64, device=self.device)
+            with torch.no_grad():
+                self.pf_initial = torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]))
 
     @property
     def extra_bytes(self) -> int:
         snap = sum(t.numel() * t.element_size() for t in self.snapshot) if self.snapshot is not None else 0
-        return snap + self.buffer.numel() * self.buffer.element_size()
+        pf = self.pf_buffer.numel() * self.pf_buffer.element_size() if self.pf_buffer is not None else 0
+        return snap + pf + self.buffer.numel() * self.buffer.element_size()
+
+    def _row_sq(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Squared norm of every filter (row along the filter dim) of each per-filter tensor, in float64."""
+        out = []
+        for t, pos in zip(tensors, self.pf_tensors):
+            dim = self.filter_of[pos][0]
+            rows = t.reshape(-1, 1) if t.dim() <= 1 else t.movedim(dim, 0).reshape(t.shape[dim], -1)
+            out.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square())
+        return out
 
     def record(self) -> None:
         """Called right after the optimizer stepped. Host-sync free."""
@@ -129,6 +155,7 @@ class _Slot:
         zero = self._zero
         with torch.no_grad():
             grads = [t.grad if t.grad is not None else zero for t in tensors]
+            pf_updates: list[torch.Tensor] = []
             if self.momentum_path:
                 state = self.optimizer.state
                 updates = []
@@ -136,13 +163,19 @@ class _Slot:
                     st = state.get(t)
                     buf = st.get("momentum_buffer") if st else None
                     # A tensor without gradient is skipped by SGD: it did not move this step.
-                    updates.append(buf if (buf is not None and t.grad is not None) else zero)
+                    updates.append(buf if (buf is not None and t.grad is not None) else torch.zeros_like(t) if self.pf_tensors else zero)
                 update_norms = torch._foreach_norm(updates, 2, dtype=torch.float64)
+                if self.pf_tensors:
+                    pf_updates = self._row_sq([updates[t] for t in self.pf_tensors])
             else:
                 assert self.snapshot is not None
                 torch._foreach_sub_(self.snapshot, tensors)  # snapshot := w_t - w_{t+1}
                 update_norms = torch._foreach_norm(self.snapshot, 2, dtype=torch.float64)
+                if self.pf_tensors:
+                    pf_updates = self._row_sq([self.snapshot[t] for t in self.pf_tensors])
                 torch._foreach_copy_(self.snapshot, tensors)
+            if self.pf_buffer is not None:
+                torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]) + pf_updates, out=self.pf_buffer[self.count])
             weight_norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
             grad_norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
             row = self.buffer[self.count]
@@ -160,16 +193,21 @@ class _Slot:
         data = self.buffer[: self.count].to("cpu", copy=True).numpy()
         steps = np.arange(self.steps_taken - self.count + 1, self.steps_taken + 1)
         self.spill.append((data, self.hyper_log, steps))
+        if self.pf_buffer is not None:
+            self.pf_log.append(self.pf_buffer[: self.count].to("cpu", copy=True).numpy())
         self.hyper_log = []
         self.count = 0
 
     def drain(self) -> StepBatch | None:
         parts = list(self.spill)
-        self.spill = []
+        pf_parts = list(self.pf_log)
+        self.spill, self.pf_log = [], []
         if self.count:
             data = self.buffer[: self.count].to("cpu", copy=True).numpy()
             steps = np.arange(self.steps_taken - self.count + 1, self.steps_taken + 1)
             parts.append((data, self.hyper_log, steps))
+            if self.pf_buffer is not None:
+                pf_parts.append(self.pf_buffer[: self.count].to("cpu", copy=True).numpy())
         self.hyper_log = []
         self.count = 0
         if not parts:
@@ -192,6 +230,7 @@ class _Slot:
             d_sq = d_sq * lr[:, self.tensor_group] ** 2
         m = self.to_units
         before_u, after_u, upd_u, grad_u = before @ m, w_sq @ m, d_sq @ m, g_sq @ m
+        filter_rms = self._filter_rms(np.concatenate(pf_parts), hyper) if pf_parts else None
         return StepBatch(
             optimizer_index=self.index,
             unit_index=np.array(self.units, dtype=np.int64),
@@ -204,7 +243,41 @@ class _Slot:
             hyper=hyper,
             unit_group=self.unit_group,
             rule=self.rule,
+            filter_angular_update_rms=filter_rms,
         )
+
+    def _filter_rms(self, pf: np.ndarray, hyper: list[list[dict[str, float]]]) -> np.ndarray:
+        """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``."""
+        total = sum(self.pf_rows)
+        w_sq, d_sq = pf[:, :total], pf[:, total:]
+        if self.pf_last is None:
+            self.pf_last = self.pf_initial.to("cpu", copy=True).numpy()
+        before = np.concatenate([self.pf_last[None, :], w_sq[:-1]], axis=0)
+        self.pf_last = w_sq[-1].copy()
+        if self.momentum_path:
+            lr = np.array([[g.get("lr", math.nan) for g in step] for step in hyper], dtype=np.float64)
+            reps = np.repeat(np.array([self.tensor_group[t] for t in self.pf_tensors]), self.pf_rows)
+            d_sq = d_sq * lr[:, reps] ** 2
+        k = pf.shape[0]
+        out = np.full((k, len(self.units)), np.nan)
+        # sum the tensors of a unit filter by filter, then filters into groups
+        offsets = np.concatenate([[0], np.cumsum(self.pf_rows)])
+        per_unit: dict[int, list[int]] = {}
+        for j, t in enumerate(self.pf_tensors):
+            per_unit.setdefault(self.tensor_unit_local[t], []).append(j)
+        for u, js in per_unit.items():
+            rows = self.pf_rows[js[0]]
+            if any(self.pf_rows[j] != rows for j in js):
+                continue
+            b = sum(before[:, offsets[j] : offsets[j + 1]] for j in js)
+            a = sum(w_sq[:, offsets[j] : offsets[j + 1]] for j in js)
+            d = sum(d_sq[:, offsets[j] : offsets[j + 1]] for j in js)
+            group = self.filter_of[self.pf_tensors[js[0]]][1]
+            if group > 1 and rows % group == 0:
+                b, a, d = (x.reshape(k, rows // group, group).sum(2) for x in (b, a, d))
+            angles = angles_from_norms(b, a, d)
+            out[:, u] = np.sqrt(np.nanmean(angles**2, axis=1))
+        return out
 
 
 def _freeze(value: Any) -> Any:
@@ -242,6 +315,9 @@ class StepRecorder:
             the step that fills it — the only host synchronization of the step path).
         use_momentum_buffer: measure heavy-ball SGD's update from its momentum buffer instead of a
             weight snapshot (exact, and saves one copy of the tracked weights).
+        unit_filters: per unit, ``(filter dim, filters per invariant group)`` to also record per-filter
+            statistics (reported as the RMS over filters of the per-filter angular update), or ``None``.
+            This costs a few launches per tracked tensor and step, so it is opt-in.
     """
 
     def __init__(
@@ -250,6 +326,7 @@ class StepRecorder:
         optimizers: Sequence[torch.optim.Optimizer],
         capacity: int = 64,
         use_momentum_buffer: bool = True,
+        unit_filters: Sequence[tuple[int, int] | None] | None = None,
     ) -> None:
         self.n_units = len(unit_params)
         self.slots: list[_Slot] = []
@@ -261,6 +338,7 @@ class StepRecorder:
                 for p in group["params"]:
                     owner.setdefault(id(p), (oi, gi))
         per_opt: dict[int, tuple[list[torch.Tensor], list[int], list[int], list[int]]] = {}
+        per_opt_filter: dict[int, list[tuple[int, int] | None]] = {}
         self.unoptimized: list[int] = []
         for u, params in enumerate(unit_params):
             where = [owner.get(id(p)) for p in params]
@@ -269,17 +347,20 @@ class StepRecorder:
                 continue
             oi = where[0][0]  # type: ignore[index]
             tensors, t_unit, t_group, units = per_opt.setdefault(oi, ([], [], [], []))
-            for p, w in zip(params, where):
+            spec = unit_filters[u] if unit_filters is not None else None
+            for j, (p, w) in enumerate(zip(params, where)):
                 tensors.append(p)
                 t_unit.append(u)
                 t_group.append(w[1])  # type: ignore[index]
+                # the filter dim applies to the weight; further tensors of a unit (a bias) are 1-D per filter
+                per_opt_filter.setdefault(oi, []).append(None if spec is None else (spec[0] if j == 0 else 0, spec[1]))
             units.append(u)
             self.unit_optimizer[u] = oi
             self.unit_group[u] = where[0][1]  # type: ignore[index]
         self._handles = []
         for oi in sorted(per_opt):
             tensors, t_unit, t_group, units = per_opt[oi]
-            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer)
+            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(oi))
             self.slots.append(slot)
             self._handles.append(optimizers[oi].register_step_post_hook(_PostHook(slot)))
 

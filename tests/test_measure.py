@@ -218,3 +218,62 @@ def test_recorder_without_lightning_and_momentum_path_saves_memory():
     assert snap.extra_bytes - rec.extra_bytes == weight_bytes
     rec.close()
     snap.close()
+
+
+class ReferenceFilterAngles(pl.Callback):
+    """Per-filter float64 angles of one weight (filters along ``dim``, summed in groups of ``group``)."""
+
+    def __init__(self, get, dim=0, group=1, bias=None):
+        self.get, self.dim, self.group, self.bias = get, dim, group, bias
+        self.rms = []
+
+    def _rows(self, pl_module):
+        w = self.get(pl_module).detach().to(torch.float64)
+        rows = w.movedim(self.dim, 0).reshape(w.shape[self.dim], -1)
+        if self.bias is not None:
+            rows = torch.cat([rows, self.bias(pl_module).detach().to(torch.float64)[:, None]], 1)
+        return rows.reshape(rows.shape[0] // self.group, -1)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._before = self._rows(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        a, b = self._before, self._rows(pl_module)
+        ua, ub = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+        angles = 2 * torch.atan2((ua - ub).norm(dim=1), (ua + ub).norm(dim=1))
+        self.rms.append(float(angles.square().mean().sqrt()))
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["buffer", "snapshot"])
+def test_per_filter_statistics_match_a_float64_reference(tmp_path, momentum):
+    from zoo import BiasPairs
+
+    torch.manual_seed(0)
+    net = BiasPairs()
+    net.head = torch.nn.Linear(12, 10)
+    ref_filter = ReferenceFilterAngles(lambda m: m.net.conv.weight, group=4, bias=lambda m: m.net.conv.bias)
+    smd = SMDCallback(per_filter=True, keep_history=True, verbose=False)
+    precision = "64-true" if momentum else "32-true"
+    with warnings_ignored():
+        trainer(tmp_path, [smd, ref_filter], max_steps=8, precision=precision).fit(
+            Module(net, optimizer=sgd(momentum=momentum)), loader(dtype=torch.float64 if momentum else torch.float32)
+        )
+    h = smd.diagnostics.unit_history("net.conv.weight+bias")
+    np.testing.assert_allclose(h["filter_angular_update_rms"], ref_filter.rms, rtol=1e-6)
+    (layer,) = [x for x in smd.summary()["layers"] if x["name"] == "net.conv.weight+bias"]
+    assert layer["granularity"] == "group" and layer["group_size"] == 4
+    assert layer["filter_angular_update_rms"] > 0
+    tensor_only = [x for x in smd.summary()["layers"] if x["name"] == "net.lin.weight+bias"][0]
+    assert tensor_only["filter_angular_update_rms"] is None and np.isnan(smd.diagnostics.unit_history("net.lin.weight+bias")["filter_angular_update_rms"]).all()
+
+
+def test_per_filter_metric_is_logged_only_when_asked(tmp_path):
+    import csv
+
+    for flag in (False, True):
+        d = tmp_path / str(flag)
+        with warnings_ignored():
+            trainer(d, [SMDCallback(per_filter=flag, verbose=False)], max_steps=5).fit(Module(SmallConvNet()), loader())
+        with open(d / "metrics.csv") as fh:
+            header = next(csv.reader(fh))
+        assert ("smd/net.conv1.weight/filter_angular_update_rms" in header) is flag

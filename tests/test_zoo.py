@@ -82,6 +82,23 @@ def test_torch_compile_wrapped_model():
     assert all(p in named for u in det.units for p in u.params)
 
 
+def test_sync_batch_norm_is_a_normalization():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.SyncBatchNorm(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    det = find_normalized_weights(net)
+    assert [(u.name, u.norm, u.granularity) for u in det.units] == [("0.weight", "SyncBatchNorm", "filter")]
+
+
+def test_conv_bias_before_batch_norm_gets_no_gradient_and_is_not_tracked():
+    from zoo import ConvReluBN
+
+    model = ConvReluBN()
+    det = find_normalized_weights(model)
+    assert "conv2.bias" not in {p for u in det.units for p in u.params}
+    model.train()
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert model.conv2.bias.grad.abs().max() < 1e-6  # BatchNorm's mean subtraction cancels it
+
+
 def test_weight_norm_unit_is_the_direction_parameter():
     model = ZOO["weight_norm"][0]()
     (unit,) = find_normalized_weights(model).units

@@ -186,16 +186,18 @@ class Untraceable(nn.Module):
 
 
 class FunctionalOnly(nn.Module):
-    """Raw parameters and functional calls only: F.conv2d -> F.batch_norm, F.linear -> F.layer_norm."""
+    """Raw parameters and functional calls only: F.conv2d -> F.batch_norm / F.group_norm, F.linear -> F.layer_norm."""
 
     def __init__(self):
         super().__init__()
         self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
         self.w2 = nn.Parameter(torch.randn(12, 8) * 0.3)
+        self.w3 = nn.Parameter(torch.randn(8, 8, 1, 1) * 0.3)
         self.head = nn.Parameter(torch.randn(3, 12) * 0.3)
 
     def forward(self, x):
         x = F.relu(F.batch_norm(F.conv2d(x, self.w1, padding=1), None, None, training=True, eps=1e-10))
+        x = F.relu(F.group_norm(F.conv2d(x, self.w3), 2, eps=1e-10))
         x = F.layer_norm(F.linear(x.mean((2, 3)), self.w2), (12,), eps=1e-10)
         return F.linear(F.relu(x), self.head)
 
@@ -326,7 +328,12 @@ ZOO = {
     "shared_weight": (Shared, img, {"conv.weight": ("filter", None)}),
     "frozen": (Frozen, img, {"conv.weight": ("filter", None)}),
     "untraceable": (Untraceable, img, {"conv1.weight": ("filter", None), "conv2.weight": ("filter", None)}),
-    "functional_only": (FunctionalOnly, img, {"w1": ("filter", None), "w2": ("tensor", None)}),
+    "functional_only": (FunctionalOnly, img, {"w1": ("filter", None), "w2": ("tensor", None), "w3": ("group", 4)}),
+    "torch_compile": (
+        lambda: torch.compile(ConvReluBN()),
+        img,
+        {"_orig_mod.conv1.weight": ("filter", None), "_orig_mod.conv2.weight": ("filter", None)},
+    ),
     "pre_ln_transformer": (PreLNBlock, seq, {}),
     "post_ln_transformer": (PostLNBlock, seq, {}),
     "qk_norm_attention": (
