@@ -183,7 +183,8 @@ class _Slot:
             row.square_()
         groups = self.optimizer.param_groups
         keys = self.rule.keys
-        self.hyper_log.append(tuple(tuple(_freeze(groups[g].get(k)) for k in keys) for g in self.groups))
+        step = self.steps_taken + 1
+        self.hyper_log.append(tuple(tuple(step if k == "_step" else _freeze(groups[g].get(k)) for k in keys) for g in self.groups))
         self.count += 1
         self.steps_taken += 1
 
@@ -285,12 +286,16 @@ def _freeze(value: Any) -> Any:
     # device copy now and convert it to a float at drain time, never on the step path.
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, tuple):  # betas
+        return tuple(_freeze(v) for v in value)
     return value
 
 
 def _thaw(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return float(value)
+    if isinstance(value, tuple):  # betas
+        return tuple(_thaw(v) for v in value)
     return value
 
 

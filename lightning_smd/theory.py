@@ -12,6 +12,7 @@ Sources
   Network using SGD and Weight Decay*, NeurIPS 2021, arXiv:2006.08419.
 - [Kosson] Kosson, Messmer, Jaggi, *Rotational Equilibrium: How Weight Decay Balances Learning
   Across Neural Networks*, ICML 2024.
+- [Kosson] (above) for AdamW, Lion and the rotational-equilibrium view of decoupled weight decay.
 - [Li] Li, Lyu, Arora, *Reconciling Modern Deep Learning with Traditional Optimization Analyses:
   The Intrinsic Learning Rate*, NeurIPS 2020.
 
@@ -30,6 +31,17 @@ __all__ = [
     "Hyper",
     "Rule",
     "SGDRule",
+    "AdamWRule",
+    "AdamRule",
+    "RAdamRule",
+    "NAdamRule",
+    "LionRule",
+    "UnknownRule",
+    "unwrap_optimizer",
+    "filter_angular_update",
+    "adam_taps",
+    "lion_angular_update",
+    "time_to_band",
     "register",
     "rule_for",
     "registered_rules",
@@ -125,6 +137,82 @@ def angle_from_norms(norm_before_sq: float, norm_after_sq: float, update_sq: flo
     return 2.0 * math.asin(math.sqrt(chord_sq) / 2.0)
 
 
+def filter_angular_update(lr: float, weight_decay: float, taps_sum: float, taps_sq_sum: float) -> float:
+    """Δ* of a decoupled-weight-decay optimizer whose update is a linear filter ``u_t = Σ a_k ĝ_{t−k}`` of
+    unit-variance gradients ĝ orthogonal to the weight (Adam-type normalization): ``Δ*² = 2ηλ·Σa²/(Σa)²``.
+
+    Derived with the balance argument of [Wan] Thm 3: ``E‖w_{t+1}‖² = ‖w_t‖²`` with the correlation of past
+    updates with the current one gives ``2ηλ‖w*‖² = η²C(Σa)²``, hence ``‖w*‖² = ηC(Σa)²/(2λ)`` and
+    ``Δ*² = η²CΣa²/‖w*‖²``. Adam(W) momentum (``a_k = (1−β1)β1^k``) gives ``2ηλ(1−β1)/(1+β1)`` — the value
+    of [Kosson] — and heavy-ball SGD, read with its coupled decay ``λ/(1−α)``, gives [Wan]'s ``2ηλ/(1+α)``.
+    """
+    if lr <= 0.0 or weight_decay <= 0.0 or taps_sum <= 0.0:
+        return 0.0
+    return math.sqrt(2.0 * lr * weight_decay * taps_sq_sum) / taps_sum
+
+
+def adam_taps(beta1: float, nesterov: bool = False) -> tuple[float, float]:
+    """``(Σa, Σa²)`` of Adam's momentum filter ``a_k = (1−β1)β1^k`` (NAdam: ``β1·m_t + (1−β1)·g_t``)."""
+    b = beta1
+    if not nesterov:
+        return 1.0, (1.0 - b) / (1.0 + b) if b < 1.0 else 0.0
+    # NAdam: a_0 = (1−β1)(1+β1), a_k = (1−β1)β1^{k+1}
+    sq = (1.0 - b) ** 2 * ((1.0 + b) ** 2 + b**4 / (1.0 - b * b)) if b < 1.0 else 0.0
+    return 1.0, sq
+
+
+def lion_angular_update(lr: float, weight_decay: float, beta1: float, beta2: float) -> float:
+    """Δ* of Lion (``u = sign(β1·m + (1−β1)·g)``, ``m ← β2·m + (1−β2)·g``, decoupled weight decay).
+
+    [Kosson] give ``sqrt(π/2)·sqrt(2ηλ)·sqrt(S)`` with ``S = (1−β1)² + β1²(1−β2)/(1+β2)``, the leading order
+    for strong momentum. Here the balance ``E‖w_{t+1}‖² = ‖w_t‖²`` is solved with the sign's exact
+    autocorrelation (arcsine law, ``E[sign(c_t)sign(c_{t−j})] = (2/π)·asin(ρ_j)``) and the decay
+    ``d = 1 − ηλ`` over Lion's long momentum memory: with ``A = Σ_j d^j (2/π) asin ρ_j``,
+    ``‖w*‖² = η²C(1 + 2A)/(1 − d²)`` and, counting only the tangential part of the update,
+    ``Δ*² = q(1 − qA²/d²)`` with ``q = (1 − d²)/(1 + 2A)``. The two agree within 1 % for ``ηλ ≲ 1e-4``
+    (typical use); this form stays right for larger ``ηλ`` (checked by simulation in the tests).
+    """
+    if lr <= 0.0 or weight_decay <= 0.0:
+        return 0.0
+    b1, b2 = beta1, beta2
+    S = (1.0 - b1) ** 2 + b1**2 * (1.0 - b2) / (1.0 + b2)
+    if S <= 0.0:
+        return 0.0
+    d = 1.0 - lr * weight_decay
+    if not 0.0 < d < 1.0:
+        return math.nan
+    acc, j, term = 0.0, 1, 1.0
+    while j < 1_000_000:
+        cross = (1.0 - b1) * b1 * (1.0 - b2) * b2 ** (j - 1) + b1**2 * (1.0 - b2) * b2**j / (1.0 + b2)
+        rho = min(cross / S, 1.0)
+        term = d**j * (2.0 / math.pi) * math.asin(rho)
+        acc += term
+        if term < 1e-12:
+            break
+        j += 1
+    q = (1.0 - d * d) / (1.0 + 2.0 * acc)  # η²C/‖w*‖²: the whole update, per unit norm
+    # Only the tangential part of the update turns the weight; Lion's long memory makes the radial part
+    # ⟨ŵ, u⟩ = −ηC·A/(d‖w‖) non-negligible: Δ*² = q·(1 − q·A²/d²).
+    return math.sqrt(max(q * (1.0 - q * acc * acc / (d * d)), 0.0))
+
+
+def time_to_band(q0_over_qstar: float, time_constant: float, tolerance: float) -> float:
+    """Steps until the smoothed ratio ``Δ/Δ* = sqrt(q*/q)`` is within ``1 ± tolerance``, when ``q`` relaxes
+    linearly to ``q*`` with ``time_constant`` (``q = ‖w‖⁴`` for SGD, ``‖w‖²`` for decoupled optimizers).
+    0 when already in band, ``inf`` when it never relaxes."""
+    if not (math.isfinite(q0_over_qstar) and q0_over_qstar > 0.0) or not math.isfinite(time_constant):
+        return math.inf if not math.isfinite(time_constant) else math.nan
+    if q0_over_qstar > 1.0:
+        band = 1.0 / (1.0 - tolerance) ** 2 - 1.0 if tolerance < 1.0 else math.inf
+        excess = q0_over_qstar - 1.0
+    else:
+        band = 1.0 - 1.0 / (1.0 + tolerance) ** 2
+        excess = 1.0 - q0_over_qstar
+    if excess <= band:
+        return 0.0
+    return time_constant * math.log(excess / band)
+
+
 # ----------------------------------------------------------------------------------------------
 # Rules
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +249,35 @@ class Rule:
         return None
 
     def describe(self, h: Hyper) -> str:
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in h.items())
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in h.items() if not k.startswith("_"))
+
+    # Relaxation of the norm. The norm variable ``q = ‖w‖^norm_power`` relaxes linearly towards ``q*`` with
+    # ``norm_time_constant`` steps, and the angular-update ratio is ``sqrt(q*/q)``.
+    norm_power: float = 2.0
+
+    def equilibrium_scale(self, h: Hyper) -> float:
+        """A quantity proportional to ``q*`` at fixed gradient statistics (for ratios of ``q*``)."""
+        return math.nan
+
+    def norm_time_constant(self, h: Hyper) -> float:
+        return self.relaxation_time(h)
+
+    def time_to_equilibrium(self, h: Hyper, norm: float, predicted_norm: float, tolerance: float) -> float:
+        """Predicted steps from a weight norm ``norm`` to the equilibrium band around ``predicted_norm``."""
+        if not (norm > 0.0 and predicted_norm > 0.0 and math.isfinite(predicted_norm)):
+            return math.nan
+        return time_to_band((norm / predicted_norm) ** self.norm_power, self.norm_time_constant(h), tolerance)
+
+    def reequilibration_time(self, h_old: Hyper, h_new: Hyper, tolerance: float) -> float:
+        """Predicted steps to re-enter the equilibrium band after the settings change from ``h_old`` to
+        ``h_new``, starting from equilibrium under ``h_old`` (gradient statistics unchanged).
+
+        ([Wan] Corollary 3.1 gives the order of magnitude ``log(k)·τ`` for a learning rate divided by k;
+        this is the same linear relaxation solved for the band.)"""
+        old, new = self.equilibrium_scale(h_old), self.equilibrium_scale(h_new)
+        if not (old > 0.0 and new > 0.0):
+            return math.nan
+        return time_to_band(old / new, self.norm_time_constant(h_new), tolerance)
 
 
 @dataclass(frozen=True)
@@ -196,6 +312,15 @@ class SGDRule(Rule):
     def relaxation_time(self, h: Hyper) -> float:
         return sgd_relaxation_time(self._effective_lr(h), h["weight_decay"], h.get("momentum", 0.0))
 
+    norm_power: float = 4.0
+
+    def norm_time_constant(self, h: Hyper) -> float:
+        # x = ‖w‖⁴ obeys dx/dt = −(2/τ)x + const ([Wan] Eq. 8/12 in continuous time)
+        return self.relaxation_time(h) / 2.0
+
+    def equilibrium_scale(self, h: Hyper) -> float:
+        return sgd_weight_norm(self._effective_lr(h), h["weight_decay"], h.get("momentum", 0.0), 1.0) ** 4
+
     def describe(self, h: Hyper) -> str:
         parts = [f"lr={_fmt(h['lr'])}", f"weight_decay={_fmt(h['weight_decay'])}", f"momentum={_fmt(h.get('momentum', 0.0))}"]
         if h.get("dampening", 0.0):
@@ -213,6 +338,209 @@ class SGDRule(Rule):
         if not self._effective_lr(h) > 0.0:
             return "the learning rate is 0: the weights do not move"
         return None
+
+
+def _beta(h: Hyper, i: int) -> float:
+    return h.get(f"beta{i}", math.nan)
+
+
+@dataclass(frozen=True)
+class AdamWRule(Rule):
+    """``torch.optim.AdamW`` (and Adam/RAdam/NAdam with ``decoupled_weight_decay=True``):
+    ``w ← w − ηλw − η·m̂/(√v̂+ε)``.
+
+    ``Δ* = sqrt(2ηλ(1−β1)/(1+β1))`` and ``‖w*‖ = sqrt(ηC/(2λ))`` — [Kosson] — assuming the update is
+    noise-dominated with unit second moment per coordinate before momentum (Adam's normalization with β2
+    close to 1); relaxation time ``1/(2ηλ)`` (``‖w‖²`` relaxes linearly with it).
+    """
+
+    name: str = "AdamW"
+    keys: tuple[str, ...] = ("lr", "weight_decay", "betas", "decoupled_weight_decay")
+    nesterov: bool = False
+    coupled_by_default: bool = False
+
+    def hyper(self, group: Mapping) -> dict[str, float]:
+        betas = group.get("betas", (0.9, 0.999)) or (0.9, 0.999)
+        decoupled = group.get("decoupled_weight_decay", None)
+        if decoupled is None:
+            decoupled = not self.coupled_by_default
+        return {
+            "lr": _as_float(group.get("lr", math.nan)),
+            "weight_decay": _as_float(group.get("weight_decay", 0.0)),
+            "beta1": _as_float(betas[0]),
+            "beta2": _as_float(betas[1]),
+            "decoupled": 1.0 if decoupled else 0.0,
+        }
+
+    def _lr(self, h: Hyper) -> float:
+        return h["lr"]
+
+    def _taps(self, h: Hyper) -> tuple[float, float]:
+        return adam_taps(_beta(h, 1), self.nesterov)
+
+    def angular_update(self, h: Hyper) -> float:
+        if not h.get("decoupled", 1.0):
+            return math.nan
+        a, a2 = self._taps(h)
+        return filter_angular_update(self._lr(h), h["weight_decay"], a, a2)
+
+    def weight_norm(self, h: Hyper, unit_grad_sq: float, numel: int) -> float:
+        if not h.get("decoupled", 1.0):
+            return math.nan
+        if not h["weight_decay"] > 0.0:
+            return math.inf
+        a, _ = self._taps(h)
+        return math.sqrt(self._lr(h) * numel * a * a / (2.0 * h["weight_decay"]))
+
+    def relaxation_time(self, h: Hyper) -> float:
+        if not h.get("decoupled", 1.0):
+            return math.nan
+        lr, wd = self._lr(h), h["weight_decay"]
+        return math.inf if not (lr > 0.0 and wd > 0.0) else 1.0 / (2.0 * lr * wd)
+
+    def equilibrium_scale(self, h: Hyper) -> float:
+        wd = h["weight_decay"]
+        return self._lr(h) / wd if wd > 0.0 and h.get("decoupled", 1.0) else math.nan
+
+    def reason(self, h: Hyper) -> str | None:
+        if not h.get("decoupled", 1.0):
+            return (
+                f"{self.name} with coupled L2 weight decay (weight_decay added to the gradient before Adam's "
+                "normalization) has no hyper-parameter-only equilibrium: the angular update depends on the gradient "
+                "norm. Use AdamW, or decoupled_weight_decay=True"
+            )
+        if not h["weight_decay"] > 0.0:
+            return (
+                "weight_decay is 0: without weight decay there is no equilibrium; the weight norm grows without "
+                "bound and the effective learning rate lr/|w|^2 decays towards zero"
+            )
+        return None
+
+    def describe(self, h: Hyper) -> str:
+        return (
+            f"lr={_fmt(h['lr'])}, weight_decay={_fmt(h['weight_decay'])}, betas=({_fmt(_beta(h, 1))}, {_fmt(_beta(h, 2))})"
+            + ("" if h.get("decoupled", 1.0) else ", coupled L2")
+        )
+
+
+@dataclass(frozen=True)
+class AdamRule(AdamWRule):
+    """``torch.optim.Adam``: coupled L2 by default (no prediction, measured anyway), AdamW's rule with
+    ``decoupled_weight_decay=True``."""
+
+    name: str = "Adam"
+    coupled_by_default: bool = True
+
+
+@dataclass(frozen=True)
+class RAdamRule(AdamWRule):
+    """``torch.optim.RAdam`` in decoupled mode: the update is rectified (``η·r_t``, ``r_t → 1`` as training
+    goes on) but the decay is not (``η·λ``). The balance then gives AdamW's Δ* (independent of ``r_t``) and
+    an equilibrium norm ``r_t·sqrt(ηC/(2λ))``; the first 5 steps, un-adapted, are treated like later ones."""
+
+    name: str = "RAdam"
+    keys: tuple[str, ...] = ("lr", "weight_decay", "betas", "decoupled_weight_decay", "_step")
+    coupled_by_default: bool = True
+
+    def hyper(self, group: Mapping) -> dict[str, float]:
+        h = super().hyper(group)
+        h["step"] = _as_float(group.get("_step", math.nan))
+        return h
+
+    @staticmethod
+    def rectification(h: Hyper) -> float:
+        b2, t = _beta(h, 2), h.get("step", math.nan)
+        if not (0.0 < b2 < 1.0 and t > 0):
+            return 1.0
+        rho_inf = 2.0 / (1.0 - b2) - 1.0
+        rho = rho_inf - 2.0 * t * b2**t / (1.0 - b2**t)
+        if rho <= 5.0:
+            return 1.0
+        return math.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
+
+    def weight_norm(self, h: Hyper, unit_grad_sq: float, numel: int) -> float:
+        return self.rectification(h) * super().weight_norm(h, unit_grad_sq, numel)
+
+    def equilibrium_scale(self, h: Hyper) -> float:
+        return self.rectification(h) ** 2 * super().equilibrium_scale(h)
+
+
+@dataclass(frozen=True)
+class NAdamRule(AdamWRule):
+    """``torch.optim.NAdam``: decoupled mode with Nesterov momentum ``β1·m_t + (1−β1)·g_t``, whose filter
+    gives AdamW's Δ* times :func:`nesterov_factor` (β1). NAdam's momentum warms up as
+    ``μ_t = β1(1 − ½·0.96^{tψ})``; the rule uses ``μ_t`` of the step in place of β1."""
+
+    name: str = "NAdam"
+    keys: tuple[str, ...] = ("lr", "weight_decay", "betas", "decoupled_weight_decay", "momentum_decay", "_step")
+    nesterov: bool = True
+    coupled_by_default: bool = True
+
+    def hyper(self, group: Mapping) -> dict[str, float]:
+        h = super().hyper(group)
+        h["momentum_decay"] = _as_float(group.get("momentum_decay", 4e-3))
+        h["step"] = _as_float(group.get("_step", math.nan))
+        return h
+
+    def _taps(self, h: Hyper) -> tuple[float, float]:
+        t, psi = h.get("step", math.nan), h.get("momentum_decay", 4e-3)
+        mu = _beta(h, 1) * (1.0 - 0.5 * 0.96 ** (t * psi)) if t > 0 else _beta(h, 1)
+        return adam_taps(mu, nesterov=True)
+
+
+@dataclass(frozen=True)
+class LionRule(Rule):
+    """Lion (``lion-pytorch``, or any optimizer named Lion with ``betas``): ``w ← w(1 − ηλ) −
+    η·sign(β1·m + (1−β1)·g)``; see :func:`lion_angular_update`. ``‖w*‖² = η²C/Δ*²`` (every coordinate of
+    the update is ±1), relaxation ``1/(2ηλ)``."""
+
+    name: str = "Lion"
+    keys: tuple[str, ...] = ("lr", "weight_decay", "betas")
+
+    def hyper(self, group: Mapping) -> dict[str, float]:
+        betas = group.get("betas", (0.9, 0.99)) or (0.9, 0.99)
+        return {
+            "lr": _as_float(group.get("lr", math.nan)),
+            "weight_decay": _as_float(group.get("weight_decay", 0.0)),
+            "beta1": _as_float(betas[0]),
+            "beta2": _as_float(betas[1]),
+        }
+
+    def angular_update(self, h: Hyper) -> float:
+        return lion_angular_update(h["lr"], h["weight_decay"], _beta(h, 1), _beta(h, 2))
+
+    def weight_norm(self, h: Hyper, unit_grad_sq: float, numel: int) -> float:
+        q = self._q(h)
+        return math.inf if not q > 0.0 else h["lr"] * math.sqrt(numel / q)
+
+    @staticmethod
+    def _q(h: Hyper) -> float:
+        # ‖w*‖² = η²C/q; recover q from Δ* = sqrt(q(1 − qA²/d²)) is awkward, so recompute it
+        lr, wd, b1, b2 = h["lr"], h["weight_decay"], _beta(h, 1), _beta(h, 2)
+        if not (lr > 0.0 and wd > 0.0):
+            return 0.0
+        S = (1.0 - b1) ** 2 + b1**2 * (1.0 - b2) / (1.0 + b2)
+        d = 1.0 - lr * wd
+        acc, j = 0.0, 1
+        while j < 1_000_000:
+            cross = (1.0 - b1) * b1 * (1.0 - b2) * b2 ** (j - 1) + b1**2 * (1.0 - b2) * b2**j / (1.0 + b2)
+            term = d**j * (2.0 / math.pi) * math.asin(min(cross / S, 1.0))
+            acc += term
+            if term < 1e-12:
+                break
+            j += 1
+        return (1.0 - d * d) / (1.0 + 2.0 * acc)
+
+    def relaxation_time(self, h: Hyper) -> float:
+        lr, wd = h["lr"], h["weight_decay"]
+        return math.inf if not (lr > 0.0 and wd > 0.0) else 1.0 / (2.0 * lr * wd)
+
+    def equilibrium_scale(self, h: Hyper) -> float:
+        q = self._q(h)
+        return h["lr"] ** 2 / q if q > 0.0 else math.nan
+
+    def reason(self, h: Hyper) -> str | None:
+        return AdamWRule.reason(self, {**h, "decoupled": 1.0})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -260,18 +588,41 @@ def rule_for(optimizer: object) -> Rule:
     Lightning's ``LightningOptimizer`` and similar wrappers are unwrapped through their ``optimizer``
     attribute. An optimizer with no registered rule gets an :class:`UnknownRule`.
     """
-    inner = getattr(optimizer, "_optimizer", None)  # LightningOptimizer
-    if inner is not None and not isinstance(optimizer, type):
-        optimizer = inner
+    optimizer = unwrap_optimizer(optimizer)
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
     for klass in cls.__mro__:
         rule = _REGISTRY.get(_class_key(klass))
         if rule is not None:
             return rule
+    # Duck typing: Lion implementations other than lion-pytorch's
+    if cls.__name__.lower() == "lion" and not isinstance(optimizer, type):
+        groups = getattr(optimizer, "param_groups", None) or [{}]
+        if "betas" in groups[0]:
+            return LionRule()
     return UnknownRule(optimizer=cls.__name__)
 
 
+def unwrap_optimizer(optimizer: object) -> object:
+    """The optimizer doing the work behind Lightning's ``LightningOptimizer`` and torch's
+    ``ZeroRedundancyOptimizer`` (whose param groups keep the wrapped optimizer's settings)."""
+    for _ in range(4):
+        if isinstance(optimizer, type):
+            return optimizer
+        inner = getattr(optimizer, "_optimizer", None)  # LightningOptimizer
+        if inner is None and type(optimizer).__name__ == "ZeroRedundancyOptimizer":
+            inner = getattr(optimizer, "optim", None) or getattr(optimizer, "_optim_constructor", None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 register("torch.optim.sgd.SGD", SGDRule())
+register("torch.optim.adamw.AdamW", AdamWRule())
+register("torch.optim.adam.Adam", AdamRule())
+register("torch.optim.radam.RAdam", RAdamRule())
+register("torch.optim.nadam.NAdam", NAdamRule())
+register("lion_pytorch.lion_pytorch.Lion", LionRule())
 
 
 def _as_float(value: object) -> float:
