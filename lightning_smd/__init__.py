@@ -5,7 +5,7 @@ weights, measures each one's norm and angular update after every optimizer step,
 the equilibrium that Spherical Motion Dynamics predicts for the optimizer settings in force.
 """
 
-from lightning_smd.callback import SMDCallback, SMDWarning, format_summary_table
+from lightning_smd.callback import EquilibriumNotReachedError, SMDCallback, SMDWarning, format_summary_table
 from lightning_smd.detect import Detection, NormalizedWeight, find_normalized_weights
 from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
 from lightning_smd.measure import StepBatch, StepRecorder
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SMDCallback",
     "SMDWarning",
+    "EquilibriumNotReachedError",
     "Detection",
     "NormalizedWeight",
     "find_normalized_weights",

@@ -34,11 +34,11 @@ from lightning_smd.detect import (
     format_detection_table,
     verify_orthogonality,
 )
-from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
-from lightning_smd.measure import StepRecorder
+from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, diffusion_exponent
+from lightning_smd.measure import DistanceTracker, StepRecorder
 from lightning_smd.theory import rule_for
 
-__all__ = ["SMDCallback", "SMDWarning", "SUMMARY_FILENAME"]
+__all__ = ["SMDCallback", "SMDWarning", "EquilibriumNotReachedError", "SUMMARY_FILENAME"]
 
 SUMMARY_FILENAME = "smd_summary.json"
 #: A planned run shorter than this many relaxation times gets a warning at fit start.
@@ -47,6 +47,15 @@ SHORT_RUN_RELAXATION_TIMES = 3.0
 
 class SMDWarning(UserWarning):
     """Warnings of lightning_smd (filter them with ``warnings.filterwarnings(..., category=SMDWarning)``)."""
+
+
+class EquilibriumNotReachedError(RuntimeError):
+    """Raised at the end of fit by ``SMDCallback(on_no_equilibrium="raise")`` when the verdict is not
+    ``"equilibrium"`` — after the summary JSON was written, on every rank."""
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or {}
 
 
 class SMDCallback(Callback):
@@ -76,6 +85,14 @@ class SMDCallback(Callback):
             on their own, and log the RMS over filters of their angular updates
             (``smd/<name>/filter_angular_update_rms``; each filter has the same predicted Δ*). Costs a few
             extra launches per tracked tensor and step.
+        on_no_equilibrium: what to do when the run does not reach equilibrium. ``"warn"`` (default): a
+            warning at the end. ``"raise"``: raise :class:`EquilibriumNotReachedError` at the end of fit
+            (after the summary is written) so that the script — and a CI job — fails. ``"stop"``: stop
+            training as soon as equilibrium is clearly impossible in the planned steps (no weight decay,
+            or fewer steps left than half the predicted need). Every rank takes the same decision.
+        track_distance: from the first log step at which a layer is in equilibrium, keep a copy of it and
+            log the angular distance travelled since (``smd/<name>/angular_distance``) and the exponent
+            ``c`` of ``distance ∝ t^c`` in the summary (one extra copy of the tracked weights).
     """
 
     def __init__(
@@ -94,8 +111,14 @@ class SMDCallback(Callback):
         keep_history: bool = False,
         use_momentum_buffer: bool = True,
         per_filter: bool = False,
+        on_no_equilibrium: str = "warn",
+        track_distance: bool = False,
     ) -> None:
         super().__init__()
+        if on_no_equilibrium not in ("warn", "stop", "raise"):
+            raise ValueError(f"on_no_equilibrium must be 'warn', 'stop' or 'raise', got {on_no_equilibrium!r}")
+        self.on_no_equilibrium = on_no_equilibrium
+        self.track_distance = track_distance
         self.config = DiagnosticsConfig(tolerance=tolerance, window=window, ema_steps=ema_steps, min_fraction=min_fraction)
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
@@ -118,11 +141,15 @@ class SMDCallback(Callback):
         self._flow: DataFlowRecorder | None = None
         self._deferred = False
         self._verify_pending = False
+        self._finished = False
+        self._warned: set[str] = set()
+        self._stop_reason: str | None = None
+        self.distance: DistanceTracker | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callback: hooks, device buffers and an active recorder stay behind.
         state = {k: v for k, v in self.__dict__.items() if not inspect.ismethod(v)}  # Lightning binds `log` here
-        state.update(recorder=None, _flow=None, diagnostics=None, detection=None)
+        state.update(recorder=None, _flow=None, diagnostics=None, detection=None, distance=None)
         return state
 
     # ------------------------------------------------------------------------------------------
@@ -135,6 +162,10 @@ class SMDCallback(Callback):
         self._last_logged_step = -1
         self._verify_pending = False
         self._deferred = False
+        self._finished = False
+        self._warned = set()
+        self._stop_reason = None
+        self._trainer = trainer
         det = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
         self.detection = det
         if det.method == "deferred":
@@ -167,6 +198,7 @@ class SMDCallback(Callback):
             recorder = self._make_recorder(trainer, pl_module, units)
         self.recorder = recorder
         self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history)
+        self.distance = DistanceTracker([[named[p] for p in u.params] for u in units]) if self.track_distance else None
         self._verify_pending = bool(units)
         self._check_setup(trainer, pl_module, units, recorder)
 
@@ -266,7 +298,7 @@ class SMDCallback(Callback):
                 g = slot.groups[int(slot.unit_group[u_local])]
                 group = slot.optimizer.param_groups[g]
                 h = rule.hyper(group)
-                if rule.name == "unknown":
+                if rule.name == "unknown" or (rule.reason(h) or "").startswith(rule.name + " with coupled L2"):
                     continue
                 if not h.get("weight_decay", 0.0) > 0.0:
                     zero_wd.setdefault((slot.index, g), []).append(units[u].name)
@@ -281,6 +313,22 @@ class SMDCallback(Callback):
                 f"No SMD rule is known for optimizer {', '.join(unknown)}: its normalized weights are measured and logged, "
                 "but there is no prediction to compare with, so their verdict is 'not_applicable'. Register a rule with "
                 "lightning_smd.theory.register(MyOptimizer, MyRule()) (see the README).",
+            )
+        coupled = sorted(
+            {
+                type(s.optimizer).__name__
+                for s in recorder.slots
+                for g in s.groups
+                if (r := s.rule.reason(s.rule.hyper(s.optimizer.param_groups[g]))) and "coupled L2" in r
+            }
+        )
+        if coupled:
+            self._warn(
+                trainer,
+                f"{', '.join(coupled)} adds weight_decay to the gradient (coupled L2) before its adaptive normalization: "
+                "the normalized weights' equilibrium then depends on the gradient norm and SMD gives no hyper-parameter-only "
+                "prediction, so their verdict is 'not_applicable' (they are still measured). Use torch.optim.AdamW, or pass "
+                "decoupled_weight_decay=True.",
             )
         for (oi, g), names in zero_wd.items():
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -329,14 +377,110 @@ class SMDCallback(Callback):
         assert self.recorder is not None and self.diagnostics is not None
         for batch in self.recorder.drain():
             self.diagnostics.update(batch)
+        self._handle_events(trainer)
+        distances = self._update_distance()
+        if self.on_no_equilibrium == "stop" and self._stop_reason is None:
+            self._stop_gate(trainer)
         if step <= self._last_logged_step:
             return
         metrics = self.diagnostics.metrics(per_layer=self.log_per_layer)
+        if self.distance is not None and self.log_per_layer:
+            for u, unit in enumerate(self.diagnostics.units):
+                metrics[f"smd/{unit.name}/angular_distance"] = distances.get(u, math.nan)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         for key in ("smd/angular_update_ratio", "smd/equilibrium_fraction"):
             trainer.callback_metrics[key] = torch.tensor(metrics[key])
         self._last_logged_step = step
+
+    def _update_distance(self) -> dict[int, float]:
+        if self.distance is None or self.diagnostics is None:
+            return {}
+        d = self.diagnostics
+        for u in range(len(d.units)):
+            if u not in self.distance.reference_step and d.in_equilibrium[u]:
+                self.distance.take(u, int(d.steps[u]))
+        steps = int(d.steps.max(initial=0))
+        return self.distance.measure(steps)
+
+    def _handle_events(self, trainer: pl.Trainer) -> None:
+        """Turn the diagnostics' new events into explained warnings, each kind once."""
+        assert self.diagnostics is not None
+        d = self.diagnostics
+        events, d.events = d.events, []
+        names = [u.name for u in d.units]
+        vanishing = [e for e in events if e["kind"] == "vanishing"]
+        if vanishing and "vanishing" not in self._warned:
+            self._warned.add("vanishing")
+            e = vanishing[0]
+            layers = ", ".join(sorted({names[x["unit"]] for x in vanishing})[:5])
+            self._warn(
+                trainer,
+                f"Vanishing gradient noise from step {e['step']} ({layers}): the gradient statistic L = E|g|^2|w|^2 fell "
+                f"from {e['L_peak']:.3g} to {e['L_now']:.3g} and the angular update to {e['ratio']:.2f} of the prediction. "
+                "The training loss is approaching zero (the network fits the training data), so there is nothing left to "
+                "balance weight decay: the norms shrink geometrically and no equilibrium exists. This is a property of the "
+                "run, not a measurement error; expect the effective learning rate to grow and the loss to spike later "
+                "(Lobacheva et al., 2021). More data or augmentation, label smoothing, or a smaller weight decay late in "
+                "training keep the gradient noise alive.",
+            )
+        spikes = [e for e in events if e["kind"] == "spike"]
+        if spikes and "spike" not in self._warned:
+            self._warned.add("spike")
+            e = spikes[0]
+            self._warn(
+                trainer,
+                f"Norm spike at step {e['step']} in {names[e['unit']]}: the angular update jumped to {e['ratio']:.1f} times "
+                "the equilibrium prediction after the layer had been in equilibrium. Spikes like this follow a growing "
+                "effective learning rate lr/|w|^2 (the norm shrank) and come with loss spikes (Lobacheva et al., 2021); "
+                "see summary['spikes'] for all of them. A lower learning rate or weight decay, or gradient clipping, "
+                "damps them.",
+            )
+        planned = _planned_steps(trainer)
+        for e in (x for x in events if x["kind"] == "reequilibrating"):
+            expected = e["expected_steps"]
+            remaining = None if planned is None else planned - e["step"]
+            if remaining is not None and math.isfinite(expected) and expected > remaining and "late_decay" not in self._warned:
+                self._warned.add("late_decay")
+                self._warn(
+                    trainer,
+                    f"The learning rate / weight decay changed at step {e['step']} (predicted angular update "
+                    f"{e['from']:.3g} -> {e['to']:.3g} rad/step): {names[e['unit']]} needs about {expected:.0f} steps to "
+                    f"re-equilibrate, but only {remaining} planned steps remain. Decay earlier, train longer after the decay, "
+                    "or rescale the weights by the change of the equilibrium norm at the decay (Wan et al., Fig. 3).",
+                )
+
+    def _stop_gate(self, trainer: pl.Trainer) -> None:
+        reason = self._impossible(trainer)
+        decision = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
+        if decision:
+            self._stop_reason = reason or "another rank found equilibrium impossible"
+            trainer.should_stop = True
+            self._warn(trainer, f"Stopping training (on_no_equilibrium='stop'): {self._stop_reason}.")
+
+    def _impossible(self, trainer: pl.Trainer) -> str | None:
+        """Why the run can clearly not end in equilibrium, or None."""
+        assert self.diagnostics is not None
+        d = self.diagnostics
+        app = d.applicable
+        n_app = int(app.sum())
+        if n_app == 0:
+            return None
+        required = math.ceil(self.config.min_fraction * n_app - 1e-9)
+        needed = d.steps_needed()
+        no_decay = [d.units[u].name for u in range(len(d.units)) if app[u] and d.predicted[u] == 0.0]
+        planned = _planned_steps(trainer)
+        done = int(d.steps.max(initial=0))
+        remaining = math.inf if planned is None else planned - done
+        possible = [u for u in range(len(d.units)) if app[u] and not (needed[u] > 2.0 * remaining)]
+        if len(possible) >= required:
+            return None
+        if no_decay and len(no_decay) > n_app - required:
+            return f"{len(no_decay)} of {n_app} normalized layers have no weight decay, so they have no equilibrium ({', '.join(no_decay[:3])})"
+        return (
+            f"only {len(possible)} of {n_app} layers can reach equilibrium in the {remaining} remaining steps "
+            f"(at least {required} needed; the others need more than twice that, by their relaxation times)"
+        )
 
     # ------------------------------------------------------------------------------------------
     # End
@@ -346,14 +490,46 @@ class SMDCallback(Callback):
             return
         if self.recorder.pending:
             self._flush(trainer, max(_logger_step(trainer) - 1, self._last_logged_step + 1))
+        self._end_warnings(trainer)
         self._finish(trainer, complete=True)
         if self.verbose and trainer.is_global_zero:
             print(self.format_summary())
+        self._gate(trainer)
+
+    def _end_warnings(self, trainer: pl.Trainer) -> None:
+        assert self.diagnostics is not None
+        diag = self.diagnostics.diagnoses()
+        if diag.get("never_in_equilibrium"):
+            never = diag["never_in_equilibrium"]
+            self._warn(
+                trainer,
+                f"{len(never)} layer(s) never reached equilibrium while others did: {', '.join(never[:8])}"
+                f"{' ...' if len(never) > 8 else ''}. Check their relaxation times and 'verification' in the summary "
+                "(a layer that is only approximately scale-invariant, or whose gradient noise vanished, has no SMD equilibrium).",
+            )
+        if diag.get("re_equilibrating") and "late_decay" not in self._warned:
+            self._warn(
+                trainer,
+                f"Training ended while {len(diag['re_equilibrating'])} layer(s) were still re-equilibrating after a change of "
+                "the learning rate or weight decay: the last decay came too late for them to reach the new equilibrium.",
+            )
+
+    def _gate(self, trainer: pl.Trainer) -> None:
+        summary = self.summary()
+        verdict = summary.get("verdict")
+        failed = verdict != "equilibrium"
+        if self.on_no_equilibrium == "raise":
+            # every rank takes the same decision, so that no rank is left waiting in a collective
+            if trainer.strategy.reduce_boolean_decision(failed, all=False):
+                where = f" (summary: {self._summary_file})" if self._summary_file else ""
+                raise EquilibriumNotReachedError(f"SMD verdict '{verdict}': {summary.get('reason', '')}{where}", summary)
+        elif failed and verdict == "not_reached" and self.on_no_equilibrium == "warn":
+            self._warn(trainer, f"No equilibrium reached: {summary.get('reason', '')}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Never lose what was measured: write the summary, marked incomplete, before the exception goes on.
         self._stop_flow()
-        if self.recorder is None or self.diagnostics is None:
+        if self.recorder is None or self.diagnostics is None or self._finished:
             return
         try:
             for batch in self.recorder.drain():
@@ -369,6 +545,8 @@ class SMDCallback(Callback):
         self._stop_flow()
         if self.recorder is not None:
             self.recorder.close()
+        if self.distance is not None:
+            self.distance.close()
 
     def _finish(self, trainer: pl.Trainer, complete: bool, error: str | None = None) -> None:
         assert self.diagnostics is not None and self.recorder is not None
@@ -377,7 +555,19 @@ class SMDCallback(Callback):
         if error:
             summary["error"] = error
         summary["optimizers"] = [_optimizer_info(i, opt, self.recorder) for i, opt in enumerate(trainer.optimizers)]
-        summary["extra_memory_bytes"] = self.recorder.extra_bytes
+        summary["extra_memory_bytes"] = self.recorder.extra_bytes + (self.distance.extra_bytes if self.distance else 0)
+        summary["on_no_equilibrium"] = self.on_no_equilibrium
+        summary["stopped_early"] = self._stop_reason
+        if self._stop_reason and summary["verdict"] == "equilibrium":
+            pass
+        elif self._stop_reason:
+            summary["reason"] = f"{summary['reason']} (training stopped early: {self._stop_reason})"
+        if self.distance is not None:
+            for u, row in enumerate(summary["layers"]):
+                series = self.distance.series.get(u, [])
+                row["angular_distance"] = series[-1][1] if series else None
+                row["distance_reference_step"] = self.distance.reference_step.get(u)
+                row["diffusion_exponent"] = diffusion_exponent([t for t, _ in series], [a for _, a in series]) if series else None
         summary["warnings"] = list(self.warnings)
         summary["not_tracked"] = dict(self.detection.rejected) if self.detection else {}
         summary["detection_error"] = self.detection.error if self.detection else None
@@ -385,6 +575,7 @@ class SMDCallback(Callback):
         summary["not_tracked_verification"] = dict(self.detection.rejected_verification) if self.detection else {}
         summary["global_step"] = int(trainer.global_step)
         self._summary = summary
+        self._finished = complete
         if self.summary_path is False or not trainer.is_global_zero:
             return
         path = str(self.summary_path) if self.summary_path not in (None, True) else os.path.join(_log_dir(trainer), SUMMARY_FILENAME)
@@ -418,6 +609,8 @@ class SMDCallback(Callback):
         return format_summary_table(s)
 
     def _warn(self, trainer: pl.Trainer, message: str) -> None:
+        if message in self.warnings:
+            return
         self.warnings.append(message)
         if trainer.is_global_zero:
             warnings.warn(message, SMDWarning, stacklevel=3)

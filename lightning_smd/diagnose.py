@@ -28,9 +28,9 @@ import numpy as np
 
 from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepBatch
-from lightning_smd.theory import Rule
+from lightning_smd.theory import Rule, time_to_band
 
-__all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS"]
+__all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS", "diffusion_exponent"]
 
 VERDICTS = ("equilibrium", "not_reached", "not_applicable")
 
@@ -47,6 +47,12 @@ class DiagnosticsConfig:
     """Time constant (steps) of the exponential moving averages of Δ, Δ/Δ* and L."""
     min_fraction: float = 0.9
     """Share of units (with a prediction) that must be in equilibrium at the end for the run verdict."""
+    spike_factor: float = 5.0
+    """A step whose angular update exceeds ``spike_factor·Δ*`` in a layer that had reached equilibrium is a
+    norm spike."""
+    vanishing_factor: float = 10.0
+    """Vanishing gradient noise: the smoothed ``L`` fell below its peak divided by this, while the smoothed
+    ratio is below ``1 − 2·tolerance``."""
 
     def __post_init__(self) -> None:
         if not self.tolerance > 0:
@@ -107,6 +113,23 @@ class Diagnostics:
         self.rules: list[Rule | None] = [None] * n
         self.optimizer: list[int] = [-1] * n
         self.reasons: list[str | None] = [None] * n
+        self.state = ["approaching"] * n
+        self.ref_pred = np.full(n, np.nan)
+        self.ref_hyper: list[dict[str, float] | None] = [None] * n
+        self.change_step = np.full(n, -1, dtype=np.int64)
+        self.expected_reequilibration = np.full(n, np.nan)
+        self.reequilibrations: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        self.initial_norm = np.full(n, np.nan)
+        self.unit_grad_peak = np.zeros(n)
+        self.vanishing_since = np.full(n, -1, dtype=np.int64)
+        self.spike_count = np.zeros(n, dtype=np.int64)
+        self.spikes: list[dict[str, Any]] = []
+        self._spiking = np.zeros(n, dtype=bool)
+        self.effective_lr = np.full(n, np.nan)
+        self._dev_ring = np.full((self.config.window, n), np.nan)
+        self._dev_pos = np.zeros(n, dtype=np.int64)
+        self.events: list[dict[str, Any]] = []
+        """New notable events since the caller last cleared it (``vanishing``, ``spike``, ``reequilibrating``)."""
         self.keep_history = keep_history
         self.history: list[dict[str, Any]] = []
         self._memo: dict[tuple[Any, ...], tuple[float, float, str | None]] = {}
@@ -130,12 +153,18 @@ class Diagnostics:
         n_groups = int(batch.unit_group.max()) + 1 if len(batch.unit_group) else 0
         hist_pred = np.empty((k, len(idx))) if self.keep_history else None
         hist_ratio = np.empty((k, len(idx))) if self.keep_history else None
+        if k:
+            first = np.isnan(self.initial_norm[idx])
+            self.initial_norm[idx[first]] = np.sqrt(batch.norm_sq_before[0][first])
         for r in range(k):
-            preds = [self._predict(batch.rule, batch.hyper[r][g]) for g in range(n_groups)]
+            step = int(batch.steps[r])
+            hyper_r = batch.hyper[r]
+            preds = [self._predict(batch.rule, hyper_r[g]) for g in range(n_groups)]
             pred = np.array([p[0] for p in preds])[batch.unit_group]
             delta = batch.angular_update[r]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(pred > 0, delta / pred, np.nan)
+            self._track_prediction(idx, pred, batch, hyper_r, step)
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
             self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
@@ -143,13 +172,18 @@ class Diagnostics:
                 self.per_filter = True
                 self.filter_delta.update(idx, batch.filter_angular_update_rms[r])
             smoothed = self.ratio.value(idx)
-            in_band = np.abs(smoothed - 1.0) <= cfg.tolerance  # nan compares False
+            dev = np.abs(smoothed - 1.0)
+            self._dev_ring[self._dev_pos[idx] % cfg.window, idx] = dev
+            self._dev_pos[idx] += 1
+            in_band = dev <= cfg.tolerance  # nan compares False
             self.band_run[idx] = np.where(in_band, self.band_run[idx] + 1, 0)
-            step = int(batch.steps[r])
             in_eq = self.band_run[idx] >= cfg.window
             self.steps_in_equilibrium[idx] += in_eq
             newly = in_eq & (self.first_equilibrium[idx] < 0)
             self.first_equilibrium[idx[newly]] = step - cfg.window + 1
+            self._transitions(idx, in_eq, step)
+            self._spikes(idx, ratio, step)
+            self._vanishing(idx, smoothed, step)
             if hist_pred is not None and hist_ratio is not None:
                 hist_pred[r] = pred
                 hist_ratio[r] = smoothed
@@ -157,6 +191,9 @@ class Diagnostics:
         if k:
             self.last_delta[idx] = batch.angular_update[-1]
             self.norm[idx] = np.sqrt(batch.norm_sq_after[-1])
+            lr_last = np.array([batch.hyper[-1][int(g)].get("lr", math.nan) for g in batch.unit_group])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self.effective_lr[idx] = lr_last / batch.norm_sq_after[-1]
             last = batch.hyper[-1]
             for j, u in enumerate(idx):
                 h = last[int(batch.unit_group[j])]
@@ -185,6 +222,102 @@ class Diagnostics:
                     ),
                 }
             )
+
+    def _track_prediction(self, idx: np.ndarray, pred: np.ndarray, batch: StepBatch, hyper_r: list, step: int) -> None:
+        """A prediction that moved by more than the tolerance (a schedule) starts a re-equilibration."""
+        tol = self.config.tolerance
+        ref = self.ref_pred[idx]
+        unset = np.isnan(ref)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            moved = ~unset & (np.abs(pred / ref - 1.0) > tol)
+        for j in np.nonzero(unset | moved)[0]:
+            u = int(idx[j])
+            h = hyper_r[int(batch.unit_group[j])]
+            if moved[j] and (self.state[u] in ("equilibrium", "re-equilibrating") or self.first_equilibrium[u] >= 0):
+                old = self.ref_hyper[u]
+                expected = batch.rule.reequilibration_time(old, h, tol) if old is not None else math.nan
+                self.state[u] = "re-equilibrating"
+                self.change_step[u] = step
+                self.expected_reequilibration[u] = expected
+                self.reequilibrations[u].append(
+                    {"step": step, "from": _num(ref[j]), "to": _num(pred[j]), "expected_steps": _num(expected), "observed_steps": None}
+                )
+                self.events.append({"kind": "reequilibrating", "unit": u, "step": step, "expected_steps": expected, "from": float(ref[j]), "to": float(pred[j])})
+            self.ref_pred[u] = pred[j]
+            self.ref_hyper[u] = h
+
+    def _transitions(self, idx: np.ndarray, in_eq: np.ndarray, step: int) -> None:
+        window = self.config.window
+        for j, u in enumerate(idx):
+            u = int(u)
+            st = self.state[u]
+            if in_eq[j]:
+                if st == "re-equilibrating" and self.reequilibrations[u]:
+                    event = self.reequilibrations[u][-1]
+                    event["observed_steps"] = max(step - window + 1 - event["step"], 0)
+                self.state[u] = "equilibrium"
+            elif st == "equilibrium":
+                self.state[u] = "departed"
+
+    def _spikes(self, idx: np.ndarray, ratio: np.ndarray, step: int) -> None:
+        spiking = np.nan_to_num(ratio, nan=0.0) > self.config.spike_factor
+        rising = spiking & ~self._spiking[idx] & (self.first_equilibrium[idx] >= 0)
+        self._spiking[idx] = spiking
+        for j in np.nonzero(rising)[0]:
+            u = int(idx[j])
+            self.spike_count[u] += 1
+            event = {"step": step, "layer": self.units[u].name, "ratio": float(ratio[j]), "weight_norm_before": None}
+            if len(self.spikes) < 100:
+                self.spikes.append(event)
+            self.events.append({"kind": "spike", "unit": u, "step": step, "ratio": float(ratio[j])})
+
+    def _vanishing(self, idx: np.ndarray, smoothed: np.ndarray, step: int) -> None:
+        cfg = self.config
+        L = self.unit_grad.value(idx)
+        warm = self.unit_grad.weight[idx] > 0.5  # past the first ~ema_steps/2 steps
+        self.unit_grad_peak[idx] = np.where(warm, np.fmax(self.unit_grad_peak[idx], L), self.unit_grad_peak[idx])
+        collapsed = warm & (L < self.unit_grad_peak[idx] / cfg.vanishing_factor) & (smoothed < 1.0 - 2.0 * cfg.tolerance)
+        new = collapsed & (self.vanishing_since[idx] < 0)
+        for j in np.nonzero(new)[0]:
+            u = int(idx[j])
+            self.vanishing_since[u] = step
+            self.events.append(
+                {"kind": "vanishing", "unit": u, "step": step, "L_peak": float(self.unit_grad_peak[u]), "L_now": float(L[j]), "ratio": float(smoothed[j])}
+            )
+        recovered = ~collapsed & (self.vanishing_since[idx] >= 0) & (L > self.unit_grad_peak[idx] / 2.0)
+        self.vanishing_since[idx[recovered]] = -1
+
+    def window_max_deviation(self) -> np.ndarray:
+        """Largest ``|smoothed Δ/Δ* − 1|`` over each unit's last ``window`` steps (nan before ``window`` steps)."""
+        full = self._dev_pos >= self.config.window
+        with np.errstate(all="ignore"):
+            worst = np.max(np.nan_to_num(self._dev_ring, nan=np.inf), axis=0)
+        return np.where(full, worst, np.nan)
+
+    def predicted_time_to_equilibrium(self) -> np.ndarray:
+        """Steps from the initial norm to the equilibrium band, predicted with the final settings and ``L``."""
+        out = np.full(len(self.units), np.nan)
+        pred_norm = self.predicted_weight_norm()
+        for u, (rule, h) in enumerate(zip(self.rules, self.hyper)):
+            if rule is not None and h is not None and np.isfinite(pred_norm[u]):
+                out[u] = rule.time_to_equilibrium(h, float(self.initial_norm[u]), float(pred_norm[u]), self.config.tolerance)
+        return out
+
+    def steps_needed(self) -> np.ndarray:
+        """From the current smoothed ratio ``r`` (``q/q* = 1/r²``): steps until in equilibrium (band + window)."""
+        out = np.full(len(self.units), np.nan)
+        r = self.ratio.value()
+        for u, (rule, h) in enumerate(zip(self.rules, self.hyper)):
+            if rule is None or h is None:
+                continue
+            if self.in_equilibrium[u]:
+                out[u] = 0.0
+            elif self.predicted[u] == 0.0:
+                out[u] = math.inf
+            elif np.isfinite(r[u]) and r[u] > 0:
+                t = time_to_band(1.0 / r[u] ** 2, rule.norm_time_constant(h), self.config.tolerance)
+                out[u] = t + max(self.config.window - int(self.band_run[u]), 0)
+        return out
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -263,6 +396,7 @@ class Diagnostics:
                 out[base + "weight_norm"] = float(self.norm[u])
                 out[base + "predicted_weight_norm"] = float(pred_norm[u])
                 out[base + "in_equilibrium"] = float(eq[u])
+                out[base + "effective_lr"] = float(self.effective_lr[u])
                 if self.per_filter:
                     out[base + "filter_angular_update_rms"] = float(filter_rms[u])
         return out
@@ -273,6 +407,8 @@ class Diagnostics:
         pred_norm = self.predicted_weight_norm()
         eq = self.in_equilibrium
         filter_rms = self.filter_delta.value()
+        dev = self.window_max_deviation()
+        t_eq = self.predicted_time_to_equilibrium()
         rows = []
         for u, unit in enumerate(self.units):
             first = int(self.first_equilibrium[u])
@@ -303,6 +439,18 @@ class Diagnostics:
                     "filter_angular_update_rms": _num(filter_rms[u]) if self.per_filter else None,
                     "first_equilibrium_step": first if first >= 0 else None,
                     "steps_in_equilibrium": int(self.steps_in_equilibrium[u]),
+                    "share_in_equilibrium": _num(self.steps_in_equilibrium[u] / self.steps[u]) if self.steps[u] else None,
+                    "state": self.state[u],
+                    "window_max_deviation": _num(dev[u]),
+                    "initial_weight_norm": _num(self.initial_norm[u]),
+                    "predicted_time_to_equilibrium": _num(t_eq[u]),
+                    "effective_lr": _num(self.effective_lr[u]),
+                    "reequilibrations": list(self.reequilibrations[u]),
+                    "expected_reequilibration_steps": _num(self.expected_reequilibration[u]) if self.state[u] == "re-equilibrating" else None,
+                    "spikes": int(self.spike_count[u]),
+                    "vanishing_gradient_noise_since": int(self.vanishing_since[u]) if self.vanishing_since[u] >= 0 else None,
+                    "unit_grad_sq": _num(self.unit_grad.value(np.array([u]))[0]),
+                    "unit_grad_sq_peak": _num(self.unit_grad_peak[u]),
                     "reason": self.reasons[u],
                 }
             )
@@ -317,8 +465,33 @@ class Diagnostics:
             "criteria": asdict(self.config),
             "equilibrium_fraction": _num(self.equilibrium_fraction()),
             "angular_update_ratio": _num(self.median_ratio()),
+            "diagnoses": self.diagnoses(),
+            "spikes": list(self.spikes),
             "layers": self.layer_rows(),
         }
+
+    def diagnoses(self) -> dict[str, Any]:
+        """Run-level findings, each with the layers concerned."""
+        names = [u.name for u in self.units]
+        app = self.applicable
+        out: dict[str, Any] = {}
+        vanishing = [names[u] for u in range(len(names)) if self.vanishing_since[u] >= 0]
+        if vanishing:
+            out["vanishing_gradient_noise"] = vanishing
+        spiking = [names[u] for u in range(len(names)) if self.spike_count[u] > 0]
+        if spiking:
+            out["norm_spikes"] = spiking
+        reeq = [names[u] for u in range(len(names)) if self.state[u] == "re-equilibrating"]
+        if reeq:
+            out["re_equilibrating"] = reeq
+        reached = [u for u in range(len(names)) if app[u] and self.first_equilibrium[u] >= 0]
+        never = [names[u] for u in range(len(names)) if app[u] and self.first_equilibrium[u] < 0]
+        if reached and never:
+            out["never_in_equilibrium"] = never
+        departed = [names[u] for u in range(len(names)) if self.state[u] == "departed"]
+        if departed:
+            out["departed"] = departed
+        return out
 
     def unit_history(self, name: str) -> dict[str, np.ndarray]:
         """Every recorded step of one unit (needs ``keep_history=True``)."""
@@ -334,6 +507,20 @@ class Diagnostics:
             for k in keys[1:]:
                 parts[k].append(h[k][:, j])
         return {k: (np.concatenate(v) if v else np.empty(0)) for k, v in parts.items()}
+
+
+def diffusion_exponent(steps: Sequence[float], distance: Sequence[float], min_span: float = 4.0) -> float:
+    """Exponent ``c`` of ``distance ∝ t^c``: least squares in log-log (nan with fewer than 3 points or a
+    span of ``t`` narrower than ``min_span``). A random walk gives 0.5, ballistic motion 1."""
+    t = np.asarray(steps, dtype=np.float64)
+    d = np.asarray(distance, dtype=np.float64)
+    ok = (t > 0) & (d > 0) & np.isfinite(d)
+    t, d = t[ok], d[ok]
+    if t.size < 3 or t.max() / t.min() < min_span:
+        return math.nan
+    x, y = np.log(t), np.log(d)
+    slope = float(np.polyfit(x, y, 1)[0])
+    return slope
 
 
 def _num(x: float) -> float | None:

@@ -405,3 +405,57 @@ class _PostHook:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.slot.record()
+
+
+class DistanceTracker:
+    """Angular distance travelled by each unit since a reference point (Kunin et al., *Limiting dynamics
+    of SGD*: parameters keep moving long after the loss converged). Holds one copy of the weights of the
+    units it tracks; measured at log steps only (one host synchronization there)."""
+
+    def __init__(self, unit_params: Sequence[Sequence[torch.Tensor]]) -> None:
+        self.unit_params = [list(p) for p in unit_params]
+        self.reference: dict[int, list[torch.Tensor]] = {}
+        self.reference_step: dict[int, int] = {}
+        self.series: dict[int, list[tuple[int, float]]] = {}
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.reference.values() for t in ts)
+
+    def take(self, unit: int, step: int) -> None:
+        with torch.no_grad():
+            self.reference[unit] = [p.detach().clone() for p in self.unit_params[unit]]
+        self.reference_step[unit] = step
+        self.series[unit] = []
+
+    def measure(self, step: int) -> dict[int, float]:
+        """Angle between each unit's reference and its current value, appended to its series."""
+        units = sorted(self.reference)
+        if not units:
+            return {}
+        refs = [t for u in units for t in self.reference[u]]
+        curs = [p.detach() for u in units for p in self.unit_params[u]]
+        with torch.no_grad():
+            diffs = torch._foreach_sub(curs, refs)
+            stacked = torch.stack(
+                torch._foreach_norm(refs, 2, dtype=torch.float64)
+                + torch._foreach_norm(curs, 2, dtype=torch.float64)
+                + torch._foreach_norm(diffs, 2, dtype=torch.float64)
+            ).square_()
+        values = stacked.to("cpu").numpy()
+        n = len(refs)
+        out: dict[int, float] = {}
+        pos = 0
+        for u in units:
+            k = len(self.reference[u])
+            a, b, d = (values[pos : pos + k].sum(), values[n + pos : n + pos + k].sum(), values[2 * n + pos : 2 * n + pos + k].sum())
+            pos += k
+            angle = float(angles_from_norms(np.array(a), np.array(b), np.array(d)))
+            out[u] = angle
+            t = step - self.reference_step[u]
+            if t > 0:
+                self.series[u].append((t, angle))
+        return out
+
+    def close(self) -> None:
+        self.reference = {}

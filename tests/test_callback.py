@@ -18,7 +18,7 @@ from lightning_smd import SMDCallback, SMDWarning
 from lightning_smd.theory import sgd_angular_update
 
 CONVS = ["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"]
-PER_LAYER = ("angular_update", "predicted_angular_update", "angular_update_ratio", "weight_norm", "predicted_weight_norm", "in_equilibrium")
+PER_LAYER = ("angular_update", "predicted_angular_update", "angular_update_ratio", "weight_norm", "predicted_weight_norm", "in_equilibrium", "effective_lr")
 
 
 def read_csv(path):
@@ -26,8 +26,10 @@ def read_csv(path):
         return list(csv.DictReader(fh))
 
 
-def smd_warnings(record):
-    return [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
+def smd_warnings(record, end=False):
+    """SMD warnings; without ``end``, the end-of-run verdict warning (tested on its own) is left out."""
+    msgs = [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
+    return msgs if end else [m for m in msgs if not m.startswith("No equilibrium reached")]
 
 
 def test_csv_logs_have_a_fixed_key_set_at_the_log_interval(tmp_path):
@@ -122,8 +124,8 @@ def test_per_group_settings_are_honoured(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fit_and_collect(tmp_path, model, max_steps):
-    smd = SMDCallback(verbose=False)
+def _fit_and_collect(tmp_path, model, max_steps, **kw):
+    smd = SMDCallback(verbose=False, **kw)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer(tmp_path, [smd], max_steps=max_steps).fit(model, loader())
@@ -131,10 +133,10 @@ def _fit_and_collect(tmp_path, model, max_steps):
 
 
 def test_no_warning_for_a_sound_setup(tmp_path):
-    # tau = 0.1 / (2 * 0.2 * 0.05) = 5 steps; 20 steps planned
-    smd, msgs = _fit_and_collect(tmp_path, Module(SmallConvNet(), optimizer=sgd(lr=0.2, weight_decay=0.05)), 20)
+    # tau = 0.1 / (2 * 0.2 * 0.05) = 5 steps; 80 steps planned, 10 to hold the band
+    smd, msgs = _fit_and_collect(tmp_path, Module(SmallConvNet(), optimizer=sgd(lr=0.2, weight_decay=0.05)), 80, window=10)
     assert msgs == []
-    assert smd.summary()["warnings"] == []
+    assert smd.summary()["warnings"] == [] and smd.summary()["verdict"] == "equilibrium"
 
 
 def test_warns_when_no_normalized_weight(tmp_path):
@@ -145,8 +147,12 @@ def test_warns_when_no_normalized_weight(tmp_path):
 
 
 def test_warns_on_zero_weight_decay(tmp_path):
-    smd, msgs = _fit_and_collect(tmp_path, Module(SmallConvNet(), optimizer=sgd(weight_decay=0.0)), 20)
-    assert len(msgs) == 1
+    smd = SMDCallback(verbose=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [smd], max_steps=20).fit(Module(SmallConvNet(), optimizer=sgd(weight_decay=0.0)), loader())
+    msgs = smd_warnings(record, end=True)
+    assert len(msgs) == 2 and msgs[1].startswith("No equilibrium reached")
     assert "weight_decay=0" in msgs[0] and "net.conv1.weight" in msgs[0] and "weight_decay > 0" in msgs[0]
     s = smd.summary()
     assert s["verdict"] == "not_reached"
