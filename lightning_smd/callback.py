@@ -696,11 +696,13 @@ def _planned_steps(trainer: pl.Trainer) -> int | None:
 
 
 def _log_dir(trainer: pl.Trainer) -> str:
-    try:
-        d = trainer.log_dir
-    except Exception:  # noqa: BLE001
-        d = None
-    return d or trainer.default_root_dir
+    """The first logger's directory, else ``default_root_dir``. Unlike ``trainer.log_dir`` this issues no
+    collective (``trainer.log_dir`` broadcasts from rank zero, which hangs when called on one rank only)."""
+    for logger in trainer.loggers:
+        d = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if d:
+            return str(d)
+    return trainer.default_root_dir
 
 
 def _optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:

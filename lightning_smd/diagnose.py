@@ -50,7 +50,7 @@ class DiagnosticsConfig:
     spike_factor: float = 5.0
     """A step whose angular update exceeds ``spike_factor·Δ*`` in a layer that had reached equilibrium is a
     norm spike."""
-    vanishing_factor: float = 10.0
+    vanishing_factor: float = 4.0
     """Vanishing gradient noise: the smoothed ``L`` fell below its peak divided by this, while the smoothed
     ratio is below ``1 − 2·tolerance``."""
 
@@ -122,6 +122,7 @@ class Diagnostics:
         self.initial_norm = np.full(n, np.nan)
         self.unit_grad_peak = np.zeros(n)
         self.vanishing_since = np.full(n, -1, dtype=np.int64)
+        self.vanishing_first = np.full(n, -1, dtype=np.int64)
         self.spike_count = np.zeros(n, dtype=np.int64)
         self.spikes: list[dict[str, Any]] = []
         self._spiking = np.zeros(n, dtype=bool)
@@ -252,9 +253,17 @@ class Diagnostics:
             u = int(u)
             st = self.state[u]
             if in_eq[j]:
-                if st == "re-equilibrating" and self.reequilibrations[u]:
-                    event = self.reequilibrations[u][-1]
-                    event["observed_steps"] = max(step - window + 1 - event["step"], 0)
+                if st == "re-equilibrating":
+                    change = int(self.change_step[u])
+                    band_start = step - int(self.band_run[u]) + 1
+                    if band_start > change:  # left the band after the change and came back for a window
+                        observed = band_start - change
+                    elif step - change + 1 >= window:  # stayed in band through the change
+                        observed = 0
+                    else:
+                        continue
+                    if self.reequilibrations[u]:
+                        self.reequilibrations[u][-1]["observed_steps"] = observed
                 self.state[u] = "equilibrium"
             elif st == "equilibrium":
                 self.state[u] = "departed"
@@ -281,6 +290,8 @@ class Diagnostics:
         for j in np.nonzero(new)[0]:
             u = int(idx[j])
             self.vanishing_since[u] = step
+            if self.vanishing_first[u] < 0:
+                self.vanishing_first[u] = step
             self.events.append(
                 {"kind": "vanishing", "unit": u, "step": step, "L_peak": float(self.unit_grad_peak[u]), "L_now": float(L[j]), "ratio": float(smoothed[j])}
             )
@@ -326,10 +337,11 @@ class Diagnostics:
 
     @property
     def applicable(self) -> np.ndarray:
-        """Units whose optimizer has a rule (a prediction of 0, i.e. weight decay 0, counts: it is a failure)."""
+        """Units with a prediction (a prediction of 0, i.e. no weight decay, counts: it is a failure; an unknown
+        optimizer or Adam's coupled L2 have none)."""
         out = np.zeros(len(self.units), dtype=bool)
         for u, rule in enumerate(self.rules):
-            out[u] = rule is not None and rule.name != "unknown"
+            out[u] = rule is not None and rule.name != "unknown" and bool(np.isfinite(self.predicted[u]))
         return out
 
     def predicted_weight_norm(self) -> np.ndarray:
@@ -370,10 +382,20 @@ class Diagnostics:
                 f"{n_eq}/{n_app} tracked layers ended in equilibrium (smoothed angular update within "
                 f"±{cfg.tolerance:.0%} of the prediction for the last {cfg.window} steps; at least {cfg.min_fraction:.0%} required)"
             )
-        return "not_reached", (
+        reason = (
             f"only {n_eq}/{n_app} tracked layers ended in equilibrium; at least {cfg.min_fraction:.0%} must stay within "
             f"±{cfg.tolerance:.0%} of the predicted angular update for the last {cfg.window} steps"
         )
+        vanishing = [u for u in range(len(self.units)) if app[u] and self.vanishing_first[u] >= 0 and not self.in_equilibrium[u]]
+        if vanishing:
+            reason += (
+                f"; diagnosed as vanishing gradient noise in {len(vanishing)} of them (the training loss approaches zero: "
+                "a property of the run, not a measurement error)"
+            )
+        no_decay = [u for u in range(len(self.units)) if app[u] and self.predicted[u] == 0.0]
+        if no_decay:
+            reason += f"; {len(no_decay)} have no weight decay, hence no equilibrium"
+        return "not_reached", reason
 
     # ------------------------------------------------------------------------------------------
     def metrics(self, per_layer: bool = True, prefix: str = "smd/") -> dict[str, float]:
@@ -448,7 +470,7 @@ class Diagnostics:
                     "reequilibrations": list(self.reequilibrations[u]),
                     "expected_reequilibration_steps": _num(self.expected_reequilibration[u]) if self.state[u] == "re-equilibrating" else None,
                     "spikes": int(self.spike_count[u]),
-                    "vanishing_gradient_noise_since": int(self.vanishing_since[u]) if self.vanishing_since[u] >= 0 else None,
+                    "vanishing_gradient_noise_since": int(self.vanishing_first[u]) if self.vanishing_first[u] >= 0 else None,
                     "unit_grad_sq": _num(self.unit_grad.value(np.array([u]))[0]),
                     "unit_grad_sq_peak": _num(self.unit_grad_peak[u]),
                     "reason": self.reasons[u],
@@ -475,7 +497,8 @@ class Diagnostics:
         names = [u.name for u in self.units]
         app = self.applicable
         out: dict[str, Any] = {}
-        vanishing = [names[u] for u in range(len(names)) if self.vanishing_since[u] >= 0]
+        eq = self.in_equilibrium
+        vanishing = [names[u] for u in range(len(names)) if self.vanishing_first[u] >= 0 and not eq[u]]
         if vanishing:
             out["vanishing_gradient_noise"] = vanishing
         spiking = [names[u] for u in range(len(names)) if self.spike_count[u] > 0]

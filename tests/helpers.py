@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,33 @@ class SmallConvNet(nn.Module):
         x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
         x = self.bn3(F.max_pool2d(F.relu(self.conv3(x)), 2))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1))
+
+
+class PlainConvNet(nn.Module):
+    """conv -> BN -> ReLU x3 with strided convs (no ReLU before a BatchNorm, so no dead filters)."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.conv1, self.bn1 = nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
+        self.conv2, self.bn2 = nn.Conv2d(w, 2 * w, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(2 * w)
+        self.conv3, self.bn3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(4 * w)
+        self.fc = nn.Linear(4 * w, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def decay_only_conv_weights(params: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Param groups: weight decay on the (normalized) conv weights only, none on BN, biases, classifier."""
+    params = list(params)
+    return [
+        {"params": [p for p in params if p.dim() == 4], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() != 4], "weight_decay": 0.0},
+    ]
 
 
 class BasicBlock(nn.Module):
@@ -82,7 +110,8 @@ class NoNormNet(nn.Module):
 
 
 def sgd(lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-3, **kw: Any) -> Callable:
-    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kw)
+    """A picklable optimizer factory (``ddp_spawn`` pickles the module)."""
+    return functools.partial(torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay, **kw)
 
 
 class Module(pl.LightningModule):

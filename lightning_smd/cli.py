@@ -1,0 +1,126 @@
+"""``lightning-smd``: check and report runs from their summary.
+
+    lightning-smd check SUMMARY.json [--tolerance 0.1] [--min-fraction 0.9]
+        exit 0 when the run reached equilibrium, 1 when it did not, 2 on unreadable input
+    lightning-smd report LOG_DIR_OR_SUMMARY
+        the per-layer table of a run (the newest smd_summary.json under a directory)
+
+``check`` re-judges the verdict when ``--tolerance`` or ``--min-fraction`` is given: a layer counts as in
+equilibrium when its smoothed ratio stayed within ``1 ± tolerance`` over the run's last ``window`` steps
+(``window_max_deviation`` in the summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_smd.callback import SUMMARY_FILENAME, format_summary_table
+
+__all__ = ["main", "find_summary", "judge"]
+
+
+class InputError(Exception):
+    pass
+
+
+def find_summary(path: str) -> str:
+    """``path`` itself if it is a file, else the newest ``smd_summary.json`` below the directory."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: no such file or directory")
+    found = []
+    for root, _, files in os.walk(path):
+        if SUMMARY_FILENAME in files:
+            full = os.path.join(root, SUMMARY_FILENAME)
+            found.append((os.path.getmtime(full), full))
+    if not found:
+        raise InputError(f"{path}: no {SUMMARY_FILENAME} found below this directory")
+    return max(found)[1]
+
+
+def load(path: str) -> dict[str, Any]:
+    try:
+        with open(find_summary(path)) as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read an SMD summary ({err})") from err
+    if not isinstance(data, dict) or "verdict" not in data or not isinstance(data.get("layers"), list):
+        raise InputError(f"{path}: not an SMD summary (no 'verdict' and 'layers')")
+    return data
+
+
+def judge(summary: dict[str, Any], tolerance: float | None = None, min_fraction: float | None = None) -> tuple[str, str]:
+    """The verdict of a summary, re-judged with other criteria when they are given."""
+    if tolerance is None and min_fraction is None:
+        return summary["verdict"], summary.get("reason", "")
+    criteria = summary.get("criteria", {})
+    tol = tolerance if tolerance is not None else criteria.get("tolerance", 0.1)
+    frac = min_fraction if min_fraction is not None else criteria.get("min_fraction", 0.9)
+    layers = [layer for layer in summary["layers"] if layer.get("predicted_angular_update") is not None]
+    if not layers:
+        return "not_applicable", "no tracked layer has an SMD prediction"
+    ok = [layer for layer in layers if layer.get("window_max_deviation") is not None and layer["window_max_deviation"] <= tol]
+    share = len(ok) / len(layers)
+    reason = (
+        f"{len(ok)}/{len(layers)} layers stayed within ±{tol:.0%} of the prediction over the last "
+        f"{criteria.get('window', '?')} steps ({frac:.0%} required)"
+    )
+    return ("equilibrium" if share >= frac - 1e-12 else "not_reached"), reason
+
+
+def _check(args: argparse.Namespace) -> int:
+    summary = load(args.summary)
+    verdict, reason = judge(summary, args.tolerance, args.min_fraction)
+    if args.tolerance is not None or args.min_fraction is not None:
+        summary = {**summary, "verdict": verdict, "reason": reason}
+    print(format_summary_table(summary))
+    return 0 if verdict == "equilibrium" else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    path = find_summary(args.path)
+    summary = load(path)
+    print(f"{path}")
+    print(format_summary_table(summary))
+    extra = []
+    for key, names in (summary.get("diagnoses") or {}).items():
+        extra.append(f"  {key.replace('_', ' ')}: {', '.join(names)}")
+    if extra:
+        print("diagnoses:\n" + "\n".join(extra))
+    for w in summary.get("warnings", []):
+        print(f"warning: {w}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightning-smd", description="Check and report Spherical Motion Dynamics runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="exit 0 if the run reached equilibrium, 1 if not, 2 on unreadable input")
+    c.add_argument("summary", help="smd_summary.json, or a directory holding one")
+    c.add_argument("--tolerance", type=float, default=None, help="re-judge: allowed |ratio - 1| over the last window")
+    c.add_argument("--min-fraction", type=float, default=None, help="re-judge: share of layers that must be in equilibrium")
+    c.set_defaults(fn=_check)
+    r = sub.add_parser("report", help="print the per-layer table of a run")
+    r.add_argument("path", help="smd_summary.json or a log directory")
+    r.set_defaults(fn=_report)
+    args = parser.parse_args(argv)
+    for name in ("tolerance", "min_fraction"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number")
+    try:
+        return int(args.fn(args))
+    except InputError as err:
+        print(f"lightning-smd: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
