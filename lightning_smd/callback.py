@@ -145,6 +145,10 @@ class SMDCallback(Callback):
         self._warned: set[str] = set()
         self._stop_reason: str | None = None
         self.distance: DistanceTracker | None = None
+        self._flow_losses: list[Any] = []
+        self._flow_batches = 0
+        self._rebased = False
+        self._verify_tries = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callback: hooks, device buffers and an active recorder stay behind.
@@ -165,7 +169,7 @@ class SMDCallback(Callback):
         self._finished = False
         self._warned = set()
         self._stop_reason = None
-        self._trainer = trainer
+        self._flow_losses, self._flow_batches, self._rebased, self._verify_tries = [], 0, False, 0
         det = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
         self.detection = det
         if det.method == "deferred":
@@ -216,13 +220,34 @@ class SMDCallback(Callback):
     # First batch: deferred detection and the numerical check of invariance
     # ------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.recorder is not None and not self._rebased:
+            # Weights may have changed since fit start (a checkpoint restored by the strategy, a module's
+            # own on_fit_start/on_train_start): measure the first step from the weights it really starts from.
+            self._rebased = True
+            self.recorder.rebase()
         if self._deferred and self._flow is None:
             self._flow = DataFlowRecorder(dict(pl_module.named_parameters()))
+            self._flow_losses = []
+            self._flow_batches += 1
             self._flow.__enter__()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._flow is not None:
-            self._finish_deferred(trainer, pl_module, loss)
+            self._flow_losses.append(loss)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._flow is not None:
+            # manual optimization (several losses), or a batch without a backward we saw
+            losses = list(self._flow_losses) or [t for t in _tensors_of(outputs)]
+            if losses or self._flow_batches >= 3:
+                self._finish_deferred(trainer, pl_module, losses)
+            else:  # nothing to analyse yet (training_step skipped this batch): record the next one
+                self._stop_flow()
+        if self.recorder is None or self.recorder.pending == 0:
+            return
+        if not self._is_log_step(trainer):
+            return
+        self._flush(trainer, _logger_step(trainer))
 
     def _stop_flow(self) -> DataFlowRecorder | None:
         flow, self._flow = self._flow, None
@@ -230,14 +255,15 @@ class SMDCallback(Callback):
             flow.__exit__(None, None, None)
         return flow
 
-    def _finish_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+    def _finish_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: list[Any]) -> None:
         flow = self._stop_flow()
         self._deferred = False
+        self._flow_losses = []
         if flow is None:
             return
         previous = self.detection
         try:
-            det = detect_from_graph(pl_module, flow.graph(loss), self.include, self.exclude)
+            det = detect_from_graph(pl_module, flow.graph(losses), self.include, self.exclude)
         except Exception as err:  # noqa: BLE001 - never crash the training run over detection
             det = Detection(method="none", error=f"the recorded data flow could not be analysed ({type(err).__name__}: {err})")
         if previous is not None and previous.error and det.error is None:
@@ -247,13 +273,18 @@ class SMDCallback(Callback):
             self._warn(trainer, det.error + " Name the normalized weights with SMDCallback(include=[...]).")
         units = det.units or (previous.units if previous else [])
         self._attach(trainer, pl_module, units)
+        self._rebased = True  # attached right now, from the current weights
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if self._flow is not None:  # no on_before_backward was seen (loss.backward() called directly)
-            self._finish_deferred(trainer, pl_module, None)
+        if self._flow is not None and self._flow_losses and pl_module.automatic_optimization:
+            # one loss per batch: attach now, before this first step, so that it is measured too
+            self._finish_deferred(trainer, pl_module, list(self._flow_losses))
         if not self._verify_pending or self.diagnostics is None or self.detection is None:
             return
-        self._verify_pending = False
+        self._verify_tries += 1
+        if self._verify_tries > 5:
+            self._verify_pending = False
+            return
         # One host synchronization, once per fit: |cos(g, w)| of every candidate weight on the first batch.
         named = dict(pl_module.named_parameters())
         names = {p for u in self.diagnostics.units for p in u.params} | {n for n in self.detection.rejected if n in named}
@@ -268,6 +299,9 @@ class SMDCallback(Callback):
             assert self.recorder is not None
             self.recorder.close()
             self.recorder = self._make_recorder(trainer, pl_module, units)
+        if all(u.verification is None for u in units) and any(grads[p] is not None for u in units for p in u.params):
+            return  # no usable gradient on this step (overflowed under fp16 loss scaling): try the next one
+        self._verify_pending = False
         self.diagnostics.units = units
         self.detection.units = units
         self.detection.rejected_verification = rejected
@@ -355,13 +389,6 @@ class SMDCallback(Callback):
     # ------------------------------------------------------------------------------------------
     # Per step
     # ------------------------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.recorder is None or self.recorder.pending == 0:
-            return
-        if not self._is_log_step(trainer):
-            return
-        self._flush(trainer, _logger_step(trainer))
-
     def _is_log_step(self, trainer: pl.Trainer) -> bool:
         loop = trainer.fit_loop.epoch_loop
         should_accumulate = getattr(loop, "_should_accumulate", None)
@@ -622,6 +649,14 @@ def _filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
     if u.granularity == "group" and u.group_size:
         return (u.filter_dim, u.group_size)
     return None
+
+
+def _tensors_of(outputs: Any) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.requires_grad else []
+    if isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
+        return [outputs["loss"]]
+    return []
 
 
 def _verification_message(u: NormalizedWeight) -> str:

@@ -119,6 +119,7 @@ _LAYERS = {
     "linear": -1,
 }
 _NORMS = {
+    "normalize": "l2",  # F.normalize: x / ‖x‖ along a dim (cosine classifiers, QK-normalization)
     "batch_norm": "batch",
     "instance_norm": "instance",
     "group_norm": "group",
@@ -132,6 +133,7 @@ _NORM_KINDS = {
     "group": ("group", False),
     "layer": ("tensor", False),
     "rms": ("tensor", False),
+    "l2": ("tensor", False),
 }
 # Positively homogeneous of degree 1 in their first argument.
 _UNARY = {
@@ -235,6 +237,10 @@ def _op_from_name(name: str, args: list[int | None], consts: list[Any], label: s
         return _Op("norm", args, label=label, norm_kind=_NORMS[name])
     if name in _META:
         return _Op("meta", [], label=label)
+    if name in ("max", "min", "maximum", "minimum", "fmax", "fmin") and len(args) > 1:
+        return _Op("cat", args[:2], label=label)  # elementwise max of two tensors: homogeneous only at equal degrees
+    if name in ("addmm", "baddbmm", "addbmm", "addmv", "addr", "addcmul", "addcmul_", "addmm_", "baddbmm_"):
+        return _Op("addmm", args[:3], label=label)
     if name in _UNARY:
         return _Op("unary", args[:1], label=label, transparent=name in _BIAS_TRANSPARENT)
     if name in _POWER:
@@ -425,7 +431,8 @@ class _Graph:
                 absorbed.append((i, den))  # w / |w|, w / std(w): a normalization of the weight itself
             return _product(num, -den if isinstance(den, float) else _BROKEN)
         if k == "add":
-            vals = [val(a) for a in op.args if a is not None]
+            # a tensor the graph does not know (a model input, a buffer, a constant) has degree 0
+            vals = [val(a) for a in op.args]
             nonzero = [x for x in vals if x != 0.0]
             if not nonzero:
                 return 0.0
@@ -437,7 +444,7 @@ class _Graph:
                 return _BROKEN
             return first
         if k == "cat":
-            vals = [val(a) for a in op.args if a is not None]
+            vals = [val(a) for a in op.args]
             nonzero = [x for x in vals if x != 0.0]
             if not nonzero:
                 return 0.0
@@ -449,6 +456,12 @@ class _Graph:
             if v_deg != 0.0:
                 absorbed.append((i, v_deg))
             return g_deg
+        if k == "addmm":  # input + a @ b (baddbmm, addmm, addcmul, ...)
+            first = val(op.args[0]) if op.args else 0.0
+            prod = _product(val(op.args[1]) if len(op.args) > 1 else 0.0, val(op.args[2]) if len(op.args) > 2 else 0.0)
+            if first == prod:
+                return first
+            return _BROKEN
         if k == "meta":
             return 0.0
         # opaque: fine only when nothing it reads depends on the scale
@@ -764,8 +777,9 @@ def _granularity(g: _Graph, absorbed: list[tuple[int, Any]], layer: _Op, weight:
                 size = max(n_filters // op.groups, 1)
                 grans.append(("filter", None) if size == 1 else (("tensor", None) if op.groups == 1 else ("group", size)))
             elif gran == "filter" and layer.feature_axis != 1:
-                # BatchNorm after a Linear: per row only if the features stay on the channel axis
-                grans.append(("filter", None))
+                # BatchNorm after a Linear: per row only if the features are on BatchNorm's channel axis (2-D
+                # input), which the structure alone does not show; the numerical check refines it
+                grans.append(("tensor", None))
             else:
                 grans.append((gran, None))
     if not grans:
@@ -983,8 +997,19 @@ def verify_orthogonality(
         # The structural granularity stands (a BatchNorm eps effect must not coarsen it); a coarser structural
         # answer (LayerNorm/RMSNorm over reshaped heads, a standardized weight) is refined when the gradient
         # shows a finer invariance.
+        if not bool(torch.isfinite(g_rows).all()):
+            out.append(u)  # an overflowed gradient (fp16 loss scaling): no verdict from this batch
+            continue
         current = {"filter": 1, "group": u.group_size or n_filters, "tensor": n_filters}[u.granularity]
         best = (u.granularity, u.group_size, _block_cos(w_rows, g_rows, current))
+        if best[2] > NOT_ORTHOGONAL_WARNING:
+            # clearly not invariant at the structural granularity (channels moved by a reshape or a pixel
+            # shuffle before the norm): the finest coarser block that is
+            for size in [d for d in _divisors(n_filters) if d > current]:
+                c = _block_cos(w_rows, g_rows, size)
+                if c <= ORTHOGONALITY_TOLERANCE:
+                    best = ("tensor", None, c) if size == n_filters else ("group", size, c)
+                    break
         for size in [1] + [d for d in _divisors(n_filters) if d < current]:
             if size >= current:
                 break

@@ -94,10 +94,8 @@ class _Slot:
         self.tensor_group = np.array([pos[g] for g in tensor_group], dtype=np.int64)
         self.units = units  # global unit indices, in local order
         local = {u: i for i, u in enumerate(units)}
-        # Sum of per-tensor squares into per-unit squares: [P, n] 0/1 matrix.
-        self.to_units = np.zeros((len(tensors), len(units)))
-        for t, u in enumerate(tensor_unit):
-            self.to_units[t, local[u]] = 1.0
+        # Per-unit sums of per-tensor squares (np.add.at: a non-finite tensor only spoils its own unit).
+        self.tensor_local_unit = np.array([local[u] for u in tensor_unit], dtype=np.int64)
         unit_group = np.zeros(len(units), dtype=np.int64)
         for t, u in enumerate(tensor_unit):
             unit_group[local[u]] = self.tensor_group[t]
@@ -112,6 +110,8 @@ class _Slot:
         self.count = 0
         self.steps_taken = 0
         self.hyper_log: list[tuple[tuple[Any, ...], ...]] = []
+        # per recorded step: tensors that had no gradient (the optimizer skipped them: no rotation to measure)
+        self.missing_log: list[list[int]] = []
         self.spill: list[tuple[np.ndarray, list[tuple[tuple[Any, ...], ...]], np.ndarray]] = []
         self._zero = torch.zeros(1, dtype=tensors[0].dtype, device=self.device)
         with torch.no_grad():
@@ -119,7 +119,7 @@ class _Slot:
             self.initial = torch.stack(norms).square_()
         self.last_norm_sq: np.ndarray | None = None  # per tensor, host; None until the first drain
         # Per-filter statistics (opt-in): tensor position -> (filter dim, filters per invariant group)
-        self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None}
+        self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None and tensors[t].numel() > 0}
         self.pf_tensors = sorted(self.filter_of)
         self.pf_rows = [tensors[t].shape[self.filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.pf_tensors]
         self.tensor_unit_local = [local[u] for u in tensor_unit]
@@ -153,6 +153,7 @@ class _Slot:
             self._spill()
         tensors = self.tensors
         zero = self._zero
+        missing = [i for i, t in enumerate(tensors) if t.grad is None]
         with torch.no_grad():
             grads = [t.grad if t.grad is not None else zero for t in tensors]
             pf_updates: list[torch.Tensor] = []
@@ -184,9 +185,22 @@ class _Slot:
         groups = self.optimizer.param_groups
         keys = self.rule.keys
         step = self.steps_taken + 1
+        self.missing_log.append(missing)
         self.hyper_log.append(tuple(tuple(step if k == "_step" else _freeze(groups[g].get(k)) for k in keys) for g in self.groups))
         self.count += 1
         self.steps_taken += 1
+
+    def rebase(self) -> None:
+        """Take the snapshot and the initial norms again (weights changed since attach: a checkpoint was
+        restored, a ``setup``/``on_train_start`` hook re-initialized them). Only before the first step."""
+        if self.steps_taken:
+            return
+        with torch.no_grad():
+            if self.snapshot is not None:
+                torch._foreach_copy_(self.snapshot, self.tensors)
+            self.initial = torch.stack(torch._foreach_norm(self.tensors, 2, dtype=torch.float64)).square_()
+            if self.pf_buffer is not None:
+                self.pf_initial = torch.cat(self._row_sq([self.tensors[t] for t in self.pf_tensors]))
 
     def _spill(self) -> None:
         # The buffer is full before the owner drained it (log interval longer than the capacity): move it
@@ -215,6 +229,7 @@ class _Slot:
             return None
         data = np.concatenate([p[0] for p in parts])
         raw_hyper = [h for p in parts for h in p[1]]
+        missing, self.missing_log = self.missing_log, []
         steps = np.concatenate([p[2] for p in parts])
         n_t = len(self.tensors)
         w_sq, d_sq, g_sq = data[:, :n_t], data[:, n_t : 2 * n_t], data[:, 2 * n_t :]
@@ -222,6 +237,12 @@ class _Slot:
             self.last_norm_sq = self.initial.to("cpu", copy=True).numpy()
         before = np.concatenate([self.last_norm_sq[None, :], w_sq[:-1]], axis=0)
         self.last_norm_sq = w_sq[-1].copy()
+        if any(missing):
+            d_sq = d_sq.copy()
+            g_sq = g_sq.copy()
+            for r, miss in enumerate(missing[-len(d_sq) :]):
+                d_sq[r, miss] = np.nan
+                g_sq[r, miss] = np.nan
         keys = self.rule.keys
         hyper = [[self.rule.hyper(dict(zip(keys, (_thaw(v) for v in group)))) for group in step] for step in raw_hyper]
         if self.momentum_path:
@@ -229,8 +250,7 @@ class _Slot:
             # scheduler moved it).
             lr = np.array([[g.get("lr", math.nan) for g in step] for step in hyper], dtype=np.float64)
             d_sq = d_sq * lr[:, self.tensor_group] ** 2
-        m = self.to_units
-        before_u, after_u, upd_u, grad_u = before @ m, w_sq @ m, d_sq @ m, g_sq @ m
+        before_u, after_u, upd_u, grad_u = (self._to_units(x) for x in (before, w_sq, d_sq, g_sq))
         filter_rms = self._filter_rms(np.concatenate(pf_parts), hyper) if pf_parts else None
         return StepBatch(
             optimizer_index=self.index,
@@ -246,6 +266,11 @@ class _Slot:
             rule=self.rule,
             filter_angular_update_rms=filter_rms,
         )
+
+    def _to_units(self, x: np.ndarray) -> np.ndarray:
+        out = np.zeros((x.shape[0], len(self.units)))
+        np.add.at(out.T, self.tensor_local_unit, x.T)
+        return out
 
     def _filter_rms(self, pf: np.ndarray, hyper: list[list[dict[str, float]]]) -> np.ndarray:
         """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``."""
@@ -342,30 +367,33 @@ class StepRecorder:
             for gi, group in enumerate(opt.param_groups):
                 for p in group["params"]:
                     owner.setdefault(id(p), (oi, gi))
-        per_opt: dict[int, tuple[list[torch.Tensor], list[int], list[int], list[int]]] = {}
-        per_opt_filter: dict[int, list[tuple[int, int] | None]] = {}
+        # one slot per (optimizer, device): stacking needs one device
+        per_opt: dict[tuple[int, str], tuple[list[torch.Tensor], list[int], list[int], list[int]]] = {}
+        per_opt_filter: dict[tuple[int, str], list[tuple[int, int] | None]] = {}
         self.unoptimized: list[int] = []
         for u, params in enumerate(unit_params):
             where = [owner.get(id(p)) for p in params]
-            if any(w is None for w in where) or len({w[0] for w in where if w}) != 1:
+            if any(w is None for w in where) or len({w[0] for w in where if w}) != 1 or len({str(p.device) for p in params}) != 1:
                 self.unoptimized.append(u)
                 continue
             oi = where[0][0]  # type: ignore[index]
-            tensors, t_unit, t_group, units = per_opt.setdefault(oi, ([], [], [], []))
+            key = (oi, str(params[0].device))
+            tensors, t_unit, t_group, units = per_opt.setdefault(key, ([], [], [], []))
             spec = unit_filters[u] if unit_filters is not None else None
             for j, (p, w) in enumerate(zip(params, where)):
                 tensors.append(p)
                 t_unit.append(u)
                 t_group.append(w[1])  # type: ignore[index]
                 # the filter dim applies to the weight; further tensors of a unit (a bias) are 1-D per filter
-                per_opt_filter.setdefault(oi, []).append(None if spec is None else (spec[0] if j == 0 else 0, spec[1]))
+                per_opt_filter.setdefault(key, []).append(None if spec is None else (spec[0] if j == 0 else 0, spec[1]))
             units.append(u)
             self.unit_optimizer[u] = oi
             self.unit_group[u] = where[0][1]  # type: ignore[index]
         self._handles = []
-        for oi in sorted(per_opt):
-            tensors, t_unit, t_group, units = per_opt[oi]
-            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(oi))
+        for key in sorted(per_opt):
+            oi = key[0]
+            tensors, t_unit, t_group, units = per_opt[key]
+            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(key))
             self.slots.append(slot)
             self._handles.append(optimizers[oi].register_step_post_hook(_PostHook(slot)))
 
@@ -378,6 +406,11 @@ class StepRecorder:
     def pending(self) -> int:
         """Steps recorded on the device and not drained yet (host counters only: no sync)."""
         return sum(s.count + sum(len(p[2]) for p in s.spill) for s in self.slots)
+
+    def rebase(self) -> None:
+        """Re-take snapshots and initial norms before the first step (see :meth:`_Slot.rebase`)."""
+        for slot in self.slots:
+            slot.rebase()
 
     def drain(self) -> list[StepBatch]:
         """Copy the recorded steps to the host (one synchronization) and return them per optimizer."""
