@@ -16,6 +16,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -149,6 +150,62 @@ class SMDCallback(Callback):
         self._flow_batches = 0
         self._rebased = False
         self._verify_tries = 0
+        self._resume_state: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        # two SMDCallbacks with different criteria or selections can coexist in one checkpoint
+        return self._generate_state_key(
+            tolerance=self.config.tolerance, window=self.config.window, include=self.include, exclude=self.exclude
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue measuring after a resume, as plain Python types. Drains the device
+        buffers first (checkpointing synchronizes anyway)."""
+        if self.diagnostics is None or self.recorder is None:
+            return {}
+        for batch in self.recorder.drain():
+            self.diagnostics.update(batch)
+        return {
+            "version": 1,
+            "diagnostics": self.diagnostics.state_dict(),
+            "slots": [[slot.index, str(slot.device), slot.steps_taken] for slot in self.recorder.slots],
+            "warnings": list(self.warnings),
+            "warned": sorted(self._warned),
+            "last_logged_step": self._last_logged_step,
+            "verified": not self._verify_pending,
+            "units": [[u.name, u.granularity, u.group_size, u.verification] for u in self.diagnostics.units],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before on_fit_start, which attaches: keep it until then.
+        self._resume_state = dict(state_dict) if state_dict else None
+
+    def _resume(self, trainer: pl.Trainer) -> None:
+        state, self._resume_state = self._resume_state, None
+        if not state or self.diagnostics is None or self.recorder is None:
+            return
+        try:
+            self.diagnostics.load_state_dict(state["diagnostics"])
+        except (KeyError, ValueError) as err:
+            self._warn(trainer, f"the SMD state in the checkpoint does not fit this run ({err}); measuring from scratch")
+            return
+        steps = {(int(i), str(d)): int(n) for i, d, n in state.get("slots", [])}
+        for slot in self.recorder.slots:
+            slot.steps_taken = steps.get((slot.index, str(slot.device)), slot.steps_taken)
+        if state.get("verified"):
+            known = {row[0]: row for row in state.get("units", [])}
+            units = [
+                replace(u, granularity=known[u.name][1], group_size=known[u.name][2], verification=known[u.name][3]) if u.name in known else u
+                for u in self.diagnostics.units
+            ]
+            self.diagnostics.units = units
+            if self.detection is not None:
+                self.detection.units = units
+            self._verify_pending = False
+        self.warnings = list(state.get("warnings", []))
+        self._warned = set(state.get("warned", []))
+        self._last_logged_step = int(state.get("last_logged_step", -1))
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callback: hooks, device buffers and an active recorder stay behind.
@@ -204,7 +261,10 @@ class SMDCallback(Callback):
         self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history)
         self.distance = DistanceTracker([[named[p] for p in u.params] for u in units]) if self.track_distance else None
         self._verify_pending = bool(units)
-        self._check_setup(trainer, pl_module, units, recorder)
+        resumed = self._resume_state is not None
+        self._resume(trainer)
+        if not resumed:
+            self._check_setup(trainer, pl_module, units, recorder)
 
     def _make_recorder(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[NormalizedWeight]) -> StepRecorder:
         named = dict(pl_module.named_parameters())

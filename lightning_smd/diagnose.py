@@ -28,7 +28,7 @@ import numpy as np
 
 from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepBatch
-from lightning_smd.theory import Rule, time_to_band
+from lightning_smd.theory import Rule, UnknownRule, registered_rules, time_to_band
 
 __all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS", "diffusion_exponent"]
 
@@ -298,6 +298,47 @@ class Diagnostics:
         recovered = ~collapsed & (self.vanishing_since[idx] >= 0) & (L > self.unit_grad_peak[idx] / 2.0)
         self.vanishing_since[idx[recovered]] = -1
 
+    # ------------------------------------------------------------------------------------------
+    # Checkpointing: plain Python types only (loadable with torch.load(weights_only=True))
+    # ------------------------------------------------------------------------------------------
+    _ARRAYS = (
+        "steps", "last_delta", "norm", "predicted", "relaxation", "band_run", "first_equilibrium",
+        "steps_in_equilibrium", "ref_pred", "change_step", "expected_reequilibration", "initial_norm",
+        "unit_grad_peak", "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr",
+        "_dev_ring", "_dev_pos",
+    )  # fmt: skip
+    _LISTS = ("hyper", "optimizer", "reasons", "state", "ref_hyper", "reequilibrations", "spikes")
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"names": [u.name for u in self.units], "per_filter": self.per_filter}
+        for name in self._ARRAYS:
+            out[name] = _plain(getattr(self, name).tolist())
+        for name in self._LISTS:
+            out[name] = _plain(getattr(self, name))
+        for name in ("delta", "ratio", "unit_grad", "filter_delta"):
+            ema = getattr(self, name)
+            out[name] = {"acc": _plain(ema.acc.tolist()), "weight": _plain(ema.weight.tolist())}
+        out["rules"] = [r.name if r is not None else None for r in self.rules]
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the units must be the same (by name, in order)."""
+        names = [u.name for u in self.units]
+        if state.get("names") != names:
+            raise ValueError(f"the checkpoint tracks other weights ({state.get('names')}) than this run ({names})")
+        for name in self._ARRAYS:
+            current = getattr(self, name)
+            setattr(self, name, np.asarray(_unplain(state[name]), dtype=current.dtype).reshape(current.shape))
+        for name in self._LISTS:
+            setattr(self, name, _unplain(state[name]))
+        for name in ("delta", "ratio", "unit_grad", "filter_delta"):
+            ema = getattr(self, name)
+            ema.acc = np.asarray(_unplain(state[name]["acc"]), dtype=np.float64)
+            ema.weight = np.asarray(_unplain(state[name]["weight"]), dtype=np.float64)
+        self.per_filter = bool(state.get("per_filter", False))
+        known = {r.name: r for r in registered_rules().values()}
+        self.rules = [known.get(n, UnknownRule(optimizer=n)) if n is not None else None for n in state["rules"]]
+
     def window_max_deviation(self) -> np.ndarray:
         """Largest ``|smoothed Δ/Δ* − 1|`` over each unit's last ``window`` steps (nan before ``window`` steps)."""
         full = self._dev_pos >= self.config.window
@@ -544,6 +585,32 @@ def diffusion_exponent(steps: Sequence[float], distance: Sequence[float], min_sp
     x, y = np.log(t), np.log(d)
     slope = float(np.polyfit(x, y, 1)[0])
     return slope
+
+
+def _plain(obj: Any) -> Any:
+    """nan/inf as strings, numpy scalars as Python numbers: a checkpoint-safe copy."""
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return x if math.isfinite(x) else repr(x)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _unplain(obj: Any) -> Any:
+    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _unplain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unplain(v) for v in obj]
+    return obj
 
 
 def _num(x: float) -> float | None:

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import Module, SmallConvNet, loader, sgd, trainer
+from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer
 from torch import nn
 from torch.nn import functional as F
 from zoo import LazyNet, Untraceable
@@ -113,3 +113,36 @@ def test_logging_interval_option(tmp_path, every):
     with open(tmp_path / "metrics.csv") as fh:
         logged = [int(r["step"]) for r in csv.DictReader(fh) if r.get("smd/equilibrium_fraction")]
     assert logged == ([0, 1, 2, 3, 4, 5] if every == 1 else [2, 5])
+
+
+def test_resume_continues_as_if_never_interrupted(tmp_path):
+    """2N steps straight == N steps, checkpoint, resume for N more (same data: one epoch of N batches)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_smd.demo import NoisyTemplates
+
+    stream = iter(NoisyTemplates(batch_size=32, size=8))
+    batches = [next(stream) for _ in range(60)]
+    data = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])), batch_size=32)
+
+    def run(root, epochs, ckpt=None):
+        torch.manual_seed(0)
+        smd = SMDCallback(verbose=False, window=20)
+        t = trainer(root, [smd], max_steps=-1, max_epochs=epochs, log_every_n_steps=7)
+        t.fit(Module(PlainConvNet(), optimizer=sgd(lr=0.2, weight_decay=0.01)), data, ckpt_path=ckpt)
+        return smd, t
+
+    straight, _ = run(tmp_path / "straight", 2)
+    first, t1 = run(tmp_path / "first", 1)
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    ckpt = torch.load(tmp_path / "half.ckpt", weights_only=True)  # plain types only
+    assert any(key.startswith("SMDCallback") for key in ckpt["callbacks"])
+    resumed, _ = run(tmp_path / "resumed", 2, ckpt=str(tmp_path / "half.ckpt"))
+    a, b = straight.summary(), resumed.summary()
+    assert a["steps"] == b["steps"] == 120
+    for la, lb in zip(a["layers"], b["layers"]):
+        for key in ("angular_update", "ratio", "weight_norm", "predicted_weight_norm", "effective_lr", "window_max_deviation"):
+            assert lb[key] == pytest.approx(la[key], rel=1e-9, abs=1e-12), key
+        for key in ("steps", "first_equilibrium_step", "steps_in_equilibrium", "state", "in_equilibrium", "verification", "granularity"):
+            assert lb[key] == la[key], key
+    assert a["verdict"] == b["verdict"]
