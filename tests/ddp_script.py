@@ -1,0 +1,87 @@
+"""Run by tests/test_distributed.py: one training run, single-process or 2-process DDP on CPU (gloo).
+
+    python tests/ddp_script.py OUT_DIR STRATEGY DEVICES [extra]
+
+The global batch is the same whatever the number of processes (each rank takes every world_size-th sample
+of each global batch of 16), the model normalizes per sample (GroupNorm) and computes in float64, so DDP must
+reproduce the single-process statistics up to rounding.
+"""
+
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+warnings.simplefilter("ignore")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from helpers import Module, sgd  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_smd import SMDCallback  # noqa: E402
+from lightning_smd.demo import NoisyTemplates  # noqa: E402
+
+GLOBAL_BATCH = 16
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.GroupNorm(4, 8)
+        self.conv2, self.gn2 = nn.Conv2d(8, 16, 3, padding=1, stride=2, bias=False), nn.GroupNorm(4, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.gn1(self.conv1(x)))
+        x = F.relu(self.gn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class ShardedModule(Module):
+    """Each rank takes its share (every world_size-th sample) of every global batch, in order."""
+
+    def __init__(self, net, data, **kw):
+        super().__init__(net, **kw)
+        self.data = data
+
+    def train_dataloader(self):
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        x, y = self.data
+        return DataLoader(TensorDataset(x[rank::world], y[rank::world]), batch_size=GLOBAL_BATCH // world, shuffle=False)
+
+
+def main() -> None:
+    out, strategy, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    extra = sys.argv[4] if len(sys.argv) > 4 else ""
+    torch.set_num_threads(1)
+    stream = iter(NoisyTemplates(batch_size=GLOBAL_BATCH, size=8, dtype=torch.float64))
+    batches = [next(stream) for _ in range(40)]
+    data = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    torch.manual_seed(0)
+    model = ShardedModule(GroupNormNet(), data, optimizer=sgd(lr=0.2, weight_decay=0.01))
+    smd = SMDCallback(verbose=False, window=10, keep_history=False, on_no_equilibrium="raise" if extra == "raise" else "warn")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=40,
+        precision="64-true",
+        log_every_n_steps=5,
+        logger=pl.loggers.CSVLogger(out, name="", version=""),
+        callbacks=[smd],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model)
+    if trainer.global_rank == 0:
+        print("RESULT-OK")
+
+
+if __name__ == "__main__":
+    main()
