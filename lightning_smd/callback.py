@@ -33,6 +33,7 @@ from lightning_smd.detect import (
     detect_from_graph,
     find_normalized_weights,
     format_detection_table,
+    units_from_patterns,
     verify_orthogonality,
 )
 from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, diffusion_exponent
@@ -151,6 +152,7 @@ class SMDCallback(Callback):
         self._rebased = False
         self._verify_tries = 0
         self._resume_state: dict[str, Any] | None = None
+        self._setup_detection: Detection | None = None
 
     @property
     def state_key(self) -> str:
@@ -210,7 +212,7 @@ class SMDCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callback: hooks, device buffers and an active recorder stay behind.
         state = {k: v for k, v in self.__dict__.items() if not inspect.ismethod(v)}  # Lightning binds `log` here
-        state.update(recorder=None, _flow=None, diagnostics=None, detection=None, distance=None)
+        state.update(recorder=None, _flow=None, diagnostics=None, detection=None, distance=None, _setup_detection=None)
         return state
 
     # ------------------------------------------------------------------------------------------
@@ -227,7 +229,28 @@ class SMDCallback(Callback):
         self._warned = set()
         self._stop_reason = None
         self._flow_losses, self._flow_batches, self._rebased, self._verify_tries = [], 0, False, 0
-        det = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
+        unsupported = _unsupported_strategy(trainer)
+        if unsupported:
+            self.detection = Detection(method="none", error=unsupported)
+            self._warn(trainer, unsupported)
+            self._attach(trainer, pl_module, [])
+            return
+        named = dict(pl_module.named_parameters())
+        early, self._setup_detection = self._setup_detection, None
+        if early is not None and early.units and all(p in named for u in early.units for p in u.params):
+            det = early  # analysed in setup(), before the strategy sharded or wrapped the model
+        elif _is_sharded(named.values()):
+            # Layers created in configure_model are sharded before any hook could analyse them, and tracing
+            # a sharded model is not safe: only include= can name its weights.
+            det = units_from_patterns(pl_module, self.include, self.exclude)
+            if not det.units:
+                det.error = (
+                    "the model's parameters were already sharded when SMDCallback could first see them (layers created "
+                    "in configure_model): name the normalized weights with SMDCallback(include=[...]), or create the "
+                    "layers in __init__ and shard them in configure_model"
+                )
+        else:
+            det = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
         self.detection = det
         if det.method == "deferred":
             # fx could not trace the model (or it has lazy parameters): record the data flow of the first
@@ -239,6 +262,18 @@ class SMDCallback(Callback):
         if det.error:
             self._warn(trainer, det.error)
         self._attach(trainer, pl_module, det.units)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Analyse the data flow before configure_model and the strategy shard or wrap the model (FSDP2
+        # replaces parameters by DTensor shards); on_fit_start uses this result when it still applies.
+        self._setup_detection = None
+        if stage != "fit" or _unsupported_strategy(trainer):
+            return
+        try:
+            if any(True for _ in pl_module.parameters()) and not _is_sharded(pl_module.parameters()):
+                self._setup_detection = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
+        except Exception:  # noqa: BLE001 - detection is retried at fit start
+            self._setup_detection = None
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[NormalizedWeight]) -> None:
         """Create the recorder and the diagnostics for ``units`` and issue the fit-start warnings."""
@@ -259,7 +294,12 @@ class SMDCallback(Callback):
             recorder = self._make_recorder(trainer, pl_module, units)
         self.recorder = recorder
         self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history)
-        self.distance = DistanceTracker([[named[p] for p in u.params] for u in units]) if self.track_distance else None
+        self.distance = None
+        if self.track_distance:
+            if any(slot.sharded for slot in recorder.slots):
+                self._warn(trainer, "track_distance is not supported with sharded parameters yet: the angular distance is not measured.")
+            else:
+                self.distance = DistanceTracker([[named[p] for p in u.params] for u in units])
         self._verify_pending = bool(units)
         resumed = self._resume_state is not None
         self._resume(trainer)
@@ -347,10 +387,11 @@ class SMDCallback(Callback):
             return
         # One host synchronization, once per fit: |cos(g, w)| of every candidate weight on the first batch.
         named = dict(pl_module.named_parameters())
-        names = {p for u in self.diagnostics.units for p in u.params} | {n for n in self.detection.rejected if n in named}
-        grads = {n: named[n].grad for n in names}
+        # sorted: under sharding every rank gathers the same tensors in the same order
+        names = sorted({p for u in self.diagnostics.units for p in u.params} | {n for n in self.detection.rejected if n in named})
+        grads = {n: _full(named[n].grad) for n in names}
         try:
-            units, rejected = verify_orthogonality(self.diagnostics.units, {n: named[n] for n in names}, grads, self.detection.rejected)
+            units, rejected = verify_orthogonality(self.diagnostics.units, {n: _full(named[n]) for n in names}, grads, self.detection.rejected)
         except Exception as err:  # noqa: BLE001
             self._warn(trainer, f"the numerical check of scale invariance failed ({type(err).__name__}: {err}); detection is structural only")
             return
@@ -619,8 +660,11 @@ class SMDCallback(Callback):
         if self.recorder is None or self.diagnostics is None or self._finished:
             return
         try:
-            for batch in self.recorder.drain():
-                self.diagnostics.update(batch)
+            # a sharded drain is a collective, and an exception may have reached this rank alone: keep what
+            # was already reduced
+            if not any(slot.sharded for slot in self.recorder.slots):
+                for batch in self.recorder.drain():
+                    self.diagnostics.update(batch)
             self._finish(trainer, complete=False, error=f"{type(exception).__name__}: {exception}")
         except Exception as err:  # noqa: BLE001 - the callback never raises on its own failures
             warnings.warn(f"SMDCallback could not write its summary after {type(exception).__name__}: {err}", SMDWarning, stacklevel=2)
@@ -708,6 +752,39 @@ def _filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
         return (u.filter_dim, 1)
     if u.granularity == "group" and u.group_size:
         return (u.filter_dim, u.group_size)
+    return None
+
+
+def _full(t: Any) -> Any:
+    """The whole tensor of a DTensor shard (a collective: every rank must call it in the same order)."""
+    from lightning_smd.measure import _DTENSOR
+
+    if t is not None and _DTENSOR is not None and isinstance(t, _DTENSOR):
+        return t.full_tensor()
+    return t
+
+
+def _is_sharded(params: Any) -> bool:
+    from lightning_smd.measure import _DTENSOR
+
+    return _DTENSOR is not None and any(isinstance(p, _DTENSOR) for p in params)
+
+
+def _unsupported_strategy(trainer: pl.Trainer) -> str | None:
+    """Why the strategy cannot be measured correctly (then nothing is measured), or None."""
+    name = type(trainer.strategy).__name__
+    if "DeepSpeed" in name:
+        return (
+            f"{name} is not supported by SMDCallback: ZeRO partitions parameters and optimizer state into fp32 fragments "
+            "this callback does not read, so norms and angles would be wrong. Nothing is measured (verdict 'not_applicable'); "
+            "use DDP, or FSDP2 through ModelParallelStrategy with fully_shard."
+        )
+    if name == "FSDPStrategy":
+        return (
+            "FSDPStrategy (FSDP1) is not supported yet: its flat parameter shards need the shard group's partial sums, "
+            "which are implemented and tested for FSDP2 only. Nothing is measured (verdict 'not_applicable'); use "
+            "ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2)."
+        )
     return None
 
 

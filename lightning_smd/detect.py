@@ -48,6 +48,7 @@ __all__ = [
     "NOT_ORTHOGONAL_WARNING",
     "DataFlowRecorder",
     "detect_from_graph",
+    "units_from_patterns",
 ]
 
 #: ``|cos(∇L(W), W)|`` below this counts as orthogonal (float32 gradients give ~1e-6 for invariant
@@ -886,6 +887,14 @@ def find_normalized_weights(
     det.units = _apply_overrides(units, named, include, exclude, det)
     if example_input is not None and det.method not in ("none", "deferred"):
         _verify_with_input(model, example_input, det)
+    return det
+
+
+def units_from_patterns(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> Detection:
+    """Units named by ``include`` (minus ``exclude``) only, without analysing the data flow."""
+    inner, prefix = _unwrap(model)
+    det = Detection(method="include")
+    det.units = _apply_overrides([], {prefix + n: p for n, p in inner.named_parameters()}, include, exclude, det)
     return det
 
 

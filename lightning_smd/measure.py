@@ -32,7 +32,7 @@ import torch
 
 from lightning_smd.theory import Rule, rule_for
 
-__all__ = ["StepBatch", "StepRecorder", "angles_from_norms"]
+__all__ = ["StepBatch", "StepRecorder", "DistanceTracker", "angles_from_norms", "local_shard"]
 
 
 def angles_from_norms(norm_sq_before: np.ndarray, norm_sq_after: np.ndarray, update_sq: np.ndarray) -> np.ndarray:
@@ -100,11 +100,15 @@ class _Slot:
         for t, u in enumerate(tensor_unit):
             unit_group[local[u]] = self.tensor_group[t]
         self.unit_group = unit_group
-        self.device = tensors[0].device
+        # Sharded parameters (FSDP2 DTensors): every statistic is a sum of squares, so each rank records the
+        # sums over its own shards and one all-reduce per drain completes them.
+        self.shard_group = _shard_group(tensors)
+        self.sharded = self.shard_group is not None
+        self.device = local_shard(tensors[0]).device  # type: ignore[union-attr]
         self.momentum_path = use_momentum_buffer and _is_heavy_ball_sgd(optimizer, self.groups)
         self.snapshot: list[torch.Tensor] | None = None
         if not self.momentum_path:
-            self.snapshot = [t.detach().clone() for t in tensors]
+            self.snapshot = [local_shard(t).detach().clone() for t in tensors]  # type: ignore[union-attr]
         self.capacity = max(int(capacity), 1)
         self.buffer = torch.zeros(self.capacity, 3 * len(tensors), dtype=torch.float64, device=self.device)
         self.count = 0
@@ -114,12 +118,14 @@ class _Slot:
         self.missing_log: list[list[int]] = []
         self.spill: list[tuple[np.ndarray, list[tuple[tuple[Any, ...], ...]], np.ndarray]] = []
         self._zero = torch.zeros(1, dtype=tensors[0].dtype, device=self.device)
+        self.collectives = 0  # all-reduces issued (sharded runs): one per drain
+        self._initial_reduced = False
         with torch.no_grad():
-            norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-            self.initial = torch.stack(norms).square_()
+            self.initial = torch.stack(self._norms(self._locals())).square_()
         self.last_norm_sq: np.ndarray | None = None  # per tensor, host; None until the first drain
         # Per-filter statistics (opt-in): tensor position -> (filter dim, filters per invariant group)
-        self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None and tensors[t].numel() > 0}
+        sharded = _shard_group(tensors) is not None  # filters split across ranks: no per-filter statistics
+        self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None and tensors[t].numel() > 0 and not sharded}
         self.pf_tensors = sorted(self.filter_of)
         self.pf_rows = [tensors[t].shape[self.filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.pf_tensors]
         self.tensor_unit_local = [local[u] for u in tensor_unit]
@@ -147,38 +153,52 @@ class _Slot:
             out.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square())
         return out
 
+    def _locals(self) -> list[torch.Tensor]:
+        if not self.sharded:
+            return self.tensors
+        return [local_shard(t) for t in self.tensors]  # type: ignore[misc]
+
+    def _norms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """float64 norms; empty tensors (an empty shard) are replaced by a zero, not fed to foreach."""
+        zero = self._zero
+        return list(torch._foreach_norm([t if t.numel() else zero for t in tensors], 2, dtype=torch.float64))
+
     def record(self) -> None:
         """Called right after the optimizer stepped. Host-sync free."""
         if self.count == self.capacity:
             self._spill()
-        tensors = self.tensors
+        params = self.tensors
+        tensors = self._locals()
         zero = self._zero
-        missing = [i for i, t in enumerate(tensors) if t.grad is None]
+        missing = [i for i, t in enumerate(params) if t.grad is None]
         with torch.no_grad():
-            grads = [t.grad if t.grad is not None else zero for t in tensors]
+            grads = [local_shard(t.grad) if t.grad is not None else zero for t in params]
             pf_updates: list[torch.Tensor] = []
             if self.momentum_path:
                 state = self.optimizer.state
                 updates = []
-                for t in tensors:
+                for t, local in zip(params, tensors):
                     st = state.get(t)
                     buf = st.get("momentum_buffer") if st else None
                     # A tensor without gradient is skipped by SGD: it did not move this step.
-                    updates.append(buf if (buf is not None and t.grad is not None) else torch.zeros_like(t) if self.pf_tensors else zero)
-                update_norms = torch._foreach_norm(updates, 2, dtype=torch.float64)
+                    if buf is not None and t.grad is not None:
+                        updates.append(local_shard(buf))
+                    else:
+                        updates.append(torch.zeros_like(local) if self.pf_tensors else zero)
+                update_norms = self._norms(updates)
                 if self.pf_tensors:
                     pf_updates = self._row_sq([updates[t] for t in self.pf_tensors])
             else:
                 assert self.snapshot is not None
                 torch._foreach_sub_(self.snapshot, tensors)  # snapshot := w_t - w_{t+1}
-                update_norms = torch._foreach_norm(self.snapshot, 2, dtype=torch.float64)
+                update_norms = self._norms(self.snapshot)
                 if self.pf_tensors:
                     pf_updates = self._row_sq([self.snapshot[t] for t in self.pf_tensors])
                 torch._foreach_copy_(self.snapshot, tensors)
             if self.pf_buffer is not None:
                 torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]) + pf_updates, out=self.pf_buffer[self.count])
-            weight_norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-            grad_norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+            weight_norms = self._norms(tensors)
+            grad_norms = self._norms(grads)
             row = self.buffer[self.count]
             torch.stack(weight_norms + update_norms + grad_norms, out=row)
             row.square_()
@@ -190,21 +210,44 @@ class _Slot:
         self.count += 1
         self.steps_taken += 1
 
+    def _reduce_pending(self) -> None:
+        """Sum the shard-local partial sums over the shard group: one all-reduce for everything recorded since
+        the last drain (and, the first time, the initial norms). Every rank must drain at the same step."""
+        import torch.distributed as dist
+
+        parts = [self.buffer[: self.count].reshape(-1)]
+        first = self.last_norm_sq is None and not self._initial_reduced
+        if first:
+            parts.append(self.initial.reshape(-1))
+        flat = torch.cat(parts) if len(parts) > 1 or self.count else None
+        if flat is None or flat.numel() == 0:
+            return
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.shard_group)
+        self.collectives += 1
+        n = self.count * self.buffer.shape[1]
+        self.buffer[: self.count].copy_(flat[:n].reshape(self.count, -1))
+        if first:
+            self.initial = flat[n:].clone()
+            self._initial_reduced = True
+
     def rebase(self) -> None:
         """Take the snapshot and the initial norms again (weights changed since attach: a checkpoint was
         restored, a ``setup``/``on_train_start`` hook re-initialized them). Only before the first step."""
         if self.steps_taken:
             return
         with torch.no_grad():
+            tensors = self._locals()
             if self.snapshot is not None:
-                torch._foreach_copy_(self.snapshot, self.tensors)
-            self.initial = torch.stack(torch._foreach_norm(self.tensors, 2, dtype=torch.float64)).square_()
+                torch._foreach_copy_(self.snapshot, tensors)
+            self.initial = torch.stack(self._norms(tensors)).square_()
             if self.pf_buffer is not None:
-                self.pf_initial = torch.cat(self._row_sq([self.tensors[t] for t in self.pf_tensors]))
+                self.pf_initial = torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]))
 
     def _spill(self) -> None:
         # The buffer is full before the owner drained it (log interval longer than the capacity): move it
         # to the host now. This is the only place the step path synchronizes, and only then.
+        if self.sharded:
+            self._reduce_pending()  # spills happen at the same step on every rank (same capacity)
         data = self.buffer[: self.count].to("cpu", copy=True).numpy()
         steps = np.arange(self.steps_taken - self.count + 1, self.steps_taken + 1)
         self.spill.append((data, self.hyper_log, steps))
@@ -214,6 +257,8 @@ class _Slot:
         self.count = 0
 
     def drain(self) -> StepBatch | None:
+        if self.sharded:
+            self._reduce_pending()
         parts = list(self.spill)
         pf_parts = list(self.pf_log)
         self.spill, self.pf_log = [], []
@@ -234,7 +279,7 @@ class _Slot:
         n_t = len(self.tensors)
         w_sq, d_sq, g_sq = data[:, :n_t], data[:, n_t : 2 * n_t], data[:, 2 * n_t :]
         if self.last_norm_sq is None:
-            self.last_norm_sq = self.initial.to("cpu", copy=True).numpy()
+            self.last_norm_sq = self.initial.to("cpu", copy=True).numpy()  # (summed over shards already)
         before = np.concatenate([self.last_norm_sq[None, :], w_sq[:-1]], axis=0)
         self.last_norm_sq = w_sq[-1].copy()
         if any(missing):
@@ -304,6 +349,41 @@ class _Slot:
             angles = angles_from_norms(b, a, d)
             out[:, u] = np.sqrt(np.nanmean(angles**2, axis=1))
         return out
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # noqa: BLE001 - torch without distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def local_shard(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The rank-local part of a sharded tensor (FSDP2's DTensor parameters, their grads and optimizer
+    state); the tensor itself otherwise. No communication."""
+    if t is not None and _DTENSOR is not None and isinstance(t, _DTENSOR):
+        return t._local_tensor  # type: ignore[attr-defined]
+    return t
+
+
+def _shard_group(tensors: Sequence[torch.Tensor]) -> Any:
+    """The process group over which the tensors' shards must be summed, or None when not sharded."""
+    if _DTENSOR is None:
+        return None
+    for t in tensors:
+        if isinstance(t, _DTENSOR):
+            from torch.distributed.tensor.placement_types import Shard
+
+            mesh = t.device_mesh
+            dims = [i for i, p in enumerate(t.placements) if isinstance(p, Shard)]
+            if not dims:
+                return None
+            return mesh.get_group(dims[0]) if mesh.ndim > 1 else mesh.get_group()
+    return None
 
 
 def _freeze(value: Any) -> Any:

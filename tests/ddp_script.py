@@ -28,15 +28,19 @@ GLOBAL_BATCH = 16
 
 
 class GroupNormNet(nn.Module):
+    """conv2 has a single filter: sharded over 2 ranks along dim 0, one rank holds an empty shard."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.gn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.GroupNorm(4, 8)
-        self.conv2, self.gn2 = nn.Conv2d(8, 16, 3, padding=1, stride=2, bias=False), nn.GroupNorm(4, 16)
+        self.conv2, self.gn2 = nn.Conv2d(8, 1, 3, padding=1, bias=False), nn.GroupNorm(1, 1)
+        self.conv3, self.gn3 = nn.Conv2d(1, 16, 3, padding=1, stride=2, bias=False), nn.GroupNorm(4, 16)
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
         x = F.relu(self.gn1(self.conv1(x)))
         x = F.relu(self.gn2(self.conv2(x)))
+        x = F.relu(self.gn3(self.conv3(x)))
         return self.fc(x.mean((2, 3)))
 
 
@@ -47,6 +51,14 @@ class ShardedModule(Module):
         super().__init__(net, **kw)
         self.data = data
 
+    def configure_model(self):
+        if isinstance(self.trainer.strategy, pl.strategies.ModelParallelStrategy):
+            from torch.distributed.fsdp import fully_shard
+
+            for m in (self.net.conv1, self.net.conv2, self.net.conv3, self.net.fc):
+                fully_shard(m)
+            fully_shard(self.net)
+
     def train_dataloader(self):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         x, y = self.data
@@ -55,9 +67,15 @@ class ShardedModule(Module):
 
 def main() -> None:
     out, strategy, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # ModelParallelStrategy (FSDP2) runs float32 only: "auto32" is its single-process reference
+    dtype = torch.float32 if strategy in ("fsdp2", "auto32") else torch.float64
+    if strategy == "fsdp2":
+        strategy = pl.strategies.ModelParallelStrategy()
+    elif strategy == "auto32":
+        strategy = "auto"
     extra = sys.argv[4] if len(sys.argv) > 4 else ""
     torch.set_num_threads(1)
-    stream = iter(NoisyTemplates(batch_size=GLOBAL_BATCH, size=8, dtype=torch.float64))
+    stream = iter(NoisyTemplates(batch_size=GLOBAL_BATCH, size=8, dtype=dtype))
     batches = [next(stream) for _ in range(40)]
     data = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     torch.manual_seed(0)
@@ -68,7 +86,7 @@ def main() -> None:
         devices=devices,
         strategy=strategy,
         max_steps=40,
-        precision="64-true",
+        precision="64-true" if dtype == torch.float64 else "32-true",
         log_every_n_steps=5,
         logger=pl.loggers.CSVLogger(out, name="", version=""),
         callbacks=[smd],
@@ -78,7 +96,32 @@ def main() -> None:
         default_root_dir=out,
         use_distributed_sampler=False,
     )
+    if extra == "count":  # count the collectives SMDCallback issues while it drains, per log interval
+        import torch.distributed as dist
+
+        from lightning_smd.callback import SMDCallback as C
+
+        calls = {"n": 0, "flushes": 0}
+        real = dist.all_reduce
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            return real(*a, **k)
+
+        flush = C._flush
+
+        def counted_flush(self, trainer, step):
+            dist.all_reduce = counting
+            try:
+                flush(self, trainer, step)
+            finally:
+                dist.all_reduce = real
+            calls["flushes"] += 1
+
+        C._flush = counted_flush
     trainer.fit(model)
+    if extra == "count":
+        print(f"COLLECTIVES rank={trainer.global_rank} all_reduce={calls['n']} flushes={calls['flushes']}")
     if trainer.global_rank == 0:
         print("RESULT-OK")
 

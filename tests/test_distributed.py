@@ -42,3 +42,57 @@ def test_ddp_summary_equals_single_process(tmp_path, single, strategy):
     rows = (tmp_path / strategy / "metrics.csv").read_text().splitlines()
     smd_rows = [r for r in rows[1:] if r.split(",")[rows[0].split(",").index("smd/equilibrium_fraction")]]
     assert len(smd_rows) == 8  # logged once per interval, not once per rank
+
+
+def _run_counting(out: Path, strategy: str) -> tuple[dict, list[str]]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), strategy, "2", "count"], capture_output=True, text=True, timeout=300, env=ENV, cwd=out.parent
+    )
+    assert proc.returncode == 0 and "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
+    counts = [line for line in proc.stdout.splitlines() if line.startswith("COLLECTIVES")]
+    assert len(counts) == 2, proc.stdout
+    return json.loads(next(out.rglob("smd_summary.json")).read_text()), counts
+
+
+@pytest.fixture(scope="module")
+def single_fp32(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("single32"), "auto32", 1)
+
+
+def test_fsdp2_sharded_statistics_equal_the_unsharded_run(tmp_path, single_fp32):
+    """FSDP2 (ModelParallelStrategy + fully_shard) on CPU: per-layer norms and angles from shard-local
+    partial sums, including conv2 whose single filter leaves one rank an empty shard."""
+    sharded, counts = _run_counting(tmp_path / "fsdp2", "fsdp2")
+    assert [layer["name"] for layer in sharded["layers"]] == [layer["name"] for layer in single_fp32["layers"]]
+    assert any(layer["shape"][0] == 1 for layer in sharded["layers"])  # the layer with an empty shard
+    for a, b in zip(single_fp32["layers"], sharded["layers"]):
+        for key in ("angular_update", "last_angular_update", "weight_norm", "predicted_weight_norm", "ratio"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["name"], key)
+        assert b["steps"] == a["steps"] == 40
+    # one all-reduce per log interval (40 steps / 5), whatever the number of layers and metrics
+    for line in counts:
+        assert "all_reduce=8 flushes=8" in line, line
+
+
+def test_plain_ddp_issues_no_collective_for_the_statistics(tmp_path):
+    _, counts = _run_counting(tmp_path / "ddp", "ddp")
+    for line in counts:
+        assert "all_reduce=0 " in line, line
+
+
+def test_unsupported_strategies_are_named_at_fit_start():
+    from lightning_smd.callback import _unsupported_strategy
+
+    class DeepSpeedStrategy:
+        pass
+
+    class FSDPStrategy:
+        pass
+
+    class Fake:
+        def __init__(self, strategy):
+            self.strategy = strategy
+
+    assert "not supported" in _unsupported_strategy(Fake(DeepSpeedStrategy()))
+    assert "FSDP2" in _unsupported_strategy(Fake(FSDPStrategy()))
+    assert _unsupported_strategy(Fake(object())) is None
