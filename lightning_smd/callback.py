@@ -235,7 +235,7 @@ class SMDCallback(Callback):
             self._warn(trainer, unsupported)
             self._attach(trainer, pl_module, [])
             return
-        named = dict(pl_module.named_parameters())
+        named = _named_parameters(pl_module)
         early, self._setup_detection = self._setup_detection, None
         if early is not None and early.units and all(p in named for u in early.units for p in u.params):
             det = early  # analysed in setup(), before the strategy sharded or wrapped the model
@@ -278,7 +278,7 @@ class SMDCallback(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[NormalizedWeight]) -> None:
         """Create the recorder and the diagnostics for ``units`` and issue the fit-start warnings."""
         self._close()
-        named = dict(pl_module.named_parameters())
+        named = _named_parameters(pl_module)
         units = [u for u in units if all(p in named for p in u.params)]
         recorder = self._make_recorder(trainer, pl_module, units)
         if recorder.unoptimized:
@@ -307,13 +307,14 @@ class SMDCallback(Callback):
             self._check_setup(trainer, pl_module, units, recorder)
 
     def _make_recorder(self, trainer: pl.Trainer, pl_module: pl.LightningModule, units: list[NormalizedWeight]) -> StepRecorder:
-        named = dict(pl_module.named_parameters())
+        named = _named_parameters(pl_module)
         return StepRecorder(
             [[named[p] for p in u.params] for u in units],
             list(trainer.optimizers),
             capacity=self._interval(trainer) + 1,
             use_momentum_buffer=self.use_momentum_buffer,
             unit_filters=[_filter_spec(u) for u in units] if self.per_filter else None,
+            shard_group=_fsdp1_group(trainer),
         )
 
     # ------------------------------------------------------------------------------------------
@@ -385,8 +386,11 @@ class SMDCallback(Callback):
         if self._verify_tries > 5:
             self._verify_pending = False
             return
+        if _fsdp1_group(trainer) is not None:
+            self._verify_pending = False  # flat shard views: the per-filter check needs whole tensors
+            return
         # One host synchronization, once per fit: |cos(g, w)| of every candidate weight on the first batch.
-        named = dict(pl_module.named_parameters())
+        named = _named_parameters(pl_module)
         # sorted: under sharding every rank gathers the same tensors in the same order
         names = sorted({p for u in self.diagnostics.units for p in u.params} | {n for n in self.detection.rejected if n in named})
         grads = {n: _full(named[n].grad) for n in names}
@@ -755,6 +759,27 @@ def _filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
     return None
 
 
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters by the names detection uses: wrapper segments that FSDP1 and activation checkpointing
+    insert after setup() are removed (``torch.compile``'s ``_orig_mod`` too, when detection saw it)."""
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, p in module.named_parameters():
+        out[name] = p
+        clean = name
+        for seg in _WRAPPER_SEGMENTS[:2]:
+            clean = clean.replace(seg, "")
+        out.setdefault(clean, p)
+    return out
+
+
+def _fsdp1_group(trainer: pl.Trainer) -> str | None:
+    """FSDP1 (Lightning's FSDPStrategy) shards plain tensors (flat views) over the default group."""
+    return "world" if type(trainer.strategy).__name__ == "FSDPStrategy" else None
+
+
 def _full(t: Any) -> Any:
     """The whole tensor of a DTensor shard (a collective: every rank must call it in the same order)."""
     from lightning_smd.measure import _DTENSOR
@@ -780,11 +805,13 @@ def _unsupported_strategy(trainer: pl.Trainer) -> str | None:
             "use DDP, or FSDP2 through ModelParallelStrategy with fully_shard."
         )
     if name == "FSDPStrategy":
-        return (
-            "FSDPStrategy (FSDP1) is not supported yet: its flat parameter shards need the shard group's partial sums, "
-            "which are implemented and tested for FSDP2 only. Nothing is measured (verdict 'not_applicable'); use "
-            "ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2)."
-        )
+        sharding = str(getattr(trainer.strategy, "sharding_strategy", ""))
+        if "HYBRID" in sharding or not getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True):
+            return (
+                f"FSDPStrategy with {sharding or 'use_orig_params=False'} is not supported by SMDCallback: it needs "
+                "use_orig_params=True and full sharding over all ranks (the partial sums are reduced over the default "
+                "group). Nothing is measured (verdict 'not_applicable')."
+            )
     return None
 
 

@@ -84,6 +84,7 @@ class _Slot:
         capacity: int,
         use_momentum_buffer: bool,
         tensor_filter: list[tuple[int, int] | None] | None = None,
+        shard_group: Any = None,
     ) -> None:
         self.index = index
         self.optimizer = optimizer
@@ -102,8 +103,9 @@ class _Slot:
         self.unit_group = unit_group
         # Sharded parameters (FSDP2 DTensors): every statistic is a sum of squares, so each rank records the
         # sums over its own shards and one all-reduce per drain completes them.
-        self.shard_group = _shard_group(tensors)
-        self.sharded = self.shard_group is not None
+        explicit = shard_group is not None
+        self.shard_group = _shard_group(tensors) if not explicit else (None if shard_group == "world" else shard_group)
+        self.sharded = explicit or self.shard_group is not None
         self.device = local_shard(tensors[0]).device  # type: ignore[union-attr]
         self.momentum_path = use_momentum_buffer and _is_heavy_ball_sgd(optimizer, self.groups)
         self.snapshot: list[torch.Tensor] | None = None
@@ -124,7 +126,7 @@ class _Slot:
             self.initial = torch.stack(self._norms(self._locals())).square_()
         self.last_norm_sq: np.ndarray | None = None  # per tensor, host; None until the first drain
         # Per-filter statistics (opt-in): tensor position -> (filter dim, filters per invariant group)
-        sharded = _shard_group(tensors) is not None  # filters split across ranks: no per-filter statistics
+        sharded = shard_group is not None or _shard_group(tensors) is not None  # filters split across ranks: none
         self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None and tensors[t].numel() > 0 and not sharded}
         self.pf_tensors = sorted(self.filter_of)
         self.pf_rows = [tensors[t].shape[self.filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.pf_tensors]
@@ -428,6 +430,9 @@ class StepRecorder:
         unit_filters: per unit, ``(filter dim, filters per invariant group)`` to also record per-filter
             statistics (reported as the RMS over filters of the per-filter angular update), or ``None``.
             This costs a few launches per tracked tensor and step, so it is opt-in.
+        shard_group: the process group over which plain-tensor shards must be summed (FSDP1's flat
+            ``use_orig_params`` views; ``"world"`` for the default group). DTensor shards (FSDP2) are
+            recognized without it.
     """
 
     def __init__(
@@ -437,6 +442,7 @@ class StepRecorder:
         capacity: int = 64,
         use_momentum_buffer: bool = True,
         unit_filters: Sequence[tuple[int, int] | None] | None = None,
+        shard_group: Any = None,
     ) -> None:
         self.n_units = len(unit_params)
         self.slots: list[_Slot] = []
@@ -473,7 +479,7 @@ class StepRecorder:
         for key in sorted(per_opt):
             oi = key[0]
             tensors, t_unit, t_group, units = per_opt[key]
-            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(key))
+            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(key), shard_group)
             self.slots.append(slot)
             self._handles.append(optimizers[oi].register_step_post_hook(_PostHook(slot)))
 

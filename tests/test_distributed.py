@@ -94,5 +94,27 @@ def test_unsupported_strategies_are_named_at_fit_start():
             self.strategy = strategy
 
     assert "not supported" in _unsupported_strategy(Fake(DeepSpeedStrategy()))
-    assert "FSDP2" in _unsupported_strategy(Fake(FSDPStrategy()))
+    hybrid = FSDPStrategy()
+    hybrid.sharding_strategy = "ShardingStrategy.HYBRID_SHARD"
+    assert "use_orig_params=True" in _unsupported_strategy(Fake(hybrid))
+    full = FSDPStrategy()
+    full.sharding_strategy, full.kwargs = "ShardingStrategy.FULL_SHARD", {"use_orig_params": True}
+    assert _unsupported_strategy(Fake(full)) is None
     assert _unsupported_strategy(Fake(object())) is None
+
+
+def test_fsdp1_flat_shards_equal_the_unsharded_run(tmp_path):
+    """torch FSDP1 with use_orig_params=True on CPU: 1-D shard views, empty on some ranks; the recorder's
+    partial sums over the shard group give the unsharded norms and angles."""
+    script = SCRIPT.with_name("fsdp1_script.py")
+    for world in (1, 2):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world)], capture_output=True, text=True, timeout=300, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads((tmp_path / "angles_1.json").read_text())
+    sharded = json.loads((tmp_path / "angles_2.json").read_text())
+    assert sharded["shapes"]["conv2.weight"] != single["shapes"]["conv2.weight"]  # flat shard views
+    assert sharded["collectives"] == 1
+    import numpy as np
+
+    np.testing.assert_allclose(sharded["angular_update"], single["angular_update"], rtol=1e-5)
+    np.testing.assert_allclose(sharded["weight_norm"], single["weight_norm"], rtol=1e-5)
