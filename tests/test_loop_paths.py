@@ -152,3 +152,34 @@ def test_fit_twice_measures_each_fit(tmp_path):
     second = smd.summary()
     assert first["steps"] == 5 and second["steps"] == 7
     assert (tmp_path / "a" / "smd_summary.json").exists() and (tmp_path / "b" / "smd_summary.json").exists()
+
+
+def _observer(tmp_path, make_model, fit_kw=None, **trainer_kw):
+    """Train with and without SMDCallback; return both state dicts and the callback."""
+    states, smd = [], None
+    for with_cb in (False, True):
+        torch.manual_seed(0)
+        model = make_model()
+        callbacks = [SMDCallback(verbose=False)] if with_cb else []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(tmp_path / str(with_cb), callbacks, **trainer_kw).fit(model, loader())
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        smd = callbacks[0] if callbacks else smd
+    return states, smd
+
+
+@pytest.mark.parametrize("kind", ["manual_two_optimizers", "grad_scaler", "compiled"])
+def test_observer_on_manual_scaled_and_compiled_paths(tmp_path, kind):
+    from test_edge_cases import GAN
+
+    makers = {
+        "manual_two_optimizers": GAN,
+        "grad_scaler": lambda: ScaledManual(PlainConvNet(), optimizer=sgd(lr=0.2, weight_decay=0.01)),
+        "compiled": lambda: torch.compile(NoLog(PlainConvNet(), optimizer=sgd(lr=0.2, weight_decay=0.01)), backend="eager"),
+    }
+    # the scaler steps the raw optimizer, which Lightning's step counter does not see: bound by batches
+    (a, b), smd = _observer(tmp_path, makers[kind], max_steps=-1, max_epochs=1, limit_train_batches=10)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert smd.summary()["steps"] > 0
