@@ -2,6 +2,7 @@ import torch
 from helpers import Module, NoNormNet, SmallConvNet, SmallResNet
 from torch import nn
 from torch.nn import functional as F
+from zoo import PreActBlock
 
 from lightning_smd import find_normalized_weights
 from lightning_smd.detect import format_detection_table
@@ -39,20 +40,6 @@ def test_lightning_module_names_match_named_parameters():
     named = dict(module.named_parameters())
     assert units and all(p in named for u in units.values() for p in u.params)
     assert "net.layer2.shortcut.0.weight" in units
-
-
-class PreActBlock(nn.Module):
-    """Pre-activation residual block: BN -> ReLU -> conv1 -> BN -> ReLU -> conv2, + identity."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
-        return x + out
 
 
 def test_residual_addition_breaks_invariance():
