@@ -129,15 +129,17 @@ def run(variant: str, args: argparse.Namespace) -> tuple[float, float]:
     times: list[float] = []
 
     class Timer(pl.Callback):
+        """Time from one batch start to the next: the whole step, every callback's work included."""
+
+        last: float | None = None
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
+            now = time.perf_counter()
+            if self.last is not None:
+                times.append(now - self.last)
+            self.last = now
 
     run_wandb = None
     if variant.startswith("wandb_watch"):
@@ -154,7 +156,7 @@ def run(variant: str, args: argparse.Namespace) -> tuple[float, float]:
         max_steps=args.steps,
         logger=pl.loggers.CSVLogger(tmp, name="", version=""),
         log_every_n_steps=args.log_every,
-        callbacks=[Timer(), *callbacks],
+        callbacks=[*callbacks, Timer()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
