@@ -2,7 +2,7 @@ import torch
 from helpers import Module, NoNormNet, SmallConvNet, SmallResNet
 from torch import nn
 from torch.nn import functional as F
-from zoo import PreActBlock
+from zoo import PreActBlock, Shared
 
 from lightning_smd import find_normalized_weights
 from lightning_smd.detect import format_detection_table
@@ -99,18 +99,6 @@ def test_frozen_weights_are_not_tracked():
 
 
 def test_shared_weight_is_tracked_once():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
-            self.bn1, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x):
-            x = F.relu(self.bn1(self.conv(x)))
-            x = F.relu(self.bn2(self.conv(x)))
-            return self.fc(x.mean((2, 3)))
-
     units, _ = tracked(Shared())
     assert list(units) == ["conv.weight"]
 
