@@ -693,9 +693,7 @@ class SMDCallback(Callback):
         summary["extra_memory_bytes"] = self.recorder.extra_bytes + (self.distance.extra_bytes if self.distance else 0)
         summary["on_no_equilibrium"] = self.on_no_equilibrium
         summary["stopped_early"] = self._stop_reason
-        if self._stop_reason and summary["verdict"] == "equilibrium":
-            pass
-        elif self._stop_reason:
+        if self._stop_reason and summary["verdict"] != "equilibrium":
             summary["reason"] = f"{summary['reason']} (training stopped early: {self._stop_reason})"
         if self.distance is not None:
             for u, row in enumerate(summary["layers"]):

@@ -275,7 +275,7 @@ class Diagnostics:
         for j in np.nonzero(rising)[0]:
             u = int(idx[j])
             self.spike_count[u] += 1
-            event = {"step": step, "layer": self.units[u].name, "ratio": float(ratio[j]), "weight_norm_before": None}
+            event = {"step": step, "layer": self.units[u].name, "ratio": float(ratio[j])}
             if len(self.spikes) < 100:
                 self.spikes.append(event)
             self.events.append({"kind": "spike", "unit": u, "step": step, "ratio": float(ratio[j])})

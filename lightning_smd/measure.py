@@ -122,7 +122,8 @@ class _Slot:
         # On the CPU, float32 dot products are ~10x cheaper than float64-accumulated norms (which upcast every
         # element); their ~1e-7 relative error is harmless once ‖w_t‖² − ‖w_{t+1}‖² is taken from the cross
         # term ⟨d, w_{t+1}⟩ instead of subtracting two norms. Accelerators keep the fused float64 foreach norms.
-        self.cross = self.device.type == "cpu"
+        # (float32/float64 only: a dot product accumulated in bf16/fp16 would lose the precision)
+        self.cross = self.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
         self.columns = 4 if self.cross else 3
         self.buffer = torch.zeros(self.capacity, self.columns * len(tensors), dtype=torch.float64, device=self.device)
         self.count = 0
@@ -213,7 +214,8 @@ class _Slot:
                     if buf is not None and t.grad is not None:
                         updates.append(local_shard(buf))
                     else:
-                        updates.append(torch.zeros_like(local) if (self.pf_tensors or self.cross) else zero)
+                        # (per-filter rows need the full shape; the dot path pairs a size mismatch with 0)
+                        updates.append(torch.zeros_like(local) if self.pf_tensors else zero)
                 if self.pf_tensors:
                     pf_updates = self._row_sq([updates[t] for t in self.pf_tensors])
                 if self.cross:

@@ -260,3 +260,16 @@ def test_empty_tensors_with_per_filter_statistics():
     (batch,) = rec.drain()
     assert np.isfinite(batch.filter_angular_update_rms[:, 0]).all()
     rec.close()
+
+
+def test_low_precision_weights_use_float64_norms_not_low_precision_dots():
+    a = nn.Parameter(torch.randn(64, 32, dtype=torch.bfloat16))
+    opt = torch.optim.SGD([a], lr=0.1)
+    rec = StepRecorder([[a]], [opt])
+    assert not rec.slots[0].cross  # bf16 dot products would accumulate in bf16
+    reference = float(a.detach().double().norm() ** 2)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    (batch,) = rec.drain()
+    assert batch.norm_sq_before[0, 0] == pytest.approx(reference, rel=1e-12)
+    rec.close()
