@@ -95,6 +95,10 @@ class SMDCallback(Callback):
         track_distance: from the first log step at which a layer is in equilibrium, keep a copy of it and
             log the angular distance travelled since (``smd/<name>/angular_distance``) and the exponent
             ``c`` of ``distance ∝ t^c`` in the summary (one extra copy of the tracked weights).
+        every_n_steps: measure only every n-th optimizer step (for very large models). A sampled step is
+            still measured over that single step (the weights are taken right before it), so the angular
+            update keeps its meaning and its prediction; the moving averages and the window keep counting
+            steps. Unsampled steps cost nothing measurable.
     """
 
     def __init__(
@@ -115,8 +119,12 @@ class SMDCallback(Callback):
         per_filter: bool = False,
         on_no_equilibrium: str = "warn",
         track_distance: bool = False,
+        every_n_steps: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
         if on_no_equilibrium not in ("warn", "stop", "raise"):
             raise ValueError(f"on_no_equilibrium must be 'warn', 'stop' or 'raise', got {on_no_equilibrium!r}")
         self.on_no_equilibrium = on_no_equilibrium
@@ -293,7 +301,7 @@ class SMDCallback(Callback):
             units = [u for i, u in enumerate(units) if i not in dropped]
             recorder = self._make_recorder(trainer, pl_module, units)
         self.recorder = recorder
-        self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history)
+        self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history, stride=self.every_n_steps)
         self.distance = None
         if self.track_distance:
             if any(slot.sharded for slot in recorder.slots):
@@ -311,10 +319,11 @@ class SMDCallback(Callback):
         return StepRecorder(
             [[named[p] for p in u.params] for u in units],
             list(trainer.optimizers),
-            capacity=self._interval(trainer) + 1,
+            capacity=self._interval(trainer) // self.every_n_steps + 2,
             use_momentum_buffer=self.use_momentum_buffer,
             unit_filters=[_filter_spec(u) for u in units] if self.per_filter else None,
             shard_group=_fsdp1_group(trainer),
+            every_n_steps=self.every_n_steps,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -691,6 +700,7 @@ class SMDCallback(Callback):
             summary["error"] = error
         summary["optimizers"] = [_optimizer_info(i, opt, self.recorder) for i, opt in enumerate(trainer.optimizers)]
         summary["extra_memory_bytes"] = self.recorder.extra_bytes + (self.distance.extra_bytes if self.distance else 0)
+        summary["every_n_steps"] = self.every_n_steps
         summary["on_no_equilibrium"] = self.on_no_equilibrium
         summary["stopped_early"] = self._stop_reason
         if self._stop_reason and summary["verdict"] != "equilibrium":

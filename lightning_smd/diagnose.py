@@ -66,8 +66,9 @@ class DiagnosticsConfig:
 class _Ema:
     """Bias-corrected exponential moving averages of a vector, skipping nan entries."""
 
-    def __init__(self, n: int, steps: int) -> None:
-        self.beta = 1.0 - 1.0 / steps
+    def __init__(self, n: int, steps: int, stride: int = 1) -> None:
+        # one sample every ``stride`` steps decays as much as ``stride`` steps would
+        self.beta = (1.0 - 1.0 / steps) ** stride
         self.acc = np.zeros(n)
         self.weight = np.zeros(n)
 
@@ -90,16 +91,23 @@ class Diagnostics:
         units: the tracked units, in the order the recorder indexes them.
         config: the verdict criteria.
         keep_history: also keep every step's raw values (for tests, plots and notebooks).
+        stride: the recorder samples every ``stride``-th step (``every_n_steps``): the moving averages decay
+            per step, not per sample, and the window counts steps.
     """
 
-    def __init__(self, units: Sequence[NormalizedWeight], config: DiagnosticsConfig | None = None, keep_history: bool = False) -> None:
+    def __init__(
+        self, units: Sequence[NormalizedWeight], config: DiagnosticsConfig | None = None, keep_history: bool = False, stride: int = 1
+    ) -> None:
         self.units = list(units)
         self.config = config or DiagnosticsConfig()
+        self.stride = max(int(stride), 1)
+        # the window in samples: in band for ``window`` steps = for ceil(window / stride) consecutive samples
+        self.window_samples = -(-self.config.window // self.stride)
         n = len(self.units)
-        self.delta = _Ema(n, self.config.ema_steps)
-        self.ratio = _Ema(n, self.config.ema_steps)
-        self.unit_grad = _Ema(n, self.config.ema_steps)
-        self.filter_delta = _Ema(n, self.config.ema_steps)
+        self.delta = _Ema(n, self.config.ema_steps, self.stride)
+        self.ratio = _Ema(n, self.config.ema_steps, self.stride)
+        self.unit_grad = _Ema(n, self.config.ema_steps, self.stride)
+        self.filter_delta = _Ema(n, self.config.ema_steps, self.stride)
         self.per_filter = False
         self.steps = np.zeros(n, dtype=np.int64)
         self.last_delta = np.full(n, np.nan)
@@ -127,7 +135,7 @@ class Diagnostics:
         self.spikes: list[dict[str, Any]] = []
         self._spiking = np.zeros(n, dtype=bool)
         self.effective_lr = np.full(n, np.nan)
-        self._dev_ring = np.full((self.config.window, n), np.nan)
+        self._dev_ring = np.full((self.window_samples, n), np.nan)
         self._dev_pos = np.zeros(n, dtype=np.int64)
         self.events: list[dict[str, Any]] = []
         """New notable events since the caller last cleared it (``vanishing``, ``spike``, ``reequilibrating``)."""
@@ -174,14 +182,14 @@ class Diagnostics:
                 self.filter_delta.update(idx, batch.filter_angular_update_rms[r])
             smoothed = self.ratio.value(idx)
             dev = np.abs(smoothed - 1.0)
-            self._dev_ring[self._dev_pos[idx] % cfg.window, idx] = dev
+            self._dev_ring[self._dev_pos[idx] % self.window_samples, idx] = dev
             self._dev_pos[idx] += 1
             in_band = dev <= cfg.tolerance  # nan compares False
-            self.band_run[idx] = np.where(in_band, self.band_run[idx] + 1, 0)
-            in_eq = self.band_run[idx] >= cfg.window
-            self.steps_in_equilibrium[idx] += in_eq
+            self.band_run[idx] = np.where(in_band, self.band_run[idx] + 1, 0)  # (in samples)
+            in_eq = self.band_run[idx] >= self.window_samples
+            self.steps_in_equilibrium[idx] += in_eq * self.stride
             newly = in_eq & (self.first_equilibrium[idx] < 0)
-            self.first_equilibrium[idx[newly]] = step - cfg.window + 1
+            self.first_equilibrium[idx[newly]] = step - (self.window_samples - 1) * self.stride
             self._transitions(idx, in_eq, step)
             self._spikes(idx, ratio, step)
             self._vanishing(idx, smoothed, step)
@@ -255,7 +263,7 @@ class Diagnostics:
             if in_eq[j]:
                 if st == "re-equilibrating":
                     change = int(self.change_step[u])
-                    band_start = step - int(self.band_run[u]) + 1
+                    band_start = step - (int(self.band_run[u]) - 1) * self.stride
                     if band_start > change:  # left the band after the change and came back for a window
                         observed = band_start - change
                     elif step - change + 1 >= window:  # stayed in band through the change
@@ -310,7 +318,7 @@ class Diagnostics:
     _LISTS = ("hyper", "optimizer", "reasons", "state", "ref_hyper", "reequilibrations", "spikes")
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"names": [u.name for u in self.units], "per_filter": self.per_filter}
+        out: dict[str, Any] = {"names": [u.name for u in self.units], "per_filter": self.per_filter, "stride": self.stride}
         for name in self._ARRAYS:
             out[name] = _plain(getattr(self, name).tolist())
         for name in self._LISTS:
@@ -326,6 +334,8 @@ class Diagnostics:
         names = [u.name for u in self.units]
         if state.get("names") != names:
             raise ValueError(f"the checkpoint tracks other weights ({state.get('names')}) than this run ({names})")
+        if int(state.get("stride", 1)) != self.stride:
+            raise ValueError(f"the checkpoint sampled every {state.get('stride', 1)} steps, this run every {self.stride}")
         for name in self._ARRAYS:
             current = getattr(self, name)
             setattr(self, name, np.asarray(_unplain(state[name]), dtype=current.dtype).reshape(current.shape))
@@ -341,7 +351,7 @@ class Diagnostics:
 
     def window_max_deviation(self) -> np.ndarray:
         """Largest ``|smoothed Δ/Δ* − 1|`` over each unit's last ``window`` steps (nan before ``window`` steps)."""
-        full = self._dev_pos >= self.config.window
+        full = self._dev_pos >= self.window_samples
         with np.errstate(all="ignore"):
             worst = np.max(np.nan_to_num(self._dev_ring, nan=np.inf), axis=0)
         return np.where(full, worst, np.nan)
@@ -368,13 +378,13 @@ class Diagnostics:
                 out[u] = math.inf
             elif np.isfinite(r[u]) and r[u] > 0:
                 t = time_to_band(1.0 / r[u] ** 2, rule.norm_time_constant(h), self.config.tolerance)
-                out[u] = t + max(self.config.window - int(self.band_run[u]), 0)
+                out[u] = t + max(self.config.window - int(self.band_run[u]) * self.stride, 0)
         return out
 
     # ------------------------------------------------------------------------------------------
     @property
     def in_equilibrium(self) -> np.ndarray:
-        return self.band_run >= self.config.window
+        return self.band_run >= self.window_samples
 
     @property
     def applicable(self) -> np.ndarray:

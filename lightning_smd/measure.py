@@ -34,6 +34,13 @@ from lightning_smd.theory import Rule, rule_for
 
 __all__ = ["StepBatch", "StepRecorder", "DistanceTracker", "angles_from_norms", "local_shard"]
 
+CPU_DOT_PATH = True
+"""On the CPU, measure float32/float64 weights with dot products (see :class:`_Slot`); ``False`` uses the
+accelerators' float64 foreach norms everywhere (for tests of that path on a CPU-only machine)."""
+
+SMALL_NUMEL = 4096
+"""CPU dot path: tensors with fewer elements are batched into one concatenated segmented sum."""
+
 
 def angles_from_norms(
     norm_sq_before: np.ndarray, norm_sq_after: np.ndarray, update_sq: np.ndarray, norm_sq_diff: np.ndarray | None = None
@@ -92,8 +99,11 @@ class _Slot:
         use_momentum_buffer: bool,
         tensor_filter: list[tuple[int, int] | None] | None = None,
         shard_group: Any = None,
+        stride: int = 1,
     ) -> None:
         self.index = index
+        self.stride = max(int(stride), 1)
+        self._armed = self.stride == 1
         self.optimizer = optimizer
         self.tensors = tensors
         self.rule = rule_for(optimizer)
@@ -123,11 +133,28 @@ class _Slot:
         # element); their ~1e-7 relative error is harmless once ‖w_t‖² − ‖w_{t+1}‖² is taken from the cross
         # term ⟨d, w_{t+1}⟩ instead of subtracting two norms. Accelerators keep the fused float64 foreach norms.
         # (float32/float64 only: a dot product accumulated in bf16/fp16 would lose the precision)
-        self.cross = self.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
-        self.columns = 4 if self.cross else 3
+        self.cross = CPU_DOT_PATH and self.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+        # Columns of a buffer row, each ``len(tensors)`` wide: ‖w_{t+1}‖², ‖d‖², [⟨d, w_{t+1}⟩], ‖g‖², and when
+        # sampling without the cross term, ‖w_t‖² (taken in the step pre-hook: the previous recorded row is
+        # no longer the previous step).
+        self.col_g = 3 if self.cross else 2
+        self.col_before = 3 if (self.stride > 1 and not self.cross) else None
+        self.columns = 4 if (self.cross or self.col_before is not None) else 3
         self.buffer = torch.zeros(self.capacity, self.columns * len(tensors), dtype=torch.float64, device=self.device)
+        local_numel = [local_shard(t).numel() for t in tensors]  # type: ignore[union-attr]
+        # The CPU dot path batches small tensors: one concatenation and one segmented sum for all of them,
+        # so their number does not multiply the launches; larger tensors (bandwidth-bound) get their own dot.
+        self.large = [i for i, n in enumerate(local_numel) if n >= SMALL_NUMEL] if self.cross else list(range(len(tensors)))
+        self.small = [i for i, n in enumerate(local_numel) if n < SMALL_NUMEL] if self.cross else []
+        self.small_numel = [local_numel[i] for i in self.small]
+        self.small_segments = torch.repeat_interleave(
+            torch.arange(len(self.small), device=self.device), torch.tensor(self.small_numel, dtype=torch.int64, device=self.device)
+        )
+        order = self.large + self.small  # column order within each group of columns
+        self.inverse_order = np.argsort(np.array(order, dtype=np.int64)) if order != list(range(len(tensors))) else None
         self.count = 0
         self.steps_taken = 0
+        self.step_log: list[int] = []  # the optimizer step of each recorded row
         self.hyper_log: list[tuple[tuple[Any, ...], ...]] = []
         # per recorded step: tensors that had no gradient (the optimizer skipped them: no rotation to measure)
         self.missing_log: list[list[int]] = []
@@ -149,7 +176,8 @@ class _Slot:
         self.pf_last: np.ndarray | None = None
         if self.pf_tensors:
             total = sum(self.pf_rows)
-            self.pf_buffer = torch.zeros(self.capacity, 2 * total, dtype=torch.float64, device=self.device)
+            # rows: ‖w_{t+1}‖² per filter, ‖d‖² per filter, and when sampling ‖w_t‖² per filter
+            self.pf_buffer = torch.zeros(self.capacity, (3 if self.stride > 1 else 2) * total, dtype=torch.float64, device=self.device)
             with torch.no_grad():
                 self.pf_initial = torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]))
 
@@ -179,23 +207,68 @@ class _Slot:
         return list(torch._foreach_norm([t if t.numel() else zero for t in tensors], 2, dtype=torch.float64))
 
     def _record_norms(self, tensors: list[torch.Tensor], updates: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        row = self.buffer[self.count]
+        row = self.buffer[self.count, : 3 * len(tensors)]
         torch.stack(self._norms(tensors) + self._norms(updates) + self._norms(grads), out=row)
         row.square_()
 
     def _record_dots(self, tensors: list[torch.Tensor], updates: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """‖w‖², ‖d‖², ⟨d, w⟩, ‖g‖² per tensor (``d`` the update direction: ``w_t − w_{t+1}`` or the
-        momentum buffer)."""
-        w = [t.reshape(-1) for t in tensors]
-        d = [t.reshape(-1) for t in updates]
-        g = [t.reshape(-1) for t in grads]
-        vals = [torch.dot(x, x) for x in w] + [torch.dot(x, x) for x in d] + [torch.dot(x, y) if x.numel() == y.numel() else x.new_zeros(()) for x, y in zip(d, w)]
-        vals += [torch.dot(x, x) for x in g]
-        self.buffer[self.count].copy_(torch.stack(vals))
+        momentum buffer), columns in ``large + small`` order."""
+        parts = []
+        if self.large:
+            w = [tensors[i].reshape(-1) for i in self.large]
+            d = [updates[i].reshape(-1) for i in self.large]
+            g = [grads[i].reshape(-1) for i in self.large]
+            vals = [torch.dot(x, x) for x in w] + [torch.dot(x, x) for x in d]
+            vals += [torch.dot(x, y) if x.numel() == y.numel() else x.new_zeros(()) for x, y in zip(d, w)]
+            vals += [torch.dot(x, x) for x in g]
+            parts.append(torch.stack(vals).view(4, len(self.large)).to(torch.float64))
+        if self.small:
+            # one flat float64 vector per quantity, one product each, one segmented sum for all tensors
+            def flat(xs: list[torch.Tensor]) -> torch.Tensor:
+                return torch.cat([x.reshape(-1) if x.numel() == n else x.new_zeros(n) for x, n in zip(xs, self.small_numel)]).to(torch.float64)
+
+            W = flat([tensors[i] for i in self.small])
+            D = flat([updates[i] for i in self.small])
+            G = flat([grads[i] for i in self.small])
+            products = torch.stack([W * W, D * D, D * W, G * G])
+            sums = torch.zeros(4, len(self.small), dtype=torch.float64, device=self.device)
+            parts.append(sums.index_add_(1, self.small_segments, products))
+        row = self.buffer[self.count].view(4, len(tensors))
+        if len(parts) == 1:
+            row.copy_(parts[0])
+        else:
+            torch.cat(parts, dim=1, out=row)
+
+    def pre_step(self) -> None:
+        """Called right before the optimizer steps, when sampling: on a step to be recorded, take ``w_t``
+        (the snapshot, ‖w_t‖² and per-filter rows) — the previous recorded row is ``n`` steps old."""
+        self._armed = (self.steps_taken + 1) % self.stride == 0
+        if not self._armed:
+            return
+        if self.count == self.capacity:
+            self._spill()
+        tensors = self._locals()
+        n_t = len(tensors)
+        with torch.no_grad():
+            if self.snapshot is not None:
+                torch._foreach_copy_(self.snapshot, tensors)
+            if self.col_before is not None:
+                row = self.buffer[self.count, self.col_before * n_t : (self.col_before + 1) * n_t]
+                torch.stack(self._norms(tensors), out=row)
+                row.square_()
+            if self.pf_buffer is not None:
+                total = sum(self.pf_rows)
+                torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]), out=self.pf_buffer[self.count, 2 * total :])
 
     def record(self) -> None:
         """Called right after the optimizer stepped. Host-sync free."""
-        if self.count == self.capacity:
+        if not self._armed:  # sampling, and not a sampled step
+            self.steps_taken += 1
+            return
+        if self.stride > 1:
+            self._armed = False
+        elif self.count == self.capacity:
             self._spill()
         params = self.tensors
         tensors = self._locals()
@@ -231,13 +304,16 @@ class _Slot:
                     self._record_dots(tensors, self.snapshot, grads)
                 else:
                     self._record_norms(tensors, self.snapshot, grads)
-                torch._foreach_copy_(self.snapshot, tensors)
+                if self.stride == 1:  # (sampling re-takes it in the pre-hook of the next sampled step)
+                    torch._foreach_copy_(self.snapshot, tensors)
             if self.pf_buffer is not None:
-                torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]) + pf_updates, out=self.pf_buffer[self.count])
+                total = sum(self.pf_rows)
+                torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]) + pf_updates, out=self.pf_buffer[self.count, : 2 * total])
         groups = self.optimizer.param_groups
         keys = self.rule.keys
         step = self.steps_taken + 1
         self.missing_log.append(missing)
+        self.step_log.append(step)
         self.hyper_log.append(tuple(tuple(step if k == "_step" else _freeze(groups[g].get(k)) for k in keys) for g in self.groups))
         self.count += 1
         self.steps_taken += 1
@@ -281,7 +357,8 @@ class _Slot:
         if self.sharded:
             self._reduce_pending()  # spills happen at the same step on every rank (same capacity)
         data = self.buffer[: self.count].to("cpu", copy=True).numpy()
-        steps = np.arange(self.steps_taken - self.count + 1, self.steps_taken + 1)
+        steps = np.array(self.step_log[-self.count :], dtype=np.int64)
+        self.step_log = []
         self.spill.append((data, self.hyper_log, steps))
         if self.pf_buffer is not None:
             self.pf_log.append(self.pf_buffer[: self.count].to("cpu", copy=True).numpy())
@@ -296,11 +373,12 @@ class _Slot:
         self.spill, self.pf_log = [], []
         if self.count:
             data = self.buffer[: self.count].to("cpu", copy=True).numpy()
-            steps = np.arange(self.steps_taken - self.count + 1, self.steps_taken + 1)
+            steps = np.array(self.step_log[-self.count :], dtype=np.int64)
             parts.append((data, self.hyper_log, steps))
             if self.pf_buffer is not None:
                 pf_parts.append(self.pf_buffer[: self.count].to("cpu", copy=True).numpy())
         self.hyper_log = []
+        self.step_log = []
         self.count = 0
         if not parts:
             return None
@@ -309,12 +387,17 @@ class _Slot:
         missing, self.missing_log = self.missing_log, []
         steps = np.concatenate([p[2] for p in parts])
         n_t = len(self.tensors)
+        if self.inverse_order is not None:
+            data = data.reshape(len(data), self.columns, n_t)[:, :, self.inverse_order].reshape(len(data), -1)
         w_sq, d_sq = data[:, :n_t], data[:, n_t : 2 * n_t]
         dw = data[:, 2 * n_t : 3 * n_t] if self.cross else None
-        g_sq = data[:, (self.columns - 1) * n_t :]
+        g_sq = data[:, self.col_g * n_t : (self.col_g + 1) * n_t]
         if self.last_norm_sq is None:
             self.last_norm_sq = self.initial.to("cpu", copy=True).numpy()  # (summed over shards already)
-        before = np.concatenate([self.last_norm_sq[None, :], w_sq[:-1]], axis=0)
+        if self.col_before is not None:
+            before = data[:, self.col_before * n_t : (self.col_before + 1) * n_t]
+        else:
+            before = np.concatenate([self.last_norm_sq[None, :], w_sq[:-1]], axis=0)
         self.last_norm_sq = w_sq[-1].copy()
         if any(missing):
             d_sq = d_sq.copy()
@@ -365,10 +448,13 @@ class _Slot:
     def _filter_rms(self, pf: np.ndarray, hyper: list[list[dict[str, float]]]) -> np.ndarray:
         """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``."""
         total = sum(self.pf_rows)
-        w_sq, d_sq = pf[:, :total], pf[:, total:]
+        w_sq, d_sq = pf[:, :total], pf[:, total : 2 * total]
         if self.pf_last is None:
             self.pf_last = self.pf_initial.to("cpu", copy=True).numpy()
-        before = np.concatenate([self.pf_last[None, :], w_sq[:-1]], axis=0)
+        if self.stride > 1:
+            before = pf[:, 2 * total :]
+        else:
+            before = np.concatenate([self.pf_last[None, :], w_sq[:-1]], axis=0)
         self.pf_last = w_sq[-1].copy()
         if self.momentum_path:
             lr = np.array([[g.get("lr", math.nan) for g in step] for step in hyper], dtype=np.float64)
@@ -476,6 +562,9 @@ class StepRecorder:
         shard_group: the process group over which plain-tensor shards must be summed (FSDP1's flat
             ``use_orig_params`` views; ``"world"`` for the default group). DTensor shards (FSDP2) are
             recognized without it.
+        every_n_steps: record only every n-th step of each optimizer (steps n, 2n, ...). A sampled step
+            is still measured over that one step: a step pre-hook takes ``w_t`` right before it, so the
+            angular update and its prediction keep their meaning; other steps cost two integer checks.
     """
 
     def __init__(
@@ -486,7 +575,11 @@ class StepRecorder:
         use_momentum_buffer: bool = True,
         unit_filters: Sequence[tuple[int, int] | None] | None = None,
         shard_group: Any = None,
+        every_n_steps: int = 1,
     ) -> None:
+        if int(every_n_steps) < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = int(every_n_steps)
         self.n_units = len(unit_params)
         self.slots: list[_Slot] = []
         self.unit_optimizer = np.full(self.n_units, -1, dtype=np.int64)
@@ -522,8 +615,12 @@ class StepRecorder:
         for key in sorted(per_opt):
             oi = key[0]
             tensors, t_unit, t_group, units = per_opt[key]
-            slot = _Slot(oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(key), shard_group)
+            slot = _Slot(
+                oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(key), shard_group, self.every_n_steps
+            )
             self.slots.append(slot)
+            if self.every_n_steps > 1:
+                self._handles.append(optimizers[oi].register_step_pre_hook(_PreHook(slot)))
             self._handles.append(optimizers[oi].register_step_post_hook(_PostHook(slot)))
 
     @property
@@ -567,6 +664,16 @@ class _PostHook:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.slot.record()
+
+
+class _PreHook:
+    """A picklable step pre-hook (sampling only)."""
+
+    def __init__(self, slot: _Slot) -> None:
+        self.slot = slot
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.slot.pre_step()
 
 
 class DistanceTracker:

@@ -37,6 +37,18 @@ class ReferenceAngles(pl.Callback):
         self.angles.append(row)
 
 
+def _select_kernel(monkeypatch, kernel):
+    """The step path: CPU dot products with all tensors batched as small, some (conv1: 216 elements) small and
+    the others large, all large; or the accelerators' float64 foreach norms."""
+    import lightning_smd.measure as measure
+
+    threshold = {"dots-small": 4096, "dots-mixed": 500, "dots-large": 0}.get(kernel)
+    if threshold is None:
+        monkeypatch.setattr(measure, "CPU_DOT_PATH", False)
+    else:
+        monkeypatch.setattr(measure, "SMALL_NUMEL", threshold)
+
+
 def _decaying_lr(opt):
     # lr from 0.1 down to 1e-6 over 30 steps: angles from ~1e-2 down to below 1e-5 rad
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 10.0 ** (-5.0 * min(t, 30) / 30))
@@ -52,7 +64,9 @@ def _decaying_lr(opt):
     ],
     ids=["sgd-snapshot", "adam-snapshot", "sgdm-snapshot", "sgdm-buffer-float64"],
 )
-def test_angles_match_float64_reference(tmp_path, optimizer, precision, use_buffer, path):
+@pytest.mark.parametrize("kernel", ["dots-small", "dots-mixed", "dots-large", "foreach-norms"])
+def test_angles_match_float64_reference(tmp_path, monkeypatch, optimizer, precision, use_buffer, path, kernel):
+    _select_kernel(monkeypatch, kernel)
     torch.manual_seed(0)
     names = ["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"]
     ref = ReferenceAngles(names)
@@ -279,3 +293,53 @@ def test_per_filter_metric_is_logged_only_when_asked(tmp_path):
         with open(d / "metrics.csv") as fh:
             header = next(csv.reader(fh))
         assert ("smd/net.conv1.weight/filter_angular_update_rms" in header) is flag
+
+
+@pytest.mark.parametrize("kernel", ["dots-mixed", "foreach-norms"])
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["buffer", "snapshot"])
+def test_sampled_steps_are_measured_over_one_step(tmp_path, monkeypatch, kernel, momentum):
+    """every_n_steps=3 records steps 3, 6, 9, ...: each over that single step, as a float64 reference says."""
+    _select_kernel(monkeypatch, kernel)
+    torch.manual_seed(0)
+    names = ["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"]
+    ref = ReferenceAngles(names)
+    smd = SMDCallback(keep_history=True, every_n_steps=3, log_every_n_steps=5, verbose=False)
+    with warnings_ignored():
+        # (the momentum buffer gives the exact update -lr*buf; float32 weights round it, so compare in float64)
+        precision, dtype = ("64-true", torch.float64) if momentum else ("32-true", torch.float32)
+        trainer(tmp_path, [smd, ref], max_steps=36, precision=precision).fit(
+            Module(SmallConvNet(), optimizer=sgd(momentum=momentum), scheduler=_decaying_lr), loader(dtype=dtype)
+        )
+    reference = np.array(ref.angles)
+    for j, name in enumerate(names):
+        h = smd.diagnostics.unit_history(name)
+        assert list(h["steps"]) == list(range(3, 37, 3))
+        np.testing.assert_allclose(h["angular_update"], reference[2::3, j], rtol=1e-6, atol=0)
+    summary = smd.summary()
+    assert summary["every_n_steps"] == 3 and summary["steps"] == 36
+    assert summary["optimizers"][0]["measurement"] == ("momentum_buffer" if momentum else "snapshot")
+
+
+def test_sampling_keeps_the_window_and_moving_averages_in_steps():
+    """A constant in-band signal sampled every 4 steps reaches equilibrium after the same number of steps."""
+    from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
+    from lightning_smd.detect import NormalizedWeight
+    from lightning_smd.measure import StepBatch
+    from lightning_smd.theory import rule_for
+
+    unit = NormalizedWeight(name="w", params=("w",), shape=(4, 4), numel=16, layer="Linear", norm="LayerNorm", granularity="tensor", found_by="test")
+    rule = rule_for(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, weight_decay=1e-3))
+    hyper = {"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
+    pred = rule.angular_update(rule.hyper(hyper))
+    first = {}
+    for stride in (1, 4):
+        diag = Diagnostics([unit], DiagnosticsConfig(window=40, ema_steps=20), stride=stride)
+        steps = np.arange(stride, 401, stride)
+        k = len(steps)
+        ones = np.ones((k, 1))
+        diag.update(
+            StepBatch(0, np.array([0]), steps, ones, ones, ones, ones, np.full((k, 1), pred), [[rule.hyper(hyper)]] * k, np.array([0]), rule)
+        )
+        first[stride] = int(diag.first_equilibrium[0])
+        assert diag.summary()["layers"][0]["share_in_equilibrium"] == pytest.approx(361 / 400, abs=0.02)
+    assert first[1] == 1 and first[4] == 4
