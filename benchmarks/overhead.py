@@ -7,7 +7,9 @@ all measured in one invocation, as ratios to no monitoring (median over repeats)
 Every run is a fresh Python process (so that peak memory is its own) training the model with a real
 ``pytorch_lightning.Trainer`` for ``--steps`` steps; the time of a step is measured from one batch start to
 the next (forward, backward, optimizer step and every callback's work), the first ``--warmup`` steps
-dropped, and the median kept. The variants run interleaved, repeat after repeat, so slow drifts of the
+dropped, and the mean kept (log steps included). Separate processes on a shared machine drift by several
+percent, more than the cost being measured; so for the SMD variants the script also times the callback's
+own hooks inside the same steps (``in SMD hooks``: exact on the CPU, where every op is synchronous). The variants run interleaved, repeat after repeat, so slow drifts of the
 machine hit all of them alike.
 
 Variants:
@@ -94,6 +96,27 @@ class ResNetLike(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def _time_smd_hooks(smd, total: list[float]) -> None:
+    """Accumulate the wall time spent in the callback's hooks and in the recorder's optimizer hooks (on the
+    CPU every op is synchronous, so this is exactly the monitoring's own time; on CUDA it is launch time)."""
+    import lightning_smd.measure as measure
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                total[0] += time.perf_counter() - t0
+
+        return wrapper
+
+    measure._Slot.record = timed(measure._Slot.record)
+    measure._Slot.pre_step = timed(measure._Slot.pre_step)
+    for hook in ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end"):
+        setattr(smd, hook, timed(getattr(smd, hook)))
+
+
 def child(args: argparse.Namespace) -> dict:
     """One training run of one variant in this process; returns its figures."""
     import pytorch_lightning as pl
@@ -139,7 +162,9 @@ def child(args: argparse.Namespace) -> dict:
             self.prev = current
 
     times: list[float] = []
+    hook_marks: list[float] = []
     cuda = args.device == "cuda"
+    hook_time = [0.0]  # seconds spent inside SMDCallback's hooks and the recorder's step hooks (CPU: exact)
 
     class Timer(pl.Callback):
         """From one batch start to the next: the whole step, every callback's work included."""
@@ -152,6 +177,7 @@ def child(args: argparse.Namespace) -> dict:
             now = time.perf_counter()
             if self.last is not None:
                 times.append(now - self.last)
+                hook_marks.append(hook_time[0])
             self.last = now
 
     v = args.child
@@ -166,6 +192,7 @@ def child(args: argparse.Namespace) -> dict:
             kw["every_n_steps"] = int(v.rsplit("_", 1)[1])
         smd = SMDCallback(**kw)
         callbacks.append(smd)
+        _time_smd_hooks(smd, hook_time)
     elif v == "naive_item":
         callbacks.append(NaiveItem())
     elif v == "full_clone":
@@ -198,8 +225,11 @@ def child(args: argparse.Namespace) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, data)
+    steps = times[args.warmup :]
+    spent = [b - a for a, b in zip(hook_marks[args.warmup - 1 :], hook_marks[args.warmup :])]
     out = {
-        "seconds_per_step": statistics.median(times[args.warmup :]),
+        "seconds_per_step": statistics.fmean(steps),
+        "hook_seconds_per_step": statistics.fmean(spent) if smd is not None and spent else 0.0,
         "peak_mib": (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
@@ -221,7 +251,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, choices=(18, 50), default=None, help="default: 18 on the CPU, 50 on CUDA")
     parser.add_argument("--width", type=int, default=64, help="channels of the first stage (ResNet: 64)")
     parser.add_argument("--precision", default=None, help="default: 32-true on the CPU, 16-mixed on CUDA")
-    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=10, help="the Trainer's log_every_n_steps (SMD drains and logs there)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -263,8 +293,8 @@ def main() -> None:
     )
     base_t = statistics.median(x["seconds_per_step"] for x in results["none"]) if "none" in results else None
     base_m = statistics.median(x["peak_mib"] for x in results["none"]) if "none" in results else None
-    print(f"| {'variant':<16} | {'ms/step':>8} | {'steps/s':>8} | {'vs none':>8} | {'extra peak MiB':>14} | {'SMD buffers MiB':>15} |")
-    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 16}|{'-' * 17}|")
+    print(f"| {'variant':<16} | {'ms/step':>8} | {'steps/s':>8} | {'vs none':>8} | {'in SMD hooks':>12} | {'extra peak MiB':>14} | {'SMD buffers MiB':>15} |")
+    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 16}|{'-' * 17}|")
     for v in variants:
         t = statistics.median(x["seconds_per_step"] for x in results[v])
         m = statistics.median(x["peak_mib"] for x in results[v])
@@ -272,7 +302,13 @@ def main() -> None:
         extra = f"{m - base_m:+.0f}" if base_m is not None else "-"
         own = results[v][0]["smd_extra_bytes"] / 2**20
         own_s = f"{own:.1f}" if v.startswith("smd") else ""
-        print(f"| {v:<16} | {t * 1e3:>8.1f} | {1 / t:>8.2f} | {ratio:>8} | {extra:>14} | {own_s:>15} |")
+        hook = statistics.median(x["hook_seconds_per_step"] / x["seconds_per_step"] for x in results[v])
+        hook_s = f"{hook:.2%}" if v.startswith("smd") else ""
+        print(f"| {v:<16} | {t * 1e3:>8.1f} | {1 / t:>8.2f} | {ratio:>8} | {hook_s:>12} | {extra:>14} | {own_s:>15} |")
+    print(
+        "ms/step: mean over the steps after warm-up (log steps included), median over the runs; in SMD hooks: share of "
+        "the step spent inside SMDCallback's hooks and the recorder's optimizer hooks, measured in the same steps"
+    )
 
 
 if __name__ == "__main__":
