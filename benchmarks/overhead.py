@@ -205,7 +205,9 @@ def child(args: argparse.Namespace) -> dict:
 
         os.environ["WANDB_SILENT"] = "true"
         run_wandb = wandb.init(project="smd-bench", dir=tmp, mode="offline")
-        wandb.watch(model, log="parameters", log_freq=int(v.rsplit("_", 1)[1]))
+        # watch the module whose forward runs (training_step calls self.net; the LightningModule's own
+        # forward never does, and wandb.watch logs from a forward hook)
+        wandb.watch(model.net, log="parameters", log_freq=int(v.rsplit("_", 1)[1]))
     data = DataLoader(NoisyTemplates(batch_size=args.batch, size=args.size, seed=0), batch_size=None)
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -233,7 +235,7 @@ def child(args: argparse.Namespace) -> dict:
         "peak_mib": (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
-        "smd_extra_bytes": smd.recorder.extra_bytes if smd is not None and smd.recorder is not None else 0,
+        "smd_extra_bytes": (smd.summary().get("extra_memory_bytes") or 0) if smd is not None else 0,
         "tracked": len(smd.detection.units) if smd is not None and smd.detection is not None else 0,
     }
     if run_wandb is not None:

@@ -9,11 +9,13 @@ from lightning_smd.callback import EquilibriumNotReachedError, SMDCallback, SMDW
 from lightning_smd.detect import Detection, NormalizedWeight, find_normalized_weights
 from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
 from lightning_smd.measure import StepBatch, StepRecorder
+from lightning_smd.monitor import SMDMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SMDCallback",
+    "SMDMonitor",
     "SMDWarning",
     "EquilibriumNotReachedError",
     "Detection",

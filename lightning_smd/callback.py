@@ -9,20 +9,19 @@ ends early, by an exception or an interrupt (then marked ``"complete": false``).
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 
 from lightning_smd.detect import (
     NOT_ORTHOGONAL_WARNING,
@@ -36,19 +35,40 @@ from lightning_smd.detect import (
     units_from_patterns,
     verify_orthogonality,
 )
-from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, diffusion_exponent
+from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, diffusion_exponent, metric_name
+from lightning_smd.loggers import finish_loggers, setup_loggers
 from lightning_smd.measure import DistanceTracker, StepRecorder
+from lightning_smd.report import SUMMARY_FILENAME, SMDWarning, format_summary_table
+from lightning_smd.report import filter_spec as _filter_spec
+from lightning_smd.report import optimizer_info as _optimizer_info
+from lightning_smd.report import write_summary as _atomic_write_json
 from lightning_smd.theory import rule_for
 
-__all__ = ["SMDCallback", "SMDWarning", "EquilibriumNotReachedError", "SUMMARY_FILENAME"]
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
-SUMMARY_FILENAME = "smd_summary.json"
+__all__ = ["SMDCallback", "SMDWarning", "EquilibriumNotReachedError", "SUMMARY_FILENAME", "format_summary_table"]
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """The ``Callback`` classes of the Lightning namespaces installed: ``pytorch_lightning`` and/or
+    ``lightning.pytorch``. Deriving from both makes one ``SMDCallback`` class an instance of each, so it
+    works with either Trainer (Lightning refuses objects whose class comes from the other namespace, and
+    this class comes from neither)."""
+    bases = []
+    for module in ("pytorch_lightning", "lightning.pytorch"):
+        try:
+            bases.append(importlib.import_module(module).Callback)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError("lightning_smd.SMDCallback needs Lightning: pip install pytorch-lightning (or lightning)")
+    return tuple(dict.fromkeys(bases))
+
+
+_CALLBACK_BASES = _callback_bases()
 #: A planned run shorter than this many relaxation times gets a warning at fit start.
 SHORT_RUN_RELAXATION_TIMES = 3.0
-
-
-class SMDWarning(UserWarning):
-    """Warnings of lightning_smd (filter them with ``warnings.filterwarnings(..., category=SMDWarning)``)."""
 
 
 class EquilibriumNotReachedError(RuntimeError):
@@ -60,7 +80,7 @@ class EquilibriumNotReachedError(RuntimeError):
         self.summary = summary or {}
 
 
-class SMDCallback(Callback):
+class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     """Measure the Spherical Motion Dynamics of every normalized weight and check its equilibrium.
 
     Args:
@@ -161,6 +181,7 @@ class SMDCallback(Callback):
         self._verify_tries = 0
         self._resume_state: dict[str, Any] | None = None
         self._setup_detection: Detection | None = None
+        self._loggers_ready = False
 
     @property
     def state_key(self) -> str:
@@ -228,6 +249,7 @@ class SMDCallback(Callback):
     # ------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
+        self._loggers_ready = False
         self.warnings = []
         self._summary = None
         self._last_logged_step = -1
@@ -527,9 +549,16 @@ class SMDCallback(Callback):
         metrics = self.diagnostics.metrics(per_layer=self.log_per_layer)
         if self.distance is not None and self.log_per_layer:
             for u, unit in enumerate(self.diagnostics.units):
-                metrics[f"smd/{unit.name}/angular_distance"] = distances.get(u, math.nan)
+                metrics[f"smd/{metric_name(unit.name)}/angular_distance"] = distances.get(u, math.nan)
+        if not self._loggers_ready:
+            self._loggers_ready = True
+            if trainer.is_global_zero:
+                setup_loggers(trainer.loggers, [u.name for u in self.diagnostics.units], self.log_per_layer, lambda m: self._warn(trainer, m))
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            try:
+                logger.log_metrics(metrics, step=step)
+            except Exception as err:  # noqa: BLE001 - a logger refusing a metric must not stop training
+                self._warn(trainer, f"{type(logger).__name__} refused the SMD metrics ({type(err).__name__}: {err}); they are not logged there")
         for key in ("smd/angular_update_ratio", "smd/equilibrium_fraction"):
             trainer.callback_metrics[key] = torch.tensor(metrics[key])
         self._last_logged_step = step
@@ -633,6 +662,8 @@ class SMDCallback(Callback):
             self._flush(trainer, max(_logger_step(trainer) - 1, self._last_logged_step + 1))
         self._end_warnings(trainer)
         self._finish(trainer, complete=True)
+        if trainer.is_global_zero:
+            finish_loggers(trainer.loggers, self.summary(), lambda m: self._warn(trainer, m))
         if self.verbose and trainer.is_global_zero:
             print(self.format_summary())
         self._gate(trainer)
@@ -759,14 +790,6 @@ class SMDCallback(Callback):
             warnings.warn(message, SMDWarning, stacklevel=3)
 
 
-def _filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
-    if u.granularity == "filter":
-        return (u.filter_dim, 1)
-    if u.granularity == "group" and u.group_size:
-        return (u.filter_dim, u.group_size)
-    return None
-
-
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -849,40 +872,6 @@ def _verification_message(u: NormalizedWeight) -> str:
     )
 
 
-def format_summary_table(summary: dict[str, Any]) -> str:
-    """Format a summary dict (as written to ``smd_summary.json``) as a fixed-width table."""
-
-    def f(x: Any, spec: str) -> str:
-        return "-" if x is None else format(x, spec)
-
-    rows = [("layer", "angular update", "predicted", "ratio", "|w|", "predicted |w|", "equilibrium", "since step")]
-    for r in summary.get("layers", []):
-        rows.append(
-            (
-                r["name"],
-                f(r.get("angular_update"), ".3e"),
-                f(r.get("predicted_angular_update"), ".3e"),
-                f(r.get("ratio"), ".3f"),
-                f(r.get("weight_norm"), ".3f"),
-                f(r.get("predicted_weight_norm"), ".3f"),
-                "yes" if r.get("in_equilibrium") else "no",
-                f(r.get("first_equilibrium_step"), "d"),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    verdict = summary.get("verdict", "?")
-    state = "" if summary.get("complete", True) else " (incomplete run)"
-    lines.append(f"SMD verdict after {summary.get('steps', 0)} steps: {verdict}{state} — {summary.get('reason', '')}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------
-
-
 def _logger_step(trainer: pl.Trainer) -> int:
     """The step Lightning logs the current batch's metrics at (``_batches_that_stepped``)."""
     loop = trainer.fit_loop.epoch_loop
@@ -912,55 +901,3 @@ def _log_dir(trainer: pl.Trainer) -> str:
     return trainer.default_root_dir
 
 
-def _optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:
-    rule = rule_for(optimizer)
-    slot = next((s for s in recorder.slots if s.index == index), None)
-    groups = []
-    for g in optimizer.param_groups:
-        h = rule.hyper(g)
-        groups.append({k: (v if math.isfinite(v) else None) for k, v in h.items()})
-    return {
-        "index": index,
-        "class": type(optimizer).__name__,
-        "rule": rule.name,
-        "param_groups": groups,
-        "measurement": None if slot is None else ("momentum_buffer" if slot.momentum_path else "snapshot"),
-        "steps": 0 if slot is None else slot.steps_taken,
-    }
-
-
-def _atomic_write_json(path: str, data: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".smd_summary.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_sanitize(data), fh, indent=2, default=_json_default, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _sanitize(obj: Any) -> Any:
-    """JSON has no nan/inf: write them as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_sanitize(v) for v in obj]
-    return obj
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)

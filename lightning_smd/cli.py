@@ -4,6 +4,8 @@
         exit 0 when the run reached equilibrium, 1 when it did not, 2 on unreadable input
     lightning-smd report LOG_DIR_OR_SUMMARY
         the per-layer table of a run (the newest smd_summary.json under a directory)
+    lightning-smd plot LOG_DIR_OR_CSV -o smd.png [--layers 6 | --all | --layer NAME ...]
+        measured vs predicted angular update and weight norm per layer (needs matplotlib)
 
 ``check`` re-judges the verdict when ``--tolerance`` or ``--min-fraction`` is given: a layer counts as in
 equilibrium when its smoothed ratio stayed within ``1 ± tolerance`` over the run's last ``window`` steps
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_smd.callback import SUMMARY_FILENAME, format_summary_table
+from lightning_smd.report import SUMMARY_FILENAME, format_summary_table
 
 __all__ = ["main", "find_summary", "judge"]
 
@@ -99,6 +101,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from lightning_smd.plot import plot_run
+
+    try:
+        out = plot_run(args.path, args.output, layers=None if args.all else args.layers, names=args.layer or None, dpi=args.dpi)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    print(out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-smd", description="Check and report Spherical Motion Dynamics runs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("report", help="print the per-layer table of a run")
     r.add_argument("path", help="smd_summary.json or a log directory")
     r.set_defaults(fn=_report)
+    p = sub.add_parser("plot", help="draw measured vs predicted per layer into an image")
+    p.add_argument("path", help="a log directory (metrics.csv or TensorBoard event files below it) or a metrics.csv")
+    p.add_argument("-o", "--output", default="smd.png", help="image file (.png, .pdf, .svg); default smd.png")
+    p.add_argument("--layers", type=int, default=6, help="how many layers: the worst by final |ratio - 1| (default 6)")
+    p.add_argument("--all", action="store_true", help="every layer")
+    p.add_argument("--layer", action="append", help="this layer (repeatable); overrides --layers")
+    p.add_argument("--dpi", type=int, default=120)
+    p.set_defaults(fn=_plot)
     args = parser.parse_args(argv)
     for name in ("tolerance", "min_fraction"):
         value = getattr(args, name, None)

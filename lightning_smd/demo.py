@@ -28,6 +28,7 @@ class NoisyTemplates(IterableDataset):
         flip: share of labels replaced by a random class (label noise keeps the loss away from zero).
         seed: seeds the templates and the stream; the same seed gives the same batches.
         dtype: dtype of the images.
+        stream: which noise stream to draw (same task, other samples): give each DDP rank its own.
     """
 
     def __init__(
@@ -40,14 +41,16 @@ class NoisyTemplates(IterableDataset):
         flip: float = 0.2,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        stream: int = 0,
     ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.templates = torch.randn(classes, channels, size, size, generator=g)
         self.batch_size, self.classes, self.noise, self.flip, self.seed, self.dtype = batch_size, classes, noise, flip, seed, dtype
+        self.stream = stream
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed + 1)
+        g = torch.Generator().manual_seed(self.seed + 1 + 7919 * self.stream)
         while True:
             y = torch.randint(0, self.classes, (self.batch_size,), generator=g)
             x = self.templates[y] + self.noise * torch.randn(self.batch_size, *self.templates.shape[1:], generator=g)

@@ -20,6 +20,7 @@ Pure numpy: usable from a hand-written loop without Lightning.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,6 +34,31 @@ from lightning_smd.theory import Rule, UnknownRule, registered_rules, time_to_ba
 __all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS", "diffusion_exponent"]
 
 VERDICTS = ("equilibrium", "not_reached", "not_applicable")
+
+
+_INVALID = re.compile(r"[^A-Za-z0-9_.\- ]")
+
+LAYER_METRICS = (
+    "angular_update",
+    "predicted_angular_update",
+    "angular_update_ratio",
+    "weight_norm",
+    "predicted_weight_norm",
+    "in_equilibrium",
+    "effective_lr",
+)
+
+
+def metric_name(unit_name: str) -> str:
+    """The unit's name as it appears in metric keys: characters MLflow (the strictest logger) rejects become
+    ``_`` — a weight+bias unit ``net.conv.weight+bias`` is logged as ``smd/net.conv.weight_bias/...``."""
+    return _INVALID.sub("_", unit_name)
+
+
+def layer_metric_keys(unit_name: str, prefix: str = "smd/") -> dict[str, str]:
+    base = f"{prefix}{metric_name(unit_name)}/"
+    return {m: base + m for m in LAYER_METRICS}
+
 
 
 @dataclass(frozen=True)
@@ -462,7 +488,7 @@ class Diagnostics:
             eq = self.in_equilibrium
             filter_rms = self.filter_delta.value()
             for u, unit in enumerate(self.units):
-                base = f"{prefix}{unit.name}/"
+                base = f"{prefix}{metric_name(unit.name)}/"
                 out[base + "angular_update"] = float(smoothed[u])
                 out[base + "predicted_angular_update"] = float(self.predicted[u])
                 out[base + "angular_update_ratio"] = float(ratio[u])

@@ -1,0 +1,210 @@
+"""Pictures of a run: measured against predicted, per layer, from what the loggers wrote.
+
+    lightning-smd plot LOG_DIR_OR_CSV -o smd.png [--layers 6] [--all]
+
+Reads the ``smd/*`` series from a CSVLogger ``metrics.csv`` (or, when there is none, from TensorBoard event
+files) and, when it finds one, the run's ``smd_summary.json`` (tolerance, equilibrium steps). One row per
+layer — by default the ``--layers`` worst, by final distance of their ratio to 1 — after a first row with
+the aggregates:
+
+- left: the smoothed angular update and its prediction (log scale), the ``1 ± tolerance`` band around the
+  prediction, the step the layer reached equilibrium (solid vertical line), and learning-rate changes
+  (dotted vertical lines: the prediction moves with them);
+- right: the weight norm and its predicted equilibrium value.
+
+Needs matplotlib (``pip install "lightning-smd[plot]"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load_series", "plot_run"]
+
+Series = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _find(path: str, filename: str) -> str | None:
+    if os.path.isfile(path):
+        return path if os.path.basename(path) == filename or filename.endswith(".csv") else None
+    found = []
+    for root, _, files in os.walk(path):
+        if filename in files:
+            full = os.path.join(root, filename)
+            found.append((os.path.getmtime(full), full))
+    return max(found)[1] if found else None
+
+
+def _from_csv(path: str) -> Series:
+    data: dict[str, dict[int, float]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                step = int(float(row.get("step") or ""))
+            except ValueError:
+                continue
+            for key, value in row.items():
+                if not key or not key.startswith("smd/") or value in (None, ""):
+                    continue
+                try:
+                    data.setdefault(key, {})[step] = float(value)
+                except ValueError:
+                    continue
+    return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in data.items()}
+
+
+def _from_tensorboard(path: str) -> Series:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError as err:  # pragma: no cover - tensorboard is a test dependency
+        raise ValueError(f"{path}: no metrics.csv, and reading TensorBoard event files needs tensorboard ({err})") from err
+    dirs = sorted({root for root, _, files in os.walk(path) if any(f.startswith("events.out.tfevents") for f in files)})
+    out: Series = {}
+    for d in dirs:
+        acc = EventAccumulator(d, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            if tag.startswith("smd/"):
+                events = acc.Scalars(tag)
+                out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=np.float64))
+    return out
+
+
+def load_series(path: str) -> tuple[Series, dict[str, Any] | None]:
+    """The logged ``smd/*`` series (key -> (steps, values)) under ``path``, and the run summary if found."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or directory")
+    csv_path = path if os.path.isfile(path) else _find(path, "metrics.csv")
+    series = _from_csv(csv_path) if csv_path else _from_tensorboard(path)
+    if not series:
+        raise ValueError(f"{path}: no smd/* metrics found (log with a CSVLogger or TensorBoardLogger and SMDCallback)")
+    summary = None
+    base = os.path.dirname(csv_path) if csv_path else path
+    summary_path = _find(base, "smd_summary.json")
+    if summary_path:
+        try:
+            with open(summary_path) as fh:
+                summary = json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            summary = None
+    return series, summary
+
+
+def _layers(series: Series) -> list[str]:
+    names = []
+    for key in series:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "angular_update":
+            names.append(parts[1])
+    return names
+
+
+def _final(series: Series, key: str) -> float:
+    if key not in series or not len(series[key][1]):
+        return math.nan
+    values = series[key][1]
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if len(finite) else math.nan
+
+
+def _lr_changes(series: Series, layer: str) -> list[int]:
+    """Steps where the learning rate (``effective_lr · |w|²``) changed by more than 1e-6 relative."""
+    e, n = series.get(f"smd/{layer}/effective_lr"), series.get(f"smd/{layer}/weight_norm")
+    if e is None or n is None or len(e[0]) != len(n[0]):
+        return []
+    lr = e[1] * n[1] ** 2
+    out = []
+    for i in range(1, len(lr)):
+        if np.isfinite(lr[i]) and np.isfinite(lr[i - 1]) and abs(lr[i] / lr[i - 1] - 1.0) > 1e-6:
+            out.append(int(e[0][i]))
+    return out
+
+
+def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str] | None = None, dpi: int = 120) -> str:
+    """Draw the figure for the run under ``path`` into ``output`` (PNG, PDF or SVG by extension)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ValueError('plotting needs matplotlib: pip install "lightning-smd[plot]" (or pip install matplotlib)') from err
+    series, summary = load_series(path)
+    tol = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
+    first_eq = {r["name"]: r.get("first_equilibrium_step") for r in (summary or {}).get("layers", [])}
+    from lightning_smd.diagnose import metric_name
+
+    first_eq = {metric_name(k): v for k, v in first_eq.items()}
+    all_layers = _layers(series)
+    if names:
+        chosen = [metric_name(n) for n in names if metric_name(n) in all_layers]
+    else:
+        worst = sorted(all_layers, key=lambda n: -abs(_final(series, f"smd/{n}/angular_update_ratio") - 1.0) if math.isfinite(_final(series, f"smd/{n}/angular_update_ratio")) else -math.inf)
+        chosen = worst if layers is None else worst[:layers]
+    rows = 1 + len(chosen)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 2.4 * rows), squeeze=False)
+    verdict = (summary or {}).get("verdict")
+    title = "Spherical Motion Dynamics: measured vs predicted" + (f" — verdict: {verdict}" if verdict else "")
+    fig.suptitle(title, fontsize=12)
+    ax_r, ax_f = axes[0]
+    if "smd/angular_update_ratio" in series:
+        s, v = series["smd/angular_update_ratio"]
+        ax_r.plot(s, v, color="C0", lw=1.5, label="median Δ/Δ* over layers")
+        ax_r.axhspan(1 - tol, 1 + tol, color="C2", alpha=0.15, label=f"equilibrium band ±{tol:.0%}")
+        ax_r.axhline(1.0, color="C2", lw=0.8)
+        ax_r.set_ylabel("Δ / Δ*")
+        ax_r.legend(loc="best", fontsize=7)
+    if "smd/equilibrium_fraction" in series:
+        s, v = series["smd/equilibrium_fraction"]
+        ax_f.plot(s, v, color="C3", lw=1.5)
+        ax_f.set_ylim(-0.05, 1.05)
+        ax_f.set_ylabel("share in equilibrium")
+    ax_r.set_title("all layers", fontsize=9, loc="left")
+    for row, name in enumerate(chosen, start=1):
+        ax_d, ax_n = axes[row]
+        base = f"smd/{name}/"
+        if base + "angular_update" in series:
+            s, v = series[base + "angular_update"]
+            ax_d.plot(s, v, color="C0", lw=1.5, label="measured Δ (smoothed)")
+        if base + "predicted_angular_update" in series:
+            s, p = series[base + "predicted_angular_update"]
+            ok = np.isfinite(p) & (p > 0)
+            if ok.any():
+                ax_d.plot(s[ok], p[ok], color="k", lw=1.0, ls="--", label="predicted Δ*")
+                ax_d.fill_between(s[ok], p[ok] * (1 - tol), p[ok] * (1 + tol), color="C2", alpha=0.2, lw=0, label=f"±{tol:.0%}")
+        positive = [series[k][1] for k in (base + "angular_update", base + "predicted_angular_update") if k in series]
+        if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
+            ax_d.set_yscale("log")
+        eq_step = first_eq.get(name)
+        if eq_step is None and base + "in_equilibrium" in series:
+            s, e = series[base + "in_equilibrium"]
+            hit = np.nonzero(e > 0.5)[0]
+            eq_step = int(s[hit[0]]) if len(hit) else None
+        if eq_step is not None:
+            ax_d.axvline(eq_step, color="C2", lw=1.2, label=f"equilibrium from step {eq_step}")
+        for k, step in enumerate(_lr_changes(series, name)):
+            ax_d.axvline(step, color="0.5", lw=0.8, ls=":", label="learning-rate change" if k == 0 else None)
+        ax_d.set_ylabel("angular update (rad)")
+        ax_d.set_title(name, fontsize=9, loc="left")
+        ax_d.legend(loc="best", fontsize=7)
+        if base + "weight_norm" in series:
+            s, v = series[base + "weight_norm"]
+            ax_n.plot(s, v, color="C1", lw=1.5, label="‖w‖")
+        if base + "predicted_weight_norm" in series:
+            s, v = series[base + "predicted_weight_norm"]
+            ax_n.plot(s, v, color="k", lw=1.0, ls="--", label="predicted ‖w*‖")
+        ax_n.set_ylabel("weight norm")
+        ax_n.legend(loc="best", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+    return output

@@ -1,0 +1,118 @@
+"""Lightning-free pieces shared by the callback, the plain-PyTorch monitor and the command line: the
+summary table, the summary JSON writer, optimizer descriptions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_smd.detect import NormalizedWeight
+from lightning_smd.measure import StepRecorder
+from lightning_smd.theory import rule_for
+
+__all__ = ["SMDWarning", "SUMMARY_FILENAME", "format_summary_table", "write_summary", "optimizer_info", "filter_spec"]
+
+SUMMARY_FILENAME = "smd_summary.json"
+
+
+class SMDWarning(UserWarning):
+    """Warnings of lightning_smd (filter them with ``warnings.filterwarnings(..., category=SMDWarning)``)."""
+
+
+def format_summary_table(summary: dict[str, Any]) -> str:
+    """Format a summary dict (as written to ``smd_summary.json``) as a fixed-width table."""
+
+    def f(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    rows = [("layer", "angular update", "predicted", "ratio", "|w|", "predicted |w|", "equilibrium", "since step")]
+    for r in summary.get("layers", []):
+        rows.append(
+            (
+                r["name"],
+                f(r.get("angular_update"), ".3e"),
+                f(r.get("predicted_angular_update"), ".3e"),
+                f(r.get("ratio"), ".3f"),
+                f(r.get("weight_norm"), ".3f"),
+                f(r.get("predicted_weight_norm"), ".3f"),
+                "yes" if r.get("in_equilibrium") else "no",
+                f(r.get("first_equilibrium_step"), "d"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    verdict = summary.get("verdict", "?")
+    state = "" if summary.get("complete", True) else " (incomplete run)"
+    lines.append(f"SMD verdict after {summary.get('steps', 0)} steps: {verdict}{state} — {summary.get('reason', '')}")
+    return "\n".join(lines)
+
+
+def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:
+    rule = rule_for(optimizer)
+    slot = next((s for s in recorder.slots if s.index == index), None)
+    groups = []
+    for g in optimizer.param_groups:
+        h = rule.hyper(g)
+        groups.append({k: (v if math.isfinite(v) else None) for k, v in h.items()})
+    return {
+        "index": index,
+        "class": type(optimizer).__name__,
+        "rule": rule.name,
+        "param_groups": groups,
+        "measurement": None if slot is None else ("momentum_buffer" if slot.momentum_path else "snapshot"),
+        "steps": 0 if slot is None else slot.steps_taken,
+    }
+
+
+def write_summary(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (a temporary file renamed over ``path``); nan/inf become null."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".smd_summary.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_sanitize(data), fh, indent=2, default=_json_default, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _sanitize(obj: Any) -> Any:
+    """JSON has no nan/inf: write them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
+    """``(filter dim, filters per group)`` for per-filter statistics, or None for a whole-tensor unit."""
+    if u.granularity == "filter":
+        return (u.filter_dim, 1)
+    if u.granularity == "group" and u.group_size:
+        return (u.filter_dim, u.group_size)
+    return None

@@ -1,0 +1,79 @@
+"""Every example runs in its CI size (SMD_EXAMPLE_FAST=1) and does what its docstring says."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def _run(args, tmp_path, timeout=300):
+    env = dict(os.environ, SMD_EXAMPLE_FAST="1", OMP_NUM_THREADS="1" if "ddp.py" in args[0] else os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def _summary(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def test_quickstart(tmp_path):
+    proc = _run([os.path.join(EXAMPLES, "quickstart.py"), "--out", str(tmp_path / "q")], tmp_path)
+    summary = _summary(tmp_path / "q" / "smd_summary.json")
+    assert summary["verdict"] == "equilibrium", summary["reason"]
+    assert "SMD verdict" in proc.stdout
+
+
+def test_resnet(tmp_path):
+    _run([os.path.join(EXAMPLES, "resnet.py"), "--out", str(tmp_path / "r"), "--plot", str(tmp_path / "r.png")], tmp_path)
+    summary = _summary(tmp_path / "r" / "smd_summary.json")
+    assert summary["steps"] == 150 and len(summary["layers"]) >= 5
+    assert os.path.getsize(tmp_path / "r.png") > 10_000
+
+
+def test_transformer_with_qk_norm(tmp_path):
+    _run([os.path.join(EXAMPLES, "transformer_qknorm.py"), "--out", str(tmp_path / "t")], tmp_path)
+    summary = _summary(tmp_path / "t" / "smd_summary.json")
+    names = {r["name"]: r for r in summary["layers"]}
+    assert {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight", "blocks.1.attn.q.weight"} <= set(names)
+    assert names["blocks.0.attn.q.weight"]["granularity"] in ("group", "filter")  # per head
+    assert summary["optimizers"][0]["rule"].lower() == "adamw"
+    assert summary["verdict"] in ("equilibrium", "not_reached")
+
+
+def test_ddp_two_processes(tmp_path):
+    proc = _run([os.path.join(EXAMPLES, "ddp.py"), "--out", str(tmp_path / "d")], tmp_path, timeout=600)
+    summary = _summary(tmp_path / "d" / "smd_summary.json")
+    assert summary["steps"] == 200
+    assert proc.stdout.count("verdict:") == 1  # rank zero only
+
+
+def test_plain_pytorch(tmp_path):
+    proc = _run([os.path.join(EXAMPLES, "plain_pytorch.py"), "--summary", str(tmp_path / "p.json")], tmp_path)
+    summary = _summary(tmp_path / "p.json")
+    assert summary["steps"] == 500 and summary["complete"]
+    assert proc.stdout.count("median Δ/Δ*") == 5
+
+
+def test_ci_gate_passes_and_can_fail(tmp_path):
+    _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(EXAMPLES, "ci_gate")], tmp_path)
+    # the same gate on a run without weight decay on the normalized weights must fail
+    failing = tmp_path / "test_failing_gate.py"
+    source = open(os.path.join(EXAMPLES, "ci_gate", "test_smd_gate.py")).read()
+    source = source.replace('os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")', repr(EXAMPLES))
+    failing.write_text(source.replace("weight_decay=5e-3", "weight_decay=0.0"))
+    env = dict(os.environ, SMD_EXAMPLE_FAST="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(failing)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "EquilibriumNotReachedError" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["quickstart.py", "resnet.py", "transformer_qknorm.py", "ddp.py", "plain_pytorch.py"])
+def test_examples_document_their_sizes(name):
+    doc = open(os.path.join(EXAMPLES, name)).read().split('"""')[1]
+    assert "SMD_EXAMPLE_FAST=1" in doc and "python examples/" + name in doc

@@ -1,0 +1,234 @@
+"""Both Lightning namespaces, LightningCLI from YAML, the plain-PyTorch loop API, Fabric, the plot command."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer
+from torch.nn import functional as F
+
+from lightning_smd import SMDCallback, SMDMonitor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_pytorch_lightning_namespace(tmp_path):
+    smd = SMDCallback(verbose=False)
+    assert isinstance(smd, pl.Callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [smd], max_steps=8).fit(Module(SmallConvNet(), optimizer=sgd(momentum=0.9)), loader())
+    assert smd.summary()["steps"] == 8 and smd.summary()["layers"]
+
+
+def test_lightning_pytorch_namespace(tmp_path):
+    L = pytest.importorskip("lightning.pytorch")
+
+    class LModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallConvNet()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+
+    smd = SMDCallback(verbose=False)
+    assert isinstance(smd, L.Callback)
+    t = L.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        logger=L.loggers.CSVLogger(str(tmp_path), name="", version=""),
+        callbacks=[smd],
+        log_every_n_steps=4,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(LModule(), loader())
+    summary = json.load(open(tmp_path / "smd_summary.json"))
+    assert summary["steps"] == 8 and {r["name"] for r in summary["layers"]} >= {"net.conv1.weight", "net.conv3.weight"}
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "smd/net.conv1.weight/angular_update" in header and "smd/angular_update_ratio" in header
+
+
+def test_lightning_cli_from_yaml(tmp_path):
+    pytest.importorskip("jsonargparse")
+    (tmp_path / "conf").mkdir()
+    config = tmp_path / "conf" / "config.yaml"  # (LightningCLI saves its own config.yaml in the log dir)
+    config.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  max_steps: 10
+  accelerator: cpu
+  log_every_n_steps: 5
+  enable_progress_bar: false
+  enable_checkpointing: false
+  default_root_dir: {tmp_path}
+  logger:
+    class_path: pytorch_lightning.loggers.CSVLogger
+    init_args:
+      save_dir: {tmp_path}
+      name: ""
+      version: ""
+  callbacks:
+    - class_path: lightning_smd.SMDCallback
+      init_args:
+        tolerance: 0.2
+        window: 20
+        log_per_layer: false
+        verbose: false
+        on_no_equilibrium: warn
+"""
+    )
+    script = tmp_path / "cli.py"
+    script.write_text(
+        f"""
+import sys
+sys.path.insert(0, {HERE!r})
+from pytorch_lightning.cli import LightningCLI
+from cli_model import CLIModel, CLIData
+
+LightningCLI(CLIModel, CLIData, args=["fit", "--config", {str(config)!r}])
+"""
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(tmp_path / "smd_summary.json"))
+    assert summary["criteria"]["tolerance"] == 0.2 and summary["criteria"]["window"] == 20
+    assert summary["steps"] == 10
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert "smd/angular_update_ratio" in header and "smd/net.conv1.weight/angular_update" not in header  # log_per_layer: false
+
+
+def test_lightning_cli_rejects_a_bad_option(tmp_path):
+    pytest.importorskip("jsonargparse")
+    script = tmp_path / "cli.py"
+    script.write_text(
+        f"""
+import sys
+sys.path.insert(0, {HERE!r})
+from pytorch_lightning.cli import LightningCLI
+from cli_model import CLIModel, CLIData
+
+LightningCLI(CLIModel, CLIData, args=["fit", "--trainer.callbacks+=lightning_smd.SMDCallback",
+             "--trainer.callbacks.tolerance=not-a-number", "--trainer.max_steps=1"])
+"""
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "tolerance" in proc.stderr
+
+
+def _loop(model, opt, steps, monitor=None):
+    data = iter(loader())
+    logged = []
+    for step in range(steps):
+        x, y = next(data)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if monitor is not None and monitor.should_log(step):
+            logged.append((step, monitor.metrics()))
+    return logged
+
+
+def test_plain_pytorch_loop_gives_the_callbacks_numbers(tmp_path):
+    """SMDMonitor in a hand-written loop measures what SMDCallback measures in the same training."""
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=False, keep_history=True)
+    model = Module(PlainConvNet(), optimizer=sgd(momentum=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [smd], max_steps=30, log_every_n_steps=10).fit(model, loader())
+    torch.manual_seed(0)
+    net = Module(PlainConvNet(), optimizer=sgd(momentum=0.9))
+    opt = net.configure_optimizers()
+    monitor = SMDMonitor(net, opt, log_every_n_steps=10, keep_history=True)
+    logged = _loop(net, opt, 30, monitor)
+    assert [s for s, _ in logged] == [9, 19, 29]
+    assert set(logged[-1][1]) >= {"smd/angular_update_ratio", "smd/net.conv1.weight/angular_update"}
+    summary = monitor.close(summary_path=tmp_path / "loop_summary.json")
+    assert summary["complete"] and summary["steps"] == 30
+    on_disk = json.load(open(tmp_path / "loop_summary.json"))
+    assert on_disk["verdict"] == summary["verdict"]
+    for name in ("net.conv1.weight", "net.conv2.weight", "net.conv3.weight"):
+        a = smd.diagnostics.unit_history(name)["angular_update"]
+        b = monitor.diagnostics.unit_history(name)["angular_update"]
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+    assert "SMD verdict after 30 steps" in monitor.format_summary()
+    # closed: the optimizer hooks are gone
+    _loop(net, opt, 2)
+    assert monitor.recorder.pending == 0
+
+
+def test_monitor_explains_a_model_without_normalized_weights():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="no normalized .*include="):
+        SMDMonitor(net, torch.optim.SGD(net.parameters(), lr=0.1))
+
+
+def test_fabric_loop(tmp_path):
+    fabric_mod = pytest.importorskip("lightning_fabric")
+    fabric = fabric_mod.Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    net = PlainConvNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    model, optimizer = fabric.setup(net, opt)
+    monitor = SMDMonitor(model, optimizer, log_every_n_steps=5)
+    assert monitor.units == ["conv1.weight", "conv2.weight", "conv3.weight"]
+    data = iter(loader())
+    for _ in range(10):
+        x, y = next(data)
+        optimizer.zero_grad()
+        fabric.backward(F.cross_entropy(model(x), y))
+        optimizer.step()
+    summary = monitor.close()
+    assert summary["steps"] == 10 and all(r["angular_update"] > 0 for r in summary["layers"])
+
+
+def _png_size(path):
+    with open(path, "rb") as fh:
+        head = fh.read(33)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert zlib.crc32(head[12:29]) == struct.unpack(">I", head[29:33])[0]
+    return width, height
+
+
+def test_plot_command_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning_smd.cli import main
+
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=False, window=10, ema_steps=5)
+    model = Module(PlainConvNet(), optimizer=sgd(momentum=0.9), scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 20, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [smd], max_steps=40, log_every_n_steps=2).fit(model, loader())
+    out = tmp_path / "smd.png"
+    assert main(["plot", str(tmp_path), "-o", str(out), "--layers", "2", "--dpi", "50"]) == 0
+    width, height = _png_size(out)
+    assert (width, height) == (11 * 50, round(2.4 * 3 * 50))  # 1 aggregate row + 2 layers
+    assert os.path.getsize(out) > 10_000
+    assert main(["plot", str(tmp_path / "metrics.csv"), "-o", str(tmp_path / "all.png"), "--all", "--dpi", "50"]) == 0
+    assert _png_size(tmp_path / "all.png")[1] == round(2.4 * 4 * 50)  # 3 layers
+    from lightning_smd.plot import _lr_changes, load_series
+
+    series, summary = load_series(str(tmp_path))
+    changes = _lr_changes(series, "net.conv1.weight")
+    assert summary is not None and len(changes) == 1 and 19 <= changes[0] <= 22  # StepLR halves the lr after 20 steps
+    assert main(["plot", str(tmp_path / "nothing-here"), "-o", str(out)]) == 2

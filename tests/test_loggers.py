@@ -1,0 +1,216 @@
+"""Every logger gets what its users expect, read back from what it wrote: CSV rows, TensorBoard event files
+and the custom-scalars layout, the W&B offline run directory, the MLflow file store."""
+
+import csv
+import glob
+import json
+import os
+import struct
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer
+
+from lightning_smd import SMDCallback
+from lightning_smd.diagnose import LAYER_METRICS, metric_name
+
+
+def _fit(tmp_path, logger, steps=12, model=None, **smd_kw):
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=False, **smd_kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [smd], max_steps=steps, logger=logger).fit(model or Module(SmallConvNet(), optimizer=sgd(momentum=0.9)), loader())
+    return smd
+
+
+def _expected_keys(smd):
+    keys = {"smd/angular_update_ratio", "smd/equilibrium_fraction"}
+    for u in smd.diagnostics.units:
+        keys |= {f"smd/{metric_name(u.name)}/{m}" for m in LAYER_METRICS}
+    return keys
+
+
+def test_csv_has_a_fixed_key_set_from_the_first_row(tmp_path):
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="", version="")
+    smd = _fit(tmp_path, logger, steps=12)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    expected = _expected_keys(smd)
+    assert expected <= set(rows[0])
+    smd_rows = [r for r in rows if r["smd/angular_update_ratio"] != ""]
+    assert [int(r["step"]) for r in smd_rows] == [4, 9, 11]  # log_every_n_steps=5, plus the last step
+    for r in smd_rows:  # every key has a value in every SMD row: nothing appears later
+        assert all(r[k] != "" for k in expected)
+
+
+def test_mlflow_names_are_valid_for_weight_bias_units(tmp_path, monkeypatch):
+    """A weight+bias unit's '+' is not allowed by MLflow: its keys use '_', and no key gets rewritten."""
+    from zoo import BiasPairs
+
+    net = BiasPairs()
+    net.head = torch.nn.Linear(12, 10)
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    logger = pl.loggers.MLFlowLogger(experiment_name="smd", tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        smd = _fit(tmp_path, logger, steps=6, model=Module(net, optimizer=sgd(momentum=0.9)))
+    assert not [w for w in caught if "MLFlow only allows" in str(w.message)]
+    names = [u.name for u in smd.diagnostics.units]
+    assert "net.conv.weight+bias" in names
+    run_dir = glob.glob(str(tmp_path / "mlruns" / "*" / logger.run_id))[0]
+    metric = os.path.join(run_dir, "metrics", "smd", "net.conv.weight_bias", "angular_update")
+    with open(metric) as fh:
+        lines = [line.split() for line in fh.read().splitlines()]
+    assert [int(x[2]) for x in lines] == [4, 5]  # (timestamp, value, step) rows
+    assert all(float(x[1]) > 0 for x in lines)
+
+
+def _tb_events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_scalars_and_custom_scalars_layout(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    smd = _fit(tmp_path, logger, steps=12)
+    acc = _tb_events(logger.log_dir)
+    tags = set(acc.Tags()["scalars"])
+    assert _expected_keys(smd) <= tags
+    name = metric_name("net.conv1.weight")
+    assert [e.step for e in acc.Scalars(f"smd/{name}/angular_update")] == [4, 9, 11]
+    # the layout is stored as a tensor summary of the custom_scalars plugin
+    from tensorboard.backend.event_processing import event_file_loader
+
+    raw = None
+
+    for path in glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*")):
+        for event in event_file_loader.EventFileLoader(path).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == metadata.PLUGIN_NAME:
+                    raw = value.tensor.string_val[0]
+    assert raw is not None, "no custom-scalars layout written"
+    layout = layout_pb2.Layout.FromString(raw)
+    charts = {cat.title: {c.title: list(c.multiline.tag) for c in cat.chart} for cat in layout.category}
+    delta = charts["SMD angular update: measured vs predicted"]
+    assert delta["net.conv1.weight"] == [f"smd/{name}/angular_update", f"smd/{name}/predicted_angular_update"]
+    assert set(delta) == {u.name for u in smd.diagnostics.units}
+    norm = charts["SMD weight norm: measured vs predicted"]
+    assert norm["net.conv1.weight"] == [f"smd/{name}/weight_norm", f"smd/{name}/predicted_weight_norm"]
+    assert set(charts["SMD"]) == {"median ratio to prediction", "share of layers in equilibrium"}
+
+
+def _wandb_records(run_dir):
+    """Records of an offline W&B run file (the LevelDB-style log: 7-byte file header, 32 KiB blocks of
+    chunks with a 7-byte header: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last))."""
+    from wandb.proto import wandb_internal_pb2
+
+    path = glob.glob(os.path.join(run_dir, "*.wandb"))[0]
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, records, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            records.append(pending + chunk)
+    out = []
+    for raw in records:
+        r = wandb_internal_pb2.Record()
+        r.ParseFromString(raw)
+        out.append(r)
+    return out
+
+
+def test_wandb_offline_history_summary_and_table(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = pl.loggers.WandbLogger(project="smd-test", save_dir=str(tmp_path), offline=True)
+    smd = _fit(tmp_path, logger, steps=12)
+    run_dir = logger.experiment.dir.rsplit("/files", 1)[0]
+    logger.experiment.finish()
+    records = _wandb_records(run_dir)
+    history = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            history.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item})
+    smd_rows = [h for h in history if "smd/angular_update_ratio" in h]
+    assert [h["trainer/global_step"] for h in smd_rows] == [4, 9, 11]
+    assert _expected_keys(smd) <= set(smd_rows[0])
+    defined = {r.metric.glob_name or r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert defined.get("smd/*") == "trainer/global_step"
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+    assert summary["smd/verdict"] == smd.summary()["verdict"]
+    assert "smd/net.conv1.weight/final_ratio" in summary
+    tables = glob.glob(os.path.join(run_dir, "files", "media", "table", "smd", "layers_*.table.json"))
+    assert tables, "no per-layer table written"
+    table = json.load(open(tables[0]))
+    assert table["columns"][:3] == ["layer", "angular_update", "predicted_angular_update"]
+    assert sorted(row[0] for row in table["data"]) == sorted(u.name for u in smd.diagnostics.units)
+
+
+def test_several_loggers_at_once_and_none(tmp_path):
+    pytest.importorskip("tensorboard")
+    csv_logger = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    smd = _fit(tmp_path / "both", [csv_logger, tb], steps=12)
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as fh:
+        csv_steps = [int(r["step"]) for r in csv.DictReader(fh) if r["smd/angular_update_ratio"]]
+    tb_steps = [e.step for e in _tb_events(tb.log_dir).Scalars("smd/angular_update_ratio")]
+    assert csv_steps == tb_steps == [4, 9, 11]
+    assert os.path.exists(os.path.join(csv_logger.log_dir, "smd_summary.json"))  # the first logger's directory
+    # no logger: the summary (under default_root_dir) and the table still come
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=True)
+    root = tmp_path / "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(root, [smd], max_steps=12, logger=False).fit(Module(PlainConvNet(), optimizer=sgd(momentum=0.9)), loader())
+    summary = json.load(open(root / "smd_summary.json"))
+    assert summary["steps"] == 12 and summary["layers"]
+
+
+class Refusing(pl.loggers.CSVLogger):
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("smd/") for k in metrics):
+            raise ValueError("this logger takes no smd metric")
+        super().log_metrics(metrics, step)
+
+
+def test_a_logger_that_refuses_a_metric_gets_a_warning_not_a_crash(tmp_path):
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=False)
+    with pytest.warns(UserWarning, match="Refusing refused the SMD metrics"):
+        trainer(tmp_path, [smd], max_steps=12, logger=Refusing(str(tmp_path), name="", version="")).fit(
+            Module(SmallConvNet(), optimizer=sgd(momentum=0.9)), loader()
+        )
+    assert smd.summary()["steps"] == 12
