@@ -540,6 +540,14 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         assert self.recorder is not None and self.diagnostics is not None
         for batch in self.recorder.drain():
             self.diagnostics.update(batch)
+        for slot in self.recorder.slots:
+            if slot.error is not None and f"failed:{slot.index}" not in self._warned:
+                self._warned.add(f"failed:{slot.index}")
+                self._warn(
+                    trainer,
+                    f"SMD measurement of optimizer {slot.index} ({type(slot.optimizer).__name__}) failed and stopped: "
+                    f"{slot.error}. Training is unaffected; please report this with the model and optimizer.",
+                )
         self._handle_events(trainer)
         distances = self._update_distance()
         if self.on_no_equilibrium == "stop" and self._stop_reason is None:

@@ -124,12 +124,17 @@ class _FlatGroup:
 
     def _bind(self, tensors: list[torch.Tensor]) -> None:
         self._ptrs = [t.data_ptr() for t in tensors]
-        self._views = [t.detach().view(-1) for t in tensors]
+        # views share the storage, so they follow the optimizer's in-place updates; a tensor that is no longer
+        # contiguous (re-assigned ``p.data``) cannot be viewed flat: then gather by copy every step
+        self._contiguous = all(t.is_contiguous() for t in tensors)
+        self._views = [t.detach().view(-1) for t in tensors] if self._contiguous else []
 
     def weights(self, locals_: list[torch.Tensor]) -> torch.Tensor:
         tensors = [locals_[i] for i in self.positions]
         if [t.data_ptr() for t in tensors] != self._ptrs:  # a tensor's storage was replaced (``p.data = ...``)
             self._bind(tensors)
+        if not self._contiguous:
+            return torch.cat([t.detach().reshape(-1) for t in tensors], out=self.work[0])
         return torch.cat(self._views, out=self.work[0])
 
     def take_snapshot(self, locals_: list[torch.Tensor]) -> None:
@@ -139,7 +144,7 @@ class _FlatGroup:
     def momentum(self, buffers: list[torch.Tensor | None]) -> torch.Tensor:
         """The momentum buffers (``None``: the tensor did not move, its update is 0) as one flat vector."""
         mine = [buffers[i] for i in self.positions]
-        if any(b is None for b in mine):
+        if any(b is None or not b.is_contiguous() for b in mine):
             return torch.cat([b.reshape(-1) if b is not None else torch.zeros(n, dtype=self.dtype, device=self.device) for b, n in zip(mine, self.sizes)])
         if self._buf_src is None or any(a is not b for a, b in zip(mine, self._buf_src)):
             self._buf_src = mine  # type: ignore[assignment]
@@ -243,6 +248,7 @@ class _Slot:
         self.count = 0
         self.steps_taken = 0
         self.step_log: list[int] = []  # the optimizer step of each recorded row
+        self.error: str | None = None  # set when recording failed: the slot measures no more
         self.hyper_log: list[tuple[tuple[Any, ...], ...]] = []
         # per recorded step: tensors that had no gradient (the optimizer skipped them: no rotation to measure)
         self.missing_log: list[list[int]] = []
@@ -327,6 +333,11 @@ class _Slot:
             row.copy_(parts[0])
         else:
             torch.cat(parts, dim=1, out=row)
+
+    def fail(self, err: BaseException) -> None:
+        """Stop measuring after an error in the step hooks; rows already complete stay drainable."""
+        self.error = f"{type(err).__name__}: {err} (optimizer step {self.steps_taken + 1})"
+        # (the row logs are appended together after every tensor op of a step: a failed step left none)
 
     def pre_step(self) -> None:
         """Called right before the optimizer steps, when sampling: on a step to be recorded, take ``w_t``
@@ -766,13 +777,20 @@ class StepRecorder:
 
 
 class _PostHook:
-    """A picklable step post-hook (a bound lambda would not survive ``ddp_spawn``)."""
+    """A picklable step post-hook (a bound lambda would not survive ``ddp_spawn``). A failure of the
+    measurement never reaches the training loop: the slot stops measuring and keeps the error, which the
+    owner reports."""
 
     def __init__(self, slot: _Slot) -> None:
         self.slot = slot
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.slot.record()
+        if self.slot.error is not None:
+            return
+        try:
+            self.slot.record()
+        except Exception as err:  # noqa: BLE001 - an observer must not break the step
+            self.slot.fail(err)
 
 
 class _PreHook:
@@ -782,7 +800,12 @@ class _PreHook:
         self.slot = slot
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.slot.pre_step()
+        if self.slot.error is not None:
+            return
+        try:
+            self.slot.pre_step()
+        except Exception as err:  # noqa: BLE001
+            self.slot.fail(err)
 
 
 class DistanceTracker:

@@ -124,6 +124,7 @@ class SMDMonitor:
                 stacklevel=2,
             )
         self._closed = False
+        self._failed: set[int] = set()
 
     @property
     def units(self) -> list[str]:
@@ -139,6 +140,10 @@ class SMDMonitor:
         diagnostics. :meth:`metrics` and :meth:`summary` call it."""
         for batch in self.recorder.drain():
             self.diagnostics.update(batch)
+        for slot in self.recorder.slots:
+            if slot.error is not None and slot.index not in self._failed:
+                self._failed.add(slot.index)
+                warnings.warn(f"SMD measurement of optimizer {slot.index} failed and stopped: {slot.error}", SMDWarning, stacklevel=3)
 
     def metrics(self, per_layer: bool = True) -> dict[str, float]:
         """The ``smd/*`` metrics as of the last recorded step (the keys the callback logs)."""

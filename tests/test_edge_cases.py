@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import Module, PlainConvNet, loader, sgd, trainer
+from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer
 from torch import nn
 from torch.nn import functional as F
 from zoo import exclude_eps_effects
@@ -273,3 +273,31 @@ def test_low_precision_weights_use_float64_norms_not_low_precision_dots():
     (batch,) = rec.drain()
     assert batch.norm_sq_before[0, 0] == pytest.approx(reference, rel=1e-12)
     rec.close()
+
+
+def test_a_failing_measurement_never_breaks_training(tmp_path, monkeypatch):
+    """An exception inside the step hook stops the measurement with a warning; training goes on unchanged."""
+    import warnings as _w
+
+    import lightning_smd.measure as measure
+
+    calls = {"n": 0}
+    original = measure._Slot.record
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated kernel failure")
+        return original(self)
+
+    monkeypatch.setattr(measure._Slot, "record", flaky)
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=False)
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        t = trainer(tmp_path, [smd], max_steps=12)
+        t.fit(Module(SmallConvNet(), optimizer=sgd(momentum=0.9)), loader())
+    assert t.global_step == 12
+    messages = [str(w.message) for w in caught]
+    assert any("simulated kernel failure" in m and "optimizer step 4" in m for m in messages)
+    assert smd.summary()["steps"] == 3  # the steps measured before the failure
