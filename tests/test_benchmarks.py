@@ -1,0 +1,37 @@
+"""The benchmark scripts keep working (tiny configurations; their figures are not asserted on: tests never
+judge wall time)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=400):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, WANDB_MODE="offline"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_overhead_script_prints_its_table():
+    out = _run(
+        [
+            "benchmarks/overhead.py", "--steps", "6", "--warmup", "2", "--repeats", "1", "--width", "4", "--batch", "4", "--size", "16",
+            "--depth", "50", "--variants", "none", "smd_sgdm", "smd_every_10", "naive_item",
+        ]
+    )  # fmt: skip
+    assert "ResNet-50-like" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"none", "smd_sgdm", "smd_every_10", "naive_item"} <= set(rows)
+    assert "%" in rows["smd_sgdm"].split("|")[5]  # the share of the step inside SMD's hooks
+
+
+def test_scaling_script_shows_a_constant_op_count():
+    out = _run(["benchmarks/scaling.py", "--repeats", "10"])
+    counts = []
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 7 and cells[0] in ("10", "100", "1000") and cells[1] == "momentum":
+            counts.append(int(cells[2].split("+")[0]))
+    assert len(counts) == 3 and len(set(counts)) == 1  # compute ops do not grow with the number of tensors
