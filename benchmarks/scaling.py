@@ -75,22 +75,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_record(rec: StepRecorder, device: str, repeats: int) -> float:
-    """Median seconds of one ``record()`` (batches of 10 calls, synchronized around each batch)."""
-    slot = rec.slots[0]
-    for _ in range(5):
-        slot.record()
+def _median_seconds(fn, device: str, repeats: int, between=None) -> float:
+    """Median seconds of one ``fn()`` call, timed in batches of 10 (synchronized around each batch)."""
     samples = []
     for _ in range(max(repeats // 10, 3)):
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(10):
-            slot.record()
+            fn()
         _sync(device)
         samples.append((time.perf_counter() - t0) / 10)
+        if between is not None:
+            between()
+    return statistics.median(samples)
+
+
+def time_record(rec: StepRecorder, device: str, repeats: int) -> float:
+    """Median seconds of one ``record()``."""
+    slot = rec.slots[0]
+    for _ in range(5):
+        slot.record()
+
+    def drain_when_nearly_full() -> None:
         if slot.count > slot.capacity - 20:
             rec.drain()
-    return statistics.median(samples)
+
+    return _median_seconds(slot.record, device, repeats, drain_when_nearly_full)
 
 
 def count_ops(rec: StepRecorder) -> tuple[int, int]:
@@ -127,15 +137,7 @@ def bandwidth_bound(nbytes: int, device: str, repeats: int) -> float:
 
 def time_step(opt: torch.optim.Optimizer, device: str, repeats: int) -> float:
     """Median seconds of ``opt.step()`` itself (hooks included, when attached)."""
-    samples = []
-    for _ in range(max(repeats // 10, 3)):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            opt.step()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) / 10)
-    return statistics.median(samples)
+    return _median_seconds(opt.step, device, repeats)
 
 
 def main() -> None:

@@ -38,10 +38,7 @@ from lightning_smd.detect import (
 from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, diffusion_exponent, metric_name
 from lightning_smd.loggers import finish_loggers, setup_loggers
 from lightning_smd.measure import DistanceTracker, StepRecorder
-from lightning_smd.report import SUMMARY_FILENAME, SMDWarning, format_summary_table
-from lightning_smd.report import filter_spec as _filter_spec
-from lightning_smd.report import optimizer_info as _optimizer_info
-from lightning_smd.report import write_summary as _atomic_write_json
+from lightning_smd.report import SUMMARY_FILENAME, SMDWarning, filter_spec, format_summary_table, optimizer_info, write_summary
 from lightning_smd.theory import rule_for
 
 if TYPE_CHECKING:
@@ -343,7 +340,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             list(trainer.optimizers),
             capacity=self._interval(trainer) // self.every_n_steps + 2,
             use_momentum_buffer=self.use_momentum_buffer,
-            unit_filters=[_filter_spec(u) for u in units] if self.per_filter else None,
+            unit_filters=[filter_spec(u) for u in units] if self.per_filter else None,
             shard_group=_fsdp1_group(trainer),
             every_n_steps=self.every_n_steps,
         )
@@ -430,7 +427,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         except Exception as err:  # noqa: BLE001
             self._warn(trainer, f"the numerical check of scale invariance failed ({type(err).__name__}: {err}); detection is structural only")
             return
-        if self.per_filter and [_filter_spec(u) for u in units] != [_filter_spec(u) for u in self.diagnostics.units]:
+        if self.per_filter and [filter_spec(u) for u in units] != [filter_spec(u) for u in self.diagnostics.units]:
             # the check found a finer invariance (e.g. per attention head): record per-filter stats at it
             assert self.recorder is not None
             self.recorder.close()
@@ -737,7 +734,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         summary["complete"] = complete
         if error:
             summary["error"] = error
-        summary["optimizers"] = [_optimizer_info(i, opt, self.recorder) for i, opt in enumerate(trainer.optimizers)]
+        summary["optimizers"] = [optimizer_info(i, opt, self.recorder) for i, opt in enumerate(trainer.optimizers)]
         summary["extra_memory_bytes"] = self.recorder.extra_bytes + (self.distance.extra_bytes if self.distance else 0)
         summary["every_n_steps"] = self.every_n_steps
         summary["on_no_equilibrium"] = self.on_no_equilibrium
@@ -762,7 +759,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             return
         path = str(self.summary_path) if self.summary_path not in (None, True) else os.path.join(_log_dir(trainer), SUMMARY_FILENAME)
         try:
-            _atomic_write_json(path, summary)
+            write_summary(path, summary)
             self._summary_file = path
         except OSError as err:
             self._warn(trainer, f"could not write the SMD summary to {path}: {err}")

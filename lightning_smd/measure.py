@@ -239,7 +239,8 @@ class _Slot:
             small = []
         self.flat = _FlatGroup(locals_, small, snapshot=not self.momentum_path) if small else None
         self.small = self.flat.positions if self.flat is not None else []
-        self.large = [i for i in range(len(tensors)) if i not in set(self.small)]
+        in_flat = set(self.small)
+        self.large = [i for i in range(len(tensors)) if i not in in_flat]
         self.snapshot: list[torch.Tensor] | None = None  # of the large tensors (the flat group has its own)
         if not self.momentum_path:
             self.snapshot = [locals_[i].detach().clone() for i in self.large]
@@ -739,8 +740,8 @@ class StepRecorder:
             )
             self.slots.append(slot)
             if self.every_n_steps > 1:
-                self._handles.append(optimizers[oi].register_step_pre_hook(_PreHook(slot)))
-            self._handles.append(optimizers[oi].register_step_post_hook(_PostHook(slot)))
+                self._handles.append(optimizers[oi].register_step_pre_hook(_Hook(slot, "pre_step")))
+            self._handles.append(optimizers[oi].register_step_post_hook(_Hook(slot, "record")))
 
     @property
     def extra_bytes(self) -> int:
@@ -776,35 +777,22 @@ class StepRecorder:
             slot.flat = None
 
 
-class _PostHook:
-    """A picklable step post-hook (a bound lambda would not survive ``ddp_spawn``). A failure of the
+class _Hook:
+    """A picklable optimizer step hook calling ``slot.<method>()`` (a bound lambda would not survive
+    ``ddp_spawn``): ``record`` after the step, ``pre_step`` before it when sampling. A failure of the
     measurement never reaches the training loop: the slot stops measuring and keeps the error, which the
     owner reports."""
 
-    def __init__(self, slot: _Slot) -> None:
+    def __init__(self, slot: _Slot, method: str) -> None:
         self.slot = slot
+        self.method = method
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.slot.error is not None:
             return
         try:
-            self.slot.record()
+            getattr(self.slot, self.method)()
         except Exception as err:  # noqa: BLE001 - an observer must not break the step
-            self.slot.fail(err)
-
-
-class _PreHook:
-    """A picklable step pre-hook (sampling only)."""
-
-    def __init__(self, slot: _Slot) -> None:
-        self.slot = slot
-
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.slot.error is not None:
-            return
-        try:
-            self.slot.pre_step()
-        except Exception as err:  # noqa: BLE001
             self.slot.fail(err)
 
 
