@@ -20,7 +20,6 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from lightning_smd.detect import (
@@ -39,7 +38,6 @@ from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, diffusion_exp
 from lightning_smd.loggers import finish_loggers, setup_loggers
 from lightning_smd.measure import DistanceTracker, StepRecorder
 from lightning_smd.report import SUMMARY_FILENAME, SMDWarning, filter_spec, format_summary_table, optimizer_info, write_summary
-from lightning_smd.theory import rule_for
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -80,14 +78,30 @@ class EquilibriumNotReachedError(RuntimeError):
 class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     """Measure the Spherical Motion Dynamics of every normalized weight and check its equilibrium.
 
+    A layer is **in equilibrium** when it is *steady* — it has had at least 4 relaxation times since the last
+    change of its hyper-parameters and, over the recent window, neither its angular update relative to the
+    prediction nor its norm drifts by more than ``drift_limit`` per relaxation time (to a stated confidence) — and its
+    steady ratio ``Δ/Δ*`` is not far off the prediction (see the README, "What in equilibrium means").
+
     Args:
-        tolerance: a layer is in band when its smoothed angular update is within ``1 ± tolerance`` of
-            the prediction.
-        window: steps a layer must stay in band to count as in equilibrium.
+        tolerance: agreement band: a steady layer whose steady ``Δ/Δ*`` is (with confidence) outside
+            ``1 ± tolerance`` is *off the prediction* (counted as in equilibrium unless
+            ``require_agreement``; explained in a warning). A prediction that moves by more than this is a
+            change of the hyper-parameters.
+        window: the judged window spans at least this many steps (and at least 2 relaxation times), at most
+            4× as many (or 16 relaxation times): all the data since the layer settled.
         ema_steps: time constant (steps) of the moving averages of the angular update, its ratio to the
-            prediction and the gradient statistic ``L``.
+            prediction and the gradient statistic ``L`` (the logged, smoothed figures).
         min_fraction: share of tracked layers (with a prediction) in equilibrium at the end of training
             for the run verdict ``"equilibrium"``.
+        require_agreement: the strict gate: a steady layer off the prediction does not count as in
+            equilibrium.
+        max_deviation: a steady layer whose steady ``Δ/Δ*`` is (with confidence) outside
+            ``1 ± max_deviation`` is in another regime than SMD's equilibrium and never counts.
+        drift_limit: the largest drift of ``Δ/Δ*`` per relaxation time a steady layer may show (``None``:
+            ``tolerance``).
+        significance: run-level false-alarm rate of the drift test on steady layers (split over the layers,
+            Bonferroni), and ``1 − significance/N`` is the level of the steady ratio's confidence interval.
         include: parameter-name globs to track in addition to the detected ones.
         exclude: parameter-name globs never to track.
         log_every_n_steps: log interval in optimizer steps; default: the Trainer's ``log_every_n_steps``.
@@ -125,6 +139,10 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         window: int = 100,
         ema_steps: int = 50,
         min_fraction: float = 0.9,
+        require_agreement: bool = False,
+        max_deviation: float = 0.3,
+        drift_limit: float | None = None,
+        significance: float = 0.01,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log_every_n_steps: int | None = None,
@@ -146,7 +164,16 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             raise ValueError(f"on_no_equilibrium must be 'warn', 'stop' or 'raise', got {on_no_equilibrium!r}")
         self.on_no_equilibrium = on_no_equilibrium
         self.track_distance = track_distance
-        self.config = DiagnosticsConfig(tolerance=tolerance, window=window, ema_steps=ema_steps, min_fraction=min_fraction)
+        self.config = DiagnosticsConfig(
+            tolerance=tolerance,
+            window=window,
+            ema_steps=ema_steps,
+            min_fraction=min_fraction,
+            require_agreement=require_agreement,
+            max_deviation=max_deviation,
+            drift_limit=drift_limit,
+            significance=significance,
+        )
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.include = list(include or [])
@@ -642,6 +669,8 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if n_app == 0:
             return None
         required = math.ceil(self.config.min_fraction * n_app - 1e-9)
+        if (d.steps - d.origin < self._interval(trainer))[app].any():
+            return None  # the settings are still changing (a warm-up, a schedule): the future is unknown
         needed = d.steps_needed()
         no_decay = [d.units[u].name for u in range(len(d.units)) if app[u] and d.predicted[u] == 0.0]
         planned = _planned_steps(trainer)
@@ -683,6 +712,31 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"{len(never)} layer(s) never reached equilibrium while others did: {', '.join(never[:8])}"
                 f"{' ...' if len(never) > 8 else ''}. Check their relaxation times and 'verification' in the summary "
                 "(a layer that is only approximately scale-invariant, or whose gradient noise vanished, has no SMD equilibrium).",
+            )
+        d = self.diagnostics
+        names = [u.name for u in d.units]
+        lo, hi = d.ratio_interval()
+        shown = lambda u: f"{names[u]} ({d.steady_ratio[u]:.3f} [{lo[u]:.3f}, {hi[u]:.3f}])"  # noqa: E731
+        off = [names.index(n) for n in diag.get("off_prediction", [])]
+        if off:
+            counted = "They do not count as in equilibrium (require_agreement=True)." if self.config.require_agreement else (
+                "They count as in equilibrium, off the prediction (require_agreement=True makes them fail the gate)."
+            )
+            self._warn(
+                trainer,
+                f"{len(off)} layer(s) are steady, but their angular update is off the SMD prediction by more than "
+                f"±{self.config.tolerance:.0%} (steady Δ/Δ* with its confidence interval): {', '.join(shown(u) for u in off[:6])}"
+                f"{' ...' if len(off) > 6 else ''}. {counted} Likely causes: {_off_prediction_causes(d, off)}",
+            )
+        far = [names.index(n) for n in diag.get("steady_far_off", [])]
+        if far:
+            self._warn(
+                trainer,
+                f"{len(far)} layer(s) are steady far from the SMD prediction (further than ±{self.config.max_deviation:.0%}): "
+                f"{', '.join(shown(u) for u in far[:6])}{' ...' if len(far) > 6 else ''}. This is not SMD's equilibrium and does not "
+                "count as one. Likely causes: the gradient noise vanished (the network memorizes its training data: more data, "
+                "augmentation or label smoothing keep it alive); BatchNorm's eps dominating the variance of a collapsed weight "
+                "norm; or a weight that is not really scale-invariant (see 'verification' in the summary).",
             )
         if diag.get("re_equilibrating") and "late_decay" not in self._warned:
             self._warn(
@@ -875,6 +929,36 @@ def _verification_message(u: NormalizedWeight) -> str:
         "Something outside the analysed forward pass uses this weight: a loss term on the weights (an explicit L2 "
         f"penalty), a hook, or a path that bypasses the normalization. Check the model, or pass exclude=['{u.name}']."
     )
+
+
+def _off_prediction_causes(d: Diagnostics, units: list[int]) -> str:
+    """The likely causes of steady layers off the prediction that can be told from the run."""
+    causes = []
+    rules = {d.rules[u].name for u in units if d.rules[u] is not None}
+    small = [d.units[u] for u in units if d.units[u].numel <= 1024]
+    if rules & {"AdamW", "Adam", "RAdam", "NAdam"}:
+        causes.append(
+            "Adam's per-coordinate normalization gives the update a radial part and an anisotropy that the isotropic theory "
+            "ignores; it is largest for small layers"
+            + (f" ({', '.join(f'{u.name}: {u.numel} weights' for u in small[:3])})" if small else "")
+        )
+    if "Lion" in rules:
+        causes.append(
+            "Lion's sign update is more correlated from step to step than gradient noise alone makes it (a consistent gradient "
+            "direction), and has a radial part"
+        )
+    unverified = [d.units[u] for u in units if (d.units[u].verification or 0.0) > 1e-3]
+    if unverified:
+        causes.append(
+            "the gradient is not orthogonal to the weight on the first batch ("
+            + ", ".join(f"{u.name}: |cos(g, w)| = {u.verification:.1e}" for u in unverified[:3])
+            + "): BatchNorm's eps or a path around the normalization makes the layer only partly scale-invariant"
+        )
+    causes.append(
+        "dead filters (filters without gradient do not rotate and pull the layer's angle down; per_filter=True logs the RMS "
+        "over filters)"
+    )
+    return "; ".join(causes) + "."
 
 
 def _logger_step(trainer: pl.Trainer) -> int:

@@ -1,15 +1,16 @@
 """``lightning-smd``: check and report runs from their summary.
 
-    lightning-smd check SUMMARY.json [--tolerance 0.1] [--min-fraction 0.9]
+    lightning-smd check SUMMARY.json [--min-fraction 0.9] [--require-agreement] [--tolerance 0.1] [--max-deviation 0.3]
         exit 0 when the run reached equilibrium, 1 when it did not, 2 on unreadable input
     lightning-smd report LOG_DIR_OR_SUMMARY
         the per-layer table of a run (the newest smd_summary.json under a directory)
     lightning-smd plot LOG_DIR_OR_CSV -o smd.png [--layers 6 | --all | --layer NAME ...]
         measured vs predicted angular update and weight norm per layer (needs matplotlib)
 
-``check`` re-judges the verdict when ``--tolerance`` or ``--min-fraction`` is given: a layer counts as in
-equilibrium when its smoothed ratio stayed within ``1 ± tolerance`` over the run's last ``window`` steps
-(``window_max_deviation`` in the summary).
+``check`` re-judges the verdict when an option is given, from each layer's steady state and the confidence
+interval of its steady ratio in the summary: a layer counts as in equilibrium when it is steady and its
+interval is not entirely outside ``1 ± max_deviation`` (and, with ``--require-agreement``, not entirely
+outside ``1 ± tolerance``). Steadiness itself (settling, drift) is not re-judged: it needs the run's samples.
 """
 
 from __future__ import annotations
@@ -58,29 +59,42 @@ def load(path: str) -> dict[str, Any]:
     return data
 
 
-def judge(summary: dict[str, Any], tolerance: float | None = None, min_fraction: float | None = None) -> tuple[str, str]:
+def judge(
+    summary: dict[str, Any],
+    tolerance: float | None = None,
+    min_fraction: float | None = None,
+    require_agreement: bool | None = None,
+    max_deviation: float | None = None,
+) -> tuple[str, str]:
     """The verdict of a summary, re-judged with other criteria when they are given."""
-    if tolerance is None and min_fraction is None:
+    if tolerance is None and min_fraction is None and require_agreement is None and max_deviation is None:
         return summary["verdict"], summary.get("reason", "")
     criteria = summary.get("criteria", {})
     tol = tolerance if tolerance is not None else criteria.get("tolerance", 0.1)
     frac = min_fraction if min_fraction is not None else criteria.get("min_fraction", 0.9)
+    strict = require_agreement if require_agreement is not None else bool(criteria.get("require_agreement", False))
+    far = max_deviation if max_deviation is not None else criteria.get("max_deviation", 0.3)
     layers = [layer for layer in summary["layers"] if layer.get("predicted_angular_update") is not None]
     if not layers:
         return "not_applicable", "no tracked layer has an SMD prediction"
-    ok = [layer for layer in layers if layer.get("window_max_deviation") is not None and layer["window_max_deviation"] <= tol]
+    if summary.get("schema_version", 1) < 2:
+        raise InputError("this summary predates the steady-state verdict (schema_version 1): re-judge it with the version that wrote it")
+
+    def outside(layer: dict[str, Any], band: float) -> bool:
+        ci = layer.get("steady_ratio_ci")
+        return bool(ci) and None not in ci and (ci[1] < 1.0 - band or ci[0] > 1.0 + band)
+
+    ok = [layer for layer in layers if layer.get("steady") and not outside(layer, far) and not (strict and outside(layer, tol))]
     share = len(ok) / len(layers)
-    reason = (
-        f"{len(ok)}/{len(layers)} layers stayed within ±{tol:.0%} of the prediction over the last "
-        f"{criteria.get('window', '?')} steps ({frac:.0%} required)"
-    )
+    rule = f"steady, steady ratio not entirely outside ±{far:.0%}" + (f" nor ±{tol:.0%}" if strict else "")
+    reason = f"{len(ok)}/{len(layers)} layers in equilibrium ({rule}; {frac:.0%} required)"
     return ("equilibrium" if share >= frac - 1e-12 else "not_reached"), reason
 
 
 def _check(args: argparse.Namespace) -> int:
     summary = load(args.summary)
-    verdict, reason = judge(summary, args.tolerance, args.min_fraction)
-    if args.tolerance is not None or args.min_fraction is not None:
+    verdict, reason = judge(summary, args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)
+    if any(v is not None for v in (args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)):
         summary = {**summary, "verdict": verdict, "reason": reason}
     print(format_summary_table(summary))
     return 0 if verdict == "equilibrium" else 1
@@ -117,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="exit 0 if the run reached equilibrium, 1 if not, 2 on unreadable input")
     c.add_argument("summary", help="smd_summary.json, or a directory holding one")
-    c.add_argument("--tolerance", type=float, default=None, help="re-judge: allowed |ratio - 1| over the last window")
     c.add_argument("--min-fraction", type=float, default=None, help="re-judge: share of layers that must be in equilibrium")
+    c.add_argument("--require-agreement", action="store_true", default=None, help="re-judge: steady layers off the prediction do not count")
+    c.add_argument("--tolerance", type=float, default=None, help="re-judge: the agreement band ±tolerance (with --require-agreement)")
+    c.add_argument("--max-deviation", type=float, default=None, help="re-judge: steady layers further off than ±this never count")
     c.set_defaults(fn=_check)
     r = sub.add_parser("report", help="print the per-layer table of a run")
     r.add_argument("path", help="smd_summary.json or a log directory")
@@ -132,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dpi", type=int, default=120)
     p.set_defaults(fn=_plot)
     args = parser.parse_args(argv)
-    for name in ("tolerance", "min_fraction"):
+    for name in ("tolerance", "min_fraction", "max_deviation"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and value > 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive number")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import math
-import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any

@@ -1,18 +1,32 @@
-"""Smoothing, equilibrium verdicts and the run summary, on the host.
+"""Smoothing, steady-state judgement, agreement with the theory, verdict and run summary, on the host.
 
 :class:`Diagnostics` consumes the :class:`~lightning_smd.measure.StepBatch` es that the recorder drains
-once per log interval and keeps, per tracked unit:
+once per log interval. Per tracked unit it answers two questions, with two figures:
 
-- the angular update Δ and the ratio ``Δ/Δ*`` to the prediction *of the step it was measured at*, both
-  smoothed by a bias-corrected exponential moving average over ``ema_steps`` steps (so a schedule that
-  moves Δ* step by step is compared step by step);
-- the online estimate ``L = E‖g‖²‖w‖²`` (same EMA) for the predicted equilibrium norm;
-- an "in equilibrium" flag: the smoothed ratio has stayed within ``1 ± tolerance`` for the last
-  ``window`` steps; and the first step of the first such window.
+**Steady?** SMD's equilibrium is a steady state: the angular update Δ and the weight norm ‖w‖ have
+stopped drifting for the hyper-parameters in force. A unit is *steady* when
 
+1. the theory has a prediction with weight decay (without it there is no equilibrium to reach);
+2. it has had time to relax: at least 4 relaxation times ``τ_r`` (the time constant with which the theory
+   says ``Δ/Δ*`` relaxes) and ``2·window`` steps since the last change of its hyper-parameters (a change
+   moves Δ* or the equilibrium norm by more than ``tolerance``; the start counts as one);
+3. over the second half of the steps since that change (at least ``max(window, 2τ_r)``, at most
+   ``max(4·window, 16τ_r)`` steps: the first half is left to the relaxation) neither ``Δ/Δ*`` nor
+   the ``Δ/Δ*`` implied by ``‖w‖/‖w*‖`` drifts by more than ``drift_limit`` per relaxation time, and both drifts are
+   known to that precision (:mod:`lightning_smd.steady`: least squares, standard errors for autocorrelated
+   samples, the Student quantile at the Bonferroni-corrected two-sided level ``significance / N`` over the N
+   judged units: a steady unit fails with probability at most ``significance / N``, a unit drifting twice the
+   limit passes with probability at most half that);
+4. its gradient noise has not vanished (:meth:`Diagnostics._vanishing`).
+
+**Agrees?** The steady ratio — the window's mean of ``Δ/Δ*`` — with its confidence interval at the same
+level. A steady unit *agrees* unless its interval lies entirely outside ``1 ± tolerance``; it is *off the
+prediction* when it does, and *far off* when the interval lies entirely outside ``1 ± max_deviation``.
+
+A unit is **in equilibrium** when it is steady and not far off (and, with ``require_agreement``, not off).
 The run verdict is ``equilibrium`` when at least ``min_fraction`` of the units with a prediction are in
 equilibrium at the end, ``not_reached`` otherwise, and ``not_applicable`` when nothing is tracked or no
-tracked unit has a prediction (unknown optimizer).
+unit has a prediction (unknown optimizer).
 
 Pure numpy: usable from a hand-written loop without Lightning.
 """
@@ -29,14 +43,33 @@ import numpy as np
 
 from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepBatch
+from lightning_smd.steady import BLOCKS_PER_WINDOW, MIN_BLOCKS, BlockSeries, drift_within, t_quantile
 from lightning_smd.theory import Rule, UnknownRule, registered_rules, time_to_band
 
-__all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS", "diffusion_exponent"]
+__all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS", "STATES", "SCHEMA_VERSION", "diffusion_exponent"]
 
 VERDICTS = ("equilibrium", "not_reached", "not_applicable")
-
+STATES = (
+    "approaching",  # not yet steady since the start
+    "equilibrium",  # steady and counted (agrees, or off the prediction without require_agreement)
+    "off_prediction",  # steady but off the prediction, with require_agreement: not counted
+    "steady_far_off",  # steady, but further from the prediction than max_deviation: another regime
+    "re-equilibrating",  # the hyper-parameters changed after an equilibrium; not yet steady again
+    "departed",  # was in equilibrium, drifts now without a change of the hyper-parameters
+    "vanishing_noise",  # the gradient noise vanished: no equilibrium
+    "no_equilibrium",  # no weight decay (or no learning rate): the theory has no equilibrium
+    "no_prediction",  # unknown optimizer or coupled L2 under Adam: measured, not judged
+)
+#: Version of the summary's layout (2: steady state judged statistically, agreement as its own figure).
+SCHEMA_VERSION = 2
+#: The judged window is the second half of the samples since the last change of the hyper-parameters, and spans
+#: this many relaxation times at least / at most (and ``window`` / ``4·window`` steps): a unit is judged once
+#: twice the shortest window has passed since the change.
+WINDOW_RELAXATION_TIMES = (2.0, 16.0)
 
 _INVALID = re.compile(r"[^A-Za-z0-9_.\- ]")
+#: The judgement's flags per unit (columns of ``Diagnostics._flags``).
+_FLAGS = ("seen", "applicable", "judged", "vanishing", "settled", "enough", "drifting", "precise", "far", "off", "counted")
 
 LAYER_METRICS = (
     "angular_update",
@@ -46,6 +79,10 @@ LAYER_METRICS = (
     "predicted_weight_norm",
     "in_equilibrium",
     "effective_lr",
+    "steady_ratio",
+    "steady_ratio_low",
+    "steady_ratio_high",
+    "drift",
 )
 
 
@@ -60,19 +97,34 @@ def layer_metric_keys(unit_name: str, prefix: str = "smd/") -> dict[str, str]:
     return {m: base + m for m in LAYER_METRICS}
 
 
-
 @dataclass(frozen=True)
 class DiagnosticsConfig:
     """Criteria of the equilibrium verdict (all documented in the README)."""
 
     tolerance: float = 0.1
-    """A unit is in band when its smoothed ``Δ/Δ*`` is within ``1 ± tolerance``."""
+    """Agreement: a steady unit is *off the prediction* when the confidence interval of its steady ``Δ/Δ*`` lies
+    entirely outside ``1 ± tolerance``. Also: a prediction that moves by more than this is a change."""
     window: int = 100
-    """…and in equilibrium once it has stayed in band for this many consecutive steps."""
+    """The judged window spans at least this many steps (and at least 2 relaxation times), at most 4× as many
+    (or 16 relaxation times)."""
     ema_steps: int = 50
-    """Time constant (steps) of the exponential moving averages of Δ, Δ/Δ* and L."""
+    """Time constant (steps) of the exponential moving averages of Δ, Δ/Δ* and L (the logged, smoothed
+    figures)."""
     min_fraction: float = 0.9
     """Share of units (with a prediction) that must be in equilibrium at the end for the run verdict."""
+    require_agreement: bool = False
+    """Count a steady unit that is off the prediction as *not* in equilibrium (the strict gate)."""
+    max_deviation: float = 0.3
+    """A steady unit whose interval lies entirely outside ``1 ± max_deviation`` is in another regime than SMD's
+    equilibrium (BatchNorm's eps dominating a collapsed norm, a memorized data set, an update with a large radial
+    part) and is never counted."""
+    drift_limit: float | None = None
+    """A unit drifts when ``Δ/Δ*`` (or the ``Δ/Δ*`` that ``‖w‖/‖w*‖`` implies) changes by more than this
+    share per relaxation time (``None``: ``tolerance``). A unit still relaxing with a deviation ε drifts by
+    about ε per relaxation time."""
+    significance: float = 0.01
+    """Run-level false-alarm rate of the drift test on steady units (Bonferroni: ``significance / N`` per unit
+    and two-sided); also the level of the steady ratio's confidence interval (``1 − significance / N``)."""
     spike_factor: float = 5.0
     """A step whose angular update exceeds ``spike_factor·Δ*`` in a layer that had reached equilibrium is a
     norm spike."""
@@ -87,6 +139,16 @@ class DiagnosticsConfig:
             raise ValueError(f"window and ema_steps must be >= 1, got {self.window} and {self.ema_steps}")
         if not 0.0 < self.min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction}")
+        if not self.max_deviation >= self.tolerance:
+            raise ValueError(f"max_deviation must be >= tolerance ({self.tolerance}), got {self.max_deviation}")
+        if self.drift_limit is not None and not self.drift_limit > 0:
+            raise ValueError(f"drift_limit must be > 0 (or None for the tolerance), got {self.drift_limit}")
+        if not 0.0 < self.significance < 1.0:
+            raise ValueError(f"significance must be in (0, 1), got {self.significance}")
+
+    @property
+    def drift(self) -> float:
+        return self.tolerance if self.drift_limit is None else float(self.drift_limit)
 
 
 class _Ema:
@@ -110,15 +172,32 @@ class _Ema:
             return np.where(w > 0, self.acc[idx] / np.where(w > 0, w, 1.0), np.nan)
 
 
+@dataclass(frozen=True)
+class _Prediction:
+    delta: float
+    """Δ* (rad/step)."""
+    tau: float
+    """The rule's relaxation time (reported)."""
+    reason: str | None
+    tau_ratio: float
+    """Time constant of the relaxation of Δ/Δ* (the norm variable's)."""
+    power: float
+    """``Δ/Δ* = sqrt(q*/q)`` with ``q = ‖w‖^power``."""
+    scale: float
+    """``∝ q*`` at fixed gradient statistics (a change of it is a change of the equilibrium norm)."""
+    grad_exponent: float
+    """``‖w*‖ ∝ L^grad_exponent``."""
+
+
 class Diagnostics:
-    """Per-unit smoothing and equilibrium state; see the module docstring.
+    """Per-unit smoothing, steady-state judgement and equilibrium verdict; see the module docstring.
 
     Args:
         units: the tracked units, in the order the recorder indexes them.
         config: the verdict criteria.
         keep_history: also keep every step's raw values (for tests, plots and notebooks).
         stride: the recorder samples every ``stride``-th step (``every_n_steps``): the moving averages decay
-            per step, not per sample, and the window counts steps.
+            per step, not per sample, and windows count steps.
     """
 
     def __init__(
@@ -127,32 +206,62 @@ class Diagnostics:
         self.units = list(units)
         self.config = config or DiagnosticsConfig()
         self.stride = max(int(stride), 1)
-        # the window in samples: in band for ``window`` steps = for ceil(window / stride) consecutive samples
-        self.window_samples = -(-self.config.window // self.stride)
         n = len(self.units)
         self.delta = _Ema(n, self.config.ema_steps, self.stride)
         self.ratio = _Ema(n, self.config.ema_steps, self.stride)
         self.unit_grad = _Ema(n, self.config.ema_steps, self.stride)
         self.filter_delta = _Ema(n, self.config.ema_steps, self.stride)
+        self.series = BlockSeries(n)
+        self.series.stride = float(self.stride)
         self.per_filter = False
         self.steps = np.zeros(n, dtype=np.int64)
         self.last_delta = np.full(n, np.nan)
         self.norm = np.full(n, np.nan)
         self.predicted = np.full(n, np.nan)
         self.relaxation = np.full(n, np.nan)
-        self.band_run = np.zeros(n, dtype=np.int64)
-        self.first_equilibrium = np.full(n, -1, dtype=np.int64)
-        self.steps_in_equilibrium = np.zeros(n, dtype=np.int64)
+        self.tau_ratio = np.full(n, np.nan)
+        self.norm_power = np.full(n, np.nan)
         self.hyper: list[dict[str, float] | None] = [None] * n
         self.rules: list[Rule | None] = [None] * n
         self.optimizer: list[int] = [-1] * n
         self.reasons: list[str | None] = [None] * n
         self.state = ["approaching"] * n
+        """As of the latest judgement (the end of the latest drained batch)."""
+        self._state = ["approaching"] * n  # as of the latest committed judgement
+        self._was_counted = np.zeros(n, dtype=bool)
+        self.judge_every = self.stride * max(1, -(-self.config.window // (4 * self.stride)))
+        """Steps between committed judgements (a multiple of ``stride``)."""
+        # changes of the hyper-parameters
+        self.origin = np.full(n, -1, dtype=np.int64)
+        """Step before the first sample since the last change (or the start); -1 before any sample."""
         self.ref_pred = np.full(n, np.nan)
+        self.ref_scale = np.full(n, np.nan)
         self.ref_hyper: list[dict[str, float] | None] = [None] * n
         self.change_step = np.full(n, -1, dtype=np.int64)
         self.expected_reequilibration = np.full(n, np.nan)
         self.reequilibrations: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        # re-entry into the band around the pre-change level (measures the observed re-equilibration time)
+        self.ref_level = np.ones(n)
+        self.band_run = np.zeros(n, dtype=np.int64)
+        self._timing = np.zeros(n, dtype=bool)  # a re-equilibration whose duration is not observed yet
+        # the judgement (as of the last update)
+        self.steady = np.zeros(n, dtype=bool)
+        self.counted = np.zeros(n, dtype=bool)
+        self.agreement: list[str | None] = [None] * n
+        self._flags = np.zeros((n, len(_FLAGS)), dtype=bool)  # why a unit is not counted, as of the latest judgement
+        self.drift = np.full(n, np.nan)
+        self.drift_se = np.full(n, np.nan)
+        self.norm_drift = np.full(n, np.nan)
+        self.norm_drift_se = np.full(n, np.nan)
+        self.steady_ratio = np.full(n, np.nan)
+        self.steady_ratio_se = np.full(n, np.nan)
+        self.quantile = np.full(n, np.nan)
+        self.window_steps = np.full(n, np.nan)
+        self.settle_steps = np.full(n, np.nan)
+        self.judged_step = np.full(n, -1, dtype=np.int64)
+        self.first_equilibrium = np.full(n, -1, dtype=np.int64)
+        self.steps_in_equilibrium = np.zeros(n, dtype=np.int64)
+        # other diagnoses
         self.initial_norm = np.full(n, np.nan)
         self.unit_grad_peak = np.zeros(n)
         self.vanishing_since = np.full(n, -1, dtype=np.int64)
@@ -161,29 +270,39 @@ class Diagnostics:
         self.spikes: list[dict[str, Any]] = []
         self._spiking = np.zeros(n, dtype=bool)
         self.effective_lr = np.full(n, np.nan)
-        self._dev_ring = np.full((self.window_samples, n), np.nan)
-        self._dev_pos = np.zeros(n, dtype=np.int64)
         self.events: list[dict[str, Any]] = []
         """New notable events since the caller last cleared it (``vanishing``, ``spike``, ``reequilibrating``)."""
         self.keep_history = keep_history
         self.history: list[dict[str, Any]] = []
-        self._memo: dict[tuple[Any, ...], tuple[float, float, str | None]] = {}
+        self._memo: dict[tuple[Any, ...], _Prediction] = {}
 
     # ------------------------------------------------------------------------------------------
-    def _predict(self, rule: Rule, h: dict[str, float]) -> tuple[float, float, str | None]:
+    def _predict(self, rule: Rule, h: dict[str, float]) -> _Prediction:
         key = (rule, tuple(sorted(h.items())))
         hit = self._memo.get(key)
         if hit is None:
-            hit = (rule.angular_update(h), rule.relaxation_time(h), rule.reason(h))
+            hit = _Prediction(
+                rule.angular_update(h),
+                rule.relaxation_time(h),
+                rule.reason(h),
+                rule.norm_time_constant(h),
+                float(rule.norm_power),
+                rule.equilibrium_scale(h),
+                float(rule.grad_exponent),
+            )
             if len(self._memo) > 4096:
                 self._memo.clear()
             self._memo[key] = hit
         return hit
 
+    @property
+    def window_samples(self) -> int:
+        """``window`` in samples (the band re-entry that times a re-equilibration must last this long)."""
+        return -(-self.config.window // self.stride)
+
     def update(self, batch: StepBatch) -> None:
-        """Fold one drained batch of steps into the per-unit state."""
+        """Fold one drained batch of steps into the per-unit state, then judge every unit."""
         idx = batch.unit_index
-        cfg = self.config
         k = len(batch.steps)
         n_groups = int(batch.unit_group.max()) + 1 if len(batch.unit_group) else 0
         hist_pred = np.empty((k, len(idx))) if self.keep_history else None
@@ -191,54 +310,56 @@ class Diagnostics:
         if k:
             first = np.isnan(self.initial_norm[idx])
             self.initial_norm[idx[first]] = np.sqrt(batch.norm_sq_before[0][first])
+            for u in idx:
+                self.rules[u] = batch.rule
+                self.optimizer[u] = batch.optimizer_index
         for r in range(k):
             step = int(batch.steps[r])
             hyper_r = batch.hyper[r]
             preds = [self._predict(batch.rule, hyper_r[g]) for g in range(n_groups)]
-            pred = np.array([p[0] for p in preds])[batch.unit_group]
+            pred = np.array([p.delta for p in preds])[batch.unit_group]
+            scale = np.array([p.scale for p in preds])[batch.unit_group]
+            self.steps[idx] = step
+            self.predicted[idx] = pred
+            self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group]
+            self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group]
+            self.norm_power[idx] = np.array([p.power for p in preds])[batch.unit_group]
             delta = batch.angular_update[r]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(pred > 0, delta / pred, np.nan)
-            self._track_prediction(idx, pred, batch, hyper_r, step)
+            self._track_prediction(idx, pred, scale, preds, batch, hyper_r, step)
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
             self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
             if batch.filter_angular_update_rms is not None:
                 self.per_filter = True
                 self.filter_delta.update(idx, batch.filter_angular_update_rms[r])
+            # the norm relative to its predicted equilibrium (up to a constant of the hyper-parameters): SGD's
+            # equilibrium norm follows the gradient statistic L, which learning may still lower slowly
+            exponent = np.array([p.grad_exponent for p in preds])[batch.unit_group]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_norm = 0.5 * np.log(batch.norm_sq_after[r]) - np.where(exponent != 0.0, exponent * np.log(self.unit_grad.value(idx)), 0.0)
+            self.series.add(idx, float(step), ratio, log_norm)
             smoothed = self.ratio.value(idx)
-            dev = np.abs(smoothed - 1.0)
-            self._dev_ring[self._dev_pos[idx] % self.window_samples, idx] = dev
-            self._dev_pos[idx] += 1
-            in_band = dev <= cfg.tolerance  # nan compares False
-            self.band_run[idx] = np.where(in_band, self.band_run[idx] + 1, 0)  # (in samples)
-            in_eq = self.band_run[idx] >= self.window_samples
-            self.steps_in_equilibrium[idx] += in_eq * self.stride
-            newly = in_eq & (self.first_equilibrium[idx] < 0)
-            self.first_equilibrium[idx[newly]] = step - (self.window_samples - 1) * self.stride
-            self._transitions(idx, in_eq, step)
+            self._band(idx, smoothed, step)
             self._spikes(idx, ratio, step)
             self._vanishing(idx, smoothed, step)
             if hist_pred is not None and hist_ratio is not None:
                 hist_pred[r] = pred
                 hist_ratio[r] = smoothed
-        self.steps[idx] = batch.steps[-1] if k else self.steps[idx]
+            if step % self.judge_every == 0:
+                # on a fixed grid of steps, so that what is recorded (states, first equilibrium, time in it) does not
+                # depend on when the recorder happens to be drained (log interval, checkpoint, resume)
+                self._set_reasons(idx, batch, hyper_r)
+                self.judge(commit=True)
         if k:
             self.last_delta[idx] = batch.angular_update[-1]
             self.norm[idx] = np.sqrt(batch.norm_sq_after[-1])
             lr_last = np.array([batch.hyper[-1][int(g)].get("lr", math.nan) for g in batch.unit_group])
             with np.errstate(divide="ignore", invalid="ignore"):
                 self.effective_lr[idx] = lr_last / batch.norm_sq_after[-1]
-            last = batch.hyper[-1]
-            for j, u in enumerate(idx):
-                h = last[int(batch.unit_group[j])]
-                pred_delta, tau, reason = self._predict(batch.rule, h)
-                self.hyper[u] = h
-                self.rules[u] = batch.rule
-                self.optimizer[u] = batch.optimizer_index
-                self.predicted[u] = pred_delta
-                self.relaxation[u] = tau
-                self.reasons[u] = reason
+            self._set_reasons(idx, batch, batch.hyper[-1])
+            self.judge(commit=False)
         if self.keep_history and k:
             lr = np.array([[batch.hyper[r][int(g)].get("lr", math.nan) for g in batch.unit_group] for r in range(k)])
             self.history.append(
@@ -258,49 +379,190 @@ class Diagnostics:
                 }
             )
 
-    def _track_prediction(self, idx: np.ndarray, pred: np.ndarray, batch: StepBatch, hyper_r: list, step: int) -> None:
-        """A prediction that moved by more than the tolerance (a schedule) starts a re-equilibration."""
+    def _set_reasons(self, idx: np.ndarray, batch: StepBatch, hyper: list) -> None:
+        for j, u in enumerate(idx):
+            h = hyper[int(batch.unit_group[j])]
+            self.hyper[u] = h
+            self.reasons[u] = self._predict(batch.rule, h).reason
+
+    def _track_prediction(
+        self, idx: np.ndarray, pred: np.ndarray, scale: np.ndarray, preds: list[_Prediction], batch: StepBatch, hyper_r: list, step: int
+    ) -> None:
+        """A prediction (Δ* or the equilibrium norm) that moved by more than the tolerance is a change: the unit's
+        samples restart, and a unit that had reached equilibrium starts to re-equilibrate."""
         tol = self.config.tolerance
-        ref = self.ref_pred[idx]
-        unset = np.isnan(ref)
+        ref, ref_scale = self.ref_pred[idx], self.ref_scale[idx]
+        unset = self.origin[idx] < 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            moved = ~unset & (np.abs(pred / ref - 1.0) > tol)
+            moved_delta = np.abs(pred / ref - 1.0) > tol
+            moved_scale = np.abs(np.sqrt(scale / ref_scale) - 1.0) > tol
+            # a prediction appearing or vanishing (nan <-> number, 0 <-> positive) is a change too
+            appeared = np.isfinite(pred) != np.isfinite(ref)
+        moved = ~unset & (moved_delta | moved_scale | appeared)
         for j in np.nonzero(unset | moved)[0]:
             u = int(idx[j])
+            p = preds[int(batch.unit_group[j])]
             h = hyper_r[int(batch.unit_group[j])]
-            if moved[j] and (self.state[u] in ("equilibrium", "re-equilibrating") or self.first_equilibrium[u] >= 0):
+            if moved[j] and (self._state[u] in ("equilibrium", "re-equilibrating", "departed", "off_prediction") or self.first_equilibrium[u] >= 0):
                 old = self.ref_hyper[u]
                 expected = batch.rule.reequilibration_time(old, h, tol) if old is not None else math.nan
-                self.state[u] = "re-equilibrating"
+                self.state[u] = self._state[u] = "re-equilibrating"
                 self.change_step[u] = step
                 self.expected_reequilibration[u] = expected
+                self.ref_level[u] = self.steady_ratio[u] if self.steady[u] and np.isfinite(self.steady_ratio[u]) else 1.0
+                self.band_run[u] = 0
+                self._timing[u] = True
                 self.reequilibrations[u].append(
                     {"step": step, "from": _num(ref[j]), "to": _num(pred[j]), "expected_steps": _num(expected), "observed_steps": None}
                 )
                 self.events.append({"kind": "reequilibrating", "unit": u, "step": step, "expected_steps": expected, "from": float(ref[j]), "to": float(pred[j])})
             self.ref_pred[u] = pred[j]
+            self.ref_scale[u] = scale[j]
             self.ref_hyper[u] = h
+            self.origin[u] = step - self.stride
+            self.series.reset(np.array([u]), np.array([self._block_size(p)]), float(step - self.stride))
 
-    def _transitions(self, idx: np.ndarray, in_eq: np.ndarray, step: int) -> None:
-        window = self.config.window
-        for j, u in enumerate(idx):
-            u = int(u)
-            st = self.state[u]
-            if in_eq[j]:
-                if st == "re-equilibrating":
-                    change = int(self.change_step[u])
-                    band_start = step - (int(self.band_run[u]) - 1) * self.stride
-                    if band_start > change:  # left the band after the change and came back for a window
-                        observed = band_start - change
-                    elif step - change + 1 >= window:  # stayed in band through the change
-                        observed = 0
-                    else:
-                        continue
-                    if self.reequilibrations[u]:
-                        self.reequilibrations[u][-1]["observed_steps"] = observed
-                self.state[u] = "equilibrium"
-            elif st == "equilibrium":
-                self.state[u] = "departed"
+    def _block_size(self, p: _Prediction) -> int:
+        """Samples per block, so that the shortest judged window holds ``BLOCKS_PER_WINDOW`` blocks."""
+        shortest = self.config.window
+        if math.isfinite(p.tau_ratio) and p.tau_ratio > 0:
+            shortest = max(shortest, WINDOW_RELAXATION_TIMES[0] * p.tau_ratio)
+        return max(1, int(shortest // (BLOCKS_PER_WINDOW * self.stride)))
+
+    def _band(self, idx: np.ndarray, smoothed: np.ndarray, step: int) -> None:
+        """Times a re-equilibration: the smoothed ratio back within ``tolerance`` of its level before the change
+        (its steady ratio, or 1), for ``window`` steps."""
+        tol = self.config.tolerance
+        with np.errstate(divide="ignore", invalid="ignore"):
+            in_band = np.abs(smoothed / self.ref_level[idx] - 1.0) <= tol  # nan compares False
+        self.band_run[idx] = np.where(in_band, self.band_run[idx] + 1, 0)
+        done = (self.band_run[idx] >= self.window_samples) & self._timing[idx]
+        for j in np.nonzero(done)[0]:
+            u = int(idx[j])
+            if self._state[u] != "re-equilibrating" or not self.reequilibrations[u] or self.reequilibrations[u][-1]["observed_steps"] is not None:
+                self._timing[u] = False
+                continue
+            self._timing[u] = False
+            change = int(self.change_step[u])
+            band_start = step - (int(self.band_run[u]) - 1) * self.stride
+            if band_start > change:  # left the band after the change and came back for a window
+                self.reequilibrations[u][-1]["observed_steps"] = band_start - change
+            elif step - change + 1 >= self.config.window:  # stayed in band through the change
+                self.reequilibrations[u][-1]["observed_steps"] = 0
+
+    def judge(self, commit: bool = True) -> None:
+        """Judge every unit as of its last measured step (see the module docstring).
+
+        ``commit``: also record the transitions of the states, the first equilibrium and the time in equilibrium.
+        Without it, the judgement is a view of the present that the next one does not build on."""
+        cfg = self.config
+        n = len(self.units)
+        if n == 0:
+            return
+        units = np.arange(n)
+        tau = self.tau_ratio
+        seen = self.origin >= 0
+        finite_tau = np.isfinite(tau) & (tau > 0)
+        app = self.applicable
+        judged = seen & app & (self.predicted > 0) & finite_tau
+        n_judged = max(int(judged.sum()), 1)
+        tau_safe = np.where(finite_tau, tau, 0.0)
+        w_min = np.maximum(float(cfg.window), WINDOW_RELAXATION_TIMES[0] * tau_safe)
+        w_max = np.maximum(4.0 * cfg.window, WINDOW_RELAXATION_TIMES[1] * tau_safe)
+        since = (self.steps - self.origin).astype(np.float64)
+        # the second half of the samples since the last change: the first half is left to the relaxation
+        window = np.clip(since / 2.0, w_min, w_max)
+        settled = since >= 2.0 * w_min
+        fit = self.series.fit(units, window, 1.0 + 2.0 * tau_safe / self.stride)
+        self.series.set_need(units, np.ceil(w_max / (self.series.block_size * self.stride)).astype(np.int64) + 1)
+        level = 1.0 - cfg.significance / (2.0 * n_judged)
+        quantiles = {d: t_quantile(level, d) for d in set(fit.df[np.isfinite(fit.df)].tolist())}
+        q = np.array([quantiles.get(d, math.nan) for d in fit.df.tolist()])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d_x = tau * fit.slope_x / fit.mean_x
+            se_x = tau * fit.se_slope_x / np.abs(fit.mean_x)
+            d_w = tau * 0.5 * self.norm_power * fit.slope_y
+            se_w = tau * 0.5 * self.norm_power * fit.se_slope_y
+        within_x, precise_x = drift_within(d_x, se_x, q, cfg.drift)
+        within_w, precise_w = drift_within(d_w, se_w, q, cfg.drift)
+        precise = precise_x & precise_w
+        with np.errstate(invalid="ignore"):
+            # beyond the limit by the point estimate: drifting, even where the window is too noisy to be sure (a
+            # relaxation's curvature reads as correlated noise); undetermined: within it, but not precisely enough
+            drifting = (np.abs(d_x) > cfg.drift) | (np.abs(d_w) > cfg.drift)
+        enough = fit.blocks >= MIN_BLOCKS
+        vanishing = self.vanishing_since >= 0
+        steady = judged & settled & enough & within_x & within_w & ~vanishing
+        lo = fit.mean_x - q * fit.se_mean_x
+        hi = fit.mean_x + q * fit.se_mean_x
+        with np.errstate(invalid="ignore"):
+            far = steady & ((hi < 1.0 - cfg.max_deviation) | (lo > 1.0 + cfg.max_deviation))
+            off = steady & ~far & ((hi < 1.0 - cfg.tolerance) | (lo > 1.0 + cfg.tolerance))
+        counted = steady & ~far & ~(off & cfg.require_agreement)
+        if commit:  # time in equilibrium (since the previous committed judgement), first equilibrium
+            was = self._was_counted
+            self.steps_in_equilibrium += np.where(counted & was & (self.judged_step >= 0), self.steps - self.judged_step, 0)
+            newly = counted & (self.first_equilibrium < 0)
+            start = self.steps - window.astype(np.int64) + 1
+            self.first_equilibrium[newly] = np.maximum(start[newly], 1)
+            self.judged_step = np.where(seen, self.steps, self.judged_step)
+            self._was_counted = counted.copy()
+        self.steady, self.counted = steady, counted
+        self.drift, self.drift_se, self.norm_drift, self.norm_drift_se = d_x, se_x, d_w, se_w
+        self.steady_ratio, self.steady_ratio_se, self.quantile = fit.mean_x, fit.se_mean_x, q
+        self.window_steps = np.where(settled, window, np.nan)
+        self.settle_steps = np.where(finite_tau, 2.0 * w_min, np.nan)
+        agreement = np.where(far, "far_off", np.where(off, "off_prediction", "agrees"))
+        self.agreement = [str(a) if st else None for a, st in zip(agreement.tolist(), steady.tolist())]
+        self._flags = np.stack([seen, app, judged, vanishing, settled, enough, drifting, precise, far, off, counted], axis=1)
+        previous = np.array(self._state, dtype=object)
+        state = np.select(
+            [~seen, ~app, ~judged, vanishing, counted, far, off, (previous == "re-equilibrating") | (previous == "departed"), previous == "equilibrium"],
+            [previous, "no_prediction", "no_equilibrium", "vanishing_noise", "equilibrium", "steady_far_off", "off_prediction", previous, "departed"],
+            default="approaching",
+        )
+        self.state = [str(x) for x in state.tolist()]
+        if commit:
+            self._state = list(self.state)
+
+    @property
+    def why_not(self) -> list[str | None]:
+        """Per unit, why it is not counted as in equilibrium (``None`` when it is), as of the latest judgement."""
+        return [self._why_not(u) for u in range(len(self.units))]
+
+    def _why_not(self, u: int) -> str | None:
+        cfg = self.config
+        f = dict(zip(_FLAGS, self._flags[u].tolist()))
+        if f["counted"]:
+            return None
+        since = int(self.steps[u] - self.origin[u])
+        if not f["seen"]:
+            return "no step measured yet"
+        if not f["applicable"]:
+            return self.reasons[u] or "no prediction"
+        if not f["judged"]:
+            return self.reasons[u] or "the prediction is 0: no equilibrium"
+        vanishing, settled, enough, drifting, precise, far, off = (f[k] for k in ("vanishing", "settled", "enough", "drifting", "precise", "far", "off"))
+        if vanishing:
+            return "the gradient noise vanished"
+        if not settled:
+            need = float(self.settle_steps[u]) if math.isfinite(self.settle_steps[u]) else math.nan
+            return f"settling: {int(since)} of the {math.ceil(need)} steps needed since the last change"
+        if not enough:
+            return "too few samples in the window"
+        drift = (
+            f"Δ/Δ* drifts by {self.drift[u]:+.3f} (±{self.drift_se[u]:.3f}) per relaxation time, |w|/|w*| implies "
+            f"{self.norm_drift[u]:+.3f} (±{self.norm_drift_se[u]:.3f}); limit ±{cfg.drift:g}"
+        )
+        if drifting:
+            return f"drifting: {drift}" + ("" if precise else " (the window is too noisy to be sure)")
+        if not precise:
+            return f"undetermined: the window of {int(self.window_steps[u])} steps is too noisy to bound the drift ({drift}); it grows as training goes on"
+        if far:
+            return f"steady at {self.steady_ratio[u]:.3f} of the prediction: further off than ±{cfg.max_deviation:.0%}"
+        if off:
+            return f"steady at {self.steady_ratio[u]:.3f} of the prediction: off by more than ±{cfg.tolerance:.0%} (require_agreement)"
+        return "not judged"
 
     def _spikes(self, idx: np.ndarray, ratio: np.ndarray, step: int) -> None:
         spiking = np.nan_to_num(ratio, nan=0.0) > self.config.spike_factor
@@ -329,22 +591,31 @@ class Diagnostics:
             self.events.append(
                 {"kind": "vanishing", "unit": u, "step": step, "L_peak": float(self.unit_grad_peak[u]), "L_now": float(L[j]), "ratio": float(smoothed[j])}
             )
-        recovered = ~collapsed & (self.vanishing_since[idx] >= 0) & (L > self.unit_grad_peak[idx] / 2.0)
+        # recovered: L came back, or the smoothed ratio is back within the tolerance (a gradient statistic that merely
+        # settled lower than its early peak, as learning lowers it, is not vanishing noise)
+        recovered = ~collapsed & (self.vanishing_since[idx] >= 0) & ((L > self.unit_grad_peak[idx] / 2.0) | (smoothed >= 1.0 - cfg.tolerance))
         self.vanishing_since[idx[recovered]] = -1
 
     # ------------------------------------------------------------------------------------------
     # Checkpointing: plain Python types only (loadable with torch.load(weights_only=True))
     # ------------------------------------------------------------------------------------------
     _ARRAYS = (
-        "steps", "last_delta", "norm", "predicted", "relaxation", "band_run", "first_equilibrium",
-        "steps_in_equilibrium", "ref_pred", "change_step", "expected_reequilibration", "initial_norm",
-        "unit_grad_peak", "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr",
-        "_dev_ring", "_dev_pos",
+        "steps", "last_delta", "norm", "predicted", "relaxation", "tau_ratio", "norm_power", "origin", "ref_pred",
+        "ref_scale", "change_step", "expected_reequilibration", "ref_level", "band_run", "_timing", "steady", "counted", "drift",
+        "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "quantile", "window_steps",
+        "settle_steps", "judged_step", "first_equilibrium", "steps_in_equilibrium", "initial_norm", "unit_grad_peak",
+        "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_flags",
     )  # fmt: skip
-    _LISTS = ("hyper", "optimizer", "reasons", "state", "ref_hyper", "reequilibrations", "spikes")
+    _LISTS = ("hyper", "optimizer", "reasons", "state", "_state", "ref_hyper", "reequilibrations", "spikes", "agreement")
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"names": [u.name for u in self.units], "per_filter": self.per_filter, "stride": self.stride}
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "names": [u.name for u in self.units],
+            "per_filter": self.per_filter,
+            "stride": self.stride,
+            "series": _plain(self.series.state_dict()),
+        }
         for name in self._ARRAYS:
             out[name] = _plain(getattr(self, name).tolist())
         for name in self._LISTS:
@@ -358,6 +629,8 @@ class Diagnostics:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the units must be the same (by name, in order)."""
         names = [u.name for u in self.units]
+        if state.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"the checkpoint's SMD state has schema version {state.get('schema_version', 1)}, this version reads {SCHEMA_VERSION}")
         if state.get("names") != names:
             raise ValueError(f"the checkpoint tracks other weights ({state.get('names')}) than this run ({names})")
         if int(state.get("stride", 1)) != self.stride:
@@ -371,17 +644,12 @@ class Diagnostics:
             ema = getattr(self, name)
             ema.acc = np.asarray(_unplain(state[name]["acc"]), dtype=np.float64)
             ema.weight = np.asarray(_unplain(state[name]["weight"]), dtype=np.float64)
+        self.series.load_state_dict(_unplain(state["series"]))
         self.per_filter = bool(state.get("per_filter", False))
         known = {r.name: r for r in registered_rules().values()}
         self.rules = [known.get(n, UnknownRule(optimizer=n)) if n is not None else None for n in state["rules"]]
 
-    def window_max_deviation(self) -> np.ndarray:
-        """Largest ``|smoothed Δ/Δ* − 1|`` over each unit's last ``window`` steps (nan before ``window`` steps)."""
-        full = self._dev_pos >= self.window_samples
-        with np.errstate(all="ignore"):
-            worst = np.max(np.nan_to_num(self._dev_ring, nan=np.inf), axis=0)
-        return np.where(full, worst, np.nan)
-
+    # ------------------------------------------------------------------------------------------
     def predicted_time_to_equilibrium(self) -> np.ndarray:
         """Steps from the initial norm to the equilibrium band, predicted with the final settings and ``L``."""
         out = np.full(len(self.units), np.nan)
@@ -392,25 +660,30 @@ class Diagnostics:
         return out
 
     def steps_needed(self) -> np.ndarray:
-        """From the current smoothed ratio ``r`` (``q/q* = 1/r²``): steps until in equilibrium (band + window)."""
+        """Steps until each unit could be judged in equilibrium, if nothing changes: what its settling still needs,
+        and for a drifting unit the relaxation from its current smoothed ratio ``r`` (``q/q* = 1/r²``)."""
         out = np.full(len(self.units), np.nan)
         r = self.ratio.value()
+        since = self.steps - self.origin
         for u, (rule, h) in enumerate(zip(self.rules, self.hyper)):
             if rule is None or h is None:
                 continue
-            if self.in_equilibrium[u]:
+            if self.counted[u]:
                 out[u] = 0.0
             elif self.predicted[u] == 0.0:
                 out[u] = math.inf
-            elif np.isfinite(r[u]) and r[u] > 0:
-                t = time_to_band(1.0 / r[u] ** 2, rule.norm_time_constant(h), self.config.tolerance)
-                out[u] = t + max(self.config.window - int(self.band_run[u]) * self.stride, 0)
+            elif math.isfinite(self.settle_steps[u]):
+                need = max(float(self.settle_steps[u]) - float(since[u]), 0.0)
+                if not self.steady[u] and need == 0.0 and np.isfinite(r[u]) and r[u] > 0:
+                    need = time_to_band(1.0 / r[u] ** 2, rule.norm_time_constant(h), self.config.tolerance)
+                out[u] = need
         return out
 
     # ------------------------------------------------------------------------------------------
     @property
     def in_equilibrium(self) -> np.ndarray:
-        return self.band_run >= self.window_samples
+        """Units counted as in equilibrium at their last judgement."""
+        return self.counted
 
     @property
     def applicable(self) -> np.ndarray:
@@ -429,16 +702,30 @@ class Diagnostics:
                 out[u] = rule.weight_norm(h, float(L[u]), self.units[u].numel)
         return out
 
+    def ratio_interval(self) -> tuple[np.ndarray, np.ndarray]:
+        """The confidence interval of each unit's steady ratio (level ``1 − significance/N``)."""
+        half = self.quantile * self.steady_ratio_se
+        return self.steady_ratio - half, self.steady_ratio + half
+
     def equilibrium_fraction(self) -> float:
         app = self.applicable
         if not app.any():
             return math.nan
-        return float(self.in_equilibrium[app].mean())
+        return float(self.counted[app].mean())
 
     def median_ratio(self) -> float:
         r = self.ratio.value()[self.applicable]
         r = r[np.isfinite(r)]
         return float(np.median(r)) if r.size else math.nan
+
+    def criteria_text(self) -> str:
+        cfg = self.config
+        return (
+            f"steady: at least {2 * WINDOW_RELAXATION_TIMES[0]:g} relaxation times (and {2 * cfg.window} steps) since the "
+            f"last change, over their second half a drift of Δ/Δ* within ±{cfg.drift:.0%} per relaxation time at run-level "
+            f"false-alarm rate {cfg.significance:g}; steady Δ/Δ* not entirely outside "
+            f"±{cfg.max_deviation:.0%}" + (f" nor ±{cfg.tolerance:.0%}" if cfg.require_agreement else "")
+        )
 
     def verdict(self) -> tuple[str, str]:
         """``(verdict, one-sentence reason)``."""
@@ -453,26 +740,38 @@ class Diagnostics:
             return "not_applicable", "; ".join(sorted(reasons)) or "no tracked weight has an SMD prediction"
         frac = self.equilibrium_fraction()
         n_app = int(app.sum())
-        n_eq = int(self.in_equilibrium[app].sum())
+        n_eq = int(self.counted[app].sum())
+        names = [u.name for u in self.units]
+        off = [names[u] for u in range(len(names)) if app[u] and self.agreement[u] == "off_prediction"]
+        off_text = f"; off the prediction (steady, but Δ/Δ* outside ±{cfg.tolerance:.0%}): {', '.join(off[:5])}{' ...' if len(off) > 5 else ''}" if off else ""
         if frac >= cfg.min_fraction:
             return "equilibrium", (
-                f"{n_eq}/{n_app} tracked layers ended in equilibrium (smoothed angular update within "
-                f"±{cfg.tolerance:.0%} of the prediction for the last {cfg.window} steps; at least {cfg.min_fraction:.0%} required)"
+                f"{n_eq}/{n_app} tracked layers ended in equilibrium ({self.criteria_text()}; at least {cfg.min_fraction:.0%} "
+                f"required){off_text}"
             )
-        reason = (
-            f"only {n_eq}/{n_app} tracked layers ended in equilibrium; at least {cfg.min_fraction:.0%} must stay within "
-            f"±{cfg.tolerance:.0%} of the predicted angular update for the last {cfg.window} steps"
-        )
-        vanishing = [u for u in range(len(self.units)) if app[u] and self.vanishing_first[u] >= 0 and not self.in_equilibrium[u]]
+        reason = f"only {n_eq}/{n_app} tracked layers ended in equilibrium; at least {cfg.min_fraction:.0%} required ({self.criteria_text()})"
+        groups: dict[str, list[str]] = {}
+        for u in range(len(names)):
+            if app[u] and not self.counted[u]:
+                groups.setdefault(self.state[u], []).append(names[u])
+        text = {
+            "approaching": "still settling or drifting",
+            "re-equilibrating": "re-equilibrating after a change of the hyper-parameters",
+            "departed": "left their equilibrium",
+            "steady_far_off": f"steady, but further than ±{cfg.max_deviation:.0%} from the prediction (not SMD's equilibrium)",
+            "off_prediction": f"steady, but off the prediction by more than ±{cfg.tolerance:.0%} (require_agreement)",
+            "vanishing_noise": "diagnosed as vanishing gradient noise (the training loss approaches zero: a property of the run, not a measurement error)",
+            "no_equilibrium": "without weight decay, hence no equilibrium",
+        }
+        for state, members in groups.items():
+            if state == "no_equilibrium":
+                reason += f"; {len(members)} have no weight decay, hence no equilibrium"
+            else:
+                reason += f"; {len(members)} {text.get(state, state)}"
+        vanishing = [u for u in range(len(names)) if app[u] and self.vanishing_first[u] >= 0 and not self.counted[u] and self.state[u] != "vanishing_noise"]
         if vanishing:
-            reason += (
-                f"; diagnosed as vanishing gradient noise in {len(vanishing)} of them (the training loss approaches zero: "
-                "a property of the run, not a measurement error)"
-            )
-        no_decay = [u for u in range(len(self.units)) if app[u] and self.predicted[u] == 0.0]
-        if no_decay:
-            reason += f"; {len(no_decay)} have no weight decay, hence no equilibrium"
-        return "not_reached", reason
+            reason += f"; vanishing gradient noise was diagnosed in {len(vanishing)} of them earlier (the training loss approaches zero)"
+        return "not_reached", reason + off_text
 
     # ------------------------------------------------------------------------------------------
     def metrics(self, per_layer: bool = True, prefix: str = "smd/") -> dict[str, float]:
@@ -485,8 +784,9 @@ class Diagnostics:
             smoothed = self.delta.value()
             ratio = self.ratio.value()
             pred_norm = self.predicted_weight_norm()
-            eq = self.in_equilibrium
+            eq = self.counted
             filter_rms = self.filter_delta.value()
+            lo, hi = self.ratio_interval()
             for u, unit in enumerate(self.units):
                 base = f"{prefix}{metric_name(unit.name)}/"
                 out[base + "angular_update"] = float(smoothed[u])
@@ -496,6 +796,10 @@ class Diagnostics:
                 out[base + "predicted_weight_norm"] = float(pred_norm[u])
                 out[base + "in_equilibrium"] = float(eq[u])
                 out[base + "effective_lr"] = float(self.effective_lr[u])
+                out[base + "steady_ratio"] = float(self.steady_ratio[u])
+                out[base + "steady_ratio_low"] = float(lo[u])
+                out[base + "steady_ratio_high"] = float(hi[u])
+                out[base + "drift"] = float(self.drift[u])
                 if self.per_filter:
                     out[base + "filter_angular_update_rms"] = float(filter_rms[u])
         return out
@@ -504,13 +808,13 @@ class Diagnostics:
         smoothed = self.delta.value()
         ratio = self.ratio.value()
         pred_norm = self.predicted_weight_norm()
-        eq = self.in_equilibrium
         filter_rms = self.filter_delta.value()
-        dev = self.window_max_deviation()
         t_eq = self.predicted_time_to_equilibrium()
+        lo, hi = self.ratio_interval()
         rows = []
         for u, unit in enumerate(self.units):
             first = int(self.first_equilibrium[u])
+            since = int(self.steps[u] - self.origin[u]) if self.origin[u] >= 0 else None
             rows.append(
                 {
                     "name": unit.name,
@@ -534,13 +838,26 @@ class Diagnostics:
                     "weight_norm": _num(self.norm[u]),
                     "predicted_weight_norm": _num(pred_norm[u]),
                     "relaxation_time": _num(self.relaxation[u]),
-                    "in_equilibrium": bool(eq[u]),
+                    "ratio_relaxation_time": _num(self.tau_ratio[u]),
+                    "in_equilibrium": bool(self.counted[u]),
+                    "steady": bool(self.steady[u]),
+                    "agreement": self.agreement[u],
+                    "not_in_equilibrium_because": self._why_not(u),
+                    "steady_ratio": _num(self.steady_ratio[u]),
+                    "steady_ratio_ci": [_num(lo[u]), _num(hi[u])] if np.isfinite(lo[u]) else None,
+                    "drift": _num(self.drift[u]),
+                    "drift_se": _num(self.drift_se[u]),
+                    "norm_drift": _num(self.norm_drift[u]),
+                    "norm_drift_se": _num(self.norm_drift_se[u]),
+                    "quantile": _num(self.quantile[u]),
+                    "window_steps": _num(self.window_steps[u]),
+                    "steps_since_change": since,
+                    "settle_steps": _num(self.settle_steps[u]),
                     "filter_angular_update_rms": _num(filter_rms[u]) if self.per_filter else None,
                     "first_equilibrium_step": first if first >= 0 else None,
                     "steps_in_equilibrium": int(self.steps_in_equilibrium[u]),
                     "share_in_equilibrium": _num(self.steps_in_equilibrium[u] / self.steps[u]) if self.steps[u] else None,
                     "state": self.state[u],
-                    "window_max_deviation": _num(dev[u]),
                     "initial_weight_norm": _num(self.initial_norm[u]),
                     "predicted_time_to_equilibrium": _num(t_eq[u]),
                     "effective_lr": _num(self.effective_lr[u]),
@@ -555,13 +872,31 @@ class Diagnostics:
             )
         return rows
 
+    def statistics(self) -> dict[str, Any]:
+        """How the run was judged: the per-unit level and the quantile of the tests."""
+        n = int((self.applicable & (self.predicted > 0)).sum())
+        per_unit = self.config.significance / max(n, 1)
+        return {
+            "units_judged": n,
+            "false_alarm_rate_per_run": self.config.significance,
+            "false_alarm_rate_per_unit": per_unit,
+            "confidence_level": 1.0 - per_unit,
+            "drift_limit_per_relaxation_time": self.config.drift,
+            "window": "the second half of the steps since the last change",
+            "window_relaxation_times": list(WINDOW_RELAXATION_TIMES),
+        }
+
     def summary(self) -> dict[str, Any]:
         verdict, reason = self.verdict()
+        criteria = asdict(self.config)
+        criteria["drift_limit"] = self.config.drift
         return {
+            "schema_version": SCHEMA_VERSION,
             "verdict": verdict,
             "reason": reason,
             "steps": int(self.steps.max(initial=0)),
-            "criteria": asdict(self.config),
+            "criteria": criteria,
+            "statistics": self.statistics(),
             "equilibrium_fraction": _num(self.equilibrium_fraction()),
             "angular_update_ratio": _num(self.median_ratio()),
             "diagnoses": self.diagnoses(),
@@ -574,7 +909,7 @@ class Diagnostics:
         names = [u.name for u in self.units]
         app = self.applicable
         out: dict[str, Any] = {}
-        eq = self.in_equilibrium
+        eq = self.counted
         vanishing = [names[u] for u in range(len(names)) if self.vanishing_first[u] >= 0 and not eq[u]]
         if vanishing:
             out["vanishing_gradient_noise"] = vanishing
@@ -584,6 +919,12 @@ class Diagnostics:
         reeq = [names[u] for u in range(len(names)) if self.state[u] == "re-equilibrating"]
         if reeq:
             out["re_equilibrating"] = reeq
+        off = [names[u] for u in range(len(names)) if self.agreement[u] == "off_prediction"]
+        if off:
+            out["off_prediction"] = off
+        far = [names[u] for u in range(len(names)) if self.agreement[u] == "far_off"]
+        if far:
+            out["steady_far_off"] = far
         reached = [u for u in range(len(names)) if app[u] and self.first_equilibrium[u] >= 0]
         never = [names[u] for u in range(len(names)) if app[u] and self.first_equilibrium[u] < 0]
         if reached and never:

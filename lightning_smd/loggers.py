@@ -74,9 +74,14 @@ TABLE_COLUMNS = [
     "angular_update",
     "predicted_angular_update",
     "ratio",
+    "steady_ratio",
+    "steady_ratio_low",
+    "steady_ratio_high",
+    "drift",
     "weight_norm",
     "predicted_weight_norm",
     "in_equilibrium",
+    "agreement",
     "first_equilibrium_step",
     "state",
 ]
@@ -85,15 +90,21 @@ TABLE_COLUMNS = [
 def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for r in summary.get("layers", []):
+        ci = r.get("steady_ratio_ci") or [None, None]
         rows.append(
             [
                 r.get("name"),
                 r.get("angular_update"),
                 r.get("predicted_angular_update"),
                 r.get("ratio"),
+                r.get("steady_ratio"),
+                ci[0],
+                ci[1],
+                r.get("drift"),
                 r.get("weight_norm"),
                 r.get("predicted_weight_norm"),
                 bool(r.get("in_equilibrium")),
+                r.get("agreement"),
                 r.get("first_equilibrium_step"),
                 r.get("state"),
             ]
@@ -117,6 +128,8 @@ def finish_loggers(loggers: Sequence[Any], summary: dict[str, Any], warn: Any) -
             for r in summary.get("layers", []):
                 if r.get("ratio") is not None:
                     run.summary[_prefixed(logger, f"smd/{metric_name(r['name'])}/final_ratio")] = r["ratio"]
+                if r.get("steady_ratio") is not None:
+                    run.summary[_prefixed(logger, f"smd/{metric_name(r['name'])}/steady_ratio")] = r["steady_ratio"]
             table = wandb.Table(columns=TABLE_COLUMNS, data=summary_rows(summary))
             chart = wandb.plot.scatter(table, "predicted_angular_update", "angular_update", title="SMD: measured vs predicted angular update")
             step = summary.get("global_step", summary.get("steps", 0))

@@ -60,7 +60,8 @@ class SMDMonitor:
         example_input: optional input batch: detection then also runs the numerical invariance check (one
             forward/backward on it; parameters, buffers and gradients are restored) and can analyse models
             torch.fx cannot trace.
-        tolerance, window, ema_steps, min_fraction: the equilibrium criteria (see ``SMDCallback``).
+        tolerance, window, ema_steps, min_fraction, require_agreement, max_deviation, drift_limit, significance: the
+            equilibrium criteria (see ``SMDCallback``).
         include, exclude: parameter-name globs to add to / remove from the detected weights.
         log_every_n_steps: the interval :meth:`should_log` answers for (steps buffered on the device).
         use_momentum_buffer, per_filter, every_n_steps, keep_history: as for ``SMDCallback``.
@@ -80,6 +81,10 @@ class SMDMonitor:
         window: int = 100,
         ema_steps: int = 50,
         min_fraction: float = 0.9,
+        require_agreement: bool = False,
+        max_deviation: float = 0.3,
+        drift_limit: float | None = None,
+        significance: float = 0.01,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log_every_n_steps: int = 50,
@@ -93,7 +98,16 @@ class SMDMonitor:
         self.model = _inner_model(model)
         opts = [optimizers] if not isinstance(optimizers, (list, tuple)) else list(optimizers)
         self.optimizers = [unwrap_optimizer(o) for o in opts]
-        self.config = DiagnosticsConfig(tolerance=tolerance, window=window, ema_steps=ema_steps, min_fraction=min_fraction)
+        self.config = DiagnosticsConfig(
+            tolerance=tolerance,
+            window=window,
+            ema_steps=ema_steps,
+            min_fraction=min_fraction,
+            require_agreement=require_agreement,
+            max_deviation=max_deviation,
+            drift_limit=drift_limit,
+            significance=significance,
+        )
         self.log_every_n_steps = int(log_every_n_steps)
         self.every_n_steps = int(every_n_steps)
         self.detection: Detection = find_normalized_weights(self.model, example_input, include, exclude)

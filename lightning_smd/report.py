@@ -16,7 +16,7 @@ from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepRecorder
 from lightning_smd.theory import rule_for
 
-__all__ = ["SMDWarning", "SUMMARY_FILENAME", "format_summary_table", "write_summary", "optimizer_info", "filter_spec"]
+__all__ = ["SMDWarning", "SUMMARY_FILENAME", "format_summary_table", "state_label", "write_summary", "optimizer_info", "filter_spec"]
 
 SUMMARY_FILENAME = "smd_summary.json"
 
@@ -31,27 +31,38 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     def f(x: Any, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
-    rows = [("layer", "angular update", "predicted", "ratio", "|w|", "predicted |w|", "equilibrium", "since step")]
+    rows = [("layer", "angular update", "predicted", "steady Δ/Δ* [CI]", "drift/τ", "|w|", "predicted |w|", "state", "since step")]
     for r in summary.get("layers", []):
+        ci = r.get("steady_ratio_ci")
+        steady = f(r.get("steady_ratio"), ".3f") + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
         rows.append(
             (
                 r["name"],
                 f(r.get("angular_update"), ".3e"),
                 f(r.get("predicted_angular_update"), ".3e"),
-                f(r.get("ratio"), ".3f"),
+                steady,
+                f(r.get("drift"), "+.3f"),
                 f(r.get("weight_norm"), ".3f"),
                 f(r.get("predicted_weight_norm"), ".3f"),
-                "yes" if r.get("in_equilibrium") else "no",
+                state_label(r),
                 f(r.get("first_equilibrium_step"), "d"),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = ["  ".join(c.rjust(w) if 0 < i < 7 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     verdict = summary.get("verdict", "?")
     state = "" if summary.get("complete", True) else " (incomplete run)"
     lines.append(f"SMD verdict after {summary.get('steps', 0)} steps: {verdict}{state} — {summary.get('reason', '')}")
     return "\n".join(lines)
+
+
+def state_label(row: dict[str, Any]) -> str:
+    """A layer's state for tables: ``equilibrium (off prediction)`` for a counted layer off the prediction."""
+    state = str(row.get("state") or "-")
+    if state == "equilibrium" and row.get("agreement") == "off_prediction":
+        return "equilibrium (off prediction)"
+    return state
 
 
 def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:

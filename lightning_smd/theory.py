@@ -254,6 +254,9 @@ class Rule:
     # Relaxation of the norm. The norm variable ``q = ‖w‖^norm_power`` relaxes linearly towards ``q*`` with
     # ``norm_time_constant`` steps, and the angular-update ratio is ``sqrt(q*/q)``.
     norm_power: float = 2.0
+    #: Exponent of the gradient statistic ``L`` in the equilibrium norm (``‖w*‖ ∝ L^grad_exponent``): 0 where the
+    #: equilibrium norm depends on the hyper-parameters only (AdamW, Lion), 1/4 for SGD.
+    grad_exponent: float = 0.0
 
     def equilibrium_scale(self, h: Hyper) -> float:
         """A quantity proportional to ``q*`` at fixed gradient statistics (for ratios of ``q*``)."""
@@ -313,6 +316,7 @@ class SGDRule(Rule):
         return sgd_relaxation_time(self._effective_lr(h), h["weight_decay"], h.get("momentum", 0.0))
 
     norm_power: float = 4.0
+    grad_exponent: float = 0.25
 
     def norm_time_constant(self, h: Hyper) -> float:
         # x = ‖w‖⁴ obeys dx/dt = −(2/τ)x + const ([Wan] Eq. 8/12 in continuous time)

@@ -6,11 +6,9 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import Module, PlainConvNet, decay_only_conv_weights, loader, sgd, trainer

@@ -1,6 +1,5 @@
 """Detection on a zoo of architectures: 100 % precision and recall, granularities, numerical agreement."""
 
-import time
 
 import pytest
 import torch

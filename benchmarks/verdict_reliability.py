@@ -1,0 +1,265 @@
+"""Does the verdict hold over seeds? A sweep of healthy and unhealthy runs, each cell over many seeds.
+
+    python benchmarks/verdict_reliability.py                 # 20 seeds per cell, 2 worker processes
+    python benchmarks/verdict_reliability.py --seeds 40 --workers 2 --json sweep.json
+    python benchmarks/verdict_reliability.py --quick         # one seed per cell, one task per optimizer (CI)
+
+Every run is a real ``pytorch_lightning.Trainer`` fit with ``SMDCallback(on_no_equilibrium="raise")``; the
+verdict is read from the summary and the script records whether the gate raised. Cells:
+
+- optimizers: SGD, SGD + momentum, Nesterov, AdamW, Lion (``lion-pytorch``), each with ``lr·wd`` set so that
+  the rule's relaxation time τ is 200 steps (SGD family: the ratio relaxes with ``τ_r = τ/2``) or 125 steps
+  (AdamW, Lion: ``τ_r = τ``);
+- tasks (:mod:`lightning_smd.demo`): ``thin`` (:class:`ThinConvNet`, a first conv of 144 weights) and ``head``
+  (:class:`HeadNet`, a ``Linear → BatchNorm1d`` head), both on a :class:`TeacherStream` with 20 % label noise
+  (the gradient noise persists);
+- conditions, with the verdict each must get:
+
+  - ``healthy`` → ``equilibrium``: constant hyper-parameters for 1,600 steps (8τ for the SGD family, 12.8τ for
+    AdamW and Lion);
+  - ``no_decay`` → not: weight decay 0 on the normalized weights;
+  - ``late_cut`` → not: the learning rate cut ×0.1 at a quarter of the run; the new relaxation time (10τ)
+    exceeds the 1,200 steps left;
+  - ``short`` → not: a run of 0.8 relaxation times τ;
+  - ``memorize`` → not: 64 fixed samples without label noise, which the network memorizes (loss → 0).
+
+The script prints the confusion table and, per cell, how far the healthy runs stayed from the thresholds:
+the largest ``|drift| / drift_limit`` and ``t·se / drift_limit`` over runs and layers (a layer is steady
+when both are ≤ 1), and the range of steady ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+CONDITIONS = ("healthy", "no_decay", "late_cut", "short", "memorize")
+TASKS = ("thin", "head")
+#: optimizer -> (lr, weight decay of the normalized weights, τ_r of the ratio in steps, τ of the rule in steps)
+OPTIMIZERS: dict[str, tuple[float, float, int, int]] = {
+    "sgd": (0.1, 0.025, 100, 200),  # τ = 1/(2·lr·wd) = 200, τ_r = τ/2
+    "sgd_momentum": (0.1, 0.0025, 100, 200),  # τ = (1−0.9)/(2·lr·wd) = 200
+    "nesterov": (0.1, 0.0025, 100, 200),
+    "adamw": (0.01, 0.4, 125, 125),  # τ = τ_r = 1/(2·lr·wd) = 125
+    "lion": (3e-4, 4e-3 / 3e-4, 125, 125),  # lr·wd = 4e-3
+}
+#: Steps of every run but the short ones: 8τ (SGD family) and 12.8τ (AdamW, Lion), and for late_cut a quarter at
+#: the first learning rate, then 1,200 steps at a tenth of it, fewer than the new τ (2,000 and 1,250 steps).
+STEPS = 1600
+QUICK_TASKS = {"sgd": "thin", "sgd_momentum": "head", "nesterov": "thin", "adamw": "head", "lion": "thin"}
+
+
+def run_length(optimizer: str, condition: str) -> int:
+    return int(0.8 * OPTIMIZERS[optimizer][3]) if condition == "short" else STEPS
+
+
+def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, Any]:
+    """One fit; returns the verdict, whether the gate raised, and per-layer figures."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from lightning_smd import EquilibriumNotReachedError, SMDCallback
+    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
+
+    warnings.simplefilter("ignore")
+    for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    lr, wd, tau_r, tau = OPTIMIZERS[optimizer]
+    steps = run_length(optimizer, condition)
+    cut = steps // 4 if condition == "late_cut" else None
+    if condition == "no_decay":
+        wd = 0.0
+
+    class Task(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = {"thin": ThinConvNet, "head": HeadNet}[task]()
+            self.last_loss = math.nan
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.last_loss = float(loss.detach())
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            groups = decayed_groups(self.net, wd)
+            if optimizer == "adamw":
+                opt = torch.optim.AdamW(groups, lr=lr)
+            elif optimizer == "lion":
+                from lion_pytorch import Lion
+
+                opt = Lion(groups, lr=lr)
+            else:
+                opt = torch.optim.SGD(groups, lr=lr, momentum=0.0 if optimizer == "sgd" else 0.9, nesterov=optimizer == "nesterov")
+            if cut is None:
+                return opt
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 if step >= cut else 1.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    torch.manual_seed(seed)
+    model = Task()
+    shape = model.net.input_shape
+    data = TeacherStream(shape, seed=seed, memorize=64 if condition == "memorize" else 0, flip=0.0 if condition == "memorize" else 0.2)
+    smd = SMDCallback(on_no_equilibrium="raise", verbose=False, summary_path=False, log_every_n_steps=50)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[smd],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    raised = False
+    try:
+        trainer.fit(model, DataLoader(data, batch_size=None))
+    except EquilibriumNotReachedError:
+        raised = True
+    elapsed = time.perf_counter() - start
+    s = smd.summary()
+    limit = s["criteria"]["drift_limit"]
+    layers = []
+    for r in s["layers"]:
+        q = r.get("quantile")
+        d = [abs(r[k]) for k in ("drift", "norm_drift") if r.get(k) is not None]
+        e = [r[k] for k in ("drift_se", "norm_drift_se") if r.get(k) is not None]
+        layers.append(
+            {
+                "name": r["name"],
+                "state": r["state"],
+                "steady_ratio": r.get("steady_ratio"),
+                "drift": r.get("drift"),
+                "norm_drift": r.get("norm_drift"),
+                "drift_margin": max(d) / limit if d else None,
+                "precision_margin": q * max(e) / limit if e and q is not None else None,
+                "why": r.get("not_in_equilibrium_because"),
+            }
+        )
+    return {
+        "task": task,
+        "optimizer": optimizer,
+        "condition": condition,
+        "seed": seed,
+        "steps": steps,
+        "verdict": s["verdict"],
+        "raised": raised,
+        "loss": model.last_loss,
+        "seconds": elapsed,
+        "layers": layers,
+    }
+
+
+def cells(quick: bool, seeds: int, conditions: tuple[str, ...] = CONDITIONS, optimizers: tuple[str, ...] | None = None) -> list[tuple[str, str, str, int]]:
+    out = []
+    for optimizer in OPTIMIZERS:
+        if optimizers and optimizer not in optimizers:
+            continue
+        tasks = [QUICK_TASKS[optimizer]] if quick else list(TASKS)
+        for task in tasks:
+            for condition in conditions:
+                for seed in range(seeds):
+                    out.append((task, optimizer, condition, seed))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="one seed per cell, one task per optimizer")
+    parser.add_argument("--json", default=None, help="write every run's record here")
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS), help="only these conditions")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=None, help="only these optimizers")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    args = parser.parse_args(argv)
+    seeds = 1 if args.quick else args.seeds
+    try:
+        import lion_pytorch  # noqa: F401
+    except ImportError:
+        print("lion-pytorch is not installed: the Lion cells are skipped", file=sys.stderr)
+        OPTIMIZERS.pop("lion", None)
+    todo = [(t, o, c, s + args.first_seed) for t, o, c, s in cells(args.quick, seeds, tuple(args.conditions), tuple(args.optimizers or ()))]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(_run_tuple, todo, chunksize=1))
+    wall = time.perf_counter() - start
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print(report(results, wall, args.workers, "quick" if args.quick else f"{seeds} seeds per cell"))
+    healthy_ok = all(r["verdict"] == "equilibrium" and not r["raised"] for r in results if r["condition"] == "healthy")
+    unhealthy_ok = all(r["verdict"] != "equilibrium" and r["raised"] for r in results if r["condition"] != "healthy")
+    return 0 if healthy_ok and unhealthy_ok else 1
+
+
+def _run_tuple(cell: tuple[str, str, str, int]) -> dict[str, Any]:
+    return run_cell(*cell)
+
+
+def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) -> str:
+    lines = [f"verdict reliability sweep ({mode}): {len(results)} runs in {wall:.0f} s on {workers} worker process(es)", ""]
+    lines.append(
+        "| task | optimizer | condition | runs | equilibrium | raised | most layers in eq. | max drift/limit | max t·se/limit | steady ratio range | final loss |"
+    )
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["optimizer"], r["condition"]), []).append(r)
+    for (task, opt, cond), runs in groups.items():
+        n = len(runs)
+        eq = sum(r["verdict"] == "equilibrium" for r in runs)
+        raised = sum(r["raised"] for r in runs)
+        layers = [layer for r in runs for layer in r["layers"]]
+        dm = [layer["drift_margin"] for layer in layers if layer["drift_margin"] is not None]
+        pm = [layer["precision_margin"] for layer in layers if layer["precision_margin"] is not None]
+        sr = [layer["steady_ratio"] for layer in layers if layer["steady_ratio"] is not None and layer["state"] == "equilibrium"]
+        losses = [r["loss"] for r in runs if r["loss"] is not None and math.isfinite(r["loss"])]
+        in_eq = max(sum(layer["state"] == "equilibrium" for layer in r["layers"]) for r in runs)
+        total = len(runs[0]["layers"])
+        lines.append(
+            f"| {task} | {opt} | {cond} | {n} | {eq}/{n} | {raised}/{n} | {in_eq}/{total} | "
+            + (f"{max(dm):.2f} | {max(pm):.2f} | " if dm and pm else "- | - | ")
+            + (f"{min(sr):.3f}–{max(sr):.3f}" if sr else "-")
+            + f" | {sum(losses) / max(len(losses), 1):.3f} |"
+        )
+    lines.append("")
+    lines.append("Confusion table (runs):")
+    lines.append("")
+    lines.append("| expected \\ verdict | equilibrium | not equilibrium |")
+    lines.append("| --- | --- | --- |")
+    healthy = [r for r in results if r["condition"] == "healthy"]
+    unhealthy = [r for r in results if r["condition"] != "healthy"]
+    lines.append(f"| equilibrium (healthy) | {sum(r['verdict'] == 'equilibrium' for r in healthy)} | {sum(r['verdict'] != 'equilibrium' for r in healthy)} |")
+    lines.append(f"| not equilibrium (unhealthy) | {sum(r['verdict'] == 'equilibrium' for r in unhealthy)} | {sum(r['verdict'] != 'equilibrium' for r in unhealthy)} |")
+    gate = sum(r["raised"] == (r["verdict"] != "equilibrium") for r in results)
+    lines.append("")
+    lines.append(f"on_no_equilibrium='raise' raised exactly when the verdict was not 'equilibrium': {gate}/{len(results)} runs")
+    states: dict[str, dict[str, int]] = {}
+    for r in unhealthy:
+        for layer in r["layers"]:
+            states.setdefault(r["condition"], {}).setdefault(layer["state"], 0)
+            states[r["condition"]][layer["state"]] += 1
+    lines.append("")
+    lines.append("Layer states in the unhealthy runs: " + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())) for c, s in states.items()))
+    lines.append(f"Mean seconds per run: {sum(r['seconds'] for r in results) / max(len(results), 1):.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
