@@ -87,11 +87,13 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
             super().__init__()
             self.net = {"thin": ThinConvNet, "head": HeadNet}[task]()
             self.last_loss = math.nan
+            self.min_loss = math.inf
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             loss = F.cross_entropy(self.net(x), y)
-            self.last_loss = float(loss.detach())
+            self.last_loss = float(loss.detach())  # a host sync: the benchmark's own bookkeeping, not SMD's
+            self.min_loss = min(self.min_loss, self.last_loss)
             return loss
 
         def configure_optimizers(self) -> Any:
@@ -159,8 +161,10 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
         "verdict": s["verdict"],
         "raised": raised,
         "loss": model.last_loss,
+        "min_loss": model.min_loss,
         "seconds": elapsed,
         "layers": layers,
+        "warnings": [w.split(":")[0][:80] for w in smd.warnings],
     }
 
 
@@ -214,9 +218,9 @@ def _run_tuple(cell: tuple[str, str, str, int]) -> dict[str, Any]:
 def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) -> str:
     lines = [f"verdict reliability sweep ({mode}): {len(results)} runs in {wall:.0f} s on {workers} worker process(es)", ""]
     lines.append(
-        "| task | optimizer | condition | runs | equilibrium | raised | most layers in eq. | max drift/limit | max t·se/limit | steady ratio range | final loss |"
+        "| task | optimizer | condition | runs | equilibrium | raised | most layers in eq. | max drift/limit | max t·se/limit | steady ratio range | mean final loss | lowest loss (worst run) |"
     )
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["task"], r["optimizer"], r["condition"]), []).append(r)
@@ -235,7 +239,7 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
             f"| {task} | {opt} | {cond} | {n} | {eq}/{n} | {raised}/{n} | {in_eq}/{total} | "
             + (f"{max(dm):.2f} | {max(pm):.2f} | " if dm and pm else "- | - | ")
             + (f"{min(sr):.3f}–{max(sr):.3f}" if sr else "-")
-            + f" | {sum(losses) / max(len(losses), 1):.3f} |"
+            + f" | {sum(losses) / max(len(losses), 1):.3f} | {max(r['min_loss'] for r in runs):.3f} |"
         )
     lines.append("")
     lines.append("Confusion table (runs):")
@@ -249,6 +253,14 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
     gate = sum(r["raised"] == (r["verdict"] != "equilibrium") for r in results)
     lines.append("")
     lines.append(f"on_no_equilibrium='raise' raised exactly when the verdict was not 'equilibrium': {gate}/{len(results)} runs")
+    warned: dict[str, int] = {}
+    for r in healthy:
+        for w in {w for w in r.get("warnings", []) if not w.startswith("No equilibrium reached")}:
+            warned[w] = warned.get(w, 0) + 1
+    lines.append(
+        f"Healthy runs with an SMD warning: {sum(1 for r in healthy if any(not w.startswith('No equilibrium') for w in r.get('warnings', [])))}/{len(healthy)}"
+        + ("" if not warned else " — " + "; ".join(f"{k}… ({v})" for k, v in sorted(warned.items())))
+    )
     states: dict[str, dict[str, int]] = {}
     for r in unhealthy:
         for layer in r["layers"]:

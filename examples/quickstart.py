@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(ConvNet(width=args.width), DataLoader(NoisyTemplates(), batch_size=None))
+    trainer.fit(ConvNet(width=args.width), DataLoader(NoisyTemplates(seed=args.seed), batch_size=None))
     summary = smd.summary()
     print(f"\n{args.steps} steps in {time.perf_counter() - start:.1f} s; metrics: {os.path.join(os.path.normpath(trainer.logger.log_dir), 'metrics.csv')}; summary: {smd.summary_file}")
     return summary

@@ -34,7 +34,7 @@ from lightning_smd.detect import (
     units_from_patterns,
     verify_orthogonality,
 )
-from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, diffusion_exponent, metric_name
+from lightning_smd.diagnose import WINDOW_RELAXATION_TIMES, Diagnostics, DiagnosticsConfig, diffusion_exponent, metric_name
 from lightning_smd.loggers import finish_loggers, setup_loggers
 from lightning_smd.measure import DistanceTracker, StepRecorder
 from lightning_smd.report import SUMMARY_FILENAME, SMDWarning, filter_spec, format_summary_table, optimizer_info, write_summary
@@ -62,8 +62,6 @@ def _callback_bases() -> tuple[type, ...]:
 
 
 _CALLBACK_BASES = _callback_bases()
-#: A planned run shorter than this many relaxation times gets a warning at fit start.
-SHORT_RUN_RELAXATION_TIMES = 3.0
 
 
 class EquilibriumNotReachedError(RuntimeError):
@@ -222,7 +220,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         for batch in self.recorder.drain():
             self.diagnostics.update(batch)
         return {
-            "version": 1,
+            "version": 2,
             "diagnostics": self.diagnostics.state_dict(),
             "slots": [[slot.index, str(slot.device), slot.steps_taken] for slot in self.recorder.slots],
             "warnings": list(self.warnings),
@@ -499,7 +497,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                     continue
                 tau = rule.relaxation_time(h)
                 if math.isfinite(tau):
-                    taus.append((tau, units[u].name, rule.describe(h)))
+                    taus.append((_judging_steps(rule.norm_time_constant(h), self.config.window), tau, units[u].name, rule.describe(h)))
         unknown = sorted({type(s.optimizer).__name__ for s in recorder.slots if s.rule.name == "unknown"})
         if unknown:
             self._warn(
@@ -535,15 +533,16 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             )
         planned = _planned_steps(trainer)
         if taus and planned is not None:
-            tau, name, desc = max(taus)
-            needed = SHORT_RUN_RELAXATION_TIMES * tau
+            needed, tau, name, desc = max(taus)
             if planned < needed:
                 self._warn(
                     trainer,
-                    f"The run is planned for {planned} optimizer steps, fewer than {SHORT_RUN_RELAXATION_TIMES:g} relaxation "
-                    f"times of the slowest layer ({name}: tau = {tau:.0f} steps for {desc}; tau = (1-momentum)/(2*lr*weight_decay)). "
-                    f"Layers will likely not reach equilibrium: train for at least {math.ceil(needed)} steps, or raise "
-                    "lr*weight_decay (the intrinsic learning rate) to shorten tau.",
+                    f"The run is planned for {planned} optimizer steps, but a layer can be judged in equilibrium only after "
+                    f"{math.ceil(needed)} steps of unchanged settings for the slowest one ({name}: relaxation time tau = {tau:.0f} "
+                    f"steps for {desc}; tau = (1-momentum)/(2*lr*weight_decay)): 4 relaxation times of its angular update, and "
+                    f"twice window={self.config.window} steps. The verdict will be 'not_reached': train for at least "
+                    f"{math.ceil(needed)} steps (twice that to judge it well), or raise lr*weight_decay (the intrinsic learning "
+                    "rate) to shorten tau.",
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -929,6 +928,11 @@ def _verification_message(u: NormalizedWeight) -> str:
         "Something outside the analysed forward pass uses this weight: a loss term on the weights (an explicit L2 "
         f"penalty), a hook, or a path that bypasses the normalization. Check the model, or pass exclude=['{u.name}']."
     )
+
+
+def _judging_steps(ratio_time_constant: float, window: int) -> float:
+    """Steps of unchanged settings before a layer can be judged (twice the shortest window)."""
+    return 2.0 * max(float(window), WINDOW_RELAXATION_TIMES[0] * ratio_time_constant)
 
 
 def _off_prediction_causes(d: Diagnostics, units: list[int]) -> str:

@@ -158,8 +158,8 @@ class HeadNet(nn.Module):
 
 
 def decayed_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Param groups with weight decay on the normalized weights only (matrices and kernels, except the
-    classifier ``fc``), none on BatchNorm's affine parameters, biases and the classifier."""
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and not n.startswith("fc.")]
+    """Param groups with weight decay on the normalized weights only (matrices and kernels, except those of a
+    submodule named ``fc``, the classifier), none on BatchNorm's affine parameters, biases and the classifier."""
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and n.split(".")[-2:-1] != ["fc"]]
     ids = {id(p) for p in decay}
     return [{"params": decay, "weight_decay": weight_decay}, {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": 0.0}]

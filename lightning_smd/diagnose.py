@@ -128,9 +128,9 @@ class DiagnosticsConfig:
     spike_factor: float = 5.0
     """A step whose angular update exceeds ``spike_factor·Δ*`` in a layer that had reached equilibrium is a
     norm spike."""
-    vanishing_factor: float = 4.0
+    vanishing_factor: float = 20.0
     """Vanishing gradient noise: the smoothed ``L`` fell below its peak divided by this, while the smoothed
-    ratio is below ``1 − 2·tolerance``."""
+    ratio is below ``1 − 2·tolerance``, after the unit's settling time since the last change."""
 
     def __post_init__(self) -> None:
         if not self.tolerance > 0:
@@ -229,6 +229,7 @@ class Diagnostics:
         """As of the latest judgement (the end of the latest drained batch)."""
         self._state = ["approaching"] * n  # as of the latest committed judgement
         self._was_counted = np.zeros(n, dtype=bool)
+        self._committed_ratio = np.full(n, np.nan)  # steady ratio at the last committed judgement (nan: not steady)
         self.judge_every = self.stride * max(1, -(-self.config.window // (4 * self.stride)))
         """Steps between committed judgements (a multiple of ``stride``)."""
         # changes of the hyper-parameters
@@ -319,15 +320,15 @@ class Diagnostics:
             preds = [self._predict(batch.rule, hyper_r[g]) for g in range(n_groups)]
             pred = np.array([p.delta for p in preds])[batch.unit_group]
             scale = np.array([p.scale for p in preds])[batch.unit_group]
+            delta = batch.angular_update[r]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(pred > 0, delta / pred, np.nan)
+            self._track_prediction(idx, pred, scale, preds, batch, hyper_r, step)  # before the new settings are stored
             self.steps[idx] = step
             self.predicted[idx] = pred
             self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group]
             self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group]
             self.norm_power[idx] = np.array([p.power for p in preds])[batch.unit_group]
-            delta = batch.angular_update[r]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(pred > 0, delta / pred, np.nan)
-            self._track_prediction(idx, pred, scale, preds, batch, hyper_r, step)
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
             self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
@@ -403,13 +404,16 @@ class Diagnostics:
             u = int(idx[j])
             p = preds[int(batch.unit_group[j])]
             h = hyper_r[int(batch.unit_group[j])]
-            if moved[j] and (self._state[u] in ("equilibrium", "re-equilibrating", "departed", "off_prediction") or self.first_equilibrium[u] >= 0):
+            # a change after the unit had its settling time under the former settings (not one step of a warm-up) is
+            # a re-equilibration
+            settled = step - self.origin[u] >= 2.0 * self._window_range(self.tau_ratio[u])[0]
+            if moved[j] and (settled or self._state[u] in ("equilibrium", "re-equilibrating", "departed", "off_prediction") or self.first_equilibrium[u] >= 0):
                 old = self.ref_hyper[u]
                 expected = batch.rule.reequilibration_time(old, h, tol) if old is not None else math.nan
                 self.state[u] = self._state[u] = "re-equilibrating"
                 self.change_step[u] = step
                 self.expected_reequilibration[u] = expected
-                self.ref_level[u] = self.steady_ratio[u] if self.steady[u] and np.isfinite(self.steady_ratio[u]) else 1.0
+                self.ref_level[u] = self._committed_ratio[u] if np.isfinite(self._committed_ratio[u]) else 1.0
                 self.band_run[u] = 0
                 self._timing[u] = True
                 self.reequilibrations[u].append(
@@ -420,14 +424,16 @@ class Diagnostics:
             self.ref_scale[u] = scale[j]
             self.ref_hyper[u] = h
             self.origin[u] = step - self.stride
-            self.series.reset(np.array([u]), np.array([self._block_size(p)]), float(step - self.stride))
+            shortest, longest = self._window_range(p.tau_ratio)
+            block = max(1, int(shortest // (BLOCKS_PER_WINDOW * self.stride)))  # the shortest window holds 16 blocks
+            self.series.reset(np.array([u]), np.array([block]), float(step - self.stride), longest)
 
-    def _block_size(self, p: _Prediction) -> int:
-        """Samples per block, so that the shortest judged window holds ``BLOCKS_PER_WINDOW`` blocks."""
-        shortest = self.config.window
-        if math.isfinite(p.tau_ratio) and p.tau_ratio > 0:
-            shortest = max(shortest, WINDOW_RELAXATION_TIMES[0] * p.tau_ratio)
-        return max(1, int(shortest // (BLOCKS_PER_WINDOW * self.stride)))
+    def _window_range(self, tau_ratio: float | np.ndarray) -> tuple[Any, Any]:
+        """The shortest and the longest judged window (steps) for a ratio relaxation time."""
+        tau = np.where(np.isfinite(tau_ratio) & (np.asarray(tau_ratio) > 0), tau_ratio, 0.0)
+        shortest = np.maximum(float(self.config.window), WINDOW_RELAXATION_TIMES[0] * tau)
+        longest = np.maximum(4.0 * self.config.window, WINDOW_RELAXATION_TIMES[1] * tau)
+        return (float(shortest), float(longest)) if np.ndim(tau) == 0 else (shortest, longest)
 
     def _band(self, idx: np.ndarray, smoothed: np.ndarray, step: int) -> None:
         """Times a re-equilibration: the smoothed ratio back within ``tolerance`` of its level before the change
@@ -467,14 +473,12 @@ class Diagnostics:
         judged = seen & app & (self.predicted > 0) & finite_tau
         n_judged = max(int(judged.sum()), 1)
         tau_safe = np.where(finite_tau, tau, 0.0)
-        w_min = np.maximum(float(cfg.window), WINDOW_RELAXATION_TIMES[0] * tau_safe)
-        w_max = np.maximum(4.0 * cfg.window, WINDOW_RELAXATION_TIMES[1] * tau_safe)
+        w_min, w_max = self._window_range(tau)
         since = (self.steps - self.origin).astype(np.float64)
         # the second half of the samples since the last change: the first half is left to the relaxation
         window = np.clip(since / 2.0, w_min, w_max)
         settled = since >= 2.0 * w_min
         fit = self.series.fit(units, window, 1.0 + 2.0 * tau_safe / self.stride)
-        self.series.set_need(units, np.ceil(w_max / (self.series.block_size * self.stride)).astype(np.int64) + 1)
         level = 1.0 - cfg.significance / (2.0 * n_judged)
         quantiles = {d: t_quantile(level, d) for d in set(fit.df[np.isfinite(fit.df)].tolist())}
         q = np.array([quantiles.get(d, math.nan) for d in fit.df.tolist()])
@@ -507,6 +511,7 @@ class Diagnostics:
             self.first_equilibrium[newly] = np.maximum(start[newly], 1)
             self.judged_step = np.where(seen, self.steps, self.judged_step)
             self._was_counted = counted.copy()
+            self._committed_ratio = np.where(steady, fit.mean_x, np.nan)
         self.steady, self.counted = steady, counted
         self.drift, self.drift_se, self.norm_drift, self.norm_drift_se = d_x, se_x, d_w, se_w
         self.steady_ratio, self.steady_ratio_se, self.quantile = fit.mean_x, fit.se_mean_x, q
@@ -577,11 +582,16 @@ class Diagnostics:
             self.events.append({"kind": "spike", "unit": u, "step": step, "ratio": float(ratio[j])})
 
     def _vanishing(self, idx: np.ndarray, smoothed: np.ndarray, step: int) -> None:
+        """Vanishing gradient noise: ``L`` fell below its peak / ``vanishing_factor`` while the smoothed ratio is below
+        ``1 − 2·tolerance`` — once the layer has had its settling time since the last change (during the first
+        relaxation the ratio is often that low while learning lowers ``L`` from its early peak: not vanishing noise)."""
         cfg = self.config
         L = self.unit_grad.value(idx)
         warm = self.unit_grad.weight[idx] > 0.5  # past the first ~ema_steps/2 steps
         self.unit_grad_peak[idx] = np.where(warm, np.fmax(self.unit_grad_peak[idx], L), self.unit_grad_peak[idx])
-        collapsed = warm & (L < self.unit_grad_peak[idx] / cfg.vanishing_factor) & (smoothed < 1.0 - 2.0 * cfg.tolerance)
+        shortest, _ = self._window_range(self.tau_ratio[idx])
+        settled = step - self.origin[idx] >= 2.0 * shortest
+        collapsed = warm & settled & (L < self.unit_grad_peak[idx] / cfg.vanishing_factor) & (smoothed < 1.0 - 2.0 * cfg.tolerance)
         new = collapsed & (self.vanishing_since[idx] < 0)
         for j in np.nonzero(new)[0]:
             u = int(idx[j])
@@ -604,7 +614,7 @@ class Diagnostics:
         "ref_scale", "change_step", "expected_reequilibration", "ref_level", "band_run", "_timing", "steady", "counted", "drift",
         "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "quantile", "window_steps",
         "settle_steps", "judged_step", "first_equilibrium", "steps_in_equilibrium", "initial_norm", "unit_grad_peak",
-        "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_flags",
+        "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_committed_ratio", "_flags",
     )  # fmt: skip
     _LISTS = ("hyper", "optimizer", "reasons", "state", "_state", "ref_hyper", "reequilibrations", "spikes", "agreement")
 

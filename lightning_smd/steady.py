@@ -158,7 +158,7 @@ class BlockSeries:
     blocks hold those sums (``data[unit, block, field]``, fields :data:`FIELDS`) so that the window can slide.
     Each unit has its own block size (in samples), set by :meth:`reset` (at the start and after every change of
     the unit's hyper-parameters: older samples describe another steady state and are dropped). When a unit's
-    slots are full, the oldest half is dropped if the window needs at most half of the slots, otherwise
+    slots are full, the oldest half is dropped if the longest window fits in the other half, otherwise
     neighbouring blocks are merged (the block size doubles).
     """
 
@@ -171,21 +171,20 @@ class BlockSeries:
         self.current = np.zeros((n, len(FIELDS)))
         self.filled = np.zeros(n, dtype=np.int64)
         self.block_size = np.ones(n, dtype=np.int64)
-        self.need = np.full(n, BLOCKS_PER_WINDOW, dtype=np.int64)
-        """Blocks the current window needs (kept by the caller through :meth:`set_need`)."""
+        self.max_window = np.zeros(n)
+        """The longest window (steps) the caller will ask for, set by :meth:`reset`: when slots run out, blocks
+        older than it are dropped rather than merged."""
         self.origin = np.zeros(n)
         self.prev = np.full((n, 3), np.nan)  # (t, x, y) of the previous sample; nan: none since the reset
 
-    def reset(self, units: np.ndarray, block_size: np.ndarray, origin: np.ndarray | float) -> None:
+    def reset(self, units: np.ndarray, block_size: np.ndarray, origin: np.ndarray | float, max_window: np.ndarray | float = 0.0) -> None:
         units = np.asarray(units, dtype=np.int64)
         self.filled[units] = 0
         self.block_size[units] = np.maximum(np.asarray(block_size, dtype=np.int64), 1)
         self.origin[units] = origin
+        self.max_window[units] = max_window
         self.prev[units] = np.nan
         self.current[units] = 0.0
-
-    def set_need(self, units: np.ndarray, blocks: np.ndarray) -> None:
-        self.need[units] = np.maximum(np.asarray(blocks, dtype=np.int64), 1)
 
     def add(self, units: np.ndarray, step: float, x: np.ndarray, y: np.ndarray) -> None:
         """One sample (taken at ``step``) of every unit in ``units``. A non-finite sample is skipped and breaks
@@ -219,7 +218,8 @@ class BlockSeries:
 
     def _make_room(self, u: int) -> None:
         half = self.slots // 2
-        if self.need[u] <= half:  # the window fits in the newer half: drop the older one
+        need = math.ceil(self.max_window[u] / (self.block_size[u] * self.stride)) + 1
+        if need <= half:  # the longest window fits in the newer half: drop the older one
             self.data[u, :half] = self.data[u, half:]
         else:  # merge neighbours: sums add up; the block size doubles
             self.data[u, :half] = self.data[u].reshape(half, 2, len(FIELDS)).sum(1)
@@ -311,7 +311,7 @@ class BlockSeries:
         )
 
     # checkpointing ---------------------------------------------------------------------------
-    _STATE = ("data", "current", "filled", "block_size", "need", "origin", "prev")
+    _STATE = ("data", "current", "filled", "block_size", "max_window", "origin", "prev")
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name).tolist() for name in self._STATE}

@@ -66,8 +66,8 @@ def test_ci_gate_passes_and_can_fail(tmp_path):
     # the same gate on a run without weight decay on the normalized weights must fail
     failing = tmp_path / "test_failing_gate.py"
     source = open(os.path.join(EXAMPLES, "ci_gate", "test_smd_gate.py")).read()
-    source = source.replace('os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")', repr(EXAMPLES))
-    failing.write_text(source.replace("weight_decay=5e-3", "weight_decay=0.0"))
+    assert "Classifier(weight_decay=2.5e-3)" in source
+    failing.write_text(source.replace("Classifier(weight_decay=2.5e-3)", "Classifier(weight_decay=0.0)"))
     env = dict(os.environ, SMD_EXAMPLE_FAST="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(failing)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "EquilibriumNotReachedError" in proc.stdout

@@ -322,28 +322,32 @@ def test_sampled_steps_are_measured_over_one_step(tmp_path, monkeypatch, kernel,
 
 
 def test_sampling_keeps_the_window_and_moving_averages_in_steps():
-    """A constant in-band signal sampled every 4 steps reaches equilibrium after the same number of steps."""
+    """A constant in-band signal sampled every 4 steps is judged steady after the same number of steps (the
+    settling time and the window count steps), and counts the same steps in equilibrium."""
     from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
     from lightning_smd.detect import NormalizedWeight
     from lightning_smd.measure import StepBatch
     from lightning_smd.theory import rule_for
 
     unit = NormalizedWeight(name="w", params=("w",), shape=(4, 4), numel=16, layer="Linear", norm="LayerNorm", granularity="tensor", found_by="test")
-    rule = rule_for(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, weight_decay=1e-3))
-    hyper = {"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
+    rule = rule_for(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, weight_decay=0.05))
+    hyper = {"lr": 0.1, "weight_decay": 0.05, "momentum": 0.0, "dampening": 0.0, "nesterov": False}  # τ_r = 50 steps
     pred = rule.angular_update(rule.hyper(hyper))
-    first = {}
+    first, share = {}, {}
     for stride in (1, 4):
-        diag = Diagnostics([unit], DiagnosticsConfig(window=40, ema_steps=20), stride=stride)
-        steps = np.arange(stride, 401, stride)
+        diag = Diagnostics([unit], DiagnosticsConfig(window=64, ema_steps=20), stride=stride)
+        assert diag.judge_every == 16
+        steps = np.arange(stride, 801, stride)
         k = len(steps)
         ones = np.ones((k, 1))
         diag.update(
             StepBatch(0, np.array([0]), steps, ones, ones, ones, ones, np.full((k, 1), pred), [[rule.hyper(hyper)]] * k, np.array([0]), rule)
         )
+        assert diag.counted[0] and diag.settle_steps[0] == pytest.approx(200)
         first[stride] = int(diag.first_equilibrium[0])
-        assert diag.summary()["layers"][0]["share_in_equilibrium"] == pytest.approx(361 / 400, abs=0.02)
-    assert first[1] == 1 and first[4] == 4
+        share[stride] = diag.summary()["layers"][0]["share_in_equilibrium"]
+    assert first[1] == first[4] == 208 - 104 + 1  # judged at step 208 (the first multiple of 16 after 200) on its second half
+    assert share[1] == share[4] == pytest.approx((800 - 208) / 800)
 
 
 def test_flat_group_follows_replaced_storage_and_missing_gradients():

@@ -98,7 +98,7 @@ def test_drift_within_boundaries_from_both_sides():
 
 def test_noise_free_line_gives_the_exact_least_squares_slope():
     s = BlockSeries(2)
-    s.reset(np.arange(2), np.array([7, 3]), 0.0)
+    s.reset(np.arange(2), np.array([7, 3]), 0.0, 200.0)
     t = np.arange(1, 501)
     for step in t:
         s.add(np.arange(2), float(step), np.array([1.0 + 1e-3 * step, 2.0]), np.array([0.5 - 2e-4 * step, 0.0]))
@@ -118,8 +118,7 @@ def test_standard_errors_are_calibrated_on_stationary_ar1_noise(rho):
     rng = np.random.default_rng(1)
     n, steps = 2000, 800
     s = BlockSeries(n)
-    s.reset(np.arange(n), np.full(n, 25), 0.0)
-    s.set_need(np.arange(n), np.full(n, 33))
+    s.reset(np.arange(n), np.full(n, 25), 0.0, 800.0)
     x = 1.0 + ar1(rng, steps, n, rho, 0.05)
     for t in range(steps):
         s.add(np.arange(n), float(t + 1), x[t], 0.2 * (x[t] - 1.0))
@@ -137,12 +136,12 @@ def test_standard_errors_are_calibrated_on_stationary_ar1_noise(rho):
 
 
 def test_stationary_ar1_around_0_92_is_steady_and_off_the_prediction():
-    """AR(1) noise (ρ = 0.9, s.d. 0.02) around Δ/Δ* = 0.92, 2,000 steps = 20 τ_r, 50 seeds × 4 layers. Margins (over
-    the 200 layers): the largest |drift| is 0.02 of the limit 0.1 per τ_r and the largest t·se 0.13 of it; every
+    """AR(1) noise (ρ = 0.9, s.d. 0.02) around Δ/Δ* = 0.92, 2,000 steps = 20 τ_r, 20 seeds × 4 layers. Margins (over
+    the 80 layers): the largest |drift| and the largest t·se stay below half the limit 0.1 per τ_r (asserted); every
     interval of the steady ratio lies within [0.89, 0.95], outside the ±5 % band, inside the ±10 % one."""
     rng = np.random.default_rng(0)
     worst = 0.0
-    for seed in range(50):
+    for seed in range(20):
         ratio = 0.92 + ar1(rng, 2000, 4, 0.9, 0.02)
         d = Diagnostics(units(4), DiagnosticsConfig(tolerance=0.05))
         feed(d, ratio, np.ones(2000) * 2.0)
@@ -153,6 +152,8 @@ def test_stationary_ar1_around_0_92_is_steady_and_off_the_prediction():
         assert (hi < 0.95).all() and (lo > 0.89).all()
         worst = max(worst, float(np.max(np.abs(d.drift))), float(np.max(d.quantile * d.drift_se)))
         assert d.verdict()[0] == "equilibrium" and "off the prediction" in d.verdict()[1]
+        if seed >= 5:
+            continue
         strict = Diagnostics(units(4), DiagnosticsConfig(tolerance=0.05, require_agreement=True))
         feed(strict, ratio, np.ones(2000) * 2.0)
         assert strict.state == ["off_prediction"] * 4 and strict.verdict()[0] == "not_reached"
@@ -279,11 +280,11 @@ def test_geometric_decay_is_not_steady_and_diagnosed_as_vanishing_noise():
 
 
 @pytest.mark.parametrize("factor, vanishing", [(0.999, True), (1.001, False)])
-def test_vanishing_boundary_is_a_quarter_of_the_peak_from_both_sides(factor, vanishing):
-    """L steps from 1 down to factor/4 while Δ/Δ* sits at 0.75 (< 1 − 2·tolerance): vanishing exactly below a quarter
-    of the peak (the moving average has converged to 1e-12 by the end)."""
+def test_vanishing_boundary_is_a_twentieth_of_the_peak_from_both_sides(factor, vanishing):
+    """L steps from 1 down to factor/20 while Δ/Δ* sits at 0.75 (< 1 − 2·tolerance): vanishing exactly below a
+    twentieth of the peak (the moving average has converged to 1e-12 by the end)."""
     t = np.arange(1, 3001)
-    L = np.where(t <= 500, 1.0, factor / 4.0)
+    L = np.where(t <= 500, 1.0, factor / 20.0)
     d = Diagnostics(units(1))
     feed(d, np.where(t <= 500, 1.0, 0.75), grad=L)
     assert bool(d.vanishing_since[0] >= 0) is vanishing
