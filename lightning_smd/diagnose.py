@@ -730,11 +730,11 @@ class Diagnostics:
 
     def criteria_text(self) -> str:
         cfg = self.config
+        agreement = f", nor beyond ±{cfg.tolerance:.0%} (require_agreement)" if cfg.require_agreement else ""
         return (
-            f"steady: at least {2 * WINDOW_RELAXATION_TIMES[0]:g} relaxation times (and {2 * cfg.window} steps) since the "
-            f"last change, over their second half a drift of Δ/Δ* within ±{cfg.drift:.0%} per relaxation time at run-level "
-            f"false-alarm rate {cfg.significance:g}; steady Δ/Δ* not entirely outside "
-            f"±{cfg.max_deviation:.0%}" + (f" nor ±{cfg.tolerance:.0%}" if cfg.require_agreement else "")
+            f"steady: at least {2 * WINDOW_RELAXATION_TIMES[0]:g} relaxation times and {2 * cfg.window} steps since the last "
+            f"change, drift of Δ/Δ* within ±{cfg.drift:.0%} per relaxation time (false-alarm rate {cfg.significance:.0%}); "
+            f"steady Δ/Δ* not beyond ±{cfg.max_deviation:.0%} of the prediction{agreement}"
         )
 
     def verdict(self) -> tuple[str, str]:

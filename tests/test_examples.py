@@ -24,6 +24,7 @@ def _summary(path):
 
 
 def test_quickstart(tmp_path):
+    """Margins over seeds 0–9: see tests/test_callback.py::test_quickstart_example_reaches_equilibrium."""
     proc = _run([os.path.join(EXAMPLES, "quickstart.py"), "--out", str(tmp_path / "q")], tmp_path)
     summary = _summary(tmp_path / "q" / "smd_summary.json")
     assert summary["verdict"] == "equilibrium", summary["reason"]
@@ -62,6 +63,7 @@ def test_plain_pytorch(tmp_path):
 
 
 def test_ci_gate_passes_and_can_fail(tmp_path):
+    """The gate's training is the verdict benchmark's healthy cell (HeadNet, SGD momentum; margins in tests/helpers.py)."""
     _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(EXAMPLES, "ci_gate")], tmp_path)
     # the same gate on a run without weight decay on the normalized weights must fail
     failing = tmp_path / "test_failing_gate.py"
