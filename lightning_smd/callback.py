@@ -38,6 +38,7 @@ from lightning_smd.diagnose import WINDOW_RELAXATION_TIMES, Diagnostics, Diagnos
 from lightning_smd.loggers import finish_loggers, setup_loggers
 from lightning_smd.measure import DistanceTracker, StepRecorder
 from lightning_smd.report import SUMMARY_FILENAME, SMDWarning, filter_spec, format_summary_table, optimizer_info, write_summary
+from lightning_smd.theory import group_hyper
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -489,7 +490,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             for u_local, u in enumerate(slot.units):
                 g = slot.groups[int(slot.unit_group[u_local])]
                 group = slot.optimizer.param_groups[g]
-                h = rule.hyper(group)
+                h = group_hyper(rule, slot.optimizer, group)
                 if rule.name == "unknown" or (rule.reason(h) or "").startswith(rule.name + " with coupled L2"):
                     continue
                 if not h.get("weight_decay", 0.0) > 0.0:
@@ -511,7 +512,7 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 type(s.optimizer).__name__
                 for s in recorder.slots
                 for g in s.groups
-                if (r := s.rule.reason(s.rule.hyper(s.optimizer.param_groups[g]))) and "coupled L2" in r
+                if (r := s.rule.reason(group_hyper(s.rule, s.optimizer, s.optimizer.param_groups[g]))) and "coupled L2" in r
             }
         )
         if coupled:

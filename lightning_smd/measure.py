@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_smd.theory import Rule, rule_for
+from lightning_smd.theory import Rule, rule_for, unwrap_optimizer
 
 __all__ = ["StepBatch", "StepRecorder", "DistanceTracker", "angles_from_norms", "local_shard"]
 
@@ -82,6 +82,8 @@ class StepBatch:
     rule: Rule
     filter_angular_update_rms: np.ndarray | None = None
     """``[k, n]`` RMS over filters (or groups) of the per-filter angular update; nan where not recorded."""
+    norm_sq_change: np.ndarray | None = None
+    """``‖w_{t+1}‖² − ‖w_t‖²`` (from the cross term ``⟨d, w_{t+1}⟩`` where recorded: no cancellation)."""
 
 
 class _FlatGroup:
@@ -198,6 +200,7 @@ class _Slot:
         self.optimizer = optimizer
         self.tensors = tensors
         self.rule = rule_for(optimizer)
+        self.settings = self.rule.optimizer_settings(unwrap_optimizer(optimizer))  # constant for the optimizer's life
         self.groups = sorted(set(tensor_group))  # optimizer param-group indices used by tracked tensors
         pos = {g: i for i, g in enumerate(self.groups)}
         self.tensor_group = np.array([pos[g] for g in tensor_group], dtype=np.int64)
@@ -529,7 +532,7 @@ class _Slot:
                 if dw is not None:
                     dw[r, miss] = np.nan
         keys = self.rule.keys
-        hyper = [[self.rule.hyper(dict(zip(keys, (_thaw(v) for v in group)))) for group in step] for step in raw_hyper]
+        hyper = [[self.rule.hyper({**self.settings, **dict(zip(keys, (_thaw(v) for v in group)))}) for group in step] for step in raw_hyper]
         if self.momentum_path:
             # ‖w_{t+1} − w_t‖ = η·‖buf‖ with the lr of the step (read inside the post-hook, before the
             # scheduler moved it).
@@ -558,6 +561,7 @@ class _Slot:
             unit_group=self.unit_group,
             rule=self.rule,
             filter_angular_update_rms=filter_rms,
+            norm_sq_change=-diff_u if diff_u is not None else after_u - before_u,
         )
 
     def _to_units(self, x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 
 from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepRecorder
-from lightning_smd.theory import rule_for
+from lightning_smd.theory import group_hyper, rule_for
 
 __all__ = ["SMDWarning", "SUMMARY_FILENAME", "format_summary_table", "state_label", "write_summary", "optimizer_info", "filter_spec"]
 
@@ -70,7 +70,7 @@ def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepR
     slot = next((s for s in recorder.slots if s.index == index), None)
     groups = []
     for g in optimizer.param_groups:
-        h = rule.hyper(g)
+        h = group_hyper(rule, optimizer, g)
         groups.append({k: (v if math.isfinite(v) else None) for k, v in h.items()})
     return {
         "index": index,

@@ -314,7 +314,7 @@ def test_a_learning_rate_cut_re_equilibrates_then_is_steady_at_the_exact_boundar
     feed(d, ratio[1000:2599], norm[1000:2599], lr[1000:2599], first=1001)
     assert d.state[0] == "re-equilibrating" and not d.steady[0] and "settling: 1599 of the 1600" in d.why_not[0]
     (event,) = d.reequilibrations[0]
-    assert event["step"] == 1001 and event["to"] == pytest.approx(event["from"] / 2)
+    assert event["step"] == 1001 and event["to"] == pytest.approx(event["from"] / 2, rel=2e-3)  # (first order: exactly ½)
     assert event["observed_steps"] is not None and 500 < event["observed_steps"] < 1000  # 0.5 e^{-t/400} <= 0.1: 644 + EMA lag
     feed(d, ratio[2599:], norm[2599:], lr[2599:], first=2600)
     assert d.steady[0] and d.counted[0] and d.state[0] == "equilibrium"
