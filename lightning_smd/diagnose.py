@@ -257,6 +257,7 @@ class Diagnostics:
         self.steady_ratio = np.full(n, np.nan)
         self.steady_ratio_se = np.full(n, np.nan)
         self.balance_ratio = np.full(n, np.nan)
+        self._radial_known = np.zeros(n, dtype=bool)  # the batches carry the norm's change (not in hand-made ones)
         """Δ_b/Δ*: the angular update implied by the window's measured radial update, over the closed form."""
         self.quantile = np.full(n, np.nan)
         self.window_steps = np.full(n, np.nan)
@@ -347,6 +348,7 @@ class Diagnostics:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     rho = (batch.norm_sq_change[r] - batch.update_sq[r]) / (2.0 * batch.norm_sq_before[r])
                 radial = np.stack([rho, rho * rho], axis=1)
+                self._radial_known[idx] = True
             self.series.add(idx, float(step), ratio, log_norm, radial)
             smoothed = self.ratio.value(idx)
             self._band(idx, smoothed, step)
@@ -554,7 +556,7 @@ class Diagnostics:
         with np.errstate(divide="ignore", invalid="ignore"):
             tangential = -2.0 * rho - rho2
             delta_b = np.where(tangential >= 0.0, np.arctan(np.sqrt(np.maximum(tangential, 0.0)) / (1.0 + rho)), np.nan)
-            return np.where(self.predicted > 0, delta_b / self.predicted, np.nan)
+            return np.where((self.predicted > 0) & self._radial_known, delta_b / self.predicted, np.nan)
 
     @property
     def why_not(self) -> list[str | None]:
@@ -640,7 +642,7 @@ class Diagnostics:
         "ref_scale", "change_step", "expected_reequilibration", "ref_level", "band_run", "_timing", "steady", "counted", "drift",
         "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "balance_ratio", "quantile", "window_steps",
         "settle_steps", "judged_step", "first_equilibrium", "steps_in_equilibrium", "initial_norm", "unit_grad_peak",
-        "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_committed_ratio", "_flags",
+        "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_committed_ratio", "_flags", "_radial_known",
     )  # fmt: skip
     _LISTS = ("hyper", "optimizer", "reasons", "state", "_state", "ref_hyper", "reequilibrations", "spikes", "agreement")
 

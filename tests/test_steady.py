@@ -333,3 +333,48 @@ def test_judgement_survives_a_checkpoint_round_trip():
     np.testing.assert_array_equal(a.steady, b.steady)
     np.testing.assert_allclose(a.drift, b.drift, rtol=1e-12)
     assert a.summary()["layers"] == b.summary()["layers"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The balance prediction from the measured radial update
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("radial_share", [1.0, 0.9, 1.1])
+def test_balance_ratio_follows_the_measured_radial_update(radial_share):
+    """Steps whose radial part ρ = ⟨w, δw⟩/‖w‖² is ``radial_share`` times what the closed form implies
+    (ρ* = −(1 − cos Δ*)) and whose norm is steady: the balance gives tan Δ_b = sqrt(−2ρ − ρ²)/(1 + ρ), i.e.
+    Δ_b/Δ* ≈ sqrt(radial_share), whatever the measured Δ (here 0.8·Δ*: the balance does not look at it)."""
+    rho = -(1.0 - math.cos(DELTA_STAR)) * radial_share
+    k, n = 800, 2
+    d = Diagnostics(units(n))
+    one = np.ones((k, n))
+    d.update(
+        StepBatch(
+            optimizer_index=0,
+            unit_index=np.arange(n),
+            steps=np.arange(1, k + 1),
+            norm_sq_before=one,
+            norm_sq_after=one,
+            update_sq=-2.0 * rho * one,  # ‖δw‖² with the norm steady: c = 2ρ + ‖δw‖²/‖w‖² = 0
+            grad_sq=one,
+            angular_update=0.8 * DELTA_STAR * one,
+            hyper=[[RULE.hyper({"lr": H["lr"], "weight_decay": H["weight_decay"]})]] * k,
+            unit_group=np.zeros(n, dtype=np.int64),
+            rule=RULE,
+            norm_sq_change=0.0 * one,
+        )
+    )
+    d.judge()
+    expected = math.atan(math.sqrt(-2.0 * rho - rho * rho) / (1.0 + rho)) / DELTA_STAR
+    np.testing.assert_allclose(d.balance_ratio, expected, rtol=1e-9)
+    assert d.balance_ratio[0] == pytest.approx(math.sqrt(radial_share), rel=2e-3)
+    layer = d.summary()["layers"][0]
+    assert layer["balance_ratio"] == pytest.approx(expected, rel=1e-9)
+    assert layer["balance_angular_update"] == pytest.approx(expected * DELTA_STAR, rel=1e-9)
+
+
+def test_balance_ratio_is_nan_without_the_norm_change():
+    d = Diagnostics(units(1))
+    feed(d, np.full(600, 1.0))
+    assert np.isnan(d.balance_ratio).all() and d.summary()["layers"][0]["balance_ratio"] is None
