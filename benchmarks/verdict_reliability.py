@@ -3,6 +3,7 @@
     python benchmarks/verdict_reliability.py                 # 20 seeds per cell, 2 worker processes
     python benchmarks/verdict_reliability.py --seeds 40 --workers 2 --json sweep.json
     python benchmarks/verdict_reliability.py --quick         # one seed per cell, one task per optimizer (CI)
+    python benchmarks/verdict_reliability.py --from-json sweep.json   # the report of a saved sweep
 
 Every run is a real ``pytorch_lightning.Trainer`` fit with ``SMDCallback(on_no_equilibrium="raise")``; the
 verdict is read from the summary and the script records whether the gate raised. Cells:
@@ -190,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS), help="only these conditions")
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=None, help="only these optimizers")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--from-json", default=None, help="print the report of a sweep saved with --json, without running")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            saved = json.load(fh)
+        print(report(saved, math.nan, args.workers, f"from {args.from_json}"))
+        return 0
     seeds = 1 if args.quick else args.seeds
     try:
         import lion_pytorch  # noqa: F401
@@ -216,7 +223,8 @@ def _run_tuple(cell: tuple[str, str, str, int]) -> dict[str, Any]:
 
 
 def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) -> str:
-    lines = [f"verdict reliability sweep ({mode}): {len(results)} runs in {wall:.0f} s on {workers} worker process(es)", ""]
+    timing = f" in {wall:.0f} s on {workers} worker process(es)" if math.isfinite(wall) else ""
+    lines = [f"verdict reliability sweep ({mode}): {len(results)} runs{timing}", ""]
     lines.append(
         "| task | optimizer | condition | runs | equilibrium | raised | most layers in eq. | max drift/limit | max t·se/limit | steady ratio range | mean final loss | lowest loss (worst run) |"
     )
@@ -268,6 +276,21 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
             states[r["condition"]][layer["state"]] += 1
     lines.append("")
     lines.append("Layer states in the unhealthy runs: " + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())) for c, s in states.items()))
+    why: dict[str, dict[str, int]] = {}
+    for r in unhealthy:
+        for layer in r["layers"]:
+            key = (layer.get("why") or "counted").split(":")[0]
+            why.setdefault(r["condition"], {}).setdefault(key, 0)
+            why[r["condition"]][key] += 1
+    lines.append("Why their layers are not in equilibrium: " + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())) for c, s in why.items()))
+    drifting = [layer["drift_margin"] for r in unhealthy for layer in r["layers"] if (layer.get("why") or "").startswith("drifting")]
+    if drifting:
+        lines.append(f"Unhealthy layers failed on their drift: {len(drifting)}, the smallest |drift|/limit {min(drifting):.2f}")
+    hl = [layer for r in healthy for layer in r["layers"]]
+    dm = [layer["drift_margin"] for layer in hl if layer["drift_margin"] is not None]
+    pm = [layer["precision_margin"] for layer in hl if layer["precision_margin"] is not None]
+    if dm and pm:
+        lines.append(f"Healthy layers ({len(hl)}): largest |drift|/limit {max(dm):.2f}, largest t·se/limit {max(pm):.2f} (steady when both ≤ 1)")
     lines.append(f"Mean seconds per run: {sum(r['seconds'] for r in results) / max(len(results), 1):.1f}")
     return "\n".join(lines)
 

@@ -188,7 +188,7 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
             hit = np.nonzero(e > 0.5)[0]
             eq_step = int(s[hit[0]]) if len(hit) else None
         if eq_step is not None:
-            ax_d.axvline(eq_step, color="C2", lw=1.2, label=f"equilibrium from step {eq_step}")
+            ax_d.axvline(eq_step, color="C2", lw=1.2, label=f"first steady window from step {eq_step}")
         for k, step in enumerate(_lr_changes(series, name)):
             ax_d.axvline(step, color="0.5", lw=0.8, ls=":", label="learning-rate change" if k == 0 else None)
         ax_d.set_ylabel("angular update (rad)")

@@ -121,7 +121,8 @@ def main() -> None:
         C._flush = counted_flush
     trainer.fit(model)
     if extra == "count":
-        print(f"COLLECTIVES rank={trainer.global_rank} all_reduce={calls['n']} flushes={calls['flushes']}")
+        sys.stdout.write(f"COLLECTIVES rank={trainer.global_rank} all_reduce={calls['n']} flushes={calls['flushes']}\n")  # one write
+        sys.stdout.flush()
     if trainer.global_rank == 0:
         print("RESULT-OK")
 

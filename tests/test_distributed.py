@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def _run_counting(out: Path, strategy: str) -> tuple[dict, list[str]]:
         [sys.executable, str(SCRIPT), str(out), strategy, "2", "count"], capture_output=True, text=True, timeout=300, env=ENV, cwd=out.parent
     )
     assert proc.returncode == 0 and "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
-    counts = [line for line in proc.stdout.splitlines() if line.startswith("COLLECTIVES")]
+    # two processes share the pipe: their lines may interleave without a newline between them
+    counts = re.findall(r"COLLECTIVES rank=\d+ all_reduce=\d+ flushes=\d+", proc.stdout)
     assert len(counts) == 2, proc.stdout
     return json.loads(next(out.rglob("smd_summary.json")).read_text()), counts
 
