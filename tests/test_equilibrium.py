@@ -16,6 +16,7 @@ from helpers import HEALTHY_STEPS, Module, PlainConvNet, healthy_module, loader,
 from lightning_smd import EquilibriumNotReachedError, SMDCallback, SMDWarning
 from lightning_smd.cli import main as cli
 from lightning_smd.diagnose import diffusion_exponent
+from lightning_smd.theory import sgd_angular_update
 
 ROOT = Path(__file__).parents[1]
 
@@ -54,7 +55,8 @@ def test_step_decay_reports_reequilibration_within_a_factor_three_of_the_predict
     for layer in s["layers"]:
         (event,) = layer["reequilibrations"]
         assert event["step"] == 601  # the first step taken with the decayed learning rate
-        assert event["to"] == pytest.approx(event["from"] / 2**0.5, rel=1e-9)  # Delta* ~ sqrt(lr)
+        assert event["from"] == pytest.approx(sgd_angular_update(0.1, 0.025), rel=1e-9)
+        assert event["to"] == pytest.approx(sgd_angular_update(0.05, 0.025), rel=1e-9)  # ≈ from/sqrt(2): Δ* ~ sqrt(lr)
         assert event["observed_steps"] is not None
         ratio = event["observed_steps"] / event["expected_steps"]
         assert 1 / 3 <= ratio <= 3.0, (layer["name"], event)
