@@ -939,16 +939,6 @@ def _judging_steps(ratio_time_constant: float, window: int) -> float:
 def _off_prediction_causes(d: Diagnostics, units: list[int]) -> str:
     """The likely causes of steady layers off the prediction that can be told from the run."""
     causes = []
-    # the balance of the measured radial and tangential update (no optimizer model): if it moves with the measured
-    # ratio, the update's radial part is what the closed form misses
-    radial = [
-        u for u in units if math.isfinite(d.balance_ratio[u]) and abs(d.balance_ratio[u] - d.steady_ratio[u]) <= 0.5 * abs(1.0 - d.steady_ratio[u])
-    ]
-    if radial:
-        causes.append(
-            "the measured radial part of the update accounts for it — the balance of the measured update predicts "
-            + ", ".join(f"{d.units[u].name}: {d.balance_ratio[u]:.3f} of the closed form" for u in radial[:3])
-        )
     rules = {d.rules[u].name for u in units if d.rules[u] is not None}
     small = [d.units[u] for u in units if d.units[u].numel <= 1024]
     if rules & {"AdamW", "Adam", "RAdam", "NAdam"}:

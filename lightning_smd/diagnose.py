@@ -258,7 +258,9 @@ class Diagnostics:
         self.steady_ratio_se = np.full(n, np.nan)
         self.balance_ratio = np.full(n, np.nan)
         self._radial_known = np.zeros(n, dtype=bool)  # the batches carry the norm's change (not in hand-made ones)
-        """Δ_b/Δ*: the angular update implied by the window's measured radial update, over the closed form."""
+        """Δ_b/Δ*: the angular update implied by the window's measured radial update, over the closed form. Internal, not
+        reported: it assumes the norm exactly steady (``E c = 0``), and a slow drift of ``‖w‖²`` by ``Δ²`` per step —
+        well within the verdict's drift limit — moves it by ~100 %; on healthy runs it was off by 20–60 %."""
         self.quantile = np.full(n, np.nan)
         self.window_steps = np.full(n, np.nan)
         self.settle_steps = np.full(n, np.nan)
@@ -841,7 +843,6 @@ class Diagnostics:
                 out[base + "steady_ratio_low"] = float(lo[u])
                 out[base + "steady_ratio_high"] = float(hi[u])
                 out[base + "drift"] = float(self.drift[u])
-                out[base + "balance_ratio"] = float(self.balance_ratio[u])
                 if self.per_filter:
                     out[base + "filter_angular_update_rms"] = float(filter_rms[u])
         return out
@@ -887,8 +888,6 @@ class Diagnostics:
                     "not_in_equilibrium_because": self._why_not(u),
                     "steady_ratio": _num(self.steady_ratio[u]),
                     "steady_ratio_ci": [_num(lo[u]), _num(hi[u])] if np.isfinite(lo[u]) else None,
-                    "balance_ratio": _num(self.balance_ratio[u]),
-                    "balance_angular_update": _num(self.balance_ratio[u] * self.predicted[u]),
                     "drift": _num(self.drift[u]),
                     "drift_se": _num(self.drift_se[u]),
                     "norm_drift": _num(self.norm_drift[u]),

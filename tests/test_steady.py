@@ -369,12 +369,9 @@ def test_balance_ratio_follows_the_measured_radial_update(radial_share):
     expected = math.atan(math.sqrt(-2.0 * rho - rho * rho) / (1.0 + rho)) / DELTA_STAR
     np.testing.assert_allclose(d.balance_ratio, expected, rtol=1e-9)
     assert d.balance_ratio[0] == pytest.approx(math.sqrt(radial_share), rel=2e-3)
-    layer = d.summary()["layers"][0]
-    assert layer["balance_ratio"] == pytest.approx(expected, rel=1e-9)
-    assert layer["balance_angular_update"] == pytest.approx(expected * DELTA_STAR, rel=1e-9)
 
 
 def test_balance_ratio_is_nan_without_the_norm_change():
     d = Diagnostics(units(1))
     feed(d, np.full(600, 1.0))
-    assert np.isnan(d.balance_ratio).all() and d.summary()["layers"][0]["balance_ratio"] is None
+    assert np.isnan(d.balance_ratio).all()
