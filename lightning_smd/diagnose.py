@@ -211,7 +211,7 @@ class Diagnostics:
         self.ratio = _Ema(n, self.config.ema_steps, self.stride)
         self.unit_grad = _Ema(n, self.config.ema_steps, self.stride)
         self.filter_delta = _Ema(n, self.config.ema_steps, self.stride)
-        self.series = BlockSeries(n, extras=2)  # passive: the radial update ρ = ⟨w_t, δw⟩/‖w_t‖² and ρ²
+        self.series = BlockSeries(n)
         self.series.stride = float(self.stride)
         self.per_filter = False
         self.steps = np.zeros(n, dtype=np.int64)
@@ -256,11 +256,6 @@ class Diagnostics:
         self.norm_drift_se = np.full(n, np.nan)
         self.steady_ratio = np.full(n, np.nan)
         self.steady_ratio_se = np.full(n, np.nan)
-        self.balance_ratio = np.full(n, np.nan)
-        self._radial_known = np.zeros(n, dtype=bool)  # the batches carry the norm's change (not in hand-made ones)
-        """Δ_b/Δ*: the angular update implied by the window's measured radial update, over the closed form. Internal, not
-        reported: it assumes the norm exactly steady (``E c = 0``), and a slow drift of ``‖w‖²`` by ``Δ²`` per step —
-        well within the verdict's drift limit — moves it by ~100 %; on healthy runs it was off by 20–60 %."""
         self.quantile = np.full(n, np.nan)
         self.window_steps = np.full(n, np.nan)
         self.settle_steps = np.full(n, np.nan)
@@ -345,13 +340,7 @@ class Diagnostics:
             exponent = np.array([p.grad_exponent for p in preds])[batch.unit_group]
             with np.errstate(divide="ignore", invalid="ignore"):
                 log_norm = 0.5 * np.log(batch.norm_sq_after[r]) - np.where(exponent != 0.0, exponent * np.log(self.unit_grad.value(idx)), 0.0)
-            radial = None
-            if batch.norm_sq_change is not None:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    rho = (batch.norm_sq_change[r] - batch.update_sq[r]) / (2.0 * batch.norm_sq_before[r])
-                radial = np.stack([rho, rho * rho], axis=1)
-                self._radial_known[idx] = True
-            self.series.add(idx, float(step), ratio, log_norm, radial)
+            self.series.add(idx, float(step), ratio, log_norm)
             smoothed = self.ratio.value(idx)
             self._band(idx, smoothed, step)
             self._spikes(idx, ratio, step)
@@ -526,7 +515,6 @@ class Diagnostics:
         self.steady, self.counted = steady, counted
         self.drift, self.drift_se, self.norm_drift, self.norm_drift_se = d_x, se_x, d_w, se_w
         self.steady_ratio, self.steady_ratio_se, self.quantile = fit.mean_x, fit.se_mean_x, q
-        self.balance_ratio = self._balance(fit)
         self.window_steps = np.where(settled, window, np.nan)
         self.settle_steps = np.where(finite_tau, 2.0 * w_min, np.nan)
         agreement = np.where(far, "far_off", np.where(off, "off_prediction", "agrees"))
@@ -541,24 +529,6 @@ class Diagnostics:
         self.state = [str(x) for x in state.tolist()]
         if commit:
             self._state = list(self.state)
-
-    def _balance(self, fit: Any) -> np.ndarray:
-        """Per unit, the angular update that the window's measured radial update implies, over the closed form Δ*.
-
-        The step ``δw = w_{t+1} − w_t`` has a radial part ``ρ = ⟨w_t, δw⟩/‖w_t‖²`` (weight decay, and whatever radial
-        component the update has) and a tangential part, and exactly ``tan²Δ·(1+ρ)² = c − 2ρ − ρ²`` with
-        ``c = (‖w_{t+1}‖² − ‖w_t‖²)/‖w_t‖²``. When the norm is steady ``E c = 0``, so the window means of ``ρ`` and ``ρ²``
-        predict ``Δ`` without any model of the optimizer: ``tan Δ_b = sqrt(−2ρ̄ − mean(ρ²))/(1 + ρ̄)``. Set beside
-        the closed form, it tells a theory that misses a radial component of the update (Adam's per-coordinate
-        scaling in a thin layer) from a norm that is not in equilibrium: the first moves ``Δ_b/Δ*`` with the
-        measured ratio, the second does not."""
-        if fit.mean_extra is None:
-            return np.full(len(self.units), np.nan)
-        rho, rho2 = fit.mean_extra[:, 0], fit.mean_extra[:, 1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tangential = -2.0 * rho - rho2
-            delta_b = np.where(tangential >= 0.0, np.arctan(np.sqrt(np.maximum(tangential, 0.0)) / (1.0 + rho)), np.nan)
-            return np.where((self.predicted > 0) & self._radial_known, delta_b / self.predicted, np.nan)
 
     @property
     def why_not(self) -> list[str | None]:
@@ -642,9 +612,9 @@ class Diagnostics:
     _ARRAYS = (
         "steps", "last_delta", "norm", "predicted", "relaxation", "tau_ratio", "norm_power", "origin", "ref_pred",
         "ref_scale", "change_step", "expected_reequilibration", "ref_level", "band_run", "_timing", "steady", "counted", "drift",
-        "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "balance_ratio", "quantile", "window_steps",
+        "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "quantile", "window_steps",
         "settle_steps", "judged_step", "first_equilibrium", "steps_in_equilibrium", "initial_norm", "unit_grad_peak",
-        "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_committed_ratio", "_flags", "_radial_known",
+        "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_committed_ratio", "_flags",
     )  # fmt: skip
     _LISTS = ("hyper", "optimizer", "reasons", "state", "_state", "ref_hyper", "reequilibrations", "spikes", "agreement")
 

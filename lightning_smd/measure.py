@@ -82,8 +82,6 @@ class StepBatch:
     rule: Rule
     filter_angular_update_rms: np.ndarray | None = None
     """``[k, n]`` RMS over filters (or groups) of the per-filter angular update; nan where not recorded."""
-    norm_sq_change: np.ndarray | None = None
-    """``‖w_{t+1}‖² − ‖w_t‖²`` (from the cross term ``⟨d, w_{t+1}⟩`` where recorded: no cancellation)."""
 
 
 class _FlatGroup:
@@ -561,7 +559,6 @@ class _Slot:
             unit_group=self.unit_group,
             rule=self.rule,
             filter_angular_update_rms=filter_rms,
-            norm_sq_change=-diff_u if diff_u is not None else after_u - before_u,
         )
 
     def _to_units(self, x: np.ndarray) -> np.ndarray:

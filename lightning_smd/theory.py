@@ -254,7 +254,7 @@ def decoupled_relaxation_time(lr: float, weight_decay: float) -> float:
     return -1.0 / (2.0 * math.log1p(-e)) if e < 1.0 else math.nan
 
 
-def adam_relaxation_time(lr: float, weight_decay: float, beta1: float, beta2: float, taps: tuple[float, float, float] | None = None) -> float:
+def adam_relaxation_time(lr: float, weight_decay: float, beta1: float, beta2: float) -> float:
     """Time constant (steps) of ``‖w‖²`` towards equilibrium under AdamW (decoupled weight decay).
 
     Adam's second moment ``v`` follows the gradient scale ``∝ 1/‖w‖²`` with a lag of ``1/(1 − β2)`` steps and its
@@ -262,7 +262,7 @@ def adam_relaxation_time(lr: float, weight_decay: float, beta1: float, beta2: fl
     ``1 − β2`` (4.4× at ηλ = 1e-3, β2 = 0.999). Derived in ``docs/theory.md`` §4: in the limit of many weights the
     per-coordinate second moments ``(E w², E w·m, E m², v)`` follow a deterministic map; ``τ = −1/ln(1 − μ)`` with
     ``μ`` the smallest eigenvalue of ``I − J``, ``J`` the map's Jacobian at its fixed point (found by inverse
-    iteration). ``taps`` (NAdam's filter) is not modelled beyond Adam's momentum: NAdam uses this with its β1.
+    iteration). NAdam uses it with its β1 (its own filter is not modelled here).
     """
     if lr <= 0.0 or weight_decay <= 0.0:
         return math.inf
@@ -270,14 +270,7 @@ def adam_relaxation_time(lr: float, weight_decay: float, beta1: float, beta2: fl
     d = 1.0 - lr * weight_decay
     if not (0.0 < d < 1.0 and 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
         return decoupled_relaxation_time(lr, weight_decay)
-    # Fixed point, in units where the per-coordinate gradient variance is 1/P (scale invariance).
-    P = 1.0  # any: the map is homogeneous; choose P = 1 and solve the rest
-    v = 1.0 / P
-    c = lr / math.sqrt(v)
-    R = (1.0 - b1) / (1.0 + b1) / P
-    Q1 = -c * R * b1 / (1.0 - d * b1)  # E[w_t m_t] after the momentum update: β1·E[w_t m_{t−1}]
-    # (P itself is then η²(1−β1)(1+dβ1)/((1+β1)(1−dβ1)(1−d²)) in these units; the Jacobian needs the ratios only,
-    # so rescale: the map is homogeneous of degree 1 in (P, Q, R) and −1 in v when η scales with sqrt(P).)
+    # Fixed point (§2's AdamW norm per coordinate), in units where the gradient variance is 1/P (scale invariance)
     P = lr * lr * (1.0 - b1) * (1.0 + d * b1) / ((1.0 + b1) * (1.0 - d * b1) * (1.0 - d * d))
     v = 1.0 / P
     c = lr / math.sqrt(v)
