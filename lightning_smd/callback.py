@@ -491,13 +491,13 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 g = slot.groups[int(slot.unit_group[u_local])]
                 group = slot.optimizer.param_groups[g]
                 h = group_hyper(rule, slot.optimizer, group)
-                if rule.name == "unknown" or (rule.reason(h) or "").startswith(rule.name + " with coupled L2"):
+                if rule.name == "unknown":
                     continue
                 if not h.get("weight_decay", 0.0) > 0.0:
                     zero_wd.setdefault((slot.index, g), []).append(units[u].name)
                     continue
                 tau = rule.relaxation_time(h)
-                if math.isfinite(tau):
+                if math.isfinite(tau) and not rule.unit_dependent(h):  # a unit-dependent τ needs the measured L
                     taus.append((_judging_steps(rule.norm_time_constant(h), self.config.window), tau, units[u].name, rule.describe(h)))
         unknown = sorted({type(s.optimizer).__name__ for s in recorder.slots if s.rule.name == "unknown"})
         if unknown:
@@ -507,22 +507,16 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 "but there is no prediction to compare with, so their verdict is 'not_applicable'. Register a rule with "
                 "lightning_smd.theory.register(MyOptimizer, MyRule()) (see the README).",
             )
-        coupled = sorted(
+        caveats = sorted(
             {
-                type(s.optimizer).__name__
+                c
                 for s in recorder.slots
                 for g in s.groups
-                if (r := s.rule.reason(group_hyper(s.rule, s.optimizer, s.optimizer.param_groups[g]))) and "coupled L2" in r
+                if (c := s.rule.caveat(group_hyper(s.rule, s.optimizer, s.optimizer.param_groups[g])))
             }
         )
-        if coupled:
-            self._warn(
-                trainer,
-                f"{', '.join(coupled)} adds weight_decay to the gradient (coupled L2) before its adaptive normalization: "
-                "the normalized weights' equilibrium then depends on the gradient norm and SMD gives no hyper-parameter-only "
-                "prediction, so their verdict is 'not_applicable' (they are still measured). Use torch.optim.AdamW, or pass "
-                "decoupled_weight_decay=True.",
-            )
+        for caveat in caveats:
+            self._warn(trainer, caveat + ".")
         for (oi, g), names in zero_wd.items():
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             self._warn(

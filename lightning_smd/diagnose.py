@@ -58,7 +58,7 @@ STATES = (
     "departed",  # was in equilibrium, drifts now without a change of the hyper-parameters
     "vanishing_noise",  # the gradient noise vanished: no equilibrium
     "no_equilibrium",  # no weight decay (or no learning rate): the theory has no equilibrium
-    "no_prediction",  # unknown optimizer or coupled L2 under Adam: measured, not judged
+    "no_prediction",  # unknown optimizer (or no theory for these settings): measured, not judged
 )
 #: Version of the summary's layout (2: steady state judged statistically, agreement as its own figure).
 SCHEMA_VERSION = 2
@@ -187,6 +187,9 @@ class _Prediction:
     """``∝ q*`` at fixed gradient statistics (a change of it is a change of the equilibrium norm)."""
     grad_exponent: float
     """``‖w*‖ ∝ L^grad_exponent``."""
+    unit_dependent: bool
+    """Δ* and the time constants are those of a unit with ``L = numel = 1``, scaled per unit by
+    :meth:`Rule.unit_factors` (Adam with coupled L2)."""
 
 
 class Diagnostics:
@@ -282,14 +285,16 @@ class Diagnostics:
         key = (rule, tuple(sorted(h.items())))
         hit = self._memo.get(key)
         if hit is None:
+            power, grad_exponent = rule.norm_exponents(h)
             hit = _Prediction(
                 rule.angular_update(h),
                 rule.relaxation_time(h),
                 rule.reason(h),
                 rule.norm_time_constant(h),
-                float(rule.norm_power),
+                power,
                 rule.equilibrium_scale(h),
-                float(rule.grad_exponent),
+                grad_exponent,
+                rule.unit_dependent(h),
             )
             if len(self._memo) > 4096:
                 self._memo.clear()
@@ -318,16 +323,18 @@ class Diagnostics:
             step = int(batch.steps[r])
             hyper_r = batch.hyper[r]
             preds = [self._predict(batch.rule, hyper_r[g]) for g in range(n_groups)]
-            pred = np.array([p.delta for p in preds])[batch.unit_group]
+            settings_pred = np.array([p.delta for p in preds])[batch.unit_group]  # what a change of settings moves
             scale = np.array([p.scale for p in preds])[batch.unit_group]
+            f_delta, f_tau = self._unit_factors(batch, r, idx, preds, hyper_r)
+            pred = settings_pred * f_delta
             delta = batch.angular_update[r]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(pred > 0, delta / pred, np.nan)
-            self._track_prediction(idx, pred, scale, preds, batch, hyper_r, step)  # before the new settings are stored
+            self._track_prediction(idx, settings_pred, scale, f_tau, preds, batch, hyper_r, step)  # before the new settings are stored
             self.steps[idx] = step
             self.predicted[idx] = pred
-            self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group]
-            self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group]
+            self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group] * f_tau
+            self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group] * f_tau
             self.norm_power[idx] = np.array([p.power for p in preds])[batch.unit_group]
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
@@ -380,6 +387,23 @@ class Diagnostics:
                 }
             )
 
+    def _unit_factors(self, batch: StepBatch, r: int, idx: np.ndarray, preds: list[_Prediction], hyper_r: list) -> tuple[np.ndarray, np.ndarray]:
+        """Per-unit multipliers of Δ* and of the time constants (1 but for unit-dependent rules), from each unit's
+        smoothed ``L`` (this step's before the first smoothed value) and size."""
+        f_delta, f_tau = np.ones(len(idx)), np.ones(len(idx))
+        if not any(p.unit_dependent for p in preds):
+            return f_delta, f_tau
+        L = self.unit_grad.value(idx)
+        L = np.where(np.isfinite(L), L, batch.grad_sq[r] * batch.norm_sq_before[r])
+        numel = np.array([float(self.units[u].numel) for u in idx])
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for g, p in enumerate(preds):
+                if p.unit_dependent:
+                    m = batch.unit_group == g
+                    fd, ft = batch.rule.unit_factors(hyper_r[g], L[m], numel[m])
+                    f_delta[m], f_tau[m] = fd, ft
+        return f_delta, f_tau
+
     def _set_reasons(self, idx: np.ndarray, batch: StepBatch, hyper: list) -> None:
         for j, u in enumerate(idx):
             h = hyper[int(batch.unit_group[j])]
@@ -387,10 +411,20 @@ class Diagnostics:
             self.reasons[u] = self._predict(batch.rule, h).reason
 
     def _track_prediction(
-        self, idx: np.ndarray, pred: np.ndarray, scale: np.ndarray, preds: list[_Prediction], batch: StepBatch, hyper_r: list, step: int
+        self,
+        idx: np.ndarray,
+        pred: np.ndarray,
+        scale: np.ndarray,
+        f_tau: np.ndarray,
+        preds: list[_Prediction],
+        batch: StepBatch,
+        hyper_r: list,
+        step: int,
     ) -> None:
         """A prediction (Δ* or the equilibrium norm) that moved by more than the tolerance is a change: the unit's
-        samples restart, and a unit that had reached equilibrium starts to re-equilibrate."""
+        samples restart, and a unit that had reached equilibrium starts to re-equilibrate. ``pred`` is the
+        settings' Δ* (before any per-unit factor: a unit's own gradient statistics drifting is not a change of
+        settings); ``f_tau`` scales the time constants to the unit."""
         tol = self.config.tolerance
         ref, ref_scale = self.ref_pred[idx], self.ref_scale[idx]
         unset = self.origin[idx] < 0
@@ -409,7 +443,7 @@ class Diagnostics:
             settled = step - self.origin[u] >= 2.0 * self._window_range(self.tau_ratio[u])[0]
             if moved[j] and (settled or self._state[u] in ("equilibrium", "re-equilibrating", "departed", "off_prediction") or self.first_equilibrium[u] >= 0):
                 old = self.ref_hyper[u]
-                expected = batch.rule.reequilibration_time(old, h, tol) if old is not None else math.nan
+                expected = batch.rule.reequilibration_time(old, h, tol) * float(f_tau[j]) if old is not None else math.nan
                 self.state[u] = self._state[u] = "re-equilibrating"
                 self.change_step[u] = step
                 self.expected_reequilibration[u] = expected
@@ -424,7 +458,7 @@ class Diagnostics:
             self.ref_scale[u] = scale[j]
             self.ref_hyper[u] = h
             self.origin[u] = step - self.stride
-            shortest, longest = self._window_range(p.tau_ratio)
+            shortest, longest = self._window_range(p.tau_ratio * float(f_tau[j]))
             block = max(1, int(shortest // (BLOCKS_PER_WINDOW * self.stride)))  # the shortest window holds 16 blocks
             self.series.reset(np.array([u]), np.array([block]), float(step - self.stride), longest)
 
@@ -667,9 +701,11 @@ class Diagnostics:
         """Steps from the initial norm to the equilibrium band, predicted with the final settings and ``L``."""
         out = np.full(len(self.units), np.nan)
         pred_norm = self.predicted_weight_norm()
+        L = self.unit_grad.value()
         for u, (rule, h) in enumerate(zip(self.rules, self.hyper)):
             if rule is not None and h is not None and np.isfinite(pred_norm[u]):
-                out[u] = rule.time_to_equilibrium(h, float(self.initial_norm[u]), float(pred_norm[u]), self.config.tolerance)
+                f_tau = rule.unit_factors(h, float(L[u]), float(self.units[u].numel))[1] if rule.unit_dependent(h) else 1.0
+                out[u] = rule.time_to_equilibrium(h, float(self.initial_norm[u]), float(pred_norm[u]), self.config.tolerance) * f_tau
         return out
 
     def steps_needed(self) -> np.ndarray:
@@ -688,7 +724,7 @@ class Diagnostics:
             elif math.isfinite(self.settle_steps[u]):
                 need = max(float(self.settle_steps[u]) - float(since[u]), 0.0)
                 if not self.steady[u] and need == 0.0 and np.isfinite(r[u]) and r[u] > 0:
-                    need = time_to_band(1.0 / r[u] ** 2, rule.norm_time_constant(h), self.config.tolerance)
+                    need = time_to_band(1.0 / r[u] ** 2, float(self.tau_ratio[u]), self.config.tolerance)
                 out[u] = need
         return out
 
@@ -701,7 +737,7 @@ class Diagnostics:
     @property
     def applicable(self) -> np.ndarray:
         """Units with a prediction (a prediction of 0, i.e. no weight decay, counts: it is a failure; an unknown
-        optimizer or Adam's coupled L2 have none)."""
+        optimizer has none)."""
         out = np.zeros(len(self.units), dtype=bool)
         for u, rule in enumerate(self.rules):
             out[u] = rule is not None and rule.name != "unknown" and bool(np.isfinite(self.predicted[u]))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "Hyper",
@@ -48,6 +49,7 @@ __all__ = [
     "lion_angular_update",
     "decoupled_relaxation_time",
     "adam_relaxation_time",
+    "adam_l2_equilibrium",
     "group_hyper",
     "time_to_band",
     "register",
@@ -199,6 +201,33 @@ def nadam_taps(beta1: float, mu: float, mu_next: float) -> tuple[float, float, f
     c = mu_next * (1.0 - beta1)
     a0 = 1.0 - mu + c
     return a0, beta1 * (c - a0), beta1
+
+
+def adam_l2_equilibrium(
+    lr: float, weight_decay: float, taps: tuple[float, float, float], unit_grad_sq: float = 1.0, numel: float = 1.0
+) -> tuple[float, float, float]:
+    """``(Δ*, ‖w*‖, τ)`` of an Adam-type optimizer with *coupled* L2 weight decay (``torch.optim.Adam(weight_decay=λ)``:
+    ``λw`` is added to the gradient before the momentum filter ``taps`` and the normalization by ``1/sqrt(v)``).
+
+    Derived in ``docs/theory.md`` §2b: ``v`` follows the loss gradient, ``v ≈ E g_i² = L/(C‖w‖²)`` per coordinate, so
+    the optimizer is SGD with the momentum filter and a learning rate ``η·s``, ``s = ‖w‖·sqrt(C/L)``, that grows with the
+    norm. SGD's balance with ``A1 = Σa_k`` and ``A2 = Σa_k²`` of the filter then gives ``‖w*‖³ = η·A1·sqrt(C·L)/(2λ)``,
+    ``Δ*² = 2ηλ·s*·A2/A1`` (Adam: ``A1 = 1``, ``A2 = (1−β1)/(1+β1)``) and ``τ = 1/(3ηλ·A1·s*)`` for the norm (first
+    order in ``ηλs*``; the β2 lag of ``v`` is neglected). Unlike every other rule, the equilibrium depends on the unit:
+    ``Δ* ∝ (C²/L)^(1/6)`` and ``τ ∝ (L/C²)^(1/3)``. ``(0, inf, inf)`` without weight decay; ``nan`` without ``L``.
+    """
+    if lr <= 0.0 or weight_decay <= 0.0:
+        return 0.0, math.inf, math.inf
+    n0, n1, b = taps
+    if not (0.0 <= b < 1.0 and unit_grad_sq > 0.0 and numel > 0.0):
+        return math.nan, math.nan, math.nan
+    a1 = (n0 + n1) / (1.0 - b)
+    a2 = (n0 * n0 + n1 * n1 + 2.0 * n0 * n1 * b) / (1.0 - b * b)
+    if not (a1 > 0.0 and a2 > 0.0):
+        return math.nan, math.nan, math.nan
+    norm = (lr * a1 * math.sqrt(numel * unit_grad_sq) / (2.0 * weight_decay)) ** (1.0 / 3.0)
+    s = norm * math.sqrt(numel / unit_grad_sq)
+    return math.sqrt(2.0 * lr * weight_decay * s * a2 / a1), norm, 1.0 / (3.0 * lr * weight_decay * a1 * s)
 
 
 def _lion_memory(lr: float, weight_decay: float, beta1: float, beta2: float) -> tuple[float, float]:
@@ -385,8 +414,27 @@ class Rule:
         """Why there is no prediction for these hyper-parameters (``None`` when there is one)."""
         return None
 
+    def caveat(self, h: Hyper) -> str | None:
+        """A prediction exists but rests on settings the user probably did not mean (one sentence, or ``None``)."""
+        return None
+
     def describe(self, h: Hyper) -> str:
         return ", ".join(f"{k}={_fmt(v)}" for k, v in h.items() if not k.startswith("_"))
+
+    # Units whose equilibrium depends on their own gradient statistic and size (Adam with coupled L2). For those,
+    # the hyper-parameter-only predictions above are a unit's with ``L = numel = 1`` — what a change of settings
+    # is judged on — and :meth:`unit_factors` scales them to each unit.
+    def unit_dependent(self, h: Hyper) -> bool:
+        return False
+
+    def unit_factors(self, h: Hyper, unit_grad_sq: Any, numel: Any) -> tuple[Any, Any]:
+        """Multipliers of Δ* and of the time constants for units with gradient statistics ``unit_grad_sq`` and sizes
+        ``numel`` (floats or numpy arrays); ``(1, 1)`` where :meth:`unit_dependent` is false."""
+        return 1.0, 1.0
+
+    def norm_exponents(self, h: Hyper) -> tuple[float, float]:
+        """``(norm_power, grad_exponent)`` under these settings."""
+        return float(self.norm_power), float(self.grad_exponent)
 
     # Relaxation of the norm. The norm variable ``q = ‖w‖^norm_power`` relaxes linearly towards ``q*`` with
     # ``norm_time_constant`` steps, and the angular-update ratio is ``sqrt(q*/q)``.
@@ -492,8 +540,11 @@ class AdamWRule(Rule):
 
     To first order ``Δ* = sqrt(2ηλ(1−β1)/(1+β1))`` and ``‖w*‖ = sqrt(ηC/(2λ))`` — [Kosson] — assuming the update
     is noise-dominated with unit second moment per coordinate before momentum (Adam's normalization); exact in
-    ``ηλ`` by :func:`filter_equilibrium`. ``‖w‖²`` relaxes with :func:`decoupled_relaxation_time`, ``1/(2ηλ)``
+    ``ηλ`` by :func:`filter_equilibrium`. ``‖w‖²`` relaxes with :func:`adam_relaxation_time`, ``1/(2ηλ)``
     slowed by the lag of Adam's second moment.
+
+    With coupled L2 (Adam's default, ``decoupled_weight_decay=False``) the equilibrium depends on each unit's
+    gradient statistic and size: :func:`adam_l2_equilibrium`, through :meth:`unit_factors`.
     """
 
     name: str = "AdamW"
@@ -517,28 +568,37 @@ class AdamWRule(Rule):
     def _lr(self, h: Hyper) -> float:
         return h["lr"]
 
+    def _coupled_lr(self, h: Hyper) -> float:
+        """The step size that multiplies the (normalized) gradient and the coupled decay alike."""
+        return self._lr(h)
+
     def _taps(self, h: Hyper) -> tuple[float, float, float]:
         return adam_taps(_beta(h, 1))
 
+    @staticmethod
+    def _coupled(h: Hyper) -> bool:
+        return not h.get("decoupled", 1.0)
+
     def _equilibrium(self, h: Hyper) -> tuple[float, float]:
-        """``(Δ*, ‖w*‖²/C)``."""
-        if not h.get("decoupled", 1.0):
-            return math.nan, math.nan
+        """``(Δ*, ‖w*‖²/C)``; coupled L2: ``(Δ*, ‖w*‖²)`` of a unit with ``L = C = 1``."""
+        if self._coupled(h):
+            delta, norm, _ = adam_l2_equilibrium(self._coupled_lr(h), h["weight_decay"], self._taps(h))
+            return delta, norm * norm
         return filter_equilibrium(self._lr(h), h["weight_decay"], self._taps(h))
 
     def angular_update(self, h: Hyper) -> float:
         return self._equilibrium(h)[0]
 
     def weight_norm(self, h: Hyper, unit_grad_sq: float, numel: int) -> float:
-        if not h.get("decoupled", 1.0):
-            return math.nan
         if not h["weight_decay"] > 0.0:
             return math.inf
+        if self._coupled(h):
+            return adam_l2_equilibrium(self._coupled_lr(h), h["weight_decay"], self._taps(h), unit_grad_sq, numel)[1]
         return math.sqrt(self._equilibrium(h)[1] * numel)
 
     def relaxation_time(self, h: Hyper) -> float:
-        if not h.get("decoupled", 1.0):
-            return math.nan
+        if self._coupled(h):
+            return adam_l2_equilibrium(self._coupled_lr(h), h["weight_decay"], self._taps(h))[2]
         return adam_relaxation_time(self._lr(h), h["weight_decay"], _beta(h, 1), _beta(h, 2))
 
     def norm_time_constant(self, h: Hyper) -> float:
@@ -546,27 +606,45 @@ class AdamWRule(Rule):
         # relaxation_time the norm and v move together and Δ hardly moves (docs/theory.md §4), so Δ/Δ* relaxes with
         # the decay's own time constant, not the norm's.
         # (first order, 1/(2ηλ): a time scale for windows, not a prediction to the last percent)
+        if self._coupled(h):
+            return self.relaxation_time(h)
         lr, wd = self._lr(h), h["weight_decay"]
-        if not h.get("decoupled", 1.0):
-            return math.nan
         return math.inf if not (lr > 0.0 and wd > 0.0) else 1.0 / (2.0 * lr * wd)
 
     def equilibrium_scale(self, h: Hyper) -> float:
         return self._equilibrium(h)[1] if h["weight_decay"] > 0.0 else math.nan
 
+    def unit_dependent(self, h: Hyper) -> bool:
+        return self._coupled(h)
+
+    def unit_factors(self, h: Hyper, unit_grad_sq: Any, numel: Any) -> tuple[Any, Any]:
+        if not self._coupled(h):
+            return 1.0, 1.0
+        f = (numel * numel / unit_grad_sq) ** (1.0 / 6.0)  # Δ* ∝ (C²/L)^(1/6), τ ∝ 1/Δ*² (adam_l2_equilibrium)
+        return f, 1.0 / (f * f)
+
+    def norm_exponents(self, h: Hyper) -> tuple[float, float]:
+        return (2.0, 1.0 / 6.0) if self._coupled(h) else (2.0, 0.0)  # coupled: ‖w*‖ ∝ L^(1/6)
+
     def reason(self, h: Hyper) -> str | None:
-        if not h.get("decoupled", 1.0):
-            return (
-                f"{self.name} with coupled L2 weight decay (weight_decay added to the gradient before Adam's "
-                "normalization) has no hyper-parameter-only equilibrium: the angular update depends on the gradient "
-                "norm. Use AdamW, or decoupled_weight_decay=True"
-            )
         if not h["weight_decay"] > 0.0:
             return (
                 "weight_decay is 0: without weight decay there is no equilibrium; the weight norm grows without "
                 "bound and the effective learning rate lr/|w|^2 decays towards zero"
             )
+        if not self._lr(h) > 0.0:
+            return "the learning rate is 0: the weights do not move"
         return None
+
+    def caveat(self, h: Hyper) -> str | None:
+        if not (self._coupled(h) and h["weight_decay"] > 0.0):
+            return None
+        return (
+            f"{self.name} adds weight_decay to the gradient (coupled L2) before its adaptive normalization, which is "
+            "rarely what is meant: the decay then scales with each weight's gradient, and the equilibrium depends on "
+            "the gradient statistics, Δ* ∝ (lr²·wd)^(1/3)·(numel²/L)^(1/6) per layer (predicted from the measured L). "
+            "Use torch.optim.AdamW, or decoupled_weight_decay=True, for the decay AdamW papers and recipes mean"
+        )
 
     def describe(self, h: Hyper) -> str:
         return (
@@ -577,7 +655,7 @@ class AdamWRule(Rule):
 
 @dataclass(frozen=True)
 class AdamRule(AdamWRule):
-    """``torch.optim.Adam``: coupled L2 by default (no prediction, measured anyway), AdamW's rule with
+    """``torch.optim.Adam``: coupled L2 by default (:func:`adam_l2_equilibrium`, per unit), AdamW's rule with
     ``decoupled_weight_decay=True``."""
 
     name: str = "Adam"
@@ -588,7 +666,8 @@ class AdamRule(AdamWRule):
 class RAdamRule(AdamWRule):
     """``torch.optim.RAdam`` in decoupled mode: the update is rectified (``η·r_t``, ``r_t → 1`` as training
     goes on) but the decay is not (``η·λ``). The balance then gives AdamW's Δ* (independent of ``r_t``) and
-    an equilibrium norm ``r_t·sqrt(ηC/(2λ))``; the first 5 steps, un-adapted, are treated like later ones."""
+    an equilibrium norm ``r_t·sqrt(ηC/(2λ))``; the first 5 steps, un-adapted, are treated like later ones. With
+    coupled L2 (RAdam's default) the rectified step ``η·r_t`` carries the decay too (:func:`adam_l2_equilibrium`)."""
 
     name: str = "RAdam"
     keys: tuple[str, ...] = ("lr", "weight_decay", "betas", "decoupled_weight_decay", "_step")
@@ -610,11 +689,16 @@ class RAdamRule(AdamWRule):
             return 1.0
         return math.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
 
+    def _coupled_lr(self, h: Hyper) -> float:
+        return h["lr"] * self.rectification(h)  # coupled L2: the rectified step carries the decay too
+
     def weight_norm(self, h: Hyper, unit_grad_sq: float, numel: int) -> float:
-        return self.rectification(h) * super().weight_norm(h, unit_grad_sq, numel)
+        norm = super().weight_norm(h, unit_grad_sq, numel)
+        return norm if self._coupled(h) else self.rectification(h) * norm
 
     def equilibrium_scale(self, h: Hyper) -> float:
-        return self.rectification(h) ** 2 * super().equilibrium_scale(h)
+        scale = super().equilibrium_scale(h)
+        return scale if self._coupled(h) else self.rectification(h) ** 2 * scale
 
 
 @dataclass(frozen=True)
