@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -71,11 +69,8 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
     from torch.utils.data import DataLoader
 
     from lightning_smd import EquilibriumNotReachedError, SMDCallback
-    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
+    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups, quiet_trainer
 
-    warnings.simplefilter("ignore")
-    for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(1)
     lr, wd, tau_r, tau = OPTIMIZERS[optimizer]
     steps = run_length(optimizer, condition)
@@ -117,16 +112,7 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
     shape = model.net.input_shape
     data = TeacherStream(shape, seed=seed, memorize=64 if condition == "memorize" else 0, flip=0.0 if condition == "memorize" else 0.2)
     smd = SMDCallback(on_no_equilibrium="raise", verbose=False, summary_path=False, log_every_n_steps=50)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=[smd],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(steps, [smd])
     start = time.perf_counter()
     raised = False
     try:

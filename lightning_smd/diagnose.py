@@ -190,6 +190,8 @@ class _Prediction:
     unit_dependent: bool
     """Δ* and the time constants are those of a unit with ``L = numel = 1``, scaled per unit by
     :meth:`Rule.unit_factors` (Adam with coupled L2)."""
+    decay: float
+    """``e`` of a decoupled weight decay (``nan`` when the decay is not separate from the update)."""
 
 
 class Diagnostics:
@@ -214,7 +216,9 @@ class Diagnostics:
         self.ratio = _Ema(n, self.config.ema_steps, self.stride)
         self.unit_grad = _Ema(n, self.config.ema_steps, self.stride)
         self.filter_delta = _Ema(n, self.config.ema_steps, self.stride)
-        self.series = BlockSeries(n)
+        # passive window means for the balance of the update (decoupled decay only; _corrected): ⟨w,ηu⟩/‖w‖²,
+        # its square, ‖ηu‖²/‖w‖², Δ², (‖w_{t+1}‖² − ‖w_t‖²)/‖w_t‖²
+        self.series = BlockSeries(n, extras=5)
         self.series.stride = float(self.stride)
         self.per_filter = False
         self.steps = np.zeros(n, dtype=np.int64)
@@ -224,6 +228,13 @@ class Diagnostics:
         self.relaxation = np.full(n, np.nan)
         self.tau_ratio = np.full(n, np.nan)
         self.norm_power = np.full(n, np.nan)
+        self.decay = np.full(n, np.nan)
+        """``e`` of the decoupled weight decay at the latest step (nan: not decoupled)."""
+        self.corrected = np.full(n, np.nan)
+        """Δ predicted from the judged window's own balance of the update (:meth:`_corrected`)."""
+        self.kappa = np.full(n, np.nan)
+        self.radial_share = np.full(n, np.nan)
+        self.balance_drift = np.full(n, np.nan)
         self.hyper: list[dict[str, float] | None] = [None] * n
         self.rules: list[Rule | None] = [None] * n
         self.optimizer: list[int] = [-1] * n
@@ -295,6 +306,7 @@ class Diagnostics:
                 rule.equilibrium_scale(h),
                 grad_exponent,
                 rule.unit_dependent(h),
+                rule.decoupled_decay(h),
             )
             if len(self._memo) > 4096:
                 self._memo.clear()
@@ -336,6 +348,7 @@ class Diagnostics:
             self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group] * f_tau
             self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group] * f_tau
             self.norm_power[idx] = np.array([p.power for p in preds])[batch.unit_group]
+            self.decay[idx] = np.array([p.decay for p in preds])[batch.unit_group]
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
             self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
@@ -347,7 +360,7 @@ class Diagnostics:
             exponent = np.array([p.grad_exponent for p in preds])[batch.unit_group]
             with np.errstate(divide="ignore", invalid="ignore"):
                 log_norm = 0.5 * np.log(batch.norm_sq_after[r]) - np.where(exponent != 0.0, exponent * np.log(self.unit_grad.value(idx)), 0.0)
-            self.series.add(idx, float(step), ratio, log_norm)
+            self.series.add(idx, float(step), ratio, log_norm, self._balance_samples(batch, r, preds))
             smoothed = self.ratio.value(idx)
             self._band(idx, smoothed, step)
             self._spikes(idx, ratio, step)
@@ -403,6 +416,24 @@ class Diagnostics:
                     fd, ft = batch.rule.unit_factors(hyper_r[g], L[m], numel[m])
                     f_delta[m], f_tau[m] = fd, ft
         return f_delta, f_tau
+
+    def _balance_samples(self, batch: StepBatch, r: int, preds: list[_Prediction]) -> np.ndarray:
+        """Per unit, this step's ``⟨w, ηu⟩/a``, its square, ``‖ηu‖²/a``, ``Δ²`` and the norm's relative change
+        (``a = ‖w_t‖²``), where the step ``δw = −e·w − ηu`` splits into a decoupled decay ``e`` and the update ``ηu``;
+        nan where it does not."""
+        e = np.array([p.decay for p in preds])[batch.unit_group]
+        out = np.full((len(batch.unit_index), 5), np.nan)
+        if batch.norm_sq_change is None or not np.isfinite(e).any():
+            return out
+        a, q = batch.norm_sq_before[r], batch.update_sq[r]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = 0.5 * (batch.norm_sq_change[r] - q) / a  # ⟨w, δw⟩/a
+            wu = -(c + e)
+            out[:, 0], out[:, 1] = wu, wu * wu
+            out[:, 2] = q / a + 2.0 * e * c + e * e
+            out[:, 3] = batch.angular_update[r] ** 2
+            out[:, 4] = batch.norm_sq_change[r] / a
+        return out
 
     def _set_reasons(self, idx: np.ndarray, batch: StepBatch, hyper: list) -> None:
         for j, u in enumerate(idx):
@@ -549,6 +580,7 @@ class Diagnostics:
         self.steady, self.counted = steady, counted
         self.drift, self.drift_se, self.norm_drift, self.norm_drift_se = d_x, se_x, d_w, se_w
         self.steady_ratio, self.steady_ratio_se, self.quantile = fit.mean_x, fit.se_mean_x, q
+        self._corrected(fit, settled)
         self.window_steps = np.where(settled, window, np.nan)
         self.settle_steps = np.where(finite_tau, 2.0 * w_min, np.nan)
         agreement = np.where(far, "far_off", np.where(off, "off_prediction", "agrees"))
@@ -563,6 +595,39 @@ class Diagnostics:
         self.state = [str(x) for x in state.tolist()]
         if commit:
             self._state = list(self.state)
+
+    def _corrected(self, fit: Any, settled: np.ndarray) -> None:
+        """The angular update that the judged window's own balance of the update predicts (decoupled decay only).
+
+        The step is ``δw = −e·w − ηu``. With the norm stationary, ``E‖w_{t+1}‖² = E‖w_t‖²`` gives exactly
+        ``(2e − e²)·‖w‖² = ‖ηu‖²·(1 + (1 − e)·κ)``, ``κ = −2⟨w, ηu⟩/‖ηu‖²``, and the angle sees only the tangential
+        part of the update, a share ``1 − ρ`` of it with ``ρ = ⟨ŵ, ηu⟩²/‖ηu‖²``:
+        ``Δ_c² = (2e − e²)(1 − ρ)/(1 + (1 − e)κ)``. The closed form is this with the ``κ`` and ``ρ`` of isotropic
+        white noise (momentum alone makes ``κ`` ≈ 17 for β1 = 0.9); gradients correlated in time (a thin first
+        layer) pull the update inwards more, ``κ`` grows, and the layer settles below the closed form. ``Δ_c`` is
+        the RMS angle; times the window's ``mean Δ / RMS Δ`` it predicts the mean angle the ratio measures.
+        Measured, not modelled: it needs the window's ``κ`` and ``ρ`` and a stationary norm — a relative drift ``δ``
+        of ``‖w‖²`` per step moves ``Δ_c²`` by ``δ/(2e)``, which is reported beside it (``balance_drift``) — so it is
+        reported for settled units only."""
+        n = len(self.units)
+        self.corrected = np.full(n, np.nan)
+        self.kappa = np.full(n, np.nan)
+        self.radial_share = np.full(n, np.nan)
+        self.balance_drift = np.full(n, np.nan)
+        if fit.mean_extra is None:
+            return
+        wu, wu2, uu, d2, growth = fit.mean_extra.T
+        e = self.decay
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kappa, rho = -2.0 * wu / uu, wu2 / uu
+            rms = np.sqrt((2.0 * e - e * e) * (1.0 - rho) / (1.0 + (1.0 - e) * kappa))
+            mean_over_rms = fit.mean_x * self.predicted / np.sqrt(d2)
+            ok = settled & np.isfinite(e) & (e > 0) & (uu > 0) & np.isfinite(rms)
+        self.corrected = np.where(ok, rms * mean_over_rms, np.nan)
+        self.kappa = np.where(ok, kappa, np.nan)
+        self.radial_share = np.where(ok, rho, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.balance_drift = np.where(ok, growth / (2.0 * e), np.nan)
 
     @property
     def why_not(self) -> list[str | None]:
@@ -644,7 +709,7 @@ class Diagnostics:
     # Checkpointing: plain Python types only (loadable with torch.load(weights_only=True))
     # ------------------------------------------------------------------------------------------
     _ARRAYS = (
-        "steps", "last_delta", "norm", "predicted", "relaxation", "tau_ratio", "norm_power", "origin", "ref_pred",
+        "steps", "last_delta", "norm", "predicted", "relaxation", "tau_ratio", "norm_power", "decay", "origin", "ref_pred",
         "ref_scale", "change_step", "expected_reequilibration", "ref_level", "band_run", "_timing", "steady", "counted", "drift",
         "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "quantile", "window_steps",
         "settle_steps", "judged_step", "first_equilibrium", "steps_in_equilibrium", "initial_norm", "unit_grad_peak",
@@ -894,6 +959,11 @@ class Diagnostics:
                     "not_in_equilibrium_because": self._why_not(u),
                     "steady_ratio": _num(self.steady_ratio[u]),
                     "steady_ratio_ci": [_num(lo[u]), _num(hi[u])] if np.isfinite(lo[u]) else None,
+                    "corrected_angular_update": _num(self.corrected[u]),
+                    "corrected_ratio": _num(self.steady_ratio[u] * self.predicted[u] / self.corrected[u]),
+                    "update_kappa": _num(self.kappa[u]),
+                    "update_radial_share": _num(self.radial_share[u]),
+                    "balance_drift": _num(self.balance_drift[u]),
                     "drift": _num(self.drift[u]),
                     "drift_se": _num(self.drift_se[u]),
                     "norm_drift": _num(self.norm_drift[u]),

@@ -7,7 +7,7 @@ three squared norms in float64 into a device buffer:
 
 - ``‖w_{t+1}‖²`` the weight after the step;
 - ``‖w_{t+1} − w_t‖²`` the update. For PyTorch SGD with heavy-ball momentum the update is exactly
-  ``−η·buf`` (DESIGN §3), so ``‖buf‖²`` is recorded and no copy of the weights is kept; every other
+  ``−η·buf`` (``w ← w − η·buf`` in ``torch.optim.SGD``), so ``‖buf‖²`` is recorded and no copy of the weights is kept; every other
   optimizer keeps one snapshot of the tracked weights and subtracts it;
 - ``‖g_t‖²`` the loss gradient the step used (``p.grad``), for the online estimate of ``L``.
 
@@ -82,6 +82,8 @@ class StepBatch:
     rule: Rule
     filter_angular_update_rms: np.ndarray | None = None
     """``[k, n]`` RMS over filters (or groups) of the per-filter angular update; nan where not recorded."""
+    norm_sq_change: np.ndarray | None = None
+    """``‖w_{t+1}‖² − ‖w_t‖²`` (from the cross term ``⟨d, w_{t+1}⟩`` where recorded: no cancellation)."""
 
 
 class _FlatGroup:
@@ -559,6 +561,7 @@ class _Slot:
             unit_group=self.unit_group,
             rule=self.rule,
             filter_angular_update_rms=filter_rms,
+            norm_sq_change=-diff_u if diff_u is not None else after_u - before_u,
         )
 
     def _to_units(self, x: np.ndarray) -> np.ndarray:

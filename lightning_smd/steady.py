@@ -134,6 +134,8 @@ class WindowFit:
     se_slope_y: np.ndarray
     rho_x: np.ndarray
     """Lag-1 autocorrelation (per sample, detrended, bias-corrected, clipped) of ``x`` behind the inflation."""
+    mean_extra: np.ndarray | None = None
+    """``[units, extras]``: window means of the passive series given to :meth:`BlockSeries.add` as ``extra``."""
 
     @property
     def df(self) -> np.ndarray:
@@ -162,13 +164,16 @@ class BlockSeries:
     neighbouring blocks are merged (the block size doubles).
     """
 
-    def __init__(self, n: int, slots: int = 64) -> None:
+    def __init__(self, n: int, slots: int = 64, extras: int = 0) -> None:
         if slots < 2 * BLOCKS_PER_WINDOW or slots % 2:
             raise ValueError(f"need an even number of at least {2 * BLOCKS_PER_WINDOW} slots, got {slots}")
         self.slots = slots
         self.stride = 1.0
-        self.data = np.zeros((n, slots, len(FIELDS)))
-        self.current = np.zeros((n, len(FIELDS)))
+        self.extras = int(extras)
+        """Passive per-sample series summed per block (window means only: no line, no standard error)."""
+        width = len(FIELDS) + self.extras
+        self.data = np.zeros((n, slots, width))
+        self.current = np.zeros((n, width))
         self.filled = np.zeros(n, dtype=np.int64)
         self.block_size = np.ones(n, dtype=np.int64)
         self.max_window = np.zeros(n)
@@ -186,14 +191,19 @@ class BlockSeries:
         self.prev[units] = np.nan
         self.current[units] = 0.0
 
-    def add(self, units: np.ndarray, step: float, x: np.ndarray, y: np.ndarray) -> None:
+    def add(self, units: np.ndarray, step: float, x: np.ndarray, y: np.ndarray, extra: np.ndarray | None = None) -> None:
         """One sample (taken at ``step``) of every unit in ``units``. A non-finite sample is skipped and breaks
-        the chain of consecutive pairs."""
+        the chain of consecutive pairs. ``extra`` (``[len(units), extras]``) are the passive series' samples (a
+        non-finite one counts as 0)."""
         units = np.asarray(units, dtype=np.int64)
+        if self.extras:
+            extra = np.zeros((len(units), self.extras)) if extra is None else np.asarray(extra, dtype=np.float64).reshape(len(units), self.extras)
+            extra = np.where(np.isfinite(extra), extra, 0.0)  # passive: never costs the judged series a sample
         ok = np.isfinite(x) & np.isfinite(y)
         if not ok.all():
             self.prev[units[~ok]] = np.nan
             units, x, y = units[ok], x[ok], y[ok]
+            extra = extra[ok] if extra is not None else None
         t = step - self.origin[units]
         prev = self.prev[units]
         pw = np.isfinite(prev[:, 0]).astype(np.float64)  # 1 where the previous sample is there
@@ -203,6 +213,8 @@ class BlockSeries:
         for z, lag in ((x, lx), (y, ly)):
             zp, lp = pw * z, pw * lag
             columns += [z, z * z, t * z, zp, lp, zp * lag, t * zp, t * lp]
+        if self.extras and extra is not None:
+            columns += list(extra.T)
         self.current[units] += np.stack(columns, axis=1)
         self.prev[units] = np.stack([t, x, y], axis=1)
         done = units[self.current[units, _F["n"]] >= self.block_size[units]]
@@ -222,7 +234,7 @@ class BlockSeries:
         if need <= half:  # the longest window fits in the newer half: drop the older one
             self.data[u, :half] = self.data[u, half:]
         else:  # merge neighbours: sums add up; the block size doubles
-            self.data[u, :half] = self.data[u].reshape(half, 2, len(FIELDS)).sum(1)
+            self.data[u, :half] = self.data[u].reshape(half, 2, self.data.shape[2]).sum(1)
             self.block_size[u] *= 2
         self.data[u, half:] = 0.0
         self.filled[u] = half
@@ -249,7 +261,8 @@ class BlockSeries:
         with np.errstate(invalid="ignore"):
             mask = have & (centre > start[:, None])
         w = mask.astype(np.float64)
-        tot = dict(zip(FIELDS, np.einsum("usf,us->fu", data, w)))
+        sums = np.einsum("usf,us->fu", data, w)
+        tot = dict(zip(FIELDS, sums))
         blocks = w.sum(1)
         ok = (blocks >= MIN_BLOCKS) & (tot["n"] > 3)
         N = np.where(ok, tot["n"], 4.0)
@@ -308,6 +321,7 @@ class BlockSeries:
             slope_y=keep(out["slope_y"]),
             se_slope_y=keep(out["se_slope_y"]),
             rho_x=keep(rho_x),
+            mean_extra=(np.where(ok, sums[len(FIELDS) :] / N, np.nan).T if self.extras else None),
         )
 
     # checkpointing ---------------------------------------------------------------------------

@@ -436,6 +436,11 @@ class Rule:
         """``(norm_power, grad_exponent)`` under these settings."""
         return float(self.norm_power), float(self.grad_exponent)
 
+    def decoupled_decay(self, h: Hyper) -> float:
+        """``e`` of a decoupled weight decay ``w ← (1 − e)·w − η·u`` (``ηλ``), or ``nan`` where the decay is not
+        separate from the update (SGD, coupled L2). It lets the measured step be split into decay and update."""
+        return math.nan
+
     # Relaxation of the norm. The norm variable ``q = ‖w‖^norm_power`` relaxes linearly towards ``q*`` with
     # ``norm_time_constant`` steps, and the angular-update ratio is ``sqrt(q*/q)``.
     norm_power: float = 2.0
@@ -519,14 +524,7 @@ class SGDRule(Rule):
         return ", ".join(parts)
 
     def reason(self, h: Hyper) -> str | None:
-        if not h["weight_decay"] > 0.0:
-            return (
-                "weight_decay is 0: without weight decay there is no equilibrium; the weight norm grows without "
-                "bound and the effective learning rate lr/|w|^2 decays towards zero"
-            )
-        if not self._effective_lr(h) > 0.0:
-            return "the learning rate is 0: the weights do not move"
-        return None
+        return _decay_reason(self._effective_lr(h), h["weight_decay"])
 
 
 def _beta(h: Hyper, i: int) -> float:
@@ -626,15 +624,11 @@ class AdamWRule(Rule):
     def norm_exponents(self, h: Hyper) -> tuple[float, float]:
         return (2.0, 1.0 / 6.0) if self._coupled(h) else (2.0, 0.0)  # coupled: ‖w*‖ ∝ L^(1/6)
 
+    def decoupled_decay(self, h: Hyper) -> float:
+        return math.nan if self._coupled(h) else self._lr(h) * h["weight_decay"]
+
     def reason(self, h: Hyper) -> str | None:
-        if not h["weight_decay"] > 0.0:
-            return (
-                "weight_decay is 0: without weight decay there is no equilibrium; the weight norm grows without "
-                "bound and the effective learning rate lr/|w|^2 decays towards zero"
-            )
-        if not self._lr(h) > 0.0:
-            return "the learning rate is 0: the weights do not move"
-        return None
+        return _decay_reason(self._lr(h), h["weight_decay"])
 
     def caveat(self, h: Hyper) -> str | None:
         if not (self._coupled(h) and h["weight_decay"] > 0.0):
@@ -768,6 +762,9 @@ class LionRule(Rule):
     def relaxation_time(self, h: Hyper) -> float:
         return decoupled_relaxation_time(h["lr"], h["weight_decay"])
 
+    def decoupled_decay(self, h: Hyper) -> float:
+        return h["lr"] * h["weight_decay"]
+
     def norm_time_constant(self, h: Hyper) -> float:
         lr, wd = h["lr"], h["weight_decay"]  # first order, as AdamW's
         return math.inf if not (lr > 0.0 and wd > 0.0) else 1.0 / (2.0 * lr * wd)
@@ -781,7 +778,7 @@ class LionRule(Rule):
         return f"lr={_fmt(h['lr'])}, {wd}, betas=({_fmt(_beta(h, 1))}, {_fmt(_beta(h, 2))})"
 
     def reason(self, h: Hyper) -> str | None:
-        return AdamWRule.reason(self, {**h, "decoupled": 1.0})  # type: ignore[arg-type]
+        return _decay_reason(h["lr"], h["weight_decay"])
 
 
 @dataclass(frozen=True)
@@ -870,6 +867,18 @@ register("torch.optim.adam.Adam", AdamRule())
 register("torch.optim.radam.RAdam", RAdamRule())
 register("torch.optim.nadam.NAdam", NAdamRule())
 register("lion_pytorch.lion_pytorch.Lion", LionRule())
+
+
+def _decay_reason(lr: float, weight_decay: float) -> str | None:
+    """Why settings with this learning rate and weight decay have no equilibrium (``None`` when they have one)."""
+    if not weight_decay > 0.0:
+        return (
+            "weight_decay is 0: without weight decay there is no equilibrium; the weight norm grows without "
+            "bound and the effective learning rate lr/|w|^2 decays towards zero"
+        )
+    if not lr > 0.0:
+        return "the learning rate is 0: the weights do not move"
+    return None
 
 
 def _as_float(value: object) -> float:

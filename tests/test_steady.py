@@ -334,3 +334,85 @@ def test_judgement_survives_a_checkpoint_round_trip():
     np.testing.assert_allclose(a.drift, b.drift, rtol=1e-12)
     assert a.summary()["layers"] == b.summary()["layers"]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The corrected prediction from the measured split of the update (decoupled decay)
+# ---------------------------------------------------------------------------------------------
+
+
+def _balanced_batch(kappa: float, k: int, n: int, rule=RULE, hyper=None, with_change: bool = True) -> StepBatch:
+    """Steps ``δw = −e·w − ηu`` on a unit sphere whose update has ``⟨w, ηu⟩ = −κ·U/2`` and ``‖ηu‖² = U``, with ``U``
+    set so that the norm is exactly stationary: ``U·(1 + (1 − e)κ) = 2e − e²``."""
+    e = H["lr"] * H["weight_decay"]
+    U = (2 * e - e * e) / (1 + (1 - e) * kappa)
+    wu = -kappa * U / 2
+    q = e * e + 2 * e * wu + U  # ‖δw‖² with a = 1
+    one = np.ones((k, n))
+    return StepBatch(
+        optimizer_index=0,
+        unit_index=np.arange(n),
+        steps=np.arange(1, k + 1),
+        norm_sq_before=one,
+        norm_sq_after=one,
+        update_sq=q * one,
+        grad_sq=one,
+        angular_update=0.8 * DELTA_STAR * one,  # the balance does not look at the measured Δ (but for mean/RMS)
+        hyper=[[hyper or H]] * k,
+        unit_group=np.zeros(n, dtype=np.int64),
+        rule=rule,
+        norm_sq_change=0.0 * one if with_change else None,
+    )
+
+
+@pytest.mark.parametrize("kappa", [17.0, 25.0, 40.0])
+def test_corrected_prediction_is_the_balance_of_the_measured_update(kappa):
+    """The window's κ and ρ give Δ_c² = (2e − e²)(1 − ρ)/(1 + (1 − e)κ) exactly (ρ = κ²U/4 here); a larger κ — an
+    update pulled inwards more — predicts a smaller angle, as in a thin first layer."""
+    e = H["lr"] * H["weight_decay"]
+    d = Diagnostics(units(2))
+    d.update(_balanced_batch(kappa, 800, 2))
+    d.judge()
+    U = (2 * e - e * e) / (1 + (1 - e) * kappa)
+    rho = kappa * kappa * U / 4
+    expected = math.sqrt((2 * e - e * e) * (1 - rho) / (1 + (1 - e) * kappa))
+    np.testing.assert_allclose(d.corrected, expected, rtol=1e-9)
+    np.testing.assert_allclose(d.kappa, kappa, rtol=1e-9)
+    np.testing.assert_allclose(d.radial_share, rho, rtol=1e-9)
+    np.testing.assert_allclose(d.balance_drift, 0.0, atol=1e-12)  # the norm is exactly stationary
+    layer = d.summary()["layers"][0]
+    assert layer["corrected_angular_update"] == pytest.approx(expected, rel=1e-9)
+    assert layer["corrected_ratio"] == pytest.approx(0.8 * DELTA_STAR / expected, rel=1e-9)
+    if kappa == 17.0:  # ≈ isotropic noise with β1 = 0.9: the closed form
+        assert expected == pytest.approx(DELTA_STAR, rel=0.03)
+
+
+def test_corrected_prediction_only_where_the_decay_is_decoupled_and_the_unit_settled():
+    from lightning_smd.theory import SGDRule
+
+    d = Diagnostics(units(1))
+    d.update(_balanced_batch(17.0, 800, 1, with_change=False))  # batches without the norm's change
+    d.judge()
+    assert np.isnan(d.corrected).all()
+    d = Diagnostics(units(1))
+    sgd = {"lr": 0.01, "weight_decay": 0.5, "momentum": 0.9, "dampening": 0.0, "nesterov": 0.0}
+    d.update(_balanced_batch(17.0, 800, 1, rule=SGDRule(), hyper=sgd))  # coupled decay: no split
+    d.judge()
+    assert np.isnan(d.corrected).all() and d.summary()["layers"][0]["corrected_angular_update"] is None
+    d = Diagnostics(units(1))
+    d.update(_balanced_batch(17.0, 20, 1))  # not settled yet
+    d.judge()
+    assert np.isnan(d.corrected).all()
+
+
+def test_balance_drift_is_the_norm_growth_in_units_of_the_decay():
+    """A norm that grows by δ per step (relative) while the update is the stationary one: the balance is off by δ/(2e)
+    in Δ_c², which balance_drift reports."""
+    e = H["lr"] * H["weight_decay"]
+    batch = _balanced_batch(17.0, 800, 1)
+    batch.norm_sq_change = 0.1 * 2 * e * np.ones_like(batch.norm_sq_before)  # δ = 0.1·2e: ‖w_{t+1}‖² is what the step gives
+    batch.update_sq = batch.update_sq + batch.norm_sq_change  # ⟨w, δw⟩ unchanged: the growth is in ‖δw‖² alone
+    d = Diagnostics(units(1))
+    d.update(batch)
+    d.judge()
+    assert d.balance_drift[0] == pytest.approx(0.1, rel=1e-9)
