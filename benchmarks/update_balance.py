@@ -1,17 +1,19 @@
-"""Closed form, corrected prediction and measurement, layer by layer, over seeds.
+"""Where a layer's deviation from the closed form comes from: the direction of its update, or its norm's drift.
 
     python benchmarks/update_balance.py                  # 10 seeds per cell, 2 worker processes
     python benchmarks/update_balance.py --seeds 3 --cells thin-adamw
 
-The closed-form Δ* assumes the update is isotropic white noise around the sphere. A thin first layer violates
-that (its gradients are correlated from step to step), pulls its update inwards more and settles below Δ*. The
-*corrected* prediction (``corrected_angular_update`` in the summary, ``Diagnostics._corrected``) replaces the
-assumed direction of the update by the measured one — the window's ``κ = −2⟨w, ηu⟩/‖ηu‖²`` and radial share ``ρ``
-— in the exact balance of a stationary norm. Every run is a real ``pytorch_lightning.Trainer`` fit with
-``SMDCallback`` on the persistent-noise tasks of :mod:`lightning_smd.demo` (as ``verdict_reliability.py``'s
-healthy cells), and the script prints, per layer, the steady ratio against the closed form and against the
-corrected prediction (mean and range over seeds), the measured ``κ`` and the largest relative drift of ``‖w‖²``
-per step over the window in units of ``2e`` (the stationary balance is off by about half of it in ``Δ``).
+The closed-form Δ* assumes the update is isotropic white noise around the sphere. With a decoupled weight decay
+the step splits exactly into decay and update, and a stationary norm gives ``Δ_c² = (2e − e²)(1 − ρ)/(1 +
+(1 − e)κ)`` with the update's measured inward pull ``κ = −2⟨w, ηu⟩/‖ηu‖²`` and radial share ``ρ``
+(``Diagnostics._balance``). That is an accounting identity — ``Δ_c`` restates the measured angle up to the norm's
+drift — so it is not evidence of a prediction; what it gives is the attribution: ``direction_ratio = Δ_c/Δ*`` is
+the part of the steady ``Δ/Δ*`` due to the update's direction (gradient statistics beyond white noise), and
+``balance_drift`` (``δ/(2e)``, ``δ`` the relative drift of ``‖w‖²`` per step) the part due to a norm not yet
+stationary: ``steady ratio ≈ direction_ratio·(1 + balance_drift/2)``. Every run is a real
+``pytorch_lightning.Trainer`` fit with ``SMDCallback`` on the persistent-noise tasks of :mod:`lightning_smd.demo`
+(as ``verdict_reliability.py``'s healthy cells); the script prints both ratios, ``κ``, the drift, and how well
+the accounting closes.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def run(cell: str, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
     s = smd.summary()
-    keys = ("name", "numel", "state", "steady_ratio", "corrected_ratio", "update_kappa", "update_radial_share", "balance_drift")
+    keys = ("name", "numel", "state", "steady_ratio", "direction_ratio", "update_kappa", "update_radial_share", "balance_drift")
     return {"cell": cell, "seed": seed, "verdict": s["verdict"], "seconds": time.perf_counter() - start, "layers": [{k: r.get(k) for k in keys} for r in s["layers"]]}
 
 
@@ -86,8 +88,8 @@ def _range(values: list[float]) -> str:
 
 def report(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| cell | layer | weights | closed form: steady Δ/Δ* | corrected: steady Δ/Δ_c | within 3 % | κ | max norm drift δ/(2e) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| cell | layer | weights | steady Δ/Δ* (closed form) | direction_ratio (measured κ, ρ) | κ | balance_drift δ/(2e) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     worst = 0.0
     for cell in CELLS:
@@ -97,17 +99,17 @@ def report(results: list[dict[str, Any]]) -> str:
         for name in [layer["name"] for layer in runs[0]["layers"]]:
             rows = [layer for r in runs for layer in r["layers"] if layer["name"] == name]
             closed = [x["steady_ratio"] for x in rows if x["steady_ratio"] is not None]
-            corrected = [x["corrected_ratio"] for x in rows if x["corrected_ratio"] is not None]
+            direction = [x["direction_ratio"] for x in rows if x["direction_ratio"] is not None]
             kappa = [x["update_kappa"] for x in rows if x["update_kappa"] is not None]
-            drift = [abs(x["balance_drift"]) for x in rows if x["balance_drift"] is not None]
-            inside = sum(abs(c - 1.0) <= 0.03 for c in corrected)
-            worst = max([worst] + [abs(c - 1.0) for c in corrected])
+            drift = [x["balance_drift"] for x in rows if x["balance_drift"] is not None]
+            for x in rows:  # how well steady ≈ direction·(1 + drift/2) closes
+                if None not in (x["steady_ratio"], x["direction_ratio"], x["balance_drift"]):
+                    worst = max(worst, abs(x["steady_ratio"] / (x["direction_ratio"] * (1.0 + x["balance_drift"] / 2.0)) - 1.0))
             k = f"{sum(kappa) / len(kappa):.1f}" if kappa else "-"
-            dr = f"{max(drift):.3f}" if drift else "-"
-            lines.append(f"| {cell} | {name} | {rows[0]['numel']} | {_range(closed)} | {_range(corrected)} | {inside}/{len(rows)} | {k} | {dr} |")
+            lines.append(f"| {cell} | {name} | {rows[0]['numel']} | {_range(closed)} | {_range(direction)} | {k} | {_range(drift)} |")
     verdicts = sum(r["verdict"] == "equilibrium" for r in results)
     lines.append("")
-    lines.append(f"{len(results)} runs, {verdicts} with verdict equilibrium; largest |corrected ratio − 1|: {worst:.3f}")
+    lines.append(f"{len(results)} runs, {verdicts} with verdict equilibrium; the accounting closes to {worst:.4f} (largest |steady / (direction·(1 + drift/2)) − 1|)")
     return "\n".join(lines)
 
 

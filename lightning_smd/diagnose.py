@@ -216,7 +216,7 @@ class Diagnostics:
         self.ratio = _Ema(n, self.config.ema_steps, self.stride)
         self.unit_grad = _Ema(n, self.config.ema_steps, self.stride)
         self.filter_delta = _Ema(n, self.config.ema_steps, self.stride)
-        # passive window means for the balance of the update (decoupled decay only; _corrected): ⟨w,ηu⟩/‖w‖²,
+        # passive window means for the balance of the update (decoupled decay only; _balance): ⟨w,ηu⟩/‖w‖²,
         # its square, ‖ηu‖²/‖w‖², Δ², (‖w_{t+1}‖² − ‖w_t‖²)/‖w_t‖²
         self.series = BlockSeries(n, extras=5)
         self.series.stride = float(self.stride)
@@ -229,9 +229,10 @@ class Diagnostics:
         self.tau_ratio = np.full(n, np.nan)
         self.norm_power = np.full(n, np.nan)
         self.decay = np.full(n, np.nan)
+        self._numel, self._numel_of = np.array([float(u.numel) for u in self.units]), self.units
         """``e`` of the decoupled weight decay at the latest step (nan: not decoupled)."""
-        self.corrected = np.full(n, np.nan)
-        """Δ predicted from the judged window's own balance of the update (:meth:`_corrected`)."""
+        self.direction_ratio = np.full(n, np.nan)
+        """Δ/Δ* that the measured direction of the update implies for a stationary norm (:meth:`_balance`)."""
         self.kappa = np.full(n, np.nan)
         self.radial_share = np.full(n, np.nan)
         self.balance_drift = np.full(n, np.nan)
@@ -338,15 +339,16 @@ class Diagnostics:
             settings_pred = np.array([p.delta for p in preds])[batch.unit_group]  # what a change of settings moves
             scale = np.array([p.scale for p in preds])[batch.unit_group]
             f_delta, f_tau = self._unit_factors(batch, r, idx, preds, hyper_r)
-            pred = settings_pred * f_delta
             delta = batch.angular_update[r]
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                pred = settings_pred * f_delta
                 ratio = np.where(pred > 0, delta / pred, np.nan)
             self._track_prediction(idx, settings_pred, scale, f_tau, preds, batch, hyper_r, step)  # before the new settings are stored
             self.steps[idx] = step
             self.predicted[idx] = pred
-            self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group] * f_tau
-            self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group] * f_tau
+            with np.errstate(invalid="ignore", over="ignore"):
+                self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group] * f_tau
+                self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group] * f_tau
             self.norm_power[idx] = np.array([p.power for p in preds])[batch.unit_group]
             self.decay[idx] = np.array([p.decay for p in preds])[batch.unit_group]
             self.delta.update(idx, delta)
@@ -408,7 +410,9 @@ class Diagnostics:
             return f_delta, f_tau
         L = self.unit_grad.value(idx)
         L = np.where(np.isfinite(L), L, batch.grad_sq[r] * batch.norm_sq_before[r])
-        numel = np.array([float(self.units[u].numel) for u in idx])
+        if self._numel_of is not self.units:  # the callback may swap in verified units
+            self._numel, self._numel_of = np.array([float(u.numel) for u in self.units]), self.units
+        numel = self._numel[idx]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for g, p in enumerate(preds):
                 if p.unit_dependent:
@@ -580,7 +584,7 @@ class Diagnostics:
         self.steady, self.counted = steady, counted
         self.drift, self.drift_se, self.norm_drift, self.norm_drift_se = d_x, se_x, d_w, se_w
         self.steady_ratio, self.steady_ratio_se, self.quantile = fit.mean_x, fit.se_mean_x, q
-        self._corrected(fit, settled)
+        self._balance(fit, settled)
         self.window_steps = np.where(settled, window, np.nan)
         self.settle_steps = np.where(finite_tau, 2.0 * w_min, np.nan)
         agreement = np.where(far, "far_off", np.where(off, "off_prediction", "agrees"))
@@ -596,8 +600,9 @@ class Diagnostics:
         if commit:
             self._state = list(self.state)
 
-    def _corrected(self, fit: Any, settled: np.ndarray) -> None:
-        """The angular update that the judged window's own balance of the update predicts (decoupled decay only).
+    def _balance(self, fit: Any, settled: np.ndarray) -> None:
+        """Where the closed form's error comes from: the direction of the update, or the norm's drift (decoupled
+        decay only).
 
         The step is ``δw = −e·w − ηu``. With the norm stationary, ``E‖w_{t+1}‖² = E‖w_t‖²`` gives exactly
         ``(2e − e²)·‖w‖² = ‖ηu‖²·(1 + (1 − e)·κ)``, ``κ = −2⟨w, ηu⟩/‖ηu‖²``, and the angle sees only the tangential
@@ -605,12 +610,15 @@ class Diagnostics:
         ``Δ_c² = (2e − e²)(1 − ρ)/(1 + (1 − e)κ)``. The closed form is this with the ``κ`` and ``ρ`` of isotropic
         white noise (momentum alone makes ``κ`` ≈ 17 for β1 = 0.9); gradients correlated in time (a thin first
         layer) pull the update inwards more, ``κ`` grows, and the layer settles below the closed form. ``Δ_c`` is
-        the RMS angle; times the window's ``mean Δ / RMS Δ`` it predicts the mean angle the ratio measures.
-        Measured, not modelled: it needs the window's ``κ`` and ``ρ`` and a stationary norm — a relative drift ``δ``
-        of ``‖w‖²`` per step moves ``Δ_c²`` by ``δ/(2e)``, which is reported beside it (``balance_drift``) — so it is
-        reported for settled units only."""
+        the RMS angle; times the window's ``mean Δ / RMS Δ`` it is the mean angle the ratio measures.
+
+        This is an accounting identity, not an independent prediction: ``(1 − ρ)‖ηu‖²`` is the measured tangential
+        step, so ``Δ_c`` restates the measured angle up to the norm's drift — a relative drift ``δ`` of ``‖w‖²`` per
+        step moves ``Δ_c²`` by ``δ/(2e)`` (``balance_drift``). Its use is the attribution: ``direction_ratio =
+        Δ_c/Δ*`` is the part of ``Δ/Δ*`` due to the update's direction (``κ``, ``ρ``: gradient statistics beyond
+        white noise), ``balance_drift`` the part due to a norm not yet stationary. Settled units only."""
         n = len(self.units)
-        self.corrected = np.full(n, np.nan)
+        self.direction_ratio = np.full(n, np.nan)
         self.kappa = np.full(n, np.nan)
         self.radial_share = np.full(n, np.nan)
         self.balance_drift = np.full(n, np.nan)
@@ -623,7 +631,7 @@ class Diagnostics:
             rms = np.sqrt((2.0 * e - e * e) * (1.0 - rho) / (1.0 + (1.0 - e) * kappa))
             mean_over_rms = fit.mean_x * self.predicted / np.sqrt(d2)
             ok = settled & np.isfinite(e) & (e > 0) & (uu > 0) & np.isfinite(rms)
-        self.corrected = np.where(ok, rms * mean_over_rms, np.nan)
+        self.direction_ratio = np.where(ok & (self.predicted > 0), rms * mean_over_rms / self.predicted, np.nan)
         self.kappa = np.where(ok, kappa, np.nan)
         self.radial_share = np.where(ok, rho, np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -714,6 +722,7 @@ class Diagnostics:
         "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "quantile", "window_steps",
         "settle_steps", "judged_step", "first_equilibrium", "steps_in_equilibrium", "initial_norm", "unit_grad_peak",
         "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_committed_ratio", "_flags",
+        "direction_ratio", "kappa", "radial_share", "balance_drift",
     )  # fmt: skip
     _LISTS = ("hyper", "optimizer", "reasons", "state", "_state", "ref_hyper", "reequilibrations", "spikes", "agreement")
 
@@ -959,8 +968,7 @@ class Diagnostics:
                     "not_in_equilibrium_because": self._why_not(u),
                     "steady_ratio": _num(self.steady_ratio[u]),
                     "steady_ratio_ci": [_num(lo[u]), _num(hi[u])] if np.isfinite(lo[u]) else None,
-                    "corrected_angular_update": _num(self.corrected[u]),
-                    "corrected_ratio": _num(self.steady_ratio[u] * self.predicted[u] / self.corrected[u]),
+                    "direction_ratio": _num(self.direction_ratio[u]),
                     "update_kappa": _num(self.kappa[u]),
                     "update_radial_share": _num(self.radial_share[u]),
                     "balance_drift": _num(self.balance_drift[u]),

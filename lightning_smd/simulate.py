@@ -216,6 +216,8 @@ def paired_relaxation(
     common fluctuation cancels. Fitted with :func:`fit_relaxation`; the standard error is the jackknife over
     ``groups`` groups of independent rows. Both copies start at the rule's equilibrium norm for their settings.
     """
+    if rows % groups:
+        raise ValueError(f"rows ({rows}) must be a multiple of groups ({groups})")
     gen = torch.Generator().manual_seed(seed)
     params, opts = [], []
     for k in (1.0, factor):
@@ -229,7 +231,8 @@ def paired_relaxation(
             w.mul_(norm0 / w.norm(dim=1, keepdim=True))
         params.append(w)
         opts.append(opt)
-    predicted = rule.relaxation_time(group_hyper(rule, opts[1], {**opts[1].param_groups[0], "_step": change + 1}))
+    h = group_hyper(rule, opts[1], {**opts[1].param_groups[0], "_step": change + 1})
+    predicted = rule.relaxation_time(h) * (rule.unit_factors(h, float(cols - 1), cols - 1)[1] if rule.unit_dependent(h) else 1.0)
     trace = torch.empty(2, steps, groups, dtype=torch.float64)
     for t in range(change + steps):
         if t == change:

@@ -206,10 +206,11 @@ def test_adam_with_coupled_l2_is_judged_per_layer_and_flagged(tmp_path):
 def test_a_thin_first_layer_below_the_closed_form_is_explained_by_its_measured_update(tmp_path):
     """AdamW on ThinConvNet (verdict_reliability's healthy AdamW cell: lr 0.01, wd 0.4, 1,600 steps; a first conv of
     144 weights). The thin conv1 settles below the closed form while the wide layers sit on it; its update is pulled
-    inwards more (κ above the wide layers'), and the corrected prediction from the measured κ and ρ holds on every
-    layer. Measured over 10 seeds (benchmarks/update_balance.py): corrected ratios 0.982–1.012 (asserted ±3 %,
-    margin 0.012), conv3 − conv1 closed-form gap 0.059–0.126 (asserted > 0.03), κ(conv1) − κ(conv4) 1.9–4.9
-    (asserted > 1)."""
+    inwards more (κ above the wide layers'), and the balance accounts for every layer's steady ratio: steady ≈
+    direction_ratio·(1 + balance_drift/2) (an identity of the measured step up to O(ηλ), so it must close; the
+    attribution to κ is the finding). Measured over 10 seeds (benchmarks/update_balance.py): conv3 − conv1
+    closed-form gap 0.059–0.126 (asserted > 0.03), κ(conv1) − κ(conv4) 1.9–4.9 (asserted > 1), |balance_drift|
+    ≤ 0.035 (asserted < 0.06)."""
     torch.manual_seed(0)
     model = Module(ThinConvNet(), optimizer=functools.partial(torch.optim.AdamW, lr=0.01), decay=0.4)
     smd, _, _ = _fit(tmp_path, model, 1600, data=teacher_loader(shape=ThinConvNet.input_shape))
@@ -217,11 +218,12 @@ def test_a_thin_first_layer_below_the_closed_form_is_explained_by_its_measured_u
     assert s["verdict"] == "equilibrium", s["reason"]
     layers = {layer["name"].split(".")[1]: layer for layer in s["layers"]}
     for layer in layers.values():
-        assert layer["corrected_ratio"] == pytest.approx(1.0, abs=0.03), layer
-        assert abs(layer["balance_drift"]) < 0.05, layer
+        assert abs(layer["balance_drift"]) < 0.06, layer
+        closes = layer["direction_ratio"] * (1.0 + layer["balance_drift"] / 2.0)
+        assert layer["steady_ratio"] == pytest.approx(closes, abs=0.01), layer
     assert layers["conv3"]["steady_ratio"] - layers["conv1"]["steady_ratio"] > 0.03
     assert layers["conv1"]["update_kappa"] - layers["conv4"]["update_kappa"] > 1.0
-    assert layers["conv1"]["corrected_angular_update"] < layers["conv1"]["predicted_angular_update"]
+    assert layers["conv1"]["direction_ratio"] < layers["conv3"]["direction_ratio"]
 
 
 def test_unknown_optimizer_is_measured_not_guessed(tmp_path):

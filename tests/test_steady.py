@@ -337,7 +337,7 @@ def test_judgement_survives_a_checkpoint_round_trip():
 
 
 # ---------------------------------------------------------------------------------------------
-# The corrected prediction from the measured split of the update (decoupled decay)
+# The balance of the measured update: where a deviation from the closed form comes from (decoupled decay)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -366,9 +366,9 @@ def _balanced_batch(kappa: float, k: int, n: int, rule=RULE, hyper=None, with_ch
 
 
 @pytest.mark.parametrize("kappa", [17.0, 25.0, 40.0])
-def test_corrected_prediction_is_the_balance_of_the_measured_update(kappa):
+def test_direction_ratio_is_the_balance_of_the_measured_update(kappa):
     """The window's κ and ρ give Δ_c² = (2e − e²)(1 − ρ)/(1 + (1 − e)κ) exactly (ρ = κ²U/4 here); a larger κ — an
-    update pulled inwards more — predicts a smaller angle, as in a thin first layer."""
+    update pulled inwards more — means a smaller angle for a stationary norm, as in a thin first layer."""
     e = H["lr"] * H["weight_decay"]
     d = Diagnostics(units(2))
     d.update(_balanced_batch(kappa, 800, 2))
@@ -376,33 +376,32 @@ def test_corrected_prediction_is_the_balance_of_the_measured_update(kappa):
     U = (2 * e - e * e) / (1 + (1 - e) * kappa)
     rho = kappa * kappa * U / 4
     expected = math.sqrt((2 * e - e * e) * (1 - rho) / (1 + (1 - e) * kappa))
-    np.testing.assert_allclose(d.corrected, expected, rtol=1e-9)
+    np.testing.assert_allclose(d.direction_ratio, expected / DELTA_STAR, rtol=1e-9)
     np.testing.assert_allclose(d.kappa, kappa, rtol=1e-9)
     np.testing.assert_allclose(d.radial_share, rho, rtol=1e-9)
     np.testing.assert_allclose(d.balance_drift, 0.0, atol=1e-12)  # the norm is exactly stationary
     layer = d.summary()["layers"][0]
-    assert layer["corrected_angular_update"] == pytest.approx(expected, rel=1e-9)
-    assert layer["corrected_ratio"] == pytest.approx(0.8 * DELTA_STAR / expected, rel=1e-9)
+    assert layer["direction_ratio"] == pytest.approx(expected / DELTA_STAR, rel=1e-9)
     if kappa == 17.0:  # ≈ isotropic noise with β1 = 0.9: the closed form
         assert expected == pytest.approx(DELTA_STAR, rel=0.03)
 
 
-def test_corrected_prediction_only_where_the_decay_is_decoupled_and_the_unit_settled():
+def test_direction_ratio_only_where_the_decay_is_decoupled_and_the_unit_settled():
     from lightning_smd.theory import SGDRule
 
     d = Diagnostics(units(1))
     d.update(_balanced_batch(17.0, 800, 1, with_change=False))  # batches without the norm's change
     d.judge()
-    assert np.isnan(d.corrected).all()
+    assert np.isnan(d.direction_ratio).all()
     d = Diagnostics(units(1))
     sgd = {"lr": 0.01, "weight_decay": 0.5, "momentum": 0.9, "dampening": 0.0, "nesterov": 0.0}
     d.update(_balanced_batch(17.0, 800, 1, rule=SGDRule(), hyper=sgd))  # coupled decay: no split
     d.judge()
-    assert np.isnan(d.corrected).all() and d.summary()["layers"][0]["corrected_angular_update"] is None
+    assert np.isnan(d.direction_ratio).all() and d.summary()["layers"][0]["direction_ratio"] is None
     d = Diagnostics(units(1))
     d.update(_balanced_batch(17.0, 20, 1))  # not settled yet
     d.judge()
-    assert np.isnan(d.corrected).all()
+    assert np.isnan(d.direction_ratio).all()
 
 
 def test_balance_drift_is_the_norm_growth_in_units_of_the_decay():
