@@ -350,6 +350,11 @@ class Diagnostics:
                 self.relaxation[idx] = np.array([p.tau for p in preds])[batch.unit_group] * f_tau
                 self.tau_ratio[idx] = np.array([p.tau_ratio for p in preds])[batch.unit_group] * f_tau
             self.norm_power[idx] = np.array([p.power for p in preds])[batch.unit_group]
+            if any(p.unit_dependent for p in preds):
+                # τ follows the unit's L (coupled L2): keep room for the longest window it now needs, whatever the L
+                # the series was sized with at the last change (the first step's may be 0 or missing)
+                longest = self._window_range(self.tau_ratio[idx])[1]
+                self.series.max_window[idx] = np.maximum(self.series.max_window[idx], longest)
             self.decay[idx] = np.array([p.decay for p in preds])[batch.unit_group]
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
@@ -419,6 +424,8 @@ class Diagnostics:
                     m = batch.unit_group == g
                     fd, ft = batch.rule.unit_factors(hyper_r[g], L[m], numel[m])
                     f_delta[m], f_tau[m] = fd, ft
+        bad = ~(np.isfinite(f_delta) & (f_delta > 0))  # no L yet (0 or missing): no prediction for this step
+        f_delta[bad], f_tau[bad] = np.nan, np.nan
         return f_delta, f_tau
 
     def _balance_samples(self, batch: StepBatch, r: int, preds: list[_Prediction]) -> np.ndarray:

@@ -415,3 +415,35 @@ def test_balance_drift_is_the_norm_growth_in_units_of_the_decay():
     d.update(batch)
     d.judge()
     assert d.balance_drift[0] == pytest.approx(0.1, rel=1e-9)
+
+
+def test_a_unit_dependent_relaxation_time_widens_the_kept_window():
+    """Adam with coupled L2: τ ∝ (L/C²)^(1/3) per unit. A first step with L = 0 (a zero-initialised head) sizes the series
+    for the minimum window; once L is measured, the kept history must cover the longest window the larger τ needs."""
+    from lightning_smd.theory import AdamRule
+
+    rule = AdamRule()
+    h = rule.hyper({"lr": 1e-3, "weight_decay": 1e-2})
+    d = Diagnostics(units(1))
+    k = 400
+    one = np.ones((k, 1))
+    grad = one.copy()
+    grad[0] = 0.0  # L = 0 at the first step
+    d.update(
+        StepBatch(
+            optimizer_index=0,
+            unit_index=np.arange(1),
+            steps=np.arange(1, k + 1),
+            norm_sq_before=one,
+            norm_sq_after=one,
+            update_sq=1e-4 * one,
+            grad_sq=grad,
+            angular_update=1e-2 * one,
+            hyper=[[h]] * k,
+            unit_group=np.zeros(1, dtype=np.int64),
+            rule=rule,
+        )
+    )
+    tau = d.tau_ratio[0]
+    assert math.isfinite(tau) and tau > 0
+    assert d.series.max_window[0] >= d._window_range(tau)[1]
