@@ -229,8 +229,8 @@ class Diagnostics:
         self.tau_ratio = np.full(n, np.nan)
         self.norm_power = np.full(n, np.nan)
         self.decay = np.full(n, np.nan)
-        self._numel, self._numel_of = np.array([float(u.numel) for u in self.units]), self.units
         """``e`` of the decoupled weight decay at the latest step (nan: not decoupled)."""
+        self._numel, self._numel_of = np.array([float(u.numel) for u in self.units]), self.units
         self.direction_ratio = np.full(n, np.nan)
         """Δ/Δ* that the measured direction of the update implies for a stationary norm (:meth:`_balance`)."""
         self.kappa = np.full(n, np.nan)
@@ -338,7 +338,8 @@ class Diagnostics:
             preds = [self._predict(batch.rule, hyper_r[g]) for g in range(n_groups)]
             settings_pred = np.array([p.delta for p in preds])[batch.unit_group]  # what a change of settings moves
             scale = np.array([p.scale for p in preds])[batch.unit_group]
-            f_delta, f_tau = self._unit_factors(batch, r, idx, preds, hyper_r)
+            self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])  # before the per-unit factors use it
+            f_delta, f_tau = self._unit_factors(batch, idx, preds, hyper_r)
             delta = batch.angular_update[r]
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 pred = settings_pred * f_delta
@@ -355,10 +356,10 @@ class Diagnostics:
                 # the series was sized with at the last change (the first step's may be 0 or missing)
                 longest = self._window_range(self.tau_ratio[idx])[1]
                 self.series.max_window[idx] = np.maximum(self.series.max_window[idx], longest)
-            self.decay[idx] = np.array([p.decay for p in preds])[batch.unit_group]
+            e = np.array([p.decay for p in preds])[batch.unit_group]
+            self.decay[idx] = e
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
-            self.unit_grad.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
             if batch.filter_angular_update_rms is not None:
                 self.per_filter = True
                 self.filter_delta.update(idx, batch.filter_angular_update_rms[r])
@@ -367,7 +368,7 @@ class Diagnostics:
             exponent = np.array([p.grad_exponent for p in preds])[batch.unit_group]
             with np.errstate(divide="ignore", invalid="ignore"):
                 log_norm = 0.5 * np.log(batch.norm_sq_after[r]) - np.where(exponent != 0.0, exponent * np.log(self.unit_grad.value(idx)), 0.0)
-            self.series.add(idx, float(step), ratio, log_norm, self._balance_samples(batch, r, preds))
+            self.series.add(idx, float(step), ratio, log_norm, self._balance_samples(batch, r, e))
             smoothed = self.ratio.value(idx)
             self._band(idx, smoothed, step)
             self._spikes(idx, ratio, step)
@@ -407,14 +408,13 @@ class Diagnostics:
                 }
             )
 
-    def _unit_factors(self, batch: StepBatch, r: int, idx: np.ndarray, preds: list[_Prediction], hyper_r: list) -> tuple[np.ndarray, np.ndarray]:
+    def _unit_factors(self, batch: StepBatch, idx: np.ndarray, preds: list[_Prediction], hyper_r: list) -> tuple[np.ndarray, np.ndarray]:
         """Per-unit multipliers of Δ* and of the time constants (1 but for unit-dependent rules), from each unit's
-        smoothed ``L`` (this step's before the first smoothed value) and size."""
+        smoothed ``L`` (this step's included) and size."""
         f_delta, f_tau = np.ones(len(idx)), np.ones(len(idx))
         if not any(p.unit_dependent for p in preds):
             return f_delta, f_tau
         L = self.unit_grad.value(idx)
-        L = np.where(np.isfinite(L), L, batch.grad_sq[r] * batch.norm_sq_before[r])
         if self._numel_of is not self.units:  # the callback may swap in verified units
             self._numel, self._numel_of = np.array([float(u.numel) for u in self.units]), self.units
         numel = self._numel[idx]
@@ -428,14 +428,14 @@ class Diagnostics:
         f_delta[bad], f_tau[bad] = np.nan, np.nan
         return f_delta, f_tau
 
-    def _balance_samples(self, batch: StepBatch, r: int, preds: list[_Prediction]) -> np.ndarray:
+    @staticmethod
+    def _balance_samples(batch: StepBatch, r: int, e: np.ndarray) -> np.ndarray | None:
         """Per unit, this step's ``⟨w, ηu⟩/a``, its square, ``‖ηu‖²/a``, ``Δ²`` and the norm's relative change
         (``a = ‖w_t‖²``), where the step ``δw = −e·w − ηu`` splits into a decoupled decay ``e`` and the update ``ηu``;
-        nan where it does not."""
-        e = np.array([p.decay for p in preds])[batch.unit_group]
-        out = np.full((len(batch.unit_index), 5), np.nan)
+        nan where it does not (``None``: nowhere)."""
         if batch.norm_sq_change is None or not np.isfinite(e).any():
-            return out
+            return None
+        out = np.empty((len(batch.unit_index), 5))
         a, q = batch.norm_sq_before[r], batch.update_sq[r]
         with np.errstate(divide="ignore", invalid="ignore"):
             c = 0.5 * (batch.norm_sq_change[r] - q) / a  # ⟨w, δw⟩/a
@@ -636,9 +636,10 @@ class Diagnostics:
         with np.errstate(divide="ignore", invalid="ignore"):
             kappa, rho = -2.0 * wu / uu, wu2 / uu
             rms = np.sqrt((2.0 * e - e * e) * (1.0 - rho) / (1.0 + (1.0 - e) * kappa))
-            mean_over_rms = fit.mean_x * self.predicted / np.sqrt(d2)
-            ok = settled & np.isfinite(e) & (e > 0) & (uu > 0) & np.isfinite(rms)
-        self.direction_ratio = np.where(ok & (self.predicted > 0), rms * mean_over_rms / self.predicted, np.nan)
+            # Δ_c·(mean Δ / RMS Δ)/Δ* with mean Δ = mean_x·Δ*: Δ* cancels
+            direction = fit.mean_x * rms / np.sqrt(d2)
+            ok = settled & np.isfinite(e) & (e > 0) & (uu > 0) & np.isfinite(direction)
+        self.direction_ratio = np.where(ok, direction, np.nan)
         self.kappa = np.where(ok, kappa, np.nan)
         self.radial_share = np.where(ok, rho, np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):

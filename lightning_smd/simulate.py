@@ -48,6 +48,13 @@ class SimResult:
     """Mean over rows of the angular update of every step."""
 
 
+def _invariant_grad(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+    """The gradient a normalization gives each row: the noise ``xi`` projected orthogonally to the row, over its norm."""
+    norm = w.norm(dim=1, keepdim=True)
+    u = w / norm
+    return (xi - (xi * u).sum(dim=1, keepdim=True) * u) / norm
+
+
 def simulate(
     make_optimizer: Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer],
     steps: int | None = None,
@@ -104,9 +111,7 @@ def simulate(
                 g["lr"] = lr * f
         with torch.no_grad():
             norm = w.norm(dim=1, keepdim=True)
-            xi = torch.randn(rows, cols, dtype=torch.float64, generator=gen)
-            u = w / norm
-            g = (xi - (xi * u).sum(dim=1, keepdim=True) * u) / norm
+            g = _invariant_grad(w, torch.randn(rows, cols, dtype=torch.float64, generator=gen))
             before = w.detach().clone()
         w.grad = g
         opt.step()
@@ -241,9 +246,7 @@ def paired_relaxation(
         xi = torch.randn(rows, cols, dtype=torch.float64, generator=gen)
         for j, (w, opt) in enumerate(zip(params, opts)):
             with torch.no_grad():
-                norm = w.norm(dim=1, keepdim=True)
-                u = w / norm
-                w.grad = (xi - (xi * u).sum(dim=1, keepdim=True) * u) / norm
+                w.grad = _invariant_grad(w, xi)
             opt.step()
             if t >= change:
                 with torch.no_grad():
