@@ -615,8 +615,9 @@ class Diagnostics:
         ``(2e − e²)·‖w‖² = ‖ηu‖²·(1 + (1 − e)·κ)``, ``κ = −2⟨w, ηu⟩/‖ηu‖²``, and the angle sees only the tangential
         part of the update, a share ``1 − ρ`` of it with ``ρ = ⟨ŵ, ηu⟩²/‖ηu‖²``:
         ``Δ_c² = (2e − e²)(1 − ρ)/(1 + (1 − e)κ)``. The closed form is this with the ``κ`` and ``ρ`` of isotropic
-        white noise (momentum alone makes ``κ`` ≈ 17 for β1 = 0.9); gradients correlated in time (a thin first
-        layer) pull the update inwards more, ``κ`` grows, and the layer settles below the closed form. ``Δ_c`` is
+        white noise (momentum alone makes ``κ = 2β1/(1 − β1(1 − e))`` ≈ 17.4 for β1 = 0.9, whatever the gradients'
+        correlation in time: ``theory.momentum_inward_pull``); Adam's per-coordinate scaling moves ``κ`` (a thin
+        first layer: ``κ`` grows, and the layer settles below the closed form). ``Δ_c`` is
         the RMS angle; times the window's ``mean Δ / RMS Δ`` it is the mean angle the ratio measures.
 
         This is an accounting identity, not an independent prediction: ``(1 − ρ)‖ηu‖²`` is the measured tangential

@@ -46,6 +46,9 @@ class SimResult:
     """Mean over rows of ``‖w_row‖²`` after every step (all steps, burn-in included)."""
     angle_trace: list[float] = field(default_factory=list)
     """Mean over rows of the angular update of every step."""
+    update_kappa: float = math.nan
+    """The update's inward pull ``κ = −2⟨w, ηu⟩/‖ηu‖²`` over the measured steps (ratio of means), from the step's
+    split ``δw = −e·w − ηu`` into a decoupled decay and the update; ``nan`` where the decay is not decoupled."""
 
 
 def _invariant_grad(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
@@ -65,6 +68,8 @@ def simulate(
     lr_factor: Callable[[int], float] | None = None,
     start_norm: float | None = None,
     rule: Rule | None = None,
+    noise_scale: torch.Tensor | None = None,
+    noise_correlation: float = 0.0,
 ) -> SimResult:
     """Step ``make_optimizer([w])`` on the scale-invariant problem and compare with ``rule`` (found from the optimizer).
 
@@ -73,6 +78,10 @@ def simulate(
         lr_factor: multiply every group's initial learning rate by ``lr_factor(step)`` before each step (a
             schedule); predictions follow the settings of each step.
         start_norm: the rows' initial norm; by default the predicted equilibrium norm (a short transient).
+        noise_scale: per-coordinate standard deviations of the noise (``cols`` values; default: all 1, isotropic).
+        noise_correlation: lag-1 correlation ``φ`` of the noise in time (AR(1): ``ξ_t = φ·ξ_{t−1} +
+            sqrt(1 − φ²)·ε_t``); 0 is white noise. The predictions still assume ``L = cols − 1``, so a
+            ``noise_scale`` should have a mean square of 1.
     """
     gen = torch.Generator().manual_seed(seed)
     w = torch.nn.Parameter(torch.randn(rows, cols, dtype=torch.float64, generator=gen))
@@ -103,6 +112,9 @@ def simulate(
     pred_angle_sum = pred_norm_sum = 0.0
     norm_trace: list[torch.Tensor] = []
     angle_trace: list[torch.Tensor] = []
+    phi = float(noise_correlation)
+    xi = torch.randn(rows, cols, dtype=torch.float64, generator=gen) if phi else None
+    pull_sum = update_sq_sum = 0.0
     for t in range(burn + steps):
         step = t + 1
         if lr_factor is not None:
@@ -111,7 +123,9 @@ def simulate(
                 g["lr"] = lr * f
         with torch.no_grad():
             norm = w.norm(dim=1, keepdim=True)
-            g = _invariant_grad(w, torch.randn(rows, cols, dtype=torch.float64, generator=gen))
+            eps = torch.randn(rows, cols, dtype=torch.float64, generator=gen)
+            xi = phi * xi + math.sqrt(1.0 - phi * phi) * eps if xi is not None else eps
+            g = _invariant_grad(w, xi if noise_scale is None else xi * noise_scale)
             before = w.detach().clone()
         w.grad = g
         opt.step()
@@ -126,6 +140,12 @@ def simulate(
             angle_sum += angle
             norm_sum += norm_sq.sqrt()
             h = hyper(step)
+            e = rule.decoupled_decay(h)
+            if math.isfinite(e):
+                with torch.no_grad():
+                    update = (1.0 - e) * before - w  # ηu
+                    pull_sum -= 2.0 * float(torch.einsum("ij,ij->", before, update))
+                    update_sq_sum += float(torch.einsum("ij,ij->", update, update))
             pred_angle_sum += rule.angular_update(h) * factors(h)[0]
             pred_norm_sum += rule.weight_norm(h, unit_grad_sq, numel)
     angle_rows = angle_sum / steps
@@ -145,6 +165,7 @@ def simulate(
         cols=cols,
         norm_sq_trace=torch.stack(norm_trace).tolist(),
         angle_trace=torch.stack(angle_trace).tolist(),
+        update_kappa=pull_sum / update_sq_sum if update_sq_sum > 0.0 else math.nan,
     )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "filter_equilibrium",
     "adam_taps",
     "nadam_taps",
+    "momentum_inward_pull",
     "lion_equilibrium",
     "lion_angular_update",
     "decoupled_relaxation_time",
@@ -191,6 +192,20 @@ def filter_equilibrium(lr: float, weight_decay: float, taps: tuple[float, float,
 def adam_taps(beta1: float) -> tuple[float, float, float]:
     """Adam's momentum filter ``m = (1−β1)·Σ β1^k ĝ_{t−k}`` as ``(n0, n1, b)`` for :func:`filter_equilibrium`."""
     return 1.0 - beta1, 0.0, beta1
+
+
+def momentum_inward_pull(beta1: float, eta_lambda: float) -> float:
+    """The inward pull ``κ = −2⟨w, ηu⟩/‖ηu‖²`` of a momentum update ``u_t = s·m_t``, ``m_t = β1·m_{t−1} + (1−β1)·g_t``
+    (AdamW's, with a per-coordinate scale ``s`` that is the same for every coordinate), under a decoupled decay
+    ``w ← (1 − e)·w − ηu`` (``e = ηλ``) and gradients orthogonal to their weight (``⟨w_t, g_t⟩ = 0``):
+    ``κ = 2β1/(1 − β1(1 − e))``.
+
+    Derivation (``docs/theory.md`` §5): ``⟨w_t, u_t⟩ = β1⟨w_t, u_{t−1}⟩ = β1(1 − e)⟨w_{t−1}, u_{t−1}⟩ −
+    β1·η‖u_{t−1}‖²``; stationary, this is the form above. It holds whatever the gradients' correlation in time, so
+    temporally correlated gradients alone leave AdamW's Δ* unchanged; a per-coordinate scale that differs
+    between coordinates breaks ``⟨w_t, s·g_t⟩ = 0`` and moves ``κ`` (and Δ) once the gradients are also
+    correlated in time (``tests/test_theory_simulation.py``)."""
+    return 2.0 * beta1 / (1.0 - beta1 * (1.0 - eta_lambda))
 
 
 def nadam_taps(beta1: float, mu: float, mu_next: float) -> tuple[float, float, float]:
