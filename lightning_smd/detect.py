@@ -84,6 +84,9 @@ class NormalizedWeight:
     """The weight dimension that indexes output filters (1 for transposed convolutions)."""
     verification: float | None = None
     """``|cos(∇L(W), W)|`` on a real batch at the unit's granularity (the largest over filters/groups)."""
+    refinable: bool = False
+    """The structure leaves the granularity open (channels reshaped or split before the normalization, a weight
+    divided by its own statistics, BatchNorm after a Linear): the numerical check may refine or coarsen it."""
 
 
 @dataclass
@@ -160,6 +163,28 @@ _BIAS_TRANSPARENT = {
     "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
     "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "identity", "contiguous", "clone",
 }
+# Unary ops (function, method or module class names) that act on each channel alone: a concatenation's
+# channel slices keep their own degrees through them.
+_CHANNELWISE = {
+    "relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "hardtanh_zero", "ReLU", "LeakyReLU", "PReLU",
+    "max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d", "_max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d",
+    "interpolate", "upsample", "Upsample", "identity", "Identity", "contiguous", "clone", "detach", "float", "double",
+    "half", "bfloat16", "to", "type_as", "data",
+}
+# Unary ops that can move channels into other dimensions or split them (before a normalization, they leave the
+# structural granularity open: the numerical check may refine or coarsen it).
+_CHANNEL_MOVING = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "Flatten", "Unflatten", "pixel_shuffle",
+    "pixel_unshuffle", "PixelShuffle", "PixelUnshuffle", "split", "chunk", "unbind", "__getitem__", "getitem",
+    "narrow", "select", "index_select", "gather", "unfold", "fold", "im2col", "col2im", "as_strided",
+}
+_MATMUL = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum", "outer", "baddbmm"}
 # f(kx) = k^p f(x)
 _POWER = {
     "sqrt": 0.5, "sqrt_": 0.5, "rsqrt": -0.5, "rsqrt_": -0.5, "reciprocal": -1.0, "norm": 1.0, "std": 1.0,
@@ -225,6 +250,7 @@ class _Op:
     feature_axis: int = 1  # layers: where the output features are (1 conv, -1 linear)
     filter_dim: int = 0  # layers: weight dim indexing output filters
     groups: int | None = None  # group norms: number of groups
+    channel_cat: bool = False  # cat: along dim 1, the channel axis of conv and (N, C) activations
 
 
 def _op_from_name(name: str, args: list[int | None], consts: list[Any], label: str) -> _Op:
@@ -256,7 +282,8 @@ def _op_from_name(name: str, args: list[int | None], consts: list[Any], label: s
     if name in _ADD:
         return _Op("add", args, label=label, consts=consts)
     if name in _CAT:
-        return _Op("cat", args, label=label)
+        dims = [c for c in consts if isinstance(c, int) and not isinstance(c, bool)]
+        return _Op("cat", args, label=label, channel_cat=name in ("cat", "concat", "concatenate") and dims == [1])
     if name in ("_weight_norm", "weight_norm"):
         return _Op("weight_norm", args[:2], label=label)
     return _Op("opaque", args, label=label)
@@ -264,6 +291,21 @@ def _op_from_name(name: str, args: list[int | None], consts: list[Any], label: s
 
 _AFF = "aff"  # degree 1 plus a per-channel constant (a layer's bias, analysing its weight alone)
 _BROKEN = "broken"
+
+
+class _Parts(tuple):
+    """The degrees of the channel slices of a concatenation along the channel axis, where they differ (DenseNet's
+    ``cat(features, 1)``): a per-channel normalization absorbs each slice's own scale; ops that act per channel
+    keep them; anything that mixes channels (a layer, a matmul, a reshape, another normalization) breaks."""
+
+
+def _parts(values: Iterable[Any]) -> Any:
+    flat: list[Any] = []
+    for v in values:
+        flat.extend(v if isinstance(v, _Parts) else (v,))
+    if _BROKEN in flat:
+        return _BROKEN
+    return flat[0] if all(v == flat[0] for v in flat) else _Parts(flat)
 
 
 def _nz(d: float) -> Any:
@@ -345,6 +387,8 @@ class _Graph:
                 found.add(o.param)  # type: ignore[arg-type]
             elif o.kind == "input" or o.own_params or len(seen) > 64:
                 return None
+            elif o.kind == "norm":  # weight standardization with a learned gain: the gain is not the weight's scale
+                stack.extend(o.args[:1])
             else:
                 stack.extend(a for a in list(o.args) + [o.weight, o.bias] if a is not None)
         return next(iter(found)) if len(found) == 1 else None
@@ -352,10 +396,11 @@ class _Graph:
     def param_of(self, node: int | None) -> str | None:
         return self.ops[node].param if node is not None and self.ops[node].kind == "param" else None
 
-    def propagate(self, unit: set[str], weight_only_bias: str | None) -> tuple[bool, str, list[tuple[int, Any]]]:
+    def propagate(self, unit: set[str], weight_only_bias: str | None) -> tuple[bool, str, list[tuple[int, Any, bool]]]:
         """Propagate the degree of every value in the scale of ``unit``.
 
-        Returns (invariant, why not, absorbing normalizations as (node, degree in)).
+        Returns (invariant, why not, absorbing normalizations as (node, degree in, whether an op that can move or
+        split channels lies between the unit and the normalization)).
         """
         value: dict[int, Any] = {}
         start = [self.param_node[p] for p in unit if p in self.param_node]
@@ -365,7 +410,8 @@ class _Graph:
         heap = list(set(start))
         heapq.heapify(heap)
         queued = set(heap)
-        absorbed: list[tuple[int, Any]] = []
+        absorbed: list[tuple[int, Any, bool]] = []
+        moved: set[int] = set()  # values that went through an op that can move or split channels
 
         def val(a: int | None) -> Any:
             return 0.0 if a is None else value.get(a, 0.0)
@@ -373,9 +419,15 @@ class _Graph:
         while heap:
             i = heapq.heappop(heap)
             op = self.ops[i]
+            n_absorbed = len(absorbed)
             v = self._eval(op, unit, weight_only_bias, val, absorbed, i)
+            is_moved = any(a in moved for a in op.args if a is not None) or (op.kind == "unary" and op.label in _CHANNEL_MOVING)
+            if len(absorbed) > n_absorbed:
+                absorbed[n_absorbed:] = [(j, x, is_moved) for j, x, *_ in absorbed[n_absorbed:]]
             if v != 0.0:
                 value[i] = v
+                if is_moved:
+                    moved.add(i)
                 if i in self.out_set:
                     return False, self._explain(i, value), absorbed
                 for u in self.users[i]:
@@ -390,6 +442,8 @@ class _Graph:
             return 1.0 if op.param in unit else 0.0
         if k == "layer":
             x = val(op.args[0]) if op.args else 0.0
+            if isinstance(x, _Parts):
+                return _BROKEN  # a layer sums over the input channels
             core = _product(x, val(op.weight))
             if op.bias is None:
                 return core
@@ -405,7 +459,8 @@ class _Graph:
                 return _BROKEN
             if x == 0.0:
                 return 0.0
-            if x == _AFF and not _NORM_KINDS[op.norm_kind][1]:
+            per_channel = _NORM_KINDS[op.norm_kind][1]
+            if (x == _AFF or isinstance(x, _Parts)) and not per_channel:
                 return _BROKEN
             if x == _BROKEN:
                 return _BROKEN
@@ -415,14 +470,21 @@ class _Graph:
             x = val(op.args[0]) if op.args else 0.0
             if any(p in unit for p in op.own_params) or (x == _AFF and not op.transparent):
                 return _BROKEN
+            if isinstance(x, _Parts) and op.label not in _CHANNELWISE:
+                return _BROKEN
             return x
         if k == "power":
             x = val(op.args[0]) if op.args else 0.0
             return _nz(x * op.power) if isinstance(x, float) else _BROKEN
         if k == "mul":
+            vals = [val(a) for a in op.args]
+            if op.label in _MATMUL and any(isinstance(x, _Parts) for x in vals):
+                return _BROKEN
             v: Any = 0.0
-            for a in op.args:
-                v = _product(v, val(a))
+            for x in vals:
+                v = _product(v, x)
+            if v == 0.0 and any(x != 0.0 for x in vals):
+                absorbed.append((i, next(x for x in vals if x != 0.0)))  # x · rsqrt(mean(x²)): a normalization by hand
             return v
         if k in ("div", "rdiv"):
             a, b = (op.args + [None, None])[:2]
@@ -448,7 +510,9 @@ class _Graph:
             nonzero = [x for x in vals if x != 0.0]
             if not nonzero:
                 return 0.0
-            return nonzero[0] if all(x == nonzero[0] for x in vals) else _BROKEN
+            if all(x == nonzero[0] for x in vals):
+                return nonzero[0]
+            return _parts(vals) if op.channel_cat else _BROKEN
         if k == "weight_norm":
             v_deg, g_deg = val(op.args[0]) if op.args else 0.0, val(op.args[1]) if len(op.args) > 1 else 0.0
             if not isinstance(v_deg, float):
@@ -457,6 +521,8 @@ class _Graph:
                 absorbed.append((i, v_deg))
             return g_deg
         if k == "addmm":  # input + a @ b (baddbmm, addmm, addcmul, ...)
+            if any(isinstance(val(a), _Parts) for a in op.args):
+                return _BROKEN
             first = val(op.args[0]) if op.args else 0.0
             prod = _product(val(op.args[1]) if len(op.args) > 1 else 0.0, val(op.args[2]) if len(op.args) > 2 else 0.0)
             if first == prod:
@@ -479,6 +545,13 @@ class _Graph:
             if value.get(i) != _BROKEN:
                 return f"its scale reaches the model output through {op.name} ({op.label}) without a normalization"
             preds = [a for a in list(op.args) + [op.weight, op.bias] if a is not None and value.get(a) == _BROKEN]
+            if not preds and any(a is not None and value.get(a) == _AFF for a in op.args):
+                return f"its layer's bias is not cancelled by a normalization: {op.name} ({op.label}) sees the bias's offset"
+            if not preds and any(isinstance(value.get(a), _Parts) for a in op.args if a is not None):
+                return (
+                    f"not scale-invariant at {op.name} ({op.label}): it mixes the channels of a concatenation whose slices "
+                    "have different scales (only a per-channel normalization absorbs them)"
+                )
             if not preds:
                 why = {
                     "add": "an addition mixes it with a term of another scale (e.g. a residual connection or a bias added after it)",
@@ -737,14 +810,16 @@ def _analyse(g: _Graph, params: Mapping[str, nn.Parameter], found_by: str, prefi
         ok, why, absorbed = g.propagate({w}, weight_only_bias=bias)
         unit_params: tuple[str, ...] = (w,)
         if not ok and bias is not None and params[bias].requires_grad and not via_weight_norm:
-            ok2, _, absorbed2 = g.propagate({w, bias}, weight_only_bias=None)
+            ok2, why2, absorbed2 = g.propagate({w, bias}, weight_only_bias=None)
             if ok2:
                 ok, absorbed, unit_params = True, absorbed2, (w, bias)
+            elif "bias" in why:  # the bias broke the weight alone: where weight and bias together break says more
+                why = f"{why}; with its bias, {why2}"
         if not ok:
             det.rejected[prefix + w] = why
             continue
-        norms = sorted({g.ops[i].label for i, _ in absorbed})
-        granularity, group_size = _granularity(g, absorbed, first, p)
+        norms = sorted({_absorber_label(g, i) for i, *_ in absorbed})
+        granularity, group_size, refinable = _granularity(g, absorbed, layer_nodes[0], p)
         units.append(
             NormalizedWeight(
                 name=prefix + w + ("+bias" if len(unit_params) > 1 else ""),
@@ -757,20 +832,74 @@ def _analyse(g: _Graph, params: Mapping[str, nn.Parameter], found_by: str, prefi
                 found_by=found_by,
                 group_size=group_size,
                 filter_dim=first.filter_dim,
+                refinable=refinable,
             )
         )
     return units
 
 
-def _granularity(g: _Graph, absorbed: list[tuple[int, Any]], layer: _Op, weight: torch.Tensor) -> tuple[str, int | None]:
-    """The finest structural granularity the absorbing normalizations give (the numerical check refines it)."""
+def _layer_weight_names(model: nn.Module) -> list[str]:
+    """The weights of the model's conv and linear layers (any subclass: timm's ScaledStdConv2d, …), and of
+    Hugging Face's ``Conv1D``: the candidates every one of which detection must account for."""
+    names = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, tuple(_LAYER_MODULES)) or type(mod).__name__ == "Conv1D":
+            w = mod._parameters.get("weight")
+            if isinstance(w, nn.Parameter):
+                names.append(f"{mod_name}.weight" if mod_name else "weight")
+    return names
+
+
+def _account_for_layers(model: nn.Module, prefix: str, g: _Graph | None, det: Detection) -> None:
+    """Give every conv/linear weight that is neither tracked nor rejected its reason (nothing is left out silently)."""
+    tracked = {p for u in det.units for p in u.params}
+    params = dict(model.named_parameters())
+    for n in _layer_weight_names(model):
+        full = prefix + n
+        if full in tracked or full in det.rejected or n not in params:
+            continue
+        if not params[n].requires_grad:
+            det.rejected[full] = "frozen (requires_grad=False)"
+        elif g is None:
+            det.rejected[full] = "the data flow could not be analysed"
+        elif n not in g.param_node:
+            det.rejected[full] = "not used in the analysed forward pass"
+        else:
+            det.rejected[full] = (
+                "not used directly as a layer's weight (it reaches the layers only through other ops, e.g. a matmul or "
+                "a computation together with other tensors), so its scale cannot be followed; if it is normalized, name "
+                "it with include=[...]"
+            )
+
+
+def _absorber_label(g: _Graph, i: int) -> str:
+    """How a normalization that absorbs the scale is shown: its op, or for one written by hand (``x *
+    rsqrt(mean(x²) + eps)``, ``x / x.norm()``) the op that computes the statistic."""
+    op = g.ops[i]
+    if op.kind in ("mul", "div", "rdiv"):
+        stat = next((g.ops[a].label for a in op.args if a is not None and g.ops[a].kind in ("power", "rdiv")), None)
+        return f"{stat} (by hand)" if stat else f"{op.label} (by hand)"
+    return op.label
+
+
+def _granularity(g: _Graph, absorbed: list[tuple[int, Any, bool]], layer_node: int, weight: torch.Tensor) -> tuple[str, int | None, bool]:
+    """The structural granularity the absorbing normalizations give, and whether the structure leaves it open
+    (then the numerical check may refine or coarsen it): channels moved or split before a normalization, a
+    weight divided by its own statistics or normalized before the layer (the reduction dims are not recorded),
+    BatchNorm after a Linear."""
+    layer = g.ops[layer_node]
     order = {"filter": 0, "group": 1, "tensor": 2}
     grans: list[tuple[str, int | None]] = []
     n_filters = weight.shape[layer.filter_dim] if weight.dim() else 1
-    for i, _ in absorbed:
+    refinable = False
+    for i, _, moved in absorbed:
         op = g.ops[i]
-        if op.kind in ("weight_norm", "div"):
-            grans.append(("filter", None) if op.kind == "weight_norm" else ("tensor", None))
+        refinable |= moved or (i < layer_node and op.kind == "norm" and op.norm_kind != "batch")  # F.normalize(W, dim=1)
+        if op.kind == "weight_norm":
+            grans.append(("filter", None))
+        elif op.kind in ("div", "rdiv", "mul"):
+            grans.append(("tensor", None))
+            refinable = True
         elif op.kind == "norm":
             gran = _NORM_KINDS[op.norm_kind][0]
             if gran == "group" and op.groups:
@@ -780,11 +909,13 @@ def _granularity(g: _Graph, absorbed: list[tuple[int, Any]], layer: _Op, weight:
                 # BatchNorm after a Linear: per row only if the features are on BatchNorm's channel axis (2-D
                 # input), which the structure alone does not show; the numerical check refines it
                 grans.append(("tensor", None))
+                refinable = True
             else:
                 grans.append((gran, None))
     if not grans:
-        return "tensor", None
-    return max(grans, key=lambda x: order[x[0]])
+        return "tensor", None, True
+    gran, size = max(grans, key=lambda x: order[x[0]])
+    return gran, size, refinable
 
 
 def _apply_overrides(
@@ -884,6 +1015,8 @@ def find_normalized_weights(
     units = _analyse(g, params, found_by, prefix, det) if g is not None else []
     named = {prefix + n: p for n, p in params.items()}
     det.units = _apply_overrides(units, named, include, exclude, det)
+    if det.method != "deferred":
+        _account_for_layers(inner, prefix, g, det)
     if example_input is not None and det.method not in ("none", "deferred"):
         _verify_with_input(model, example_input, det)
     return det
@@ -904,6 +1037,7 @@ def detect_from_graph(model: nn.Module, graph: _Graph, include: Sequence[str] | 
     det = Detection(method="run")
     units = _analyse(graph, params, "run", prefix, det)
     det.units = _apply_overrides(units, {prefix + n: p for n, p in params.items()}, include, exclude, det)
+    _account_for_layers(inner, prefix, graph, det)
     return det
 
 
@@ -978,10 +1112,15 @@ def verify_orthogonality(
     """Numerical check of scale invariance: ``⟨∇L(W), W⟩ = 0``.
 
     For each unit, the relative value ``|cos(g, w)|`` is computed per filter, per block of filters and for
-    the whole unit. The structural granularity stands (a BatchNorm eps effect must not coarsen it); where
-    the gradient shows a finer invariance than the structure did (LayerNorm/RMSNorm over attention heads, a
-    standardized weight), the granularity becomes the finest at which every value is below
-    :data:`ORTHOGONALITY_TOLERANCE`. ``verification`` is the largest ``|cos|`` at the final granularity. Rejected weights get their whole-tensor value. Runs once, off the step
+    the whole unit. Where the structure fixes the granularity (``refinable`` false: BatchNorm after a conv,
+    GroupNorm, LayerNorm over the features) it stands: a gradient can neither refine it nor, near zero, coarsen
+    it. Where the structure leaves it open (channels reshaped or split before the normalization: attention heads,
+    a pixel shuffle; a weight divided by its own statistics), a granularity that is clearly not invariant
+    (above :data:`NOT_ORTHOGONAL_WARNING`) is coarsened to the finest block below
+    :data:`ORTHOGONALITY_TOLERANCE`, and a finer one is taken where every block's ``|cos|`` is at the noise
+    floor: within 32× what the unit shows where it is invariant (at least 8 ulps of the gradient's dtype).
+    ``verification`` is the largest ``|cos|`` at the final granularity. Rejected weights get their
+    whole-tensor value. Runs once, off the step
     path; it synchronizes the host.
     """
     out = []
@@ -1002,14 +1141,16 @@ def verify_orthogonality(
             continue
         w_rows = torch.cat([r.to(torch.float64) for r in rows_w], dim=1)
         g_rows = torch.cat([r.to(torch.float64) for r in rows_g], dim=1)
-        # The structural granularity stands (a BatchNorm eps effect must not coarsen it); a coarser structural
-        # answer (LayerNorm/RMSNorm over reshaped heads, a standardized weight) is refined when the gradient
-        # shows a finer invariance.
         if not bool(torch.isfinite(g_rows).all()):
             out.append(u)  # an overflowed gradient (fp16 loss scaling): no verdict from this batch
             continue
         current = {"filter": 1, "group": u.group_size or n_filters, "tensor": n_filters}[u.granularity]
         best = (u.granularity, u.group_size, _block_cos(w_rows, g_rows, current))
+        if not u.refinable:
+            # the structure fixes the granularity (BatchNorm after a conv, GroupNorm, LayerNorm over the features):
+            # a gradient can neither refine it nor, near zero, coarsen it
+            out.append(replace(u, verification=best[2]))
+            continue
         if best[2] > NOT_ORTHOGONAL_WARNING:
             # clearly not invariant at the structural granularity (channels moved by a reshape or a pixel
             # shuffle before the norm): the finest coarser block that is
@@ -1018,11 +1159,16 @@ def verify_orthogonality(
                 if c <= ORTHOGONALITY_TOLERANCE:
                     best = ("tensor", None, c) if size == n_filters else ("group", size, c)
                     break
+        # A finer block is invariant only if its |cos| is at the noise floor of this precision: the floor is what the
+        # unit shows where it is invariant (its granularity so far), but never below 256 ulps of the gradient's dtype.
+        floor = max(best[2], 8.0 * torch.finfo(gs[0].dtype).eps)  # type: ignore[union-attr]
+        finer_limit = min(ORTHOGONALITY_TOLERANCE, 32.0 * floor)
+        current = {"filter": 1, "group": best[1] or n_filters, "tensor": n_filters}[best[0]]
         for size in [1] + [d for d in _divisors(n_filters) if d < current]:
             if size >= current:
                 break
             c = _block_cos(w_rows, g_rows, size)
-            if c <= ORTHOGONALITY_TOLERANCE:
+            if c <= finer_limit:
                 best = ("filter", None, c) if size == 1 else ("group", size, c)
                 break
         out.append(replace(u, granularity=best[0], group_size=best[1], verification=best[2]))

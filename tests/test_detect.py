@@ -135,3 +135,82 @@ def test_detection_table_lists_units():
     det = find_normalized_weights(SmallConvNet())
     table = format_detection_table(det)
     assert "conv1.weight" in table and "BatchNorm2d" in table and "filter" in table
+
+
+def _unit(granularity, refinable, n_filters=8, group_size=None):
+    from lightning_smd.detect import NormalizedWeight
+
+    return NormalizedWeight(
+        name="w", params=("w",), shape=(n_filters, 10), numel=10 * n_filters, layer="conv2d", norm="?", granularity=granularity,
+        found_by="fx", group_size=group_size, refinable=refinable,
+    )
+
+
+def _grad_with_block_cos(w, size, cos):
+    """A gradient whose every block of ``size`` rows has ``|cos(g, w)| ≈ cos`` (one sign in each half) and that is
+    orthogonal to w over the whole tensor."""
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for k in range(w.shape[0] // size):
+        wb = w[k * size:(k + 1) * size].flatten().double()
+        r = torch.randn(wb.shape, generator=gen, dtype=torch.float64)
+        r -= (r @ wb) / (wb @ wb) * wb
+        r /= r.norm()
+        sign = 1.0 if k < w.shape[0] // size // 2 else -1.0  # the two halves cancel: invariant only as a whole
+        rows.append((sign * cos * wb / wb.norm() + (1 - cos * cos) ** 0.5 * r).reshape(size, -1))
+    g, wd = torch.cat(rows), w.double()
+    g -= (g * wd).sum() / (wd * wd).sum() * wd  # invariant as a whole, as a LayerNorm over all channels makes it
+    return g.to(w.dtype)
+
+
+def test_numerical_check_never_overrides_a_granularity_the_structure_fixes():
+    """A LayerNorm over the channels fixes "tensor" (ConvNeXt's depthwise conv): blocks of filters with |cos| = 7e-5,
+    under the old fixed 1e-3 limit, must not refine it; a BatchNorm after a conv fixes "filter": a gradient far from
+    orthogonal per filter (a near-zero, noisy gradient) must not coarsen it."""
+    from lightning_smd.detect import verify_orthogonality
+
+    w = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    g = _grad_with_block_cos(w, 2, 7e-5)
+    (u,), _ = verify_orthogonality([_unit("tensor", refinable=False)], {"w": w}, {"w": g})
+    assert (u.granularity, u.group_size) == ("tensor", None)
+    g_noisy = _grad_with_block_cos(w, 1, 0.5)
+    (u,), _ = verify_orthogonality([_unit("filter", refinable=False)], {"w": w}, {"w": g_noisy})
+    assert u.granularity == "filter" and u.verification > 0.1
+
+
+def test_refinement_needs_blocks_at_the_noise_floor():
+    """Where the structure leaves the granularity open (heads reshaped before a norm), a finer block is taken only if
+    its |cos| is within 32× the unit's own floor: 7e-5 against a float32 floor of ~1e-7 is a real violation; 1e-7
+    is invariance."""
+    from lightning_smd.detect import verify_orthogonality
+
+    w = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    (u,), _ = verify_orthogonality([_unit("tensor", refinable=True)], {"w": w}, {"w": _grad_with_block_cos(w, 2, 7e-5)})
+    assert (u.granularity, u.group_size) == ("tensor", None)
+    (u,), _ = verify_orthogonality([_unit("tensor", refinable=True)], {"w": w}, {"w": _grad_with_block_cos(w, 2, 1e-7)})
+    assert (u.granularity, u.group_size) == ("group", 2)
+
+
+def test_hand_written_rms_norm_is_named_in_the_table():
+    from zoo import HandRMSNorm
+
+    det = find_normalized_weights(HandRMSNorm())
+    (unit,) = det.units
+    assert unit.name == "lin.weight" and "rsqrt" in unit.norm, unit.norm
+
+
+def test_a_bias_that_nothing_cancels_is_named_with_where_weight_and_bias_break():
+    """Linear + bias → softmax: the weight alone fails at its bias, the pair at the softmax; the reason says both
+    instead of blaming the first reshape."""
+
+    class BiasSoftmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 8)
+
+        def forward(self, x):
+            return torch.softmax(self.lin(x).view(x.shape[0], 2, 4), -1)
+
+    det = find_normalized_weights(BiasSoftmax())
+    why = det.rejected["lin.weight"]
+    assert "bias" in why and "softmax" in why, why

@@ -297,6 +297,105 @@ class LazyNet(nn.Module):
         return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
+class MiniDenseNet(nn.Module):
+    """DenseNet: each layer's output is concatenated to its input along the channels, and every reader of a
+    concatenation is a per-channel BatchNorm, which absorbs each slice's own scale: every conv is invariant per
+    filter although the slices have different scales (torchvision's DenseNet-121 has 120 such convs)."""
+
+    def __init__(self, c0=4, growth=3, layers=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c0, 3, padding=1, bias=False)
+        self.bns, self.convs = nn.ModuleList(), nn.ModuleList()
+        c = c0
+        for _ in range(layers):
+            self.bns.append(nn.BatchNorm2d(c))
+            self.convs.append(nn.Conv2d(c, growth, 3, padding=1, bias=False))
+            c += growth
+        self.trans_bn, self.trans = nn.BatchNorm2d(c), nn.Conv2d(c, 6, 1, bias=False)
+        self.final_bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for bn, conv in zip(self.bns, self.convs):
+            feats.append(conv(F.relu(bn(torch.cat(feats, 1)))))
+        y = F.avg_pool2d(self.trans(F.relu(self.trans_bn(torch.cat(feats, 1)))), 2)
+        return self.fc(F.relu(self.final_bn(y)).mean((2, 3)))
+
+
+class CatIntoConv(nn.Module):
+    """Two branches concatenated and read by a conv before any normalization: the conv mixes the slices, so
+    neither branch is invariant (only the mixing conv, before its BatchNorm, is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.mix, self.bn = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.mix(torch.cat([self.a(x), self.b(x)], 1)))).mean((2, 3)))
+
+
+class GainStdConv2d(nn.Conv2d):
+    """Weight standardization with a learned gain, as timm's ScaledStdConv2d (NF-ResNets): the weight is
+    standardized per filter by ``F.batch_norm`` over its rows, whose affine weight is the gain."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), 1.5))
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=(self.gain * 0.5).reshape(-1), training=True, momentum=0.0, eps=1e-10)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class NormFreeNet(nn.Module):
+    """No activation normalization at all (NF-ResNet): the standardized weights are invariant per filter, a
+    residual addition notwithstanding; the plain classifier is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = GainStdConv2d(3, 8, 3, padding=1)
+        self.conv2 = GainStdConv2d(8, 8, 3, padding=1, bias=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = x + F.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """A depthwise conv with a bias, then a LayerNorm over the channels (channels-last, as ConvNeXt): only the whole
+    weight with its bias is invariant; no group of filters is (the numerical check must not refine it)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw = nn.Linear(c, 2 * c)
+        self.fc = nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        y = self.norm(self.dw(self.stem(x)).permute(0, 2, 3, 1))
+        return self.fc(F.gelu(self.pw(y)).mean((1, 2)))
+
+
+class HandRMSNorm(nn.Module):
+    """An RMSNorm written by hand, ``x * rsqrt(mean(x²) + eps)``, after a Linear without bias."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=False)
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.fc(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-12))
+
+
 def exclude_eps_effects(model: nn.Module) -> nn.Module:
     """Make the normalizations' eps negligible, so that the numerical invariance check sees the structure
     alone (BatchNorm's eps is a real, separate effect when activations are tiny)."""
@@ -348,4 +447,9 @@ ZOO = {
         {"c1.weight": ("filter", None), "c3.weight": ("filter", None), "c2.weight": ("filter", None)},
     ),
     "lazy_modules": (LazyNet, img, {"conv.weight": ("filter", None)}),
+    "densenet_concatenation": (MiniDenseNet, img, {n: ("filter", None) for n in ("stem.weight", "convs.0.weight", "convs.1.weight", "convs.2.weight", "trans.weight")}),
+    "concatenation_into_a_conv": (CatIntoConv, img, {"mix.weight": ("filter", None)}),
+    "weight_standardization_with_gain": (NormFreeNet, img, {"conv1.weight": ("filter", None), "conv2.weight": ("filter", None)}),
+    "convnext_depthwise_layer_norm": (ConvNeXtBlock, img, {"dw.weight+bias": ("tensor", None)}),
+    "rms_norm_by_hand": (HandRMSNorm, seq, {"lin.weight": ("tensor", None)}),
 }
