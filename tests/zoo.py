@@ -396,6 +396,28 @@ class HandRMSNorm(nn.Module):
         return self.fc(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-12))
 
 
+class PostNormAttention(nn.Module):
+    """Attention whose output projection is normalized before the residual (OLMo2, Gemma3): attention is
+    homogeneous of degree 1 in v, so v's and the output projection's weights are invariant as whole tensors; q and
+    k (through the softmax) are not."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+
+        def split(h):
+            return h.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.head(x + self.norm(self.o(a.transpose(1, 2).reshape(b, t, d))))
+
+
 def exclude_eps_effects(model: nn.Module) -> nn.Module:
     """Make the normalizations' eps negligible, so that the numerical invariance check sees the structure
     alone (BatchNorm's eps is a real, separate effect when activations are tiny)."""
@@ -452,4 +474,5 @@ ZOO = {
     "weight_standardization_with_gain": (NormFreeNet, img, {"conv1.weight": ("filter", None), "conv2.weight": ("filter", None)}),
     "convnext_depthwise_layer_norm": (ConvNeXtBlock, img, {"dw.weight+bias": ("tensor", None)}),
     "rms_norm_by_hand": (HandRMSNorm, seq, {"lin.weight": ("tensor", None)}),
+    "post_norm_attention": (PostNormAttention, seq, {"v.weight": ("tensor", None), "o.weight": ("tensor", None)}),
 }
