@@ -37,7 +37,15 @@ from lightning_smd.detect import (
 from lightning_smd.diagnose import WINDOW_RELAXATION_TIMES, Diagnostics, DiagnosticsConfig, diffusion_exponent, metric_name
 from lightning_smd.loggers import finish_loggers, setup_loggers
 from lightning_smd.measure import DistanceTracker, StepRecorder
-from lightning_smd.report import SUMMARY_FILENAME, SMDWarning, filter_spec, format_summary_table, optimizer_info, write_summary
+from lightning_smd.report import (
+    SUMMARY_FILENAME,
+    EquilibriumNotReachedError,
+    SMDWarning,
+    filter_spec,
+    format_summary_table,
+    optimizer_info,
+    write_summary,
+)
 from lightning_smd.theory import group_hyper
 
 if TYPE_CHECKING:
@@ -63,15 +71,6 @@ def _callback_bases() -> tuple[type, ...]:
 
 
 _CALLBACK_BASES = _callback_bases()
-
-
-class EquilibriumNotReachedError(RuntimeError):
-    """Raised at the end of fit by ``SMDCallback(on_no_equilibrium="raise")`` when the verdict is not
-    ``"equilibrium"`` — after the summary JSON was written, on every rank."""
-
-    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.summary = summary or {}
 
 
 class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]

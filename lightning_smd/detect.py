@@ -732,9 +732,21 @@ class DataFlowRecorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         try:
             self._record(func, args, kwargs, out)
-        except Exception:  # noqa: BLE001 - recording must never break the forward pass
-            pass
+        except Exception as err:  # noqa: BLE001 - recording must never break the forward pass
+            # Never drop the op: its outputs would then look like constants (degree 0), a path to a false
+            # "invariant". It becomes an opaque op of its tensor inputs, which breaks invariance and says why.
+            self._record_unknown(func, args, kwargs, out, err)
         return out
+
+    def _record_unknown(self, func: Any, args: Any, kwargs: Any, out: Any, err: Exception) -> None:
+        name = getattr(func, "__name__", "") or type(func).__name__
+        flat = list(_flatten_args(args)) + list(_flatten_args(kwargs))
+        refs = [self._ref(a) for a in flat if isinstance(a, torch.Tensor)]
+        i = self.g.add(_Op("opaque", refs, label=f"{name}, not recorded: {type(err).__name__}"))
+        for t in _flatten_args(out):
+            if isinstance(t, torch.Tensor) and id(t) not in self.pname:
+                self._producer[id(t)] = i
+                self._keep.append(t)
 
     def _ref(self, t: torch.Tensor) -> int | None:
         # A parameter is a leaf: whatever in-place initialization ran on it (lazy modules), its value in the

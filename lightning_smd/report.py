@@ -16,13 +16,22 @@ from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepRecorder
 from lightning_smd.theory import group_hyper, rule_for
 
-__all__ = ["SMDWarning", "SUMMARY_FILENAME", "format_summary_table", "state_label", "write_summary", "optimizer_info", "filter_spec"]
+__all__ = ["SMDWarning", "EquilibriumNotReachedError", "SUMMARY_FILENAME", "format_summary_table", "state_label", "write_summary", "optimizer_info", "filter_spec"]
 
 SUMMARY_FILENAME = "smd_summary.json"
 
 
 class SMDWarning(UserWarning):
     """Warnings of lightning_smd (filter them with ``warnings.filterwarnings(..., category=SMDWarning)``)."""
+
+
+class EquilibriumNotReachedError(RuntimeError):
+    """Raised at the end of fit by ``SMDCallback(on_no_equilibrium="raise")`` when the verdict is not
+    ``"equilibrium"`` — after the summary JSON was written, on every rank."""
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or {}
 
 
 def format_summary_table(summary: dict[str, Any]) -> str:

@@ -214,3 +214,32 @@ def test_a_bias_that_nothing_cancels_is_named_with_where_weight_and_bias_break()
     det = find_normalized_weights(BiasSoftmax())
     why = det.rejected["lin.weight"]
     assert "bias" in why and "softmax" in why, why
+
+
+def test_an_op_the_recorder_fails_on_breaks_invariance_and_says_so(monkeypatch):
+    """The recording front end never drops an op: a dropped ReLU between a conv and the output would make the
+    conv's scale vanish from the graph, a false "invariant"."""
+    from lightning_smd.detect import DataFlowRecorder
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=False)
+
+        def forward(self, x):
+            h = F.relu(self.conv(x))
+            if h.sum() > -1e9:  # data-dependent control flow: fx cannot trace it
+                h = h * 2
+            return h.mean((2, 3))
+
+    record = DataFlowRecorder._record
+
+    def failing(self, func, args, kwargs, out):
+        if getattr(func, "__name__", "") == "relu":
+            raise RuntimeError("simulated recording failure")
+        return record(self, func, args, kwargs, out)
+
+    monkeypatch.setattr(DataFlowRecorder, "_record", failing)
+    det = find_normalized_weights(Untraceable(), example_input=torch.randn(2, 3, 8, 8))
+    assert det.method == "run" and det.units == []
+    assert "not recorded" in det.rejected["conv.weight"], det.rejected

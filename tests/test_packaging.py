@@ -1,6 +1,8 @@
 """The README's commands and CI stay in sync; the package ships its type marker."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -23,3 +25,19 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_package_is_typed():
     assert (ROOT / "lightning_smd" / "py.typed").exists()
     assert 'py.typed' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_import_and_cli_do_not_load_lightning(tmp_path):
+    """``import lightning_smd`` and ``lightning-smd check`` load no Lightning (it takes 1–2 s and is not needed);
+    the callback imports it on first use."""
+    code = (
+        "import sys, lightning_smd\n"
+        "from lightning_smd import cli\n"
+        f"rc = cli.main(['check', {str(tmp_path / 'missing.json')!r}])\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'})\n"
+        "assert rc == 2 and not loaded, (rc, loaded)\n"
+        "lightning_smd.SMDCallback\n"
+        "assert {m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -40,6 +40,7 @@ def test_zoo_with_a_real_batch(name):
     for u in det.units:
         assert u.verification is not None and u.verification < ORTHOGONALITY_TOLERANCE, (u.name, u.verification)
     tracked_params = {p for u in det.units for p in u.params}
+    assert not tracked_params & set(det.rejected)  # tracked and not_tracked partition the candidates
     for w in _candidate_weights(model) - tracked_params:
         assert w in det.rejected, w
         if "frozen" in det.rejected[w]:
