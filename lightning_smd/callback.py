@@ -842,7 +842,8 @@ class SMDCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             warnings.warn(message, SMDWarning, stacklevel=3)
 
 
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: Segments that FSDP1 and activation checkpointing insert into parameter names after setup().
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -852,7 +853,7 @@ def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     for name, p in module.named_parameters():
         out[name] = p
         clean = name
-        for seg in _WRAPPER_SEGMENTS[:2]:
+        for seg in _WRAPPER_SEGMENTS:
             clean = clean.replace(seg, "")
         out.setdefault(clean, p)
     return out

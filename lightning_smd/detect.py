@@ -1174,7 +1174,7 @@ def verify_orthogonality(
         gs = [grads.get(n) for n in u.params]
         if any(g is None for g in gs) or u.found_by == "include":
             if u.found_by == "include" and not any(g is None for g in gs):
-                out.append(replace(u, verification=_cos_blocks([w.flatten() for w in ws], [g.flatten() for g in gs], 1)[0]))  # type: ignore[union-attr]
+                out.append(replace(u, verification=_whole_cos([w.flatten() for w in ws], [g.flatten() for g in gs])))  # type: ignore[union-attr]
             else:
                 out.append(u)
             continue
@@ -1182,7 +1182,7 @@ def verify_orthogonality(
         rows_g = [_rows(g, u.filter_dim) for g in gs]  # type: ignore[arg-type]
         n_filters = rows_w[0].shape[0]
         if any(r.shape[0] != n_filters for r in rows_w):
-            out.append(replace(u, verification=_cos_blocks([w.flatten() for w in ws], [g.flatten() for g in gs], 1)[0]))  # type: ignore[union-attr]
+            out.append(replace(u, verification=_whole_cos([w.flatten() for w in ws], [g.flatten() for g in gs])))  # type: ignore[union-attr]
             continue
         w_rows = torch.cat([r.to(torch.float64) for r in rows_w], dim=1)
         g_rows = torch.cat([r.to(torch.float64) for r in rows_g], dim=1)
@@ -1221,7 +1221,7 @@ def verify_orthogonality(
     for name in rejected or {}:
         w, g = params.get(name), grads.get(name)
         if w is not None and g is not None:
-            rejected_cos[name] = _cos_blocks([w.detach().flatten()], [g.flatten()], 1)[0]
+            rejected_cos[name] = _whole_cos([w.detach().flatten()], [g.flatten()])
     return out, rejected_cos
 
 
@@ -1250,10 +1250,11 @@ def _block_cos(w_rows: torch.Tensor, g_rows: torch.Tensor, size: int) -> float:
     return float((dots[ok].abs() / denom[ok]).max())
 
 
-def _cos_blocks(ws: list[torch.Tensor], gs: list[torch.Tensor], size: int) -> list[float]:
+def _whole_cos(ws: list[torch.Tensor], gs: list[torch.Tensor]) -> float:
+    """``|cos(g, w)|`` of the concatenation of the unit's tensors."""
     w = torch.cat([x.to(torch.float64) for x in ws]).reshape(1, -1)
     g = torch.cat([x.to(torch.float64) for x in gs]).reshape(1, -1)
-    return [_block_cos(w, g, 1)]
+    return _block_cos(w, g, 1)
 
 
 def _first_line(err: BaseException) -> str:

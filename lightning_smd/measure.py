@@ -706,8 +706,6 @@ class StepRecorder:
         self.every_n_steps = int(every_n_steps)
         self.n_units = len(unit_params)
         self.slots: list[_Slot] = []
-        self.unit_optimizer = np.full(self.n_units, -1, dtype=np.int64)
-        self.unit_group = np.full(self.n_units, -1, dtype=np.int64)
         owner: dict[int, tuple[int, int]] = {}
         for oi, opt in enumerate(optimizers):
             for gi, group in enumerate(opt.param_groups):
@@ -733,8 +731,6 @@ class StepRecorder:
                 # the filter dim applies to the weight; further tensors of a unit (a bias) are 1-D per filter
                 per_opt_filter.setdefault(key, []).append(None if spec is None else (spec[0] if j == 0 else 0, spec[1]))
             units.append(u)
-            self.unit_optimizer[u] = oi
-            self.unit_group[u] = where[0][1]  # type: ignore[index]
         self._handles = []
         for key in sorted(per_opt):
             oi = key[0]
