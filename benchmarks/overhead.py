@@ -9,8 +9,8 @@ Every run is a fresh Python process (so that peak memory is its own) training th
 the next (forward, backward, optimizer step and every callback's work), the first ``--warmup`` steps
 dropped, and the mean kept (log steps included). Separate processes on a shared machine drift by several
 percent, more than the cost being measured; so for the SMD variants the script also times the callback's
-own hooks inside the same steps (``in SMD hooks``: exact on the CPU, where every op is synchronous). The variants run interleaved, repeat after repeat, so slow drifts of the
-machine hit all of them alike.
+own hooks inside the same steps (``in SMD hooks``: exact on the CPU, where every op is synchronous). The
+variants run interleaved, repeat after repeat, so slow drifts of the machine hit all of them alike.
 
 Variants:
 - ``none``: no monitoring;

@@ -152,7 +152,10 @@ def main() -> None:
     print("ops: compute operators (kernels) + view operators (metadata only) dispatched by one step's record()\n")
 
     print("Table 1: number of tracked tensors (256 elements each); opt.step() is SGD's own step without monitoring")
-    head = f"| {'tensors':>7} | {'path':<8} | {'batched ops':>13} | {'batched us':>10} | {'per-tensor ops':>14} | {'per-tensor us':>13} | {'opt.step() us':>13} |"
+    head = (
+        f"| {'tensors':>7} | {'path':<8} | {'batched ops':>13} | {'batched us':>10} "
+        f"| {'per-tensor ops':>14} | {'per-tensor us':>13} | {'opt.step() us':>13} |"
+    )
     print(head + (" CUDA kernels |" if cuda else ""))
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|" + ("--------------|" if cuda else ""))
     for n in (10, 100, 1000):

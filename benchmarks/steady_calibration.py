@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     print(f"stationary AR(1) around 1, {args.series} series per row; window 8 τ_r (at least 400 steps)\n")
-    print("| ρ | σ | τ_r | correlation times in the window | test rate (nominal 0.010) | fails the rule (δ = 0.1, N = 4) | of which imprecise | CI misses (nominal 0.010) |")
+    print(
+        "| ρ | σ | τ_r | correlation times in the window | test rate (nominal 0.010) "
+        "| fails the rule (δ = 0.1, N = 4) | of which imprecise | CI misses (nominal 0.010) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for rho in (0.0, 0.5, 0.9, 0.97, 0.99):
         for sigma in (0.02, 0.1, 0.3):

@@ -54,7 +54,12 @@ def cases(quick: bool) -> list[tuple[str, Any, dict[str, Any], Any]]:
         ("Nesterov α=0.99 ηλ=1e-3", sgd(0.1, 0.01, momentum=0.99, nesterov=True), {}, wan),
         ("AdamW ηλ=1e-3", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), {}, kosson_adam),
         ("AdamW ηλ=1e-2", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1.0), {}, kosson_adam),
-        ("NAdam warm-up (steps 5k-7k)", lambda p: torch.optim.NAdam(p, lr=1e-3, weight_decay=1.0, decoupled_weight_decay=True), {"burn": 5000, "steps": 2000}, None),
+        (
+            "NAdam warm-up (steps 5k-7k)",
+            lambda p: torch.optim.NAdam(p, lr=1e-3, weight_decay=1.0, decoupled_weight_decay=True),
+            {"burn": 5000, "steps": 2000},
+            None,
+        ),
         ("Adam coupled L2 λ=1 (per unit)", lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1.0), {}, None),
         ("Adam coupled L2 λ=0.1 (per unit)", lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1), {}, None),
         ("Lion ηλ=1e-3", lion(lr=1e-3, weight_decay=1.0), {}, kosson_lion),
@@ -102,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         for lr0, beta2, k, steps in todo:
             r = paired_relaxation(lambda p: torch.optim.AdamW(p, lr=lr0, weight_decay=0.1, betas=(0.9, beta2)), k, 1000, steps)  # noqa: B023
             first = 1.0 / (2.0 * lr0 * k * 0.1)
-            print(f"| lr ×{k:g} | {beta2:g} | {lr0 * k * 0.1:.0e} | {r.predicted:.0f} | {r.tau / r.predicted:.4f} | {r.tau_se / r.predicted:.4f} | {first / r.tau:.3f} |")
+            print(
+                f"| lr ×{k:g} | {beta2:g} | {lr0 * k * 0.1:.0e} | {r.predicted:.0f} | {r.tau / r.predicted:.4f} "
+                f"| {r.tau_se / r.predicted:.4f} | {first / r.tau:.3f} |"
+            )
     print(f"\n{time.perf_counter() - start:.0f} s")
     return 0
 

@@ -73,7 +73,13 @@ def run(cell: str, seed: int) -> dict[str, Any]:
     trainer.fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
     s = smd.summary()
     keys = ("name", "numel", "state", "steady_ratio", "direction_ratio", "update_kappa", "update_radial_share", "balance_drift")
-    return {"cell": cell, "seed": seed, "verdict": s["verdict"], "seconds": time.perf_counter() - start, "layers": [{k: r.get(k) for k in keys} for r in s["layers"]]}
+    return {
+        "cell": cell,
+        "seed": seed,
+        "verdict": s["verdict"],
+        "seconds": time.perf_counter() - start,
+        "layers": [{k: r.get(k) for k in keys} for r in s["layers"]],
+    }
 
 
 def _run(args: tuple[str, int]) -> dict[str, Any]:
@@ -109,7 +115,10 @@ def report(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {cell} | {name} | {rows[0]['numel']} | {_range(closed)} | {_range(direction)} | {k} | {_range(drift)} |")
     verdicts = sum(r["verdict"] == "equilibrium" for r in results)
     lines.append("")
-    lines.append(f"{len(results)} runs, {verdicts} with verdict equilibrium; the accounting closes to {worst:.4f} (largest |steady / (direction·(1 + drift/2)) − 1|)")
+    lines.append(
+        f"{len(results)} runs, {verdicts} with verdict equilibrium; "
+        f"the accounting closes to {worst:.4f} (largest |steady / (direction·(1 + drift/2)) − 1|)"
+    )
     return "\n".join(lines)
 
 

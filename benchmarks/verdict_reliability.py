@@ -212,7 +212,8 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
     timing = f" in {wall:.0f} s on {workers} worker process(es)" if math.isfinite(wall) else ""
     lines = [f"verdict reliability sweep ({mode}): {len(results)} runs{timing}", ""]
     lines.append(
-        "| task | optimizer | condition | runs | equilibrium | raised | most layers in eq. | max drift/limit | max t·se/limit | steady ratio range | mean final loss | lowest loss (worst run) |"
+        "| task | optimizer | condition | runs | equilibrium | raised | most layers in eq. | max drift/limit "
+        "| max t·se/limit | steady ratio range | mean final loss | lowest loss (worst run) |"
     )
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -243,7 +244,10 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
     healthy = [r for r in results if r["condition"] == "healthy"]
     unhealthy = [r for r in results if r["condition"] != "healthy"]
     lines.append(f"| equilibrium (healthy) | {sum(r['verdict'] == 'equilibrium' for r in healthy)} | {sum(r['verdict'] != 'equilibrium' for r in healthy)} |")
-    lines.append(f"| not equilibrium (unhealthy) | {sum(r['verdict'] == 'equilibrium' for r in unhealthy)} | {sum(r['verdict'] != 'equilibrium' for r in unhealthy)} |")
+    lines.append(
+        f"| not equilibrium (unhealthy) | {sum(r['verdict'] == 'equilibrium' for r in unhealthy)} "
+        f"| {sum(r['verdict'] != 'equilibrium' for r in unhealthy)} |"
+    )
     gate = sum(r["raised"] == (r["verdict"] != "equilibrium") for r in results)
     lines.append("")
     lines.append(f"on_no_equilibrium='raise' raised exactly when the verdict was not 'equilibrium': {gate}/{len(results)} runs")
@@ -268,7 +272,10 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
             key = (layer.get("why") or "counted").split(":")[0]
             why.setdefault(r["condition"], {}).setdefault(key, 0)
             why[r["condition"]][key] += 1
-    lines.append("Why their layers are not in equilibrium: " + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())) for c, s in why.items()))
+    lines.append(
+        "Why their layers are not in equilibrium: "
+        + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())) for c, s in why.items())
+    )
     drifting = [layer["drift_margin"] for r in unhealthy for layer in r["layers"] if (layer.get("why") or "").startswith("drifting")]
     if drifting:
         lines.append(f"Unhealthy layers failed on their drift: {len(drifting)}, the smallest |drift|/limit {min(drifting):.2f}")

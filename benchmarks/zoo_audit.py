@@ -581,8 +581,12 @@ def _hf_specs() -> list[Spec]:
             return model.train(), inputs()
         return Spec("hf_" + cls_name, "transformers", build, quick)
 
-    ids = lambda: {"input_ids": _tokens()}
-    pixels = lambda size: (lambda: {"pixel_values": _images(size)})
+    def ids() -> dict[str, Any]:
+        return {"input_ids": _tokens()}
+
+    def pixels(size: int) -> Callable[[], dict[str, Any]]:
+        return lambda: {"pixel_values": _images(size)}
+
     return [
         hf("BertModel", "BertConfig", dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                            intermediate_size=64, max_position_embeddings=32, **no_dropout), ids),

@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         if monitor.should_log(step):
             m = monitor.metrics()
-            print(f"step {step + 1:5d}  loss {loss.item():.3f}  median Δ/Δ* {m['smd/angular_update_ratio']:.3f}  in equilibrium {m['smd/equilibrium_fraction']:.0%}")
+            print(
+                f"step {step + 1:5d}  loss {loss.item():.3f}  median Δ/Δ* {m['smd/angular_update_ratio']:.3f}  "
+                f"in equilibrium {m['smd/equilibrium_fraction']:.0%}"
+            )
     summary = monitor.close(summary_path=args.summary)
     print(monitor.format_summary())
     return summary

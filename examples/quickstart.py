@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     trainer.fit(ConvNet(width=args.width), DataLoader(NoisyTemplates(seed=args.seed), batch_size=None))
     summary = smd.summary()
-    print(f"\n{args.steps} steps in {time.perf_counter() - start:.1f} s; metrics: {os.path.join(os.path.normpath(trainer.logger.log_dir), 'metrics.csv')}; summary: {smd.summary_file}")
+    print(
+        f"\n{args.steps} steps in {time.perf_counter() - start:.1f} s; "
+        f"metrics: {os.path.join(os.path.normpath(trainer.logger.log_dir), 'metrics.csv')}; summary: {smd.summary_file}"
+    )
     return summary
 
 

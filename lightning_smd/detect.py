@@ -954,7 +954,11 @@ def _apply_overrides(
             if n in have or not named[n].requires_grad:
                 continue
             p = named[n]
-            out.append(NormalizedWeight(name=n, params=(n,), shape=tuple(p.shape), numel=p.numel(), layer="?", norm="?", granularity="tensor", found_by="include"))
+            out.append(
+                NormalizedWeight(
+                    name=n, params=(n,), shape=tuple(p.shape), numel=p.numel(), layer="?", norm="?", granularity="tensor", found_by="include"
+                )
+            )
             have.add(n)
             det.rejected.pop(n, None)
     if exclude:

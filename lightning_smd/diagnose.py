@@ -495,7 +495,9 @@ class Diagnostics:
                 self.reequilibrations[u].append(
                     {"step": step, "from": _num(ref[j]), "to": _num(pred[j]), "expected_steps": _num(expected), "observed_steps": None}
                 )
-                self.events.append({"kind": "reequilibrating", "unit": u, "step": step, "expected_steps": expected, "from": float(ref[j]), "to": float(pred[j])})
+                self.events.append(
+                    {"kind": "reequilibrating", "unit": u, "step": step, "expected_steps": expected, "from": float(ref[j]), "to": float(pred[j])}
+                )
             self.ref_pred[u] = pred[j]
             self.ref_scale[u] = scale[j]
             self.ref_hyper[u] = h

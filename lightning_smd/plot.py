@@ -146,7 +146,14 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
     if names:
         chosen = [metric_name(n) for n in names if metric_name(n) in all_layers]
     else:
-        worst = sorted(all_layers, key=lambda n: -abs(_final(series, f"smd/{n}/angular_update_ratio") - 1.0) if math.isfinite(_final(series, f"smd/{n}/angular_update_ratio")) else -math.inf)
+        worst = sorted(
+            all_layers,
+            key=lambda n: (
+                -abs(_final(series, f"smd/{n}/angular_update_ratio") - 1.0)
+                if math.isfinite(_final(series, f"smd/{n}/angular_update_ratio"))
+                else -math.inf
+            ),
+        )
         chosen = worst if layers is None else worst[:layers]
     rows = 1 + len(chosen)
     fig, axes = plt.subplots(rows, 2, figsize=(11, 2.4 * rows), squeeze=False)

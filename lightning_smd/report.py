@@ -16,7 +16,16 @@ from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepRecorder
 from lightning_smd.theory import group_hyper, rule_for
 
-__all__ = ["SMDWarning", "EquilibriumNotReachedError", "SUMMARY_FILENAME", "format_summary_table", "state_label", "write_summary", "optimizer_info", "filter_spec"]
+__all__ = [
+    "SMDWarning",
+    "EquilibriumNotReachedError",
+    "SUMMARY_FILENAME",
+    "format_summary_table",
+    "state_label",
+    "write_summary",
+    "optimizer_info",
+    "filter_spec",
+]
 
 SUMMARY_FILENAME = "smd_summary.json"
 

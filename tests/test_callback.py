@@ -72,7 +72,17 @@ def test_summary_json_has_every_field(tmp_path):
     assert opt["param_groups"][0] == {"lr": 0.1, "weight_decay": 5e-3, "momentum": 0.9, "dampening": 0.0, "nesterov": 0.0}
     assert [layer["name"] for layer in s["layers"]] == CONVS
     for layer in s["layers"]:
-        for key in ("name", "numel", "angular_update", "predicted_angular_update", "ratio", "weight_norm", "predicted_weight_norm", "in_equilibrium", "first_equilibrium_step"):
+        for key in (
+            "name",
+            "numel",
+            "angular_update",
+            "predicted_angular_update",
+            "ratio",
+            "weight_norm",
+            "predicted_weight_norm",
+            "in_equilibrium",
+            "first_equilibrium_step",
+        ):
             assert key in layer, key
         assert layer["numel"] > 0 and layer["ratio"] == pytest.approx(layer["ratio"])
     assert s["layers"][0]["numel"] == 8 * 3 * 9

@@ -29,7 +29,9 @@ def _fit(tmp_path, model, steps, **kw):
     smd = SMDCallback(verbose=False, **{k: v for k, v in kw.items() if k in SMDCallback.__init__.__code__.co_varnames})
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t = trainer(tmp_path, [smd], max_steps=steps, log_every_n_steps=50, **{k: v for k, v in kw.items() if k not in SMDCallback.__init__.__code__.co_varnames})
+        t = trainer(
+            tmp_path, [smd], max_steps=steps, log_every_n_steps=50, **{k: v for k, v in kw.items() if k not in SMDCallback.__init__.__code__.co_varnames}
+        )
         t.fit(model, data)
     return smd, [str(w.message) for w in record if issubclass(w.category, SMDWarning)], t
 

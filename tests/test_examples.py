@@ -71,7 +71,9 @@ def test_ci_gate_passes_and_can_fail(tmp_path):
     assert "Classifier(weight_decay=2.5e-3)" in source
     failing.write_text(source.replace("Classifier(weight_decay=2.5e-3)", "Classifier(weight_decay=0.0)"))
     env = dict(os.environ, SMD_EXAMPLE_FAST="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(failing)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(failing)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 1 and "EquilibriumNotReachedError" in proc.stdout
 
 

@@ -163,7 +163,9 @@ def test_stationary_ar1_around_0_92_is_steady_and_off_the_prediction():
     assert worst < 0.05
 
 
-@pytest.mark.parametrize("level, expected", [(0.95 - 1e-6, "off_prediction"), (0.95 + 1e-6, "agrees"), (1.05 - 1e-6, "agrees"), (1.05 + 1e-6, "off_prediction")])
+@pytest.mark.parametrize(
+    "level, expected", [(0.95 - 1e-6, "off_prediction"), (0.95 + 1e-6, "agrees"), (1.05 - 1e-6, "agrees"), (1.05 + 1e-6, "off_prediction")]
+)
 def test_agreement_boundary_from_both_sides(level, expected):
     """A noise-free steady ratio: the interval is the point, off the prediction exactly outside 1 ± tolerance."""
     d = Diagnostics(units(1), DiagnosticsConfig(tolerance=0.05))

@@ -132,7 +132,11 @@ def test_adam_with_coupled_l2_is_predicted_per_unit_and_flagged():
     from lightning_smd.theory import adam_l2_equilibrium, adam_taps
 
     p = [torch.nn.Parameter(torch.zeros(3))]
-    for opt in (torch.optim.Adam(p, lr=1e-3, weight_decay=1e-2), torch.optim.RAdam(p, lr=1e-3, weight_decay=1e-2), torch.optim.NAdam(p, lr=1e-3, weight_decay=1e-2)):
+    for opt in (
+        torch.optim.Adam(p, lr=1e-3, weight_decay=1e-2),
+        torch.optim.RAdam(p, lr=1e-3, weight_decay=1e-2),
+        torch.optim.NAdam(p, lr=1e-3, weight_decay=1e-2),
+    ):
         rule = rule_for(opt)
         h = rule.hyper(opt.param_groups[0])
         assert rule.unit_dependent(h) and rule.reason(h) is None
@@ -174,7 +178,9 @@ def test_wrapped_optimizers_are_unwrapped():
     assert ZeroRedundancyOptimizer.__name__ == "ZeroRedundancyOptimizer"
 
 
-@pytest.mark.parametrize("q0,tol,expected", [(1.0, 0.1, 0.0), (1.1, 0.1, 0.0), (10.0, 0.1, math.log(9 / (1 / 0.81 - 1))), (0.1, 0.1, math.log(0.9 / (1 - 1 / 1.21)))])
+@pytest.mark.parametrize(
+    "q0,tol,expected", [(1.0, 0.1, 0.0), (1.1, 0.1, 0.0), (10.0, 0.1, math.log(9 / (1 / 0.81 - 1))), (0.1, 0.1, math.log(0.9 / (1 - 1 / 1.21)))]
+)
 def test_time_to_band(q0, tol, expected):
     assert time_to_band(q0, 1.0, tol) == pytest.approx(expected, rel=1e-12)
 

@@ -346,7 +346,9 @@ class GainStdConv2d(nn.Conv2d):
         self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), 1.5))
 
     def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=(self.gain * 0.5).reshape(-1), training=True, momentum=0.0, eps=1e-10)
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, weight=(self.gain * 0.5).reshape(-1), training=True, momentum=0.0, eps=1e-10
+        )
         return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
 
 
@@ -469,7 +471,11 @@ ZOO = {
         {"c1.weight": ("filter", None), "c3.weight": ("filter", None), "c2.weight": ("filter", None)},
     ),
     "lazy_modules": (LazyNet, img, {"conv.weight": ("filter", None)}),
-    "densenet_concatenation": (MiniDenseNet, img, {n: ("filter", None) for n in ("stem.weight", "convs.0.weight", "convs.1.weight", "convs.2.weight", "trans.weight")}),
+    "densenet_concatenation": (
+        MiniDenseNet,
+        img,
+        {n: ("filter", None) for n in ("stem.weight", "convs.0.weight", "convs.1.weight", "convs.2.weight", "trans.weight")},
+    ),
     "concatenation_into_a_conv": (CatIntoConv, img, {"mix.weight": ("filter", None)}),
     "weight_standardization_with_gain": (NormFreeNet, img, {"conv1.weight": ("filter", None), "conv2.weight": ("filter", None)}),
     "convnext_depthwise_layer_norm": (ConvNeXtBlock, img, {"dw.weight+bias": ("tensor", None)}),
