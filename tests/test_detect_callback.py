@@ -21,10 +21,13 @@ def fit(tmp_path, model, steps=10, **kw):
         warnings.simplefilter("always")
         trainer(tmp_path, [smd], max_steps=steps).fit(model, loader())
     msgs = [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
-    return smd, [m for m in msgs if not m.startswith("No equilibrium reached")]  # the verdict is tested elsewhere
+    # the verdict and its per-layer warnings are tested elsewhere: a run of a few steps judges nothing robustly
+    return smd, [m for m in msgs if not (m.startswith("No equilibrium reached") or "never reached equilibrium while others did" in m)]
 
 
-def test_untraceable_model_is_detected_from_the_first_training_batch(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_untraceable_model_is_detected_from_the_first_training_batch(tmp_path, seed):
+    torch.manual_seed(seed)
     net = Untraceable()
     net.fc = nn.Linear(8, 10)
     smd, msgs = fit(tmp_path, Module(net, optimizer=GOOD_OPT), steps=16)
