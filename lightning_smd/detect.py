@@ -1081,7 +1081,8 @@ def _graph_from_run(model: nn.Module, example_input: Any) -> _Graph:
 
 
 class _restored:
-    """Run a model in training mode and restore its mode, buffers and gradients afterwards."""
+    """Run a model in training mode and restore its mode, buffers, gradients and the random number generators
+    afterwards (a dropout in the analysed pass must not change the training that follows)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -1090,9 +1091,13 @@ class _restored:
         self.modes = {m: m.training for m in self.model.modules()}
         self.buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self.grads = {p: (p.grad.detach().clone() if p.grad is not None else None) for p in self.model.parameters()}
+        cuda = sorted({t.device.index or 0 for t in self.model.parameters() if t.device.type == "cuda"})
+        self.rng = torch.random.fork_rng(devices=cuda)
+        self.rng.__enter__()
         self.model.train()
 
     def __exit__(self, *exc: Any) -> None:
+        self.rng.__exit__(None, None, None)
         for m, mode in self.modes.items():
             m.train(mode)
         with torch.no_grad():

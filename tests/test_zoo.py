@@ -104,3 +104,16 @@ def test_weight_norm_unit_is_the_direction_parameter():
     (unit,) = find_normalized_weights(model).units
     assert unit.layer == "weight_norm" and unit.params == ("conv.parametrizations.weight.original1",)
     assert "conv.parametrizations.weight.original0" not in {p for p in unit.params}
+
+
+def test_detection_with_an_input_leaves_the_random_number_generator_alone():
+    """The analysed forward pass runs dropout in training mode; the training that follows must draw the same
+    random numbers as without detection (the callback and the monitor are observers)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # materialize the lazy layer
+    torch.manual_seed(7)
+    find_normalized_weights(model, example_input=x)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))
