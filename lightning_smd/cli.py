@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_smd.diagnose import Verdict
+from lightning_smd.plot import newest_file
 from lightning_smd.report import SUMMARY_FILENAME, format_summary_table
 
 __all__ = ["main", "find_summary", "judge"]
@@ -38,14 +40,10 @@ def find_summary(path: str) -> str:
         return path
     if not os.path.isdir(path):
         raise InputError(f"{path}: no such file or directory")
-    found = []
-    for root, _, files in os.walk(path):
-        if SUMMARY_FILENAME in files:
-            full = os.path.join(root, SUMMARY_FILENAME)
-            found.append((os.path.getmtime(full), full))
-    if not found:
+    found = newest_file(path, SUMMARY_FILENAME)
+    if found is None:
         raise InputError(f"{path}: no {SUMMARY_FILENAME} found below this directory")
-    return max(found)[1]
+    return found
 
 
 def load(path: str) -> dict[str, Any]:
@@ -76,7 +74,7 @@ def judge(
     far = max_deviation if max_deviation is not None else criteria.get("max_deviation", 0.3)
     layers = [layer for layer in summary["layers"] if layer.get("predicted_angular_update") is not None]
     if not layers:
-        return "not_applicable", "no tracked layer has an SMD prediction"
+        return Verdict.NOT_APPLICABLE, "no tracked layer has an SMD prediction"
     if summary.get("schema_version", 1) < 2:
         raise InputError("this summary predates the steady-state verdict (schema_version 1): re-judge it with the version that wrote it")
 
@@ -88,7 +86,7 @@ def judge(
     share = len(ok) / len(layers)
     rule = f"steady, steady ratio not entirely outside ±{far:.0%}" + (f" nor ±{tol:.0%}" if strict else "")
     reason = f"{len(ok)}/{len(layers)} layers in equilibrium ({rule}; {frac:.0%} required)"
-    return ("equilibrium" if share >= frac - 1e-12 else "not_reached"), reason
+    return (Verdict.EQUILIBRIUM if share >= frac - 1e-12 else Verdict.NOT_REACHED), reason
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -97,7 +95,7 @@ def _check(args: argparse.Namespace) -> int:
     if any(v is not None for v in (args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)):
         summary = {**summary, "verdict": verdict, "reason": reason}
     print(format_summary_table(summary))
-    return 0 if verdict == "equilibrium" else 1
+    return 0 if verdict == Verdict.EQUILIBRIUM else 1
 
 
 def _report(args: argparse.Namespace) -> int:

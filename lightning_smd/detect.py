@@ -31,7 +31,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -324,6 +324,17 @@ def _product(a: Any, b: Any) -> Any:
     return _BROKEN
 
 
+
+class _Propagation(NamedTuple):
+    """The outcome of :meth:`_Graph.propagate`: whether the unit is invariant, why not (a sentence), the absorbing
+    normalizations as (node, degree in, whether an op that can move or split channels lies between the unit and
+    the normalization), and whether a layer's own bias broke the invariance."""
+
+    invariant: bool
+    why: str
+    absorbed: list[tuple[int, Any, bool]]
+    by_bias: bool = False
+
 class _Graph:
     """Ops in topological order; ``outputs`` are the node ids whose values the loss sees."""
 
@@ -398,17 +409,13 @@ class _Graph:
     def param_of(self, node: int | None) -> str | None:
         return self.ops[node].param if node is not None and self.ops[node].kind == "param" else None
 
-    def propagate(self, unit: set[str], weight_only_bias: str | None) -> tuple[bool, str, list[tuple[int, Any, bool]]]:
-        """Propagate the degree of every value in the scale of ``unit``.
-
-        Returns (invariant, why not, absorbing normalizations as (node, degree in, whether an op that can move or
-        split channels lies between the unit and the normalization)).
-        """
+    def propagate(self, unit: set[str], weight_only_bias: str | None) -> _Propagation:
+        """Propagate the degree of every value in the scale of ``unit``."""
         value: dict[int, Any] = {}
         start = [self.param_node[p] for p in unit if p in self.param_node]
         start += [i for p in unit for i in self.param_users.get(p, [])]
         if not start:
-            return False, "not used in the forward pass", []
+            return _Propagation(False, "not used in the forward pass", [])
         heap = list(set(start))
         heapq.heapify(heap)
         queued = set(heap)
@@ -431,12 +438,13 @@ class _Graph:
                 if is_moved:
                     moved.add(i)
                 if i in self.out_set:
-                    return False, self._explain(i, value), absorbed
+                    why, by_bias = self._explain(i, value)
+                    return _Propagation(False, why, absorbed, by_bias)
                 for u in self.users[i]:
                     if u not in queued:
                         queued.add(u)
                         heapq.heappush(heap, u)
-        return True, "", absorbed
+        return _Propagation(True, "", absorbed)
 
     def _eval(self, op: _Op, unit: set[str], wob: str | None, val: Callable, absorbed: list, i: int) -> Any:
         k = op.kind
@@ -542,22 +550,23 @@ class _Graph:
             return _BROKEN
         return 0.0
 
-    def _explain(self, out: int, value: dict[int, Any]) -> str:
-        """Name the op where the scale stopped being absorbed."""
+    def _explain(self, out: int, value: dict[int, Any]) -> tuple[str, bool]:
+        """Name the op where the scale stopped being absorbed; and whether a layer's own bias broke it."""
         i = out
         seen: set[int] = set()
         while i not in seen:
             seen.add(i)
             op = self.ops[i]
             if value.get(i) != _BROKEN:
-                return f"its scale reaches the model output through {op.name} ({op.label}) without a normalization"
+                return f"its scale reaches the model output through {op.name} ({op.label}) without a normalization", False
             preds = [a for a in list(op.args) + [op.weight, op.bias] if a is not None and value.get(a) == _BROKEN]
             if not preds and any(a is not None and value.get(a) == _AFF for a in op.args):
-                return f"its layer's bias is not cancelled by a normalization: {op.name} ({op.label}) sees the bias's offset"
+                return f"its layer's bias is not cancelled by a normalization: {op.name} ({op.label}) sees the bias's offset", True
             if not preds and any(isinstance(value.get(a), _Parts) for a in op.args if a is not None):
                 return (
                     f"not scale-invariant at {op.name} ({op.label}): it mixes the channels of a concatenation whose slices "
-                    "have different scales (only a per-channel normalization absorbs them)"
+                    "have different scales (only a per-channel normalization absorbs them)",
+                    False,
                 )
             if not preds:
                 why = {
@@ -566,9 +575,9 @@ class _Graph:
                     "cat": "it is concatenated with values of another scale",
                     "norm": "the normalization's own parameters depend on it",
                 }.get(op.kind, "this op is not positively homogeneous")
-                return f"not scale-invariant at {op.name} ({op.label}): {why}"
+                return f"not scale-invariant at {op.name} ({op.label}): {why}", op.kind == "layer"
             i = preds[0]
-        return "not scale-invariant"
+        return "not scale-invariant", False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -826,14 +835,15 @@ def _analyse(g: _Graph, params: Mapping[str, nn.Parameter], found_by: str, prefi
         via_weight_norm = g.ops[first.weight].kind == "weight_norm" if first.weight is not None else False
         biases = {g.param_of(g.ops[i].bias) for i in layer_nodes}
         bias = next(iter(biases)) if len(biases) == 1 else None
-        ok, why, absorbed = g.propagate({w}, weight_only_bias=bias)
+        alone = g.propagate({w}, weight_only_bias=bias)
+        ok, why, absorbed = alone.invariant, alone.why, alone.absorbed
         unit_params: tuple[str, ...] = (w,)
         if not ok and bias is not None and params[bias].requires_grad and not via_weight_norm:
-            ok2, why2, absorbed2 = g.propagate({w, bias}, weight_only_bias=None)
-            if ok2:
-                ok, absorbed, unit_params = True, absorbed2, (w, bias)
-            elif "bias" in why:  # the bias broke the weight alone: where weight and bias together break says more
-                why = f"{why}; with its bias, {why2}"
+            together = g.propagate({w, bias}, weight_only_bias=None)
+            if together.invariant:
+                ok, absorbed, unit_params = True, together.absorbed, (w, bias)
+            elif alone.by_bias:  # the bias broke the weight alone: where weight and bias together break says more
+                why = f"{why}; with its bias, {together.why}"
         if not ok:
             det.rejected[prefix + w] = why
             continue

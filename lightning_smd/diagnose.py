@@ -37,6 +37,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -46,9 +47,67 @@ from lightning_smd.measure import StepBatch
 from lightning_smd.steady import BLOCKS_PER_WINDOW, MIN_BLOCKS, BlockSeries, drift_within, t_quantile
 from lightning_smd.theory import Rule, UnknownRule, registered_rules, time_to_band
 
-__all__ = ["DiagnosticsConfig", "Diagnostics", "VERDICTS", "STATES", "SCHEMA_VERSION", "diffusion_exponent"]
+__all__ = [
+    "DiagnosticsConfig",
+    "Diagnostics",
+    "Verdict",
+    "VanishingNoise",
+    "NormSpike",
+    "Reequilibrating",
+    "Event",
+    "STATES",
+    "SCHEMA_VERSION",
+    "diffusion_exponent",
+]
 
-VERDICTS = ("equilibrium", "not_reached", "not_applicable")
+
+class Verdict(str, Enum):
+    """The run's verdict. A ``str``: it compares equal to, formats as and is written to JSON as its value."""
+
+    EQUILIBRIUM = "equilibrium"
+    NOT_REACHED = "not_reached"
+    NOT_APPLICABLE = "not_applicable"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+@dataclass(frozen=True)
+class VanishingNoise:
+    """The gradient statistic ``L`` of ``unit`` collapsed from ``peak`` to ``now`` while its smoothed ratio
+    fell to ``ratio``."""
+
+    unit: int
+    step: int
+    peak: float
+    now: float
+    ratio: float
+
+
+@dataclass(frozen=True)
+class NormSpike:
+    """``unit``'s angular update jumped to ``ratio`` times the prediction after it had been in equilibrium."""
+
+    unit: int
+    step: int
+    ratio: float
+
+
+@dataclass(frozen=True)
+class Reequilibrating:
+    """The prediction of ``unit`` moved from ``before`` to ``after`` at ``step`` (a schedule or a decay); it
+    is expected to need ``expected_steps`` to reach the new equilibrium."""
+
+    unit: int
+    step: int
+    expected_steps: float
+    before: float
+    after: float
+
+
+Event = VanishingNoise | NormSpike | Reequilibrating
 STATES = (
     "approaching",  # not yet steady since the start
     "equilibrium",  # steady and counted (agrees, or off the prediction without require_agreement)
@@ -201,16 +260,16 @@ class Diagnostics:
         units: the tracked units, in the order the recorder indexes them.
         config: the verdict criteria.
         keep_history: also keep every step's raw values (for tests, plots and notebooks).
-        stride: the recorder samples every ``stride``-th step (``every_n_steps``): the moving averages decay
+        every_n_steps: the recorder samples every n-th step: the moving averages decay
             per step, not per sample, and windows count steps.
     """
 
     def __init__(
-        self, units: Sequence[NormalizedWeight], config: DiagnosticsConfig | None = None, keep_history: bool = False, stride: int = 1
+        self, units: Sequence[NormalizedWeight], config: DiagnosticsConfig | None = None, keep_history: bool = False, every_n_steps: int = 1
     ) -> None:
         self.units = list(units)
         self.config = config or DiagnosticsConfig()
-        self.stride = max(int(stride), 1)
+        self.stride = max(int(every_n_steps), 1)  # steps between samples
         n = len(self.units)
         self.delta = _Ema(n, self.config.ema_steps, self.stride)
         self.ratio = _Ema(n, self.config.ema_steps, self.stride)
@@ -286,8 +345,8 @@ class Diagnostics:
         self.spikes: list[dict[str, Any]] = []
         self._spiking = np.zeros(n, dtype=bool)
         self.effective_lr = np.full(n, np.nan)
-        self.events: list[dict[str, Any]] = []
-        """New notable events since the caller last cleared it (``vanishing``, ``spike``, ``reequilibrating``)."""
+        self.events: list[Event] = []
+        """New notable events since the caller last took them (:meth:`take_events`)."""
         self.keep_history = keep_history
         self.history: list[dict[str, Any]] = []
         self._memo: dict[tuple[Any, ...], _Prediction] = {}
@@ -495,9 +554,7 @@ class Diagnostics:
                 self.reequilibrations[u].append(
                     {"step": step, "from": _num(ref[j]), "to": _num(pred[j]), "expected_steps": _num(expected), "observed_steps": None}
                 )
-                self.events.append(
-                    {"kind": "reequilibrating", "unit": u, "step": step, "expected_steps": expected, "from": float(ref[j]), "to": float(pred[j])}
-                )
+                self.events.append(Reequilibrating(u, step, float(expected), float(ref[j]), float(pred[j])))
             self.ref_pred[u] = pred[j]
             self.ref_scale[u] = scale[j]
             self.ref_hyper[u] = h
@@ -697,7 +754,7 @@ class Diagnostics:
             event = {"step": step, "layer": self.units[u].name, "ratio": float(ratio[j])}
             if len(self.spikes) < 100:
                 self.spikes.append(event)
-            self.events.append({"kind": "spike", "unit": u, "step": step, "ratio": float(ratio[j])})
+            self.events.append(NormSpike(u, step, float(ratio[j])))
 
     def _vanishing(self, idx: np.ndarray, smoothed: np.ndarray, step: int) -> None:
         """Vanishing gradient noise: ``L`` fell below its peak / ``vanishing_factor`` while the smoothed ratio is below
@@ -716,9 +773,7 @@ class Diagnostics:
             self.vanishing_since[u] = step
             if self.vanishing_first[u] < 0:
                 self.vanishing_first[u] = step
-            self.events.append(
-                {"kind": "vanishing", "unit": u, "step": step, "L_peak": float(self.unit_grad_peak[u]), "L_now": float(L[j]), "ratio": float(smoothed[j])}
-            )
+            self.events.append(VanishingNoise(u, step, float(self.unit_grad_peak[u]), float(L[j]), float(smoothed[j])))
         # recovered: L came back, or the smoothed ratio is back within the tolerance (a gradient statistic that merely
         # settled lower than its early peak, as learning lowers it, is not vanishing noise)
         recovered = ~collapsed & (self.vanishing_since[idx] >= 0) & ((L > self.unit_grad_peak[idx] / 2.0) | (smoothed >= 1.0 - cfg.tolerance))
@@ -825,7 +880,7 @@ class Diagnostics:
         optimizer has none)."""
         out = np.zeros(len(self.units), dtype=bool)
         for u, rule in enumerate(self.rules):
-            out[u] = rule is not None and rule.name != "unknown" and bool(np.isfinite(self.predicted[u]))
+            out[u] = rule is not None and rule.known and bool(np.isfinite(self.predicted[u]))
         return out
 
     def predicted_weight_norm(self) -> np.ndarray:
@@ -861,17 +916,22 @@ class Diagnostics:
             f"steady Δ/Δ* not beyond ±{cfg.max_deviation:.0%} of the prediction{agreement}"
         )
 
-    def verdict(self) -> tuple[str, str]:
+    def take_events(self) -> list[Event]:
+        """The events since the last call (each is returned once)."""
+        events, self.events = self.events, []
+        return events
+
+    def verdict(self) -> tuple[Verdict, str]:
         """``(verdict, one-sentence reason)``."""
         cfg = self.config
         if not self.units:
-            return "not_applicable", "no normalized (scale-invariant) weight is tracked"
+            return Verdict.NOT_APPLICABLE, "no normalized (scale-invariant) weight is tracked"
         app = self.applicable
         if not app.any():
             reasons = {r for r in self.reasons if r}
             if self.steps.max(initial=0) == 0:
-                return "not_applicable", "no optimizer step was measured"
-            return "not_applicable", "; ".join(sorted(reasons)) or "no tracked weight has an SMD prediction"
+                return Verdict.NOT_APPLICABLE, "no optimizer step was measured"
+            return Verdict.NOT_APPLICABLE, "; ".join(sorted(reasons)) or "no tracked weight has an SMD prediction"
         frac = self.equilibrium_fraction()
         n_app = int(app.sum())
         n_eq = int(self.counted[app].sum())
@@ -879,7 +939,7 @@ class Diagnostics:
         off = [names[u] for u in range(len(names)) if app[u] and self.agreement[u] == "off_prediction"]
         off_text = f"; off the prediction (steady, but Δ/Δ* outside ±{cfg.tolerance:.0%}): {', '.join(off[:5])}{' ...' if len(off) > 5 else ''}" if off else ""
         if frac >= cfg.min_fraction:
-            return "equilibrium", (
+            return Verdict.EQUILIBRIUM, (
                 f"{n_eq}/{n_app} tracked layers ended in equilibrium ({self.criteria_text()}; at least {cfg.min_fraction:.0%} "
                 f"required){off_text}"
             )
@@ -905,7 +965,7 @@ class Diagnostics:
         vanishing = [u for u in range(len(names)) if app[u] and self.vanishing_first[u] >= 0 and not self.counted[u] and self.state[u] != "vanishing_noise"]
         if vanishing:
             reason += f"; vanishing gradient noise was diagnosed in {len(vanishing)} of them earlier (the training loss approaches zero)"
-        return "not_reached", reason + off_text
+        return Verdict.NOT_REACHED, reason + off_text
 
     # ------------------------------------------------------------------------------------------
     def metrics(self, per_layer: bool = True, prefix: str = "smd/") -> dict[str, float]:
@@ -915,28 +975,33 @@ class Diagnostics:
             f"{prefix}equilibrium_fraction": self.equilibrium_fraction(),
         }
         if per_layer:
-            smoothed = self.delta.value()
-            ratio = self.ratio.value()
-            pred_norm = self.predicted_weight_norm()
-            eq = self.counted
-            filter_rms = self.filter_delta.value()
-            lo, hi = self.ratio_interval()
+            columns = self._layer_columns()
             for u, unit in enumerate(self.units):
                 base = f"{prefix}{metric_name(unit.name)}/"
-                out[base + "angular_update"] = float(smoothed[u])
-                out[base + "predicted_angular_update"] = float(self.predicted[u])
-                out[base + "angular_update_ratio"] = float(ratio[u])
-                out[base + "weight_norm"] = float(self.norm[u])
-                out[base + "predicted_weight_norm"] = float(pred_norm[u])
-                out[base + "in_equilibrium"] = float(eq[u])
-                out[base + "effective_lr"] = float(self.effective_lr[u])
-                out[base + "steady_ratio"] = float(self.steady_ratio[u])
-                out[base + "steady_ratio_low"] = float(lo[u])
-                out[base + "steady_ratio_high"] = float(hi[u])
-                out[base + "drift"] = float(self.drift[u])
-                if self.per_filter:
-                    out[base + "filter_angular_update_rms"] = float(filter_rms[u])
+                for m, values in columns.items():
+                    out[base + m] = float(values[u])
         return out
+
+    def _layer_columns(self) -> dict[str, np.ndarray]:
+        """The per-layer metrics (:data:`LAYER_METRICS`, and the per-filter RMS when measured), one array each."""
+        lo, hi = self.ratio_interval()
+        values = {
+            "angular_update": self.delta.value(),
+            "predicted_angular_update": self.predicted,
+            "angular_update_ratio": self.ratio.value(),
+            "weight_norm": self.norm,
+            "predicted_weight_norm": self.predicted_weight_norm(),
+            "in_equilibrium": self.counted.astype(float),
+            "effective_lr": self.effective_lr,
+            "steady_ratio": self.steady_ratio,
+            "steady_ratio_low": lo,
+            "steady_ratio_high": hi,
+            "drift": self.drift,
+        }
+        columns = {m: values[m] for m in LAYER_METRICS}
+        if self.per_filter:
+            columns["filter_angular_update_rms"] = self.filter_delta.value()
+        return columns
 
     def layer_rows(self) -> list[dict[str, Any]]:
         smoothed = self.delta.value()

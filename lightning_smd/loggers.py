@@ -52,7 +52,8 @@ def tensorboard_layout(logger: Any, unit_names: Sequence[str]) -> dict[str, dict
 
 
 def setup_loggers(loggers: Sequence[Any], unit_names: Sequence[str], per_layer: bool, warn: Any) -> None:
-    """Once, before the first ``log_metrics`` (rank zero only)."""
+    """Once, before the first ``log_metrics`` (rank zero only). ``warn(code, **fields)`` reports a logger that
+    refused (see :mod:`lightning_smd.messages`)."""
     for logger in loggers:
         kind = _kind(logger)
         try:
@@ -66,7 +67,7 @@ def setup_loggers(loggers: Sequence[Any], unit_names: Sequence[str], per_layer: 
                     run.define_metric("trainer/global_step")
                     run.define_metric(_prefixed(logger, "smd/*"), step_metric="trainer/global_step")
         except Exception as err:  # noqa: BLE001 - a logger's failure must not stop training
-            warn(f"could not set up the SMD charts of {type(logger).__name__} ({type(err).__name__}: {err}); metrics are still logged")
+            warn("SMD041", what="set up the SMD charts", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")
 
 
 TABLE_COLUMNS = [
@@ -122,7 +123,7 @@ def finish_loggers(loggers: Sequence[Any], summary: dict[str, Any], warn: Any) -
             import wandb
 
             run = logger.experiment
-            run.summary[_prefixed(logger, "smd/verdict")] = summary.get("verdict")
+            run.summary[_prefixed(logger, "smd/verdict")] = str(summary.get("verdict"))
             run.summary[_prefixed(logger, "smd/reason")] = summary.get("reason")
             run.summary[_prefixed(logger, "smd/steps")] = summary.get("steps")
             for r in summary.get("layers", []):
@@ -135,4 +136,4 @@ def finish_loggers(loggers: Sequence[Any], summary: dict[str, Any], warn: Any) -
             step = summary.get("global_step", summary.get("steps", 0))
             run.log({_prefixed(logger, "smd/layers"): table, _prefixed(logger, "smd/measured_vs_predicted"): chart, "trainer/global_step": step})
         except Exception as err:  # noqa: BLE001
-            warn(f"could not write the SMD summary table to Weights & Biases ({type(err).__name__}: {err})")
+            warn("SMD041", what="write the SMD summary table", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")

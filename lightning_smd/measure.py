@@ -34,10 +34,6 @@ from lightning_smd.theory import Rule, rule_for, unwrap_optimizer
 
 __all__ = ["StepBatch", "StepRecorder", "DistanceTracker", "angles_from_norms", "local_shard"]
 
-CPU_DOT_PATH = True
-"""On the CPU, measure float32/float64 weights with dot products (see :class:`_Slot`); ``False`` uses the
-accelerators' float64 foreach norms everywhere (for tests of that path on a CPU-only machine)."""
-
 SMALL_NUMEL = 4096
 """CPU dot path: tensors with fewer elements are batched into one concatenated segmented sum."""
 
@@ -173,7 +169,7 @@ def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One flat concatenation (views made in C++: ~0.7 us per tensor instead of ~1.3 us from Python)."""
     try:
         return torch._utils._flatten_dense_tensors(tensors)
-    except Exception:  # pragma: no cover - private helper gone
+    except (AttributeError, RuntimeError):  # pragma: no cover - private helper gone or changed
         return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -185,6 +181,7 @@ class _Slot:
         index: int,
         optimizer: torch.optim.Optimizer,
         tensors: list[torch.Tensor],
+        *,
         tensor_unit: list[int],
         tensor_group: list[int],
         units: list[int],
@@ -192,26 +189,17 @@ class _Slot:
         use_momentum_buffer: bool,
         tensor_filter: list[tuple[int, int] | None] | None = None,
         shard_group: Any = None,
-        stride: int = 1,
+        every_n_steps: int = 1,
+        cpu_dot_products: bool = True,
     ) -> None:
         self.index = index
-        self.stride = max(int(stride), 1)
+        self.stride = max(int(every_n_steps), 1)
         self._armed = self.stride == 1
         self.optimizer = optimizer
         self.tensors = tensors
         self.rule = rule_for(optimizer)
         self.settings = self.rule.optimizer_settings(unwrap_optimizer(optimizer))  # constant for the optimizer's life
-        self.groups = sorted(set(tensor_group))  # optimizer param-group indices used by tracked tensors
-        pos = {g: i for i, g in enumerate(self.groups)}
-        self.tensor_group = np.array([pos[g] for g in tensor_group], dtype=np.int64)
-        self.units = units  # global unit indices, in local order
-        local = {u: i for i, u in enumerate(units)}
-        # Per-unit sums of per-tensor squares (np.add.at: a non-finite tensor only spoils its own unit).
-        self.tensor_local_unit = np.array([local[u] for u in tensor_unit], dtype=np.int64)
-        unit_group = np.zeros(len(units), dtype=np.int64)
-        for t, u in enumerate(tensor_unit):
-            unit_group[local[u]] = self.tensor_group[t]
-        self.unit_group = unit_group
+        self._layout(tensor_unit, tensor_group, units)
         # Sharded parameters (FSDP2 DTensors): every statistic is a sum of squares, so each rank records the
         # sums over its own shards and one all-reduce per drain completes them.
         explicit = shard_group is not None
@@ -224,7 +212,7 @@ class _Slot:
         # element); their ~1e-7 relative error is harmless once ‖w_t‖² − ‖w_{t+1}‖² is taken from the cross
         # term ⟨d, w_{t+1}⟩ instead of subtracting two norms. Accelerators keep the fused float64 foreach norms.
         # (float32/float64 only: a dot product accumulated in bf16/fp16 would lose the precision)
-        self.cross = CPU_DOT_PATH and self.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+        self.cross = cpu_dot_products and self.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
         # Columns of a buffer row, each ``len(tensors)`` wide: ‖w_{t+1}‖², ‖d‖², [⟨d, w_{t+1}⟩], ‖g‖², and when
         # sampling without the cross term, ‖w_t‖² (taken in the step pre-hook: the previous recorded row is
         # no longer the previous step).
@@ -232,23 +220,8 @@ class _Slot:
         self.col_before = 3 if (self.stride > 1 and not self.cross) else None
         self.columns = 4 if (self.cross or self.col_before is not None) else 3
         self.buffer = torch.zeros(self.capacity, self.columns * len(tensors), dtype=torch.float64, device=self.device)
-        locals_ = self._locals_of(tensors)
-        # The CPU dot path batches small tensors (see _FlatGroup), so their number does not multiply the ops;
-        # larger tensors (bandwidth-bound) get their own dot products. Per-filter statistics and shards keep
-        # every tensor on its own.
-        flat_ok = self.cross and not any(f is not None for f in (tensor_filter or [])) and shard_group is None and _shard_group(tensors) is None
-        small = [i for i, t in enumerate(locals_) if 0 < t.numel() < SMALL_NUMEL and t.is_contiguous()] if flat_ok else []
-        if len({locals_[i].dtype for i in small}) > 1 or len(small) < 2:
-            small = []
-        self.flat = _FlatGroup(locals_, small, snapshot=not self.momentum_path) if small else None
-        self.small = self.flat.positions if self.flat is not None else []
-        in_flat = set(self.small)
-        self.large = [i for i in range(len(tensors)) if i not in in_flat]
-        self.snapshot: list[torch.Tensor] | None = None  # of the large tensors (the flat group has its own)
-        if not self.momentum_path:
-            self.snapshot = [locals_[i].detach().clone() for i in self.large]
-        order = self.large + self.small  # column order within each group of columns
-        self.inverse_order = np.argsort(np.array(order, dtype=np.int64)) if order != list(range(len(tensors))) else None
+        sharded = self.sharded or _shard_group(tensors) is not None
+        self._plan_kernels(flat_ok=self.cross and not any(f is not None for f in (tensor_filter or [])) and not sharded)
         self.count = 0
         self.steps_taken = 0
         self.step_log: list[int] = []  # the optimizer step of each recorded row
@@ -263,12 +236,49 @@ class _Slot:
         with torch.no_grad():
             self.initial = torch.stack(self._norms(self._locals())).square_()
         self.last_norm_sq: np.ndarray | None = None  # per tensor, host; None until the first drain
-        # Per-filter statistics (opt-in): tensor position -> (filter dim, filters per invariant group)
-        sharded = shard_group is not None or _shard_group(tensors) is not None  # filters split across ranks: none
+        self._plan_filters(tensor_filter, tensor_unit, sharded)
+
+    def _layout(self, tensor_unit: list[int], tensor_group: list[int], units: list[int]) -> None:
+        """Where each tracked tensor belongs: its unit (global and local index) and its param group."""
+        self.groups = sorted(set(tensor_group))  # optimizer param-group indices used by tracked tensors
+        pos = {g: i for i, g in enumerate(self.groups)}
+        self.tensor_group = np.array([pos[g] for g in tensor_group], dtype=np.int64)
+        self.units = units  # global unit indices, in local order
+        local = {u: i for i, u in enumerate(units)}
+        # Per-unit sums of per-tensor squares (np.add.at: a non-finite tensor only spoils its own unit).
+        self.tensor_local_unit = np.array([local[u] for u in tensor_unit], dtype=np.int64)
+        self.tensor_unit_local = [local[u] for u in tensor_unit]
+        unit_group = np.zeros(len(units), dtype=np.int64)
+        for t, u in enumerate(tensor_unit):
+            unit_group[local[u]] = self.tensor_group[t]
+        self.unit_group = unit_group
+
+    def _plan_kernels(self, flat_ok: bool) -> None:
+        """Which tensors share one flat group (the CPU dot path batches small tensors, so their number does not
+        multiply the ops) and which get their own kernels (larger, bandwidth-bound tensors; per-filter statistics
+        and shards keep every tensor on its own); and the weight snapshots when the update is not read from a
+        momentum buffer."""
+        locals_ = self._locals_of(self.tensors)
+        small = [i for i, t in enumerate(locals_) if 0 < t.numel() < SMALL_NUMEL and t.is_contiguous()] if flat_ok else []
+        if len({locals_[i].dtype for i in small}) > 1 or len(small) < 2:
+            small = []
+        self.flat = _FlatGroup(locals_, small, snapshot=not self.momentum_path) if small else None
+        self.small = self.flat.positions if self.flat is not None else []
+        in_flat = set(self.small)
+        self.large = [i for i in range(len(self.tensors)) if i not in in_flat]
+        self.snapshot: list[torch.Tensor] | None = None  # of the large tensors (the flat group has its own)
+        if not self.momentum_path:
+            self.snapshot = [locals_[i].detach().clone() for i in self.large]
+        order = self.large + self.small  # column order within each group of columns
+        self.inverse_order = np.argsort(np.array(order, dtype=np.int64)) if order != list(range(len(self.tensors))) else None
+
+    def _plan_filters(self, tensor_filter: list[tuple[int, int] | None] | None, tensor_unit: list[int], sharded: bool) -> None:
+        """Per-filter statistics (opt-in): tensor position -> (filter dim, filters per invariant group). Filters
+        split across ranks get none."""
+        tensors = self.tensors
         self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None and tensors[t].numel() > 0 and not sharded}
         self.pf_tensors = sorted(self.filter_of)
         self.pf_rows = [tensors[t].shape[self.filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.pf_tensors]
-        self.tensor_unit_local = [local[u] for u in tensor_unit]
         self.pf_buffer: torch.Tensor | None = None
         self.pf_log: list[np.ndarray] = []
         self.pf_last: np.ndarray | None = None
@@ -609,7 +619,7 @@ class _Slot:
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
-    except Exception:  # noqa: BLE001 - torch without distributed
+    except ImportError:  # torch without distributed
         return None
     return DTensor
 
@@ -689,6 +699,8 @@ class StepRecorder:
         every_n_steps: record only every n-th step of each optimizer (steps n, 2n, ...). A sampled step
             is still measured over that one step: a step pre-hook takes ``w_t`` right before it, so the
             angular update and its prediction keep their meaning; other steps cost two integer checks.
+        cpu_dot_products: on the CPU, measure float32/float64 weights with dot products (see :class:`_Slot`);
+            ``False`` uses the accelerators' float64 foreach norms on every device.
     """
 
     def __init__(
@@ -700,6 +712,7 @@ class StepRecorder:
         unit_filters: Sequence[tuple[int, int] | None] | None = None,
         shard_group: Any = None,
         every_n_steps: int = 1,
+        cpu_dot_products: bool = True,
     ) -> None:
         if int(every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
@@ -736,7 +749,18 @@ class StepRecorder:
             oi = key[0]
             tensors, t_unit, t_group, units = per_opt[key]
             slot = _Slot(
-                oi, optimizers[oi], tensors, t_unit, t_group, units, capacity, use_momentum_buffer, per_opt_filter.get(key), shard_group, self.every_n_steps
+                oi,
+                optimizers[oi],
+                tensors,
+                tensor_unit=t_unit,
+                tensor_group=t_group,
+                units=units,
+                capacity=capacity,
+                use_momentum_buffer=use_momentum_buffer,
+                tensor_filter=per_opt_filter.get(key),
+                shard_group=shard_group,
+                every_n_steps=self.every_n_steps,
+                cpu_dot_products=cpu_dot_products,
             )
             self.slots.append(slot)
             if self.every_n_steps > 1:

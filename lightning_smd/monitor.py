@@ -21,16 +21,16 @@ logs, :meth:`summary` the same summary. This module does not import Lightning.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lightning_smd.detect import Detection, find_normalized_weights
-from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
-from lightning_smd.measure import StepRecorder
-from lightning_smd.report import SMDWarning, filter_spec, format_summary_table, optimizer_info, write_summary
+from lightning_smd.detect import find_normalized_weights
+from lightning_smd.diagnose import DiagnosticsConfig, Verdict
+from lightning_smd.report import EquilibriumNotReachedError, format_summary_table
+from lightning_smd.session import Session, SessionView
 from lightning_smd.theory import unwrap_optimizer
 
 __all__ = ["SMDMonitor"]
@@ -50,7 +50,7 @@ def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class SMDMonitor:
+class SMDMonitor(SessionView):
     """Spherical Motion Dynamics monitoring without Lightning's Trainer.
 
     Args:
@@ -64,11 +64,17 @@ class SMDMonitor:
             equilibrium criteria (see ``SMDCallback``).
         include, exclude: parameter-name globs to add to / remove from the detected weights.
         log_every_n_steps: the interval :meth:`should_log` answers for (steps buffered on the device).
-        use_momentum_buffer, per_filter, every_n_steps, keep_history: as for ``SMDCallback``.
+        max_steps: the planned number of optimizer steps, if known: enables the warnings that compare it with
+            what equilibrium needs, and the ``"stop"`` gate.
+        on_no_equilibrium: ``"warn"`` (default) warns at :meth:`close` when the verdict is ``not_reached``;
+            ``"raise"`` raises :class:`~lightning_smd.EquilibriumNotReachedError` from :meth:`close` (after the
+            summary is written); ``"stop"`` sets :attr:`should_stop` once equilibrium is clearly impossible in
+            ``max_steps`` (your loop checks it).
+        use_momentum_buffer, per_filter, every_n_steps, keep_history, track_distance: as for ``SMDCallback``.
 
-    Raises:
-        ValueError: no normalized weight was found (nothing to monitor); the message says why and what to
-            pass in ``include``.
+    A model without a normalized weight gets a warning (code ``SMD001``) and a ``not_applicable`` verdict, as
+    with the callback. The first optimizer step runs the numerical check of invariance (one host
+    synchronization) before the step changes the weights.
     """
 
     def __init__(
@@ -88,10 +94,13 @@ class SMDMonitor:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log_every_n_steps: int = 50,
+        max_steps: int | None = None,
+        on_no_equilibrium: str = "warn",
         use_momentum_buffer: bool = True,
         per_filter: bool = False,
         every_n_steps: int = 1,
         keep_history: bool = False,
+        track_distance: bool = False,
     ) -> None:
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
@@ -108,37 +117,40 @@ class SMDMonitor:
             drift_limit=drift_limit,
             significance=significance,
         )
-        self.log_every_n_steps = int(log_every_n_steps)
-        self.every_n_steps = int(every_n_steps)
-        self.detection: Detection = find_normalized_weights(self.model, example_input, include, exclude)
-        units = list(self.detection.units)
-        if not units:
-            why = self.detection.error or "no Conv/Linear/Embedding weight feeds a normalization (BatchNorm, GroupNorm, LayerNorm, RMSNorm, F.normalize, ...)"
-            raise ValueError(
-                f"SMDMonitor found no normalized (scale-invariant) weight in {type(self.model).__name__}: {why}. "
-                "Pass include=['<parameter-name glob>'] for weights whose normalization detection cannot see."
-            )
-        named = dict(self.model.named_parameters())
-        filters = [filter_spec(u) for u in units] if per_filter else None
-        self.recorder = StepRecorder(
-            [[named[p] for p in u.params] for u in units],
-            self.optimizers,
-            capacity=self.log_every_n_steps // self.every_n_steps + 2,
+        self.session = Session(
+            self.config,
+            every_n_steps=every_n_steps,
             use_momentum_buffer=use_momentum_buffer,
-            unit_filters=filters,
-            every_n_steps=self.every_n_steps,
+            per_filter=per_filter,
+            keep_history=keep_history,
+            track_distance=track_distance,
+            on_no_equilibrium=on_no_equilibrium,
         )
-        self.diagnostics = Diagnostics(units, self.config, keep_history=keep_history, stride=self.every_n_steps)
-        unknown = sorted({type(s.optimizer).__name__ for s in self.recorder.slots if s.rule.name == "unknown"})
-        if unknown:
-            warnings.warn(
-                f"No SMD theory is registered for {', '.join(unknown)}: weight norms and angular updates are measured, "
-                "but there is no prediction to compare with (lightning_smd.theory.register adds one).",
-                SMDWarning,
-                stacklevel=2,
-            )
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.max_steps = max_steps
+        self.on_no_equilibrium = on_no_equilibrium
+        self.should_stop = False
+        """With ``on_no_equilibrium="stop"``: True once equilibrium is clearly impossible in ``max_steps``."""
+        detection = find_normalized_weights(self.model, example_input, include, exclude)
+        self.session.detection = detection
+        if detection.error:
+            self.session.warn("SMD006", error=detection.error)
+        named = dict(self.model.named_parameters())
+        self.session.attach(
+            named,
+            self.optimizers,
+            detection.units,
+            capacity=self.log_every_n_steps // self.every_n_steps + 2,
+            planned_steps=max_steps,
+            model_name=type(self.model).__name__,
+        )
+        # The numerical check, before the first step changes the weights. A global pre-hook runs before the
+        # optimizers' own hooks, so the check may rebuild the recorder (and its hooks) from inside it.
+        self._verify_hook = register_optimizer_step_pre_hook(_VerifyHook(self, named)) if self.session.verify_pending else None
         self._closed = False
-        self._failed: set[int] = set()
+        self.summary_file: str | None = None
+        """Where :meth:`close` wrote the summary JSON, or None."""
 
     @property
     def units(self) -> list[str]:
@@ -149,48 +161,57 @@ class SMDMonitor:
         """Whether ``step`` (0-based, counted by the caller) ends a log interval."""
         return (int(step) + 1) % self.log_every_n_steps == 0
 
-    def update(self) -> None:
+    def update(self) -> dict[int, float]:
         """Move the steps recorded on the device to the host (one synchronization) and fold them into the
         diagnostics. :meth:`metrics` and :meth:`summary` call it."""
-        for batch in self.recorder.drain():
-            self.diagnostics.update(batch)
-        for slot in self.recorder.slots:
-            if slot.error is not None and slot.index not in self._failed:
-                self._failed.add(slot.index)
-                warnings.warn(f"SMD measurement of optimizer {slot.index} failed and stopped: {slot.error}", SMDWarning, stacklevel=3)
+        self._release_verify_hook()
+        distances = self.session.drain(self.max_steps)
+        if self.on_no_equilibrium == "stop" and self.session.stop_reason is None:
+            reason = self.session.impossible(self.max_steps, self.log_every_n_steps)
+            if reason is not None:
+                self.session.stop(reason)
+                self.should_stop = True
+        return distances
 
     def metrics(self, per_layer: bool = True) -> dict[str, float]:
         """The ``smd/*`` metrics as of the last recorded step (the keys the callback logs)."""
-        self.update()
-        return self.diagnostics.metrics(per_layer=per_layer)
+        distances = self.update()
+        return self.session.metrics(per_layer, distances)
 
     def summary(self) -> dict[str, Any]:
         """The run summary (the callback's ``smd_summary.json`` content)."""
         if not self._closed:
             self.update()
-        out = self.diagnostics.summary()
-        out["complete"] = self._closed
-        out["optimizers"] = [optimizer_info(i, o, self.recorder) for i, o in enumerate(self.optimizers)]
-        out["extra_memory_bytes"] = self.recorder.extra_bytes
-        out["every_n_steps"] = self.every_n_steps
-        out["not_tracked"] = dict(self.detection.rejected)
-        out["detection_method"] = self.detection.method
-        return out
+        return self.session.summary(complete=self._closed)
 
     def format_summary(self) -> str:
         """The per-layer table of measured against predicted values, and the verdict."""
         return format_summary_table(self.summary())
 
     def close(self, summary_path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """Remove the optimizer hooks, free the device buffers, optionally write the summary JSON (atomically);
-        returns the final summary."""
+        """Remove the optimizer hooks, free the device buffers, issue the end-of-run warnings, optionally write
+        the summary JSON (atomically); returns the final summary. With ``on_no_equilibrium="raise"``, raises
+        :class:`~lightning_smd.EquilibriumNotReachedError` after that when the verdict is not ``equilibrium``."""
+        if self._closed:
+            return self.summary()
         self.update()
+        self.session.end_warnings()
         self._closed = True
-        summary = self.summary()
-        self.recorder.close()
-        if summary_path is not None:
-            write_summary(str(summary_path), summary)
+        summary = self.session.summary(complete=True)
+        self.session.close()
+        if summary_path is not None and self.session.write(str(summary_path), summary):
+            self.summary_file = str(summary_path)
+        if self.session.gate_failed(summary):
+            if self.on_no_equilibrium == "raise":
+                raise EquilibriumNotReachedError(f"SMD verdict '{summary.get('verdict')}': {summary.get('reason', '')}", summary)
+            if summary.get("verdict") == Verdict.NOT_REACHED and self.on_no_equilibrium == "warn":
+                self.session.warn("SMD034", reason=summary.get("reason", ""))
         return summary
+
+    def _release_verify_hook(self) -> None:
+        if self._verify_hook is not None and not self.session.verify_pending:
+            self._verify_hook.remove()
+            self._verify_hook = None
 
     def __enter__(self) -> SMDMonitor:
         return self
@@ -198,3 +219,17 @@ class SMDMonitor:
     def __exit__(self, *exc: Any) -> None:
         if not self._closed:
             self.close()
+
+
+class _VerifyHook:
+    """The numerical check of invariance before the first step of one of the monitor's optimizers (a global
+    optimizer pre-hook; removed at the next :meth:`SMDMonitor.update`, never from inside itself)."""
+
+    def __init__(self, monitor: SMDMonitor, named: dict[str, torch.Tensor]) -> None:
+        self.monitor = monitor
+        self.named = named
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        session = self.monitor.session
+        if session.verify_pending and any(optimizer is o for o in self.monitor.optimizers):
+            session.verify(self.named)

@@ -26,20 +26,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_series", "plot_run"]
+__all__ = ["load_series", "plot_run", "newest_file"]
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def newest_file(directory: str, filename: str) -> str | None:
+    """The most recently modified file called ``filename`` anywhere below ``directory``, or None."""
+    found = []
+    for root, _, files in os.walk(directory):
+        if filename in files:
+            full = os.path.join(root, filename)
+            found.append((os.path.getmtime(full), full))
+    return max(found)[1] if found else None
 
 
 def _find(path: str, filename: str) -> str | None:
     if os.path.isfile(path):
         return path if os.path.basename(path) == filename or filename.endswith(".csv") else None
-    found = []
-    for root, _, files in os.walk(path):
-        if filename in files:
-            full = os.path.join(root, filename)
-            found.append((os.path.getmtime(full), full))
-    return max(found)[1] if found else None
+    return newest_file(path, filename)
 
 
 def _from_csv(path: str) -> Series:

@@ -14,6 +14,7 @@ import torch
 
 from lightning_smd.detect import NormalizedWeight
 from lightning_smd.measure import StepRecorder
+from lightning_smd.messages import SMDWarning
 from lightning_smd.theory import group_hyper, rule_for
 
 __all__ = [
@@ -28,10 +29,6 @@ __all__ = [
 ]
 
 SUMMARY_FILENAME = "smd_summary.json"
-
-
-class SMDWarning(UserWarning):
-    """Warnings of lightning_smd (filter them with ``warnings.filterwarnings(..., category=SMDWarning)``)."""
 
 
 class EquilibriumNotReachedError(RuntimeError):

@@ -405,6 +405,8 @@ class Rule:
     """
 
     name: str = "rule"
+    #: False only for :class:`UnknownRule`, the stand-in for an optimizer no rule is registered for.
+    known: bool = True
     #: The ``param_group`` keys :meth:`hyper` reads; the recorder copies just these on every step.
     keys: tuple[str, ...] = ("lr", "weight_decay")
 
@@ -802,6 +804,7 @@ class UnknownRule(Rule):
 
     name: str = "unknown"
     optimizer: str = "?"
+    known: bool = False
 
     def reason(self, h: Hyper) -> str | None:
         return (

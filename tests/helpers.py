@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -179,3 +184,50 @@ def trainer(tmp_path: Any, callbacks: list | None = None, max_steps: int = 20, l
     )
     opts.update(kw)
     return pl.Trainer(**opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# One way to train with the callback, one way to run a script: every test file uses these.
+# ---------------------------------------------------------------------------------------------
+class Fit(NamedTuple):
+    smd: Any  # the SMDCallback
+    warnings: list[str]  # the SMD warnings issued during the fit, in order
+    trainer: pl.Trainer
+
+
+def fit_smd(
+    tmp_path: Any,
+    model: pl.LightningModule,
+    steps: int = 20,
+    *,
+    data: Any = None,
+    smd: Any = None,
+    trainer_kw: dict[str, Any] | None = None,
+    **smd_kw: Any,
+) -> Fit:
+    """Train ``model`` for ``steps`` optimizer steps with an ``SMDCallback(verbose=False, **smd_kw)`` (or
+    ``smd``), a CSV logger under ``tmp_path`` and the test stream; records the SMD warnings."""
+    from lightning_smd import SMDCallback, SMDWarning
+
+    smd = smd if smd is not None else SMDCallback(**{"verbose": False, **smd_kw})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = trainer(tmp_path, [smd], max_steps=steps, **(trainer_kw or {}))
+        t.fit(model, loader() if data is None else data)
+    return Fit(smd, [str(w.message) for w in record if issubclass(w.category, SMDWarning)], t)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(
+    args: Sequence[str], *, cwd: Any = ROOT, env: dict[str, str] | None = None, timeout: float = 280, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``python *args`` (a script and its arguments, or ``-c CODE``) in a fresh interpreter with W&B
+    offline; ``check`` asserts exit status 0 and shows the ends of both streams otherwise. The timeout stays
+    under the suite's per-test limit so that a hang is reported with its output."""
+    full_env = dict(os.environ, WANDB_MODE="offline", **(env or {}))
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=str(cwd), env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc

@@ -1,17 +1,14 @@
 """The benchmark scripts keep working (tiny configurations; their figures are not asserted on: tests never
 judge wall time)."""
 
-import os
-import subprocess
-import sys
+import pytest
+from helpers import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
-def _run(args, timeout=400):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, WANDB_MODE="offline"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+def _run(args):
+    return run_python(args).stdout
 
 
 def test_overhead_script_prints_its_table():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import HEALTHY_STEPS, Module, NoNormNet, SmallConvNet, healthy_module, loader, sgd, teacher_loader, trainer
+from helpers import HEALTHY_STEPS, Module, NoNormNet, SmallConvNet, healthy_module, loader, sgd, teacher_loader, trainer, fit_smd
 
 from lightning_smd import SMDCallback, SMDWarning
 from lightning_smd.theory import sgd_angular_update
@@ -100,6 +100,7 @@ def healthy_run(tmp_path_factory):
     return smd, smd_warnings(record, end=True), root
 
 
+@pytest.mark.slow
 def test_equilibrium_is_reached_and_reported(healthy_run):
     """Margins over the 20 seeds of the benchmark's cell (head, SGD momentum, healthy): every layer steady with
     |drift| ≤ 0.09 and t·se ≤ 0.55 of the limit; steady ratios 0.974–1.033, inside the asserted 0.8–1.2
@@ -166,13 +167,11 @@ def test_per_group_settings_are_honoured(tmp_path):
 
 
 def _fit_and_collect(tmp_path, model, max_steps, **kw):
-    smd = SMDCallback(verbose=False, **kw)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        trainer(tmp_path, [smd], max_steps=max_steps).fit(model, loader())
-    return smd, smd_warnings(record)
+    smd, msgs, _ = fit_smd(tmp_path, model, max_steps, **kw)
+    return smd, [m for m in msgs if not m.startswith("No equilibrium reached")]
 
 
+@pytest.mark.slow
 def test_no_warning_for_a_sound_setup(healthy_run):
     smd, msgs, _ = healthy_run
     assert msgs == []
@@ -276,6 +275,7 @@ def test_invalid_options_are_rejected():
         SMDCallback(log_every_n_steps=0)
 
 
+@pytest.mark.slow
 def test_quickstart_example_reaches_equilibrium(tmp_path, monkeypatch, capsys):
     """Over seeds 0–9 of the CI size (``--seed``): every layer in equilibrium, |drift| ≤ 0.13 and t·se ≤ 0.28 of the
     limit, steady ratios 0.979–1.007."""

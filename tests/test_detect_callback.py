@@ -1,26 +1,22 @@
 """Detection inside the callback: the recorded first batch, the numerical check, overrides, the table."""
 
-import warnings
 
 import pytest
 import torch
-from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer
+from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer, fit_smd
 from torch import nn
 from torch.nn import functional as F
 from zoo import LazyNet, Untraceable
 
-from lightning_smd import SMDCallback, SMDWarning, find_normalized_weights
+from lightning_smd import SMDCallback, find_normalized_weights
 
 GOOD_OPT = sgd(lr=0.2, weight_decay=0.05)  # tau = 5 steps: no short-run warning
 
 
 def fit(tmp_path, model, steps=10, **kw):
     kw.setdefault("window", 8)  # detection tests train a few steps: a short judged window keeps the short-run warning out
-    smd = SMDCallback(verbose=kw.pop("verbose", False), **kw)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        trainer(tmp_path, [smd], max_steps=steps).fit(model, loader())
-    msgs = [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
+    kw.setdefault("verbose", False)
+    smd, msgs, _ = fit_smd(tmp_path, model, steps, **kw)
     # the verdict and its per-layer warnings are tested elsewhere: a run of a few steps judges nothing robustly
     return smd, [m for m in msgs if not (m.startswith("No equilibrium reached") or "never reached equilibrium while others did" in m)]
 

@@ -1,23 +1,21 @@
 """Multi-process DDP on CPU (gloo): the same statistics as a single process, logs and summary written once."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+pytestmark = pytest.mark.slow
 
 
 def _run(out: Path, strategy: str, devices: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), strategy, str(devices)], capture_output=True, text=True, timeout=300, env=ENV, cwd=out.parent
-    )
-    assert proc.returncode == 0 and "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
+    proc = run_python([SCRIPT, out, strategy, devices], env=ENV, cwd=out.parent)
+    assert "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
     summaries = list(out.rglob("smd_summary.json"))
     assert len(summaries) == 1, summaries  # written once, by rank zero
     assert len(list(out.rglob("metrics.csv"))) == 1
@@ -46,10 +44,8 @@ def test_ddp_summary_equals_single_process(tmp_path, single, strategy):
 
 
 def _run_counting(out: Path, strategy: str) -> tuple[dict, list[str]]:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), strategy, "2", "count"], capture_output=True, text=True, timeout=300, env=ENV, cwd=out.parent
-    )
-    assert proc.returncode == 0 and "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
+    proc = run_python([SCRIPT, out, strategy, 2, "count"], env=ENV, cwd=out.parent)
+    assert "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
     # two processes share the pipe: their lines may interleave without a newline between them
     counts = re.findall(r"COLLECTIVES rank=\d+ all_reduce=\d+ flushes=\d+", proc.stdout)
     assert len(counts) == 2, proc.stdout
@@ -110,8 +106,7 @@ def test_fsdp1_flat_shards_equal_the_unsharded_run(tmp_path):
     partial sums over the shard group give the unsharded norms and angles."""
     script = SCRIPT.with_name("fsdp1_script.py")
     for world in (1, 2):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world)], capture_output=True, text=True, timeout=300, env=ENV)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_python([script, tmp_path, world], env=ENV)
     single = json.loads((tmp_path / "angles_1.json").read_text())
     sharded = json.loads((tmp_path / "angles_2.json").read_text())
     assert sharded["shapes"]["conv2.weight"] != single["shapes"]["conv2.weight"]  # flat shard views

@@ -7,33 +7,25 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import HEALTHY_STEPS, HeadNet, Module, PlainConvNet, healthy_module, loader, sgd, teacher_loader, trainer
+from helpers import HEALTHY_STEPS, HeadNet, Module, PlainConvNet, healthy_module, sgd, teacher_loader, fit_smd
 
-from lightning_smd import EquilibriumNotReachedError, SMDCallback, SMDWarning
+from lightning_smd import EquilibriumNotReachedError
 from lightning_smd.cli import main as cli
 from lightning_smd.demo import ThinConvNet
 from lightning_smd.diagnose import diffusion_exponent
 from lightning_smd.theory import adam_l2_equilibrium, adam_taps, sgd_angular_update
 
+pytestmark = pytest.mark.slow  # long fits to equilibrium
+
 ROOT = Path(__file__).parents[1]
 
 
-def _fit(tmp_path, model, steps, **kw):
-    data = kw.pop("data", None)
-    data = loader() if data is None else data
-    smd = SMDCallback(verbose=False, **{k: v for k, v in kw.items() if k in SMDCallback.__init__.__code__.co_varnames})
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        t = trainer(
-            tmp_path, [smd], max_steps=steps, log_every_n_steps=50, **{k: v for k, v in kw.items() if k not in SMDCallback.__init__.__code__.co_varnames}
-        )
-        t.fit(model, data)
-    return smd, [str(w.message) for w in record if issubclass(w.category, SMDWarning)], t
+def _fit(tmp_path, model, steps, data=None, **smd_kw):
+    return fit_smd(tmp_path, model, steps, data=data, trainer_kw={"log_every_n_steps": 50}, **smd_kw)
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import ROOT, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
-def _run(args, tmp_path, timeout=300):
-    env = dict(os.environ, SMD_EXAMPLE_FAST="1", OMP_NUM_THREADS="1" if "ddp.py" in args[0] else os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return proc
+def _run(args, tmp_path, timeout=280, check=True):
+    env = dict(SMD_EXAMPLE_FAST="1", OMP_NUM_THREADS="1" if "ddp.py" in args[0] else os.environ.get("OMP_NUM_THREADS", "2"))
+    return run_python(args, cwd=tmp_path, env=env, timeout=timeout, check=check)
 
 
 def _summary(path):
@@ -23,6 +19,7 @@ def _summary(path):
         return json.load(fh)
 
 
+@pytest.mark.slow
 def test_quickstart(tmp_path):
     """Margins over seeds 0–9: see tests/test_callback.py::test_quickstart_example_reaches_equilibrium."""
     proc = _run([os.path.join(EXAMPLES, "quickstart.py"), "--out", str(tmp_path / "q")], tmp_path)
@@ -31,6 +28,7 @@ def test_quickstart(tmp_path):
     assert "SMD verdict" in proc.stdout
 
 
+@pytest.mark.slow
 def test_resnet(tmp_path):
     _run([os.path.join(EXAMPLES, "resnet.py"), "--out", str(tmp_path / "r"), "--plot", str(tmp_path / "r.png")], tmp_path)
     summary = _summary(tmp_path / "r" / "smd_summary.json")
@@ -38,6 +36,7 @@ def test_resnet(tmp_path):
     assert os.path.getsize(tmp_path / "r.png") > 10_000
 
 
+@pytest.mark.slow
 def test_transformer_with_qk_norm(tmp_path):
     _run([os.path.join(EXAMPLES, "transformer_qknorm.py"), "--out", str(tmp_path / "t")], tmp_path)
     summary = _summary(tmp_path / "t" / "smd_summary.json")
@@ -48,13 +47,15 @@ def test_transformer_with_qk_norm(tmp_path):
     assert summary["verdict"] in ("equilibrium", "not_reached")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
-    proc = _run([os.path.join(EXAMPLES, "ddp.py"), "--out", str(tmp_path / "d")], tmp_path, timeout=600)
+    proc = _run([os.path.join(EXAMPLES, "ddp.py"), "--out", str(tmp_path / "d")], tmp_path)
     summary = _summary(tmp_path / "d" / "smd_summary.json")
     assert summary["steps"] == 200
     assert proc.stdout.count("verdict:") == 1  # rank zero only
 
 
+@pytest.mark.slow
 def test_plain_pytorch(tmp_path):
     proc = _run([os.path.join(EXAMPLES, "plain_pytorch.py"), "--summary", str(tmp_path / "p.json")], tmp_path)
     summary = _summary(tmp_path / "p.json")
@@ -62,6 +63,7 @@ def test_plain_pytorch(tmp_path):
     assert proc.stdout.count("median Δ/Δ*") == 5
 
 
+@pytest.mark.slow
 def test_ci_gate_passes_and_can_fail(tmp_path):
     """The gate's training is the verdict benchmark's healthy cell (HeadNet, SGD momentum; margins in tests/helpers.py)."""
     _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(EXAMPLES, "ci_gate")], tmp_path)
@@ -70,10 +72,7 @@ def test_ci_gate_passes_and_can_fail(tmp_path):
     source = open(os.path.join(EXAMPLES, "ci_gate", "test_smd_gate.py")).read()
     assert "Classifier(weight_decay=2.5e-3)" in source
     failing.write_text(source.replace("Classifier(weight_decay=2.5e-3)", "Classifier(weight_decay=0.0)"))
-    env = dict(os.environ, SMD_EXAMPLE_FAST="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(failing)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(failing)], tmp_path, check=False)
     assert proc.returncode == 1 and "EquilibriumNotReachedError" in proc.stdout
 
 

@@ -1,10 +1,10 @@
 """The gate under real 2-process DDP on CPU (gloo): every rank raises, nothing hangs."""
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+from helpers import run_python
 
 ROOT = Path(__file__).parents[1]
 
@@ -41,11 +41,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_raise_on_every_rank_under_ddp(tmp_path):
     script = tmp_path / "ddp_gate.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    proc = run_python([script], env={"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, cwd=tmp_path, check=False)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "not reached" not in proc.stdout
     assert "EquilibriumNotReachedError" in proc.stderr

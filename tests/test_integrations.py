@@ -15,7 +15,7 @@ import torch
 from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer
 from torch.nn import functional as F
 
-from lightning_smd import SMDCallback, SMDMonitor
+from lightning_smd import EquilibriumNotReachedError, SMDCallback, SMDMonitor, SMDWarning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,6 +65,7 @@ def test_lightning_pytorch_namespace(tmp_path):
     assert "smd/net.conv1.weight/angular_update" in header and "smd/angular_update_ratio" in header
 
 
+@pytest.mark.slow
 def test_lightning_cli_from_yaml(tmp_path):
     pytest.importorskip("jsonargparse")
     (tmp_path / "conf").mkdir()
@@ -115,6 +116,7 @@ LightningCLI(CLIModel, CLIData, args=["fit", "--config", {str(config)!r}])
     assert "smd/angular_update_ratio" in header and "smd/net.conv1.weight/angular_update" not in header  # log_per_layer: false
 
 
+@pytest.mark.slow
 def test_lightning_cli_rejects_a_bad_option(tmp_path):
     pytest.importorskip("jsonargparse")
     script = tmp_path / "cli.py"
@@ -175,10 +177,61 @@ def test_plain_pytorch_loop_gives_the_callbacks_numbers(tmp_path):
     assert monitor.recorder.pending == 0
 
 
+@pytest.mark.parametrize("per_filter", [False, True], ids=["whole", "per-filter"])
+def test_callback_and_monitor_write_the_same_summary(tmp_path, per_filter):
+    """One engine behind both front ends: the same training through a Trainer with SMDCallback and through a
+    hand-written loop with SMDMonitor gives the same summary file, field for field (warnings, detection,
+    the numerical check, the verdict), and the same warnings with their codes."""
+    options = dict(keep_history=True, per_filter=per_filter, track_distance=True)
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=False, summary_path=tmp_path / "callback.json", **options)
+    model = Module(PlainConvNet(), optimizer=sgd(momentum=0.9))
+    with warnings.catch_warnings(record=True) as from_callback:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "fit", [smd], max_steps=30, log_every_n_steps=10).fit(model, loader())
+    torch.manual_seed(0)
+    net = Module(PlainConvNet(), optimizer=sgd(momentum=0.9))
+    opt = net.configure_optimizers()
+    with warnings.catch_warnings(record=True) as from_monitor:
+        warnings.simplefilter("always")
+        monitor = SMDMonitor(net, opt, log_every_n_steps=10, max_steps=30, **options)
+        _loop(net, opt, 30, monitor)
+        monitor.close(summary_path=tmp_path / "monitor.json")
+    a = json.load(open(tmp_path / "callback.json"))
+    b = json.load(open(tmp_path / "monitor.json"))
+    assert a["warnings"], "the run is meant to warn (planned shorter than the relaxation needs)"
+    assert a["layers"][0]["verification"] is not None, "the numerical check ran"
+    assert a == b
+    codes = [[w.message.code for w in record if issubclass(w.category, SMDWarning)] for record in (from_callback, from_monitor)]
+    assert codes[0] == codes[1] and "SMD003" in codes[0] and codes[0][-1] == "SMD034"
+
+
+def test_monitor_gate_raises_after_writing_the_summary(tmp_path):
+    """``on_no_equilibrium="raise"``: as the callback, ``close()`` writes the summary, then raises."""
+    torch.manual_seed(0)
+    net = Module(PlainConvNet(), optimizer=sgd(momentum=0.9))
+    opt = net.configure_optimizers()
+    monitor = SMDMonitor(net, opt, log_every_n_steps=5, on_no_equilibrium="raise")
+    _loop(net, opt, 10)
+    with pytest.raises(EquilibriumNotReachedError, match="not_reached") as info:
+        monitor.close(summary_path=tmp_path / "s.json")
+    assert json.load(open(tmp_path / "s.json"))["verdict"] == "not_reached" == info.value.summary["verdict"]
+    with pytest.raises(ValueError, match="on_no_equilibrium"):
+        SMDMonitor(net, opt, on_no_equilibrium="fail")
+
+
 def test_monitor_explains_a_model_without_normalized_weights():
+    """As the callback does: one warning that says what to pass, and a ``not_applicable`` verdict; the
+    training loop goes on."""
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="no normalized .*include="):
-        SMDMonitor(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.warns(SMDWarning, match=r"no normalized .*include=.*\[SMD001\]") as record:
+        monitor = SMDMonitor(net, opt)
+    assert [w.message.code for w in record if issubclass(w.category, SMDWarning)] == ["SMD001"]
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    summary = monitor.close()
+    assert summary["verdict"] == "not_applicable" and summary["layers"] == [] and summary["warnings"] == monitor.warnings
 
 
 def test_fabric_loop(tmp_path):

@@ -1,6 +1,7 @@
 """The measurement: accuracy against float64 references, the observer property, no host syncs."""
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -42,10 +43,11 @@ def _select_kernel(monkeypatch, kernel):
     elements) batched and conv3 (1152) on its own; all on their own; or the accelerators' float64 foreach
     norms."""
     import lightning_smd.measure as measure
+    import lightning_smd.session as session
 
     threshold = {"dots-small": 4096, "dots-mixed": 600, "dots-large": 0}.get(kernel)
     if threshold is None:
-        monkeypatch.setattr(measure, "CPU_DOT_PATH", False)
+        monkeypatch.setattr(session, "StepRecorder", functools.partial(measure.StepRecorder, cpu_dot_products=False))
     else:
         monkeypatch.setattr(measure, "SMALL_NUMEL", threshold)
 
@@ -335,7 +337,7 @@ def test_sampling_keeps_the_window_and_moving_averages_in_steps():
     pred = rule.angular_update(rule.hyper(hyper))
     first, share = {}, {}
     for stride in (1, 4):
-        diag = Diagnostics([unit], DiagnosticsConfig(window=64, ema_steps=20), stride=stride)
+        diag = Diagnostics([unit], DiagnosticsConfig(window=64, ema_steps=20), every_n_steps=stride)
         assert diag.judge_every == 16
         steps = np.arange(stride, 801, stride)
         k = len(steps)

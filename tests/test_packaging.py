@@ -1,9 +1,8 @@
 """The README's commands and CI stay in sync; the package ships its type marker."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
+from helpers import run_python
 
 ROOT = Path(__file__).parents[1]
 
@@ -39,5 +38,4 @@ def test_import_and_cli_do_not_load_lightning(tmp_path):
         "lightning_smd.SMDCallback\n"
         "assert {m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_python(["-c", code])

@@ -78,6 +78,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rule_matches_the_real_optimizer(name):
     make, kw = CASES[name]
@@ -225,6 +226,7 @@ RELAXATION_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RELAXATION_CASES))
 def test_adam_relaxation_time_matches_the_real_optimizer(name):
     """AdamW's ‖w‖² after the learning rate is cut ×0.1 or raised ×10, against a paired reference run at the new
@@ -264,6 +266,7 @@ def _thin_adamw(phi, spread, seed):
     return r.update_kappa / momentum_inward_pull(0.9, 4e-3), r.angle_ratio
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phi", [0.0, 0.5, 0.9])
 def test_momentum_inward_pull_is_fixed_by_beta_whatever_the_gradient_correlation(phi):
     """κ = 2β1/(1 − β1(1 − e)) is exact for a momentum update with a uniform per-coordinate scale, whatever the
@@ -275,6 +278,7 @@ def test_momentum_inward_pull_is_fixed_by_beta_whatever_the_gradient_correlation
     assert angle == pytest.approx(1.0, abs=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_per_coordinate_scales_and_correlated_gradients_together_move_adamw_off_its_closed_form():
     """What the closed form leaves out on a thin layer: per-coordinate gradient scales that differ (Adam then
     weighs the coordinates unequally, and ⟨w, s·g⟩ ≠ 0) *and* gradients correlated in time. Either alone moves κ by

@@ -14,25 +14,17 @@ layers drifting at 1.37 and 1.41 times the limit; no layer of a memorizing run e
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "quick.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/verdict_reliability.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_python(["benchmarks/verdict_reliability.py", "--quick", "--json", out], timeout=900, check=False)
     return proc, json.loads(out.read_text())
 
 

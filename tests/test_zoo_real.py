@@ -17,26 +17,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_DEPS = ROOT / ".zoo-deps"
 
 
+@pytest.mark.slow
 def test_detection_is_exact_on_real_models(tmp_path):
     if not (ZOO_DEPS / "timm").is_dir():
         pytest.skip("timm/torchvision not in .zoo-deps: run the README's test command (it installs them there)")
     out = tmp_path / "zoo.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ZOO_DEPS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "zoo_audit.py"), "--quick", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,  # under the suite's 300 s per test (~30 s alone)
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = {"PYTHONPATH": os.pathsep.join([str(ZOO_DEPS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    run_python([ROOT / "benchmarks" / "zoo_audit.py", "--quick", "--json", out], env=env)  # ~30 s alone
     models = json.loads(out.read_text())["models"]
     sources = {m["source"] for m in models}
     assert {"torchvision", "timm", "transformers"} <= sources, sources

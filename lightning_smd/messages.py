@@ -1,0 +1,185 @@
+"""Every warning lightning_smd issues, in one place.
+
+A warning is one or two sentences: what happened (with the numbers) and what to change. It ends with a
+short code, ``[SMD020]``; the README's section *Warning codes* explains each code at length (the theory
+behind it, the causes to rule out). :class:`SMDWarning` carries the code (``warning.code``), so a script
+can filter one kind::
+
+    warnings.filterwarnings("ignore", category=SMDWarning, message=r".*\\[SMD021\\]")
+
+Nothing here imports torch or Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SMDWarning", "Message", "MESSAGES", "render"]
+
+
+class SMDWarning(UserWarning):
+    """Warnings of lightning_smd (filter them with ``warnings.filterwarnings(..., category=SMDWarning)``).
+    ``code`` is the warning's code (``"SMD020"``), explained in the README's *Warning codes*."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Message:
+    code: str
+    #: a few words, the title of the code's entry in the README
+    title: str
+    #: ``str.format`` template of the sentence(s)
+    template: str
+
+
+_ALL = (
+    # --- set-up (fit start) ----------------------------------------------------------------------
+    Message(
+        "SMD001",
+        "no normalized weight",
+        "SMD found no normalized (scale-invariant) weight in {model}{detail}. Nothing is measured (verdict "
+        "'not_applicable'); if the model does normalize some weights, name them with include=['block.*.conv.weight'].",
+    ),
+    Message(
+        "SMD002",
+        "no weight decay",
+        "{count} normalized weight(s) ({names}) are in param group {group} of optimizer {optimizer} with weight_decay=0, "
+        "so they have no equilibrium: give that param group weight_decay > 0 (e.g. 5e-4 for SGD, 0.05-0.1 for AdamW) and "
+        "exclude only norm affine parameters and biases from decay.",
+    ),
+    Message(
+        "SMD003",
+        "run too short to be judged",
+        "The run is planned for {planned} optimizer steps, but the slowest layer ({name}: relaxation time tau = {tau:.0f} "
+        "steps for {settings}) can be judged only after {needed} steps of unchanged settings (4 relaxation times, and "
+        "twice window={window}), so the verdict will be 'not_reached': train for at least {needed} steps, or raise "
+        "lr*weight_decay to shorten tau.",
+    ),
+    Message(
+        "SMD004",
+        "optimizer without a rule",
+        "No SMD rule is known for optimizer {optimizers}: its normalized weights are measured, but without a prediction "
+        "their verdict is 'not_applicable'; register one with lightning_smd.theory.register(MyOptimizer, MyRule()).",
+    ),
+    Message(
+        "SMD005",
+        "normalized weights no optimizer updates",
+        "{count} normalized weight(s) are not updated by any optimizer (or by parts of several), so they are not "
+        "measured: {names}. Give them to one optimizer, or exclude them.",
+    ),
+    Message("SMD006", "detection could not analyse the model", "{error} Name the normalized weights with include=[...]."),
+    Message("SMD007", "optimizer settings outside the theory", "{caveat}."),
+    Message("SMD008", "unsupported strategy", "{detail}"),
+    Message(
+        "SMD009",
+        "angular distance under sharding",
+        "track_distance is not supported with sharded parameters yet: the angular distance is not measured.",
+    ),
+    # --- first batch: the numerical check ----------------------------------------------------------
+    Message(
+        "SMD010",
+        "gradient not orthogonal (normalization eps)",
+        "{name} was detected as scale-invariant (through {through}), but its gradient is not orthogonal to it: "
+        "|cos(g, w)| = {cos:.1e} at {granularity} granularity (invariant weights give below {limit:.0e}). Likely the "
+        "normalization's eps against small activations: the layer follows the prediction only approximately; "
+        "exclude=['{name}'] if that matters.",
+    ),
+    Message(
+        "SMD011",
+        "gradient not orthogonal (another use of the weight)",
+        "{name} was detected as scale-invariant (through {through}), but its gradient is not orthogonal to it: "
+        "|cos(g, w)| = {cos:.1e} at {granularity} granularity (invariant weights give below {limit:.0e}). Something "
+        "outside the analysed forward pass uses it (an explicit L2 penalty in the loss, a hook, a path around the "
+        "normalization): fix the model, or pass exclude=['{name}'].",
+    ),
+    Message(
+        "SMD012",
+        "numerical check failed",
+        "The numerical check of scale invariance failed ({error}); detection is structural only.",
+    ),
+    # --- during training ---------------------------------------------------------------------------
+    Message(
+        "SMD020",
+        "vanishing gradient noise",
+        "Vanishing gradient noise from step {step} ({layers}): the gradient statistic L fell from {peak:.3g} to "
+        "{now:.3g} and the angular update to {ratio:.2f} of the prediction, so no equilibrium exists. Keep the gradient "
+        "noise alive: more data or augmentation, label smoothing, or less weight decay late in training.",
+    ),
+    Message(
+        "SMD021",
+        "norm spike",
+        "Norm spike at step {step} in {name}: the angular update jumped to {ratio:.1f} times the prediction after the "
+        "layer had been in equilibrium (all spikes: summary['spikes']). A lower learning rate or weight decay, or "
+        "gradient clipping, damps them.",
+    ),
+    Message(
+        "SMD022",
+        "schedule change too late",
+        "The learning rate / weight decay changed at step {step} (predicted angular update {before:.3g} -> {after:.3g} "
+        "rad/step): {name} needs about {expected:.0f} steps to re-equilibrate, but only {remaining} planned steps "
+        "remain. Decay earlier, or train longer after the decay.",
+    ),
+    Message("SMD023", "stopping the run", "Stopping training (on_no_equilibrium='stop'): {reason}."),
+    Message(
+        "SMD024",
+        "measurement failed",
+        "SMD measurement of optimizer {index} ({optimizer}) failed and stopped: {error}. Training is unaffected; please "
+        "report this with the model and optimizer.",
+    ),
+    # --- end of training ---------------------------------------------------------------------------
+    Message(
+        "SMD030",
+        "steady but off the prediction",
+        "{count} layer(s) are steady, but their angular update is off the SMD prediction by more than ±{tolerance:.0%} "
+        "(steady Δ/Δ* [confidence interval]): {layers}. {counted} Likely causes: {causes}",
+    ),
+    Message(
+        "SMD031",
+        "steady far off the prediction",
+        "{count} layer(s) are steady further than ±{max_deviation:.0%} from the SMD prediction: {layers}. That is "
+        "another regime than SMD's equilibrium and does not count as one; check 'verification' in the summary and the "
+        "gradient noise (see the code's entry in the README).",
+    ),
+    Message(
+        "SMD032",
+        "layers that never reached equilibrium",
+        "{count} layer(s) never reached equilibrium while others did: {layers}. Check their relaxation times and "
+        "'verification' in the summary.",
+    ),
+    Message(
+        "SMD033",
+        "ended while re-equilibrating",
+        "Training ended while {count} layer(s) were still re-equilibrating after a change of the learning rate or weight "
+        "decay: decay earlier, or train longer after the last decay.",
+    ),
+    Message("SMD034", "no equilibrium reached", "No equilibrium reached: {reason}"),
+    # --- I/O ---------------------------------------------------------------------------------------
+    Message(
+        "SMD040",
+        "a logger refused the metrics",
+        "{logger} refused the SMD metrics ({error}); they are not logged there, training goes on.",
+    ),
+    Message(
+        "SMD041",
+        "a logger could not take the SMD extras",
+        "Could not {what} of {logger} ({error}); the metrics are still logged.",
+    ),
+    Message("SMD042", "summary not written", "Could not write the SMD summary to {path}: {error}."),
+    Message(
+        "SMD043",
+        "checkpoint state does not fit",
+        "The SMD state in the checkpoint does not fit this run ({error}); measuring from scratch.",
+    ),
+    Message("SMD044", "summary lost after an exception", "SMD could not write its summary after {exception}: {error}."),
+)
+
+#: Every message by code.
+MESSAGES: dict[str, Message] = {m.code: m for m in _ALL}
+
+
+def render(code: str, **fields: object) -> str:
+    """The warning text of ``code`` with its fields, ending with the code."""
+    return f"{MESSAGES[code].template.format(**fields)} [{code}]"

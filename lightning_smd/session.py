@@ -1,0 +1,535 @@
+"""The engine behind both front ends: one :class:`Session` per fit owns the recorder, the diagnostics, the
+warnings and the summary. It knows nothing of Lightning: :class:`lightning_smd.SMDCallback` and
+:class:`lightning_smd.SMDMonitor` are adapters that find the weights, say when a log step comes, and hand
+over what only they know (the planned steps, the process group, how to gather a sharded tensor, where the
+summary goes).
+
+The life of a session: :meth:`Session.attach` (the tracked weights and the optimizers; the set-up
+warnings) → :meth:`Session.verify` before the first step (the numerical check of invariance) → at every
+log step :meth:`Session.drain` and :meth:`Session.metrics` → :meth:`Session.finish` (the end-of-run
+warnings and the summary) → :meth:`Session.close`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from lightning_smd.detect import (
+    NOT_ORTHOGONAL_WARNING,
+    ORTHOGONALITY_TOLERANCE,
+    Detection,
+    NormalizedWeight,
+    verify_orthogonality,
+)
+from lightning_smd.diagnose import (
+    WINDOW_RELAXATION_TIMES,
+    Diagnostics,
+    DiagnosticsConfig,
+    NormSpike,
+    Reequilibrating,
+    VanishingNoise,
+    Verdict,
+    diffusion_exponent,
+    metric_name,
+)
+from lightning_smd.measure import DistanceTracker, StepRecorder
+from lightning_smd.messages import SMDWarning, render
+from lightning_smd.report import filter_spec, optimizer_info, write_summary
+from lightning_smd.theory import group_hyper
+
+__all__ = ["Session", "SessionView", "GATE_MODES"]
+
+#: What ``on_no_equilibrium`` may be.
+GATE_MODES = ("warn", "stop", "raise")
+
+#: Normalizations whose eps can make the gradient of a normalized weight slightly non-orthogonal to it.
+_EPS_NORMS = ("batch", "instance", "group", "layer", "rms")
+
+
+def emit_warning(message: str, code: str) -> None:
+    """The default way a session's warning reaches the user: a :class:`SMDWarning`."""
+    warnings.warn(SMDWarning(message, code), stacklevel=4)
+
+
+class Session:
+    """Measure, judge and report the normalized weights of one training run.
+
+    Args:
+        config: the equilibrium criteria.
+        every_n_steps, use_momentum_buffer, per_filter, keep_history, track_distance, on_no_equilibrium:
+            as documented on :class:`lightning_smd.SMDCallback`.
+        emit: called with ``(message, code)`` for each new warning (the front end decides where it goes,
+            e.g. rank zero only); every warning is also kept in :attr:`warnings` and the summary.
+    """
+
+    def __init__(
+        self,
+        config: DiagnosticsConfig,
+        *,
+        every_n_steps: int = 1,
+        use_momentum_buffer: bool = True,
+        per_filter: bool = False,
+        keep_history: bool = False,
+        track_distance: bool = False,
+        on_no_equilibrium: str = "warn",
+        emit: Callable[[str, str], None] = emit_warning,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if on_no_equilibrium not in GATE_MODES:
+            raise ValueError(f"on_no_equilibrium must be 'warn', 'stop' or 'raise', got {on_no_equilibrium!r}")
+        self.config = config
+        self.every_n_steps = every_n_steps
+        self.use_momentum_buffer = use_momentum_buffer
+        self.per_filter = per_filter
+        self.keep_history = keep_history
+        self.track_distance = track_distance
+        self.on_no_equilibrium = on_no_equilibrium
+        self.emit = emit
+        self.detection: Detection | None = None
+        self.recorder: StepRecorder | None = None
+        self.diagnostics: Diagnostics | None = None
+        self.distance: DistanceTracker | None = None
+        self.warnings: list[str] = []
+        self._warned: set[str] = set()
+        self.stop_reason: str | None = None
+        self.verify_pending = False
+        self._verify_tries = 0
+        self._failed: set[int] = set()
+        self._named: Mapping[str, torch.Tensor] = {}
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._capacity = 1
+        self._shard_group: Any = None
+
+    # ------------------------------------------------------------------------------------------
+    # Warnings
+    # ------------------------------------------------------------------------------------------
+    def warn(self, code: str, *, once: str | None = None, **fields: Any) -> None:
+        """Issue warning ``code`` (see :mod:`lightning_smd.messages`) unless the same text, or another warning
+        with the same ``once`` key, was issued in this run."""
+        if once is not None:
+            if once in self._warned:
+                return
+            self._warned.add(once)
+        message = render(code, **fields)
+        if message in self.warnings:
+            return
+        self.warnings.append(message)
+        self.emit(message, code)
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------------------------------
+    def attach(
+        self,
+        named: Mapping[str, torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        units: Sequence[NormalizedWeight],
+        *,
+        capacity: int,
+        shard_group: Any = None,
+        planned_steps: int | None = None,
+        model_name: str = "the model",
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        """Create the recorder and the diagnostics for ``units`` (those whose parameters are all in ``named``)
+        and issue the set-up warnings — or, with ``resume``, continue from a :meth:`state_dict`."""
+        self.close()
+        self._named, self._optimizers, self._capacity, self._shard_group = named, list(optimizers), capacity, shard_group
+        units = [u for u in units if all(p in named for p in u.params)]
+        recorder = self._recorder(units)
+        if recorder.unoptimized:
+            dropped = set(recorder.unoptimized)
+            self.warn("SMD005", count=len(dropped), names=", ".join(units[i].name for i in recorder.unoptimized))
+            recorder.close()
+            units = [u for i, u in enumerate(units) if i not in dropped]
+            recorder = self._recorder(units)
+        self.recorder = recorder
+        self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history, every_n_steps=self.every_n_steps)
+        self.distance = None
+        if self.track_distance:
+            if any(slot.sharded for slot in recorder.slots):
+                self.warn("SMD009")
+            else:
+                self.distance = DistanceTracker([[named[p] for p in u.params] for u in units])
+        self.verify_pending = bool(units)
+        if resume is not None:
+            self.load_state_dict(resume)
+        else:
+            self._check_setup(units, model_name, planned_steps)
+
+    def _recorder(self, units: Sequence[NormalizedWeight]) -> StepRecorder:
+        return StepRecorder(
+            [[self._named[p] for p in u.params] for u in units],
+            self._optimizers,
+            capacity=self._capacity,
+            use_momentum_buffer=self.use_momentum_buffer,
+            unit_filters=[filter_spec(u) for u in units] if self.per_filter else None,
+            shard_group=self._shard_group,
+            every_n_steps=self.every_n_steps,
+        )
+
+    def _check_setup(self, units: list[NormalizedWeight], model_name: str, planned_steps: int | None) -> None:
+        """The fit-start warnings: nothing to track, no weight decay, no rule, caveats, a run too short."""
+        assert self.recorder is not None
+        if not units:
+            rejected = "; ".join(f"{k}: {v}" for k, v in list((self.detection.rejected if self.detection else {}).items())[:3])
+            self.warn("SMD001", model=model_name, detail=f" ({rejected})" if rejected else "")
+            return
+        zero_wd: dict[tuple[int, int], list[str]] = {}
+        taus: list[tuple[float, float, str, str]] = []
+        for slot in self.recorder.slots:
+            rule = slot.rule
+            if not rule.known:
+                continue
+            for u_local, u in enumerate(slot.units):
+                g = slot.groups[int(slot.unit_group[u_local])]
+                h = group_hyper(rule, slot.optimizer, slot.optimizer.param_groups[g])
+                if not h.get("weight_decay", 0.0) > 0.0:
+                    zero_wd.setdefault((slot.index, g), []).append(units[u].name)
+                    continue
+                tau = rule.relaxation_time(h)
+                if math.isfinite(tau) and not rule.unit_dependent(h):  # a unit-dependent τ needs the measured L
+                    taus.append((judging_steps(rule.norm_time_constant(h), self.config.window), tau, units[u].name, rule.describe(h)))
+        unknown = sorted({type(s.optimizer).__name__ for s in self.recorder.slots if not s.rule.known})
+        if unknown:
+            self.warn("SMD004", optimizers=", ".join(unknown))
+        caveats = {c for s in self.recorder.slots for g in s.groups if (c := s.rule.caveat(group_hyper(s.rule, s.optimizer, s.optimizer.param_groups[g])))}
+        for caveat in sorted(caveats):
+            self.warn("SMD007", caveat=caveat)
+        for (oi, g), names in zero_wd.items():
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self.warn("SMD002", count=len(names), names=shown, group=g, optimizer=oi)
+        if taus and planned_steps is not None:
+            needed, tau, name, desc = max(taus)
+            if planned_steps < needed:
+                self.warn("SMD003", planned=planned_steps, name=name, tau=tau, settings=desc, needed=math.ceil(needed), window=self.config.window)
+
+    def verify(
+        self, named: Mapping[str, torch.Tensor], gather: Callable[[Any], Any] = lambda t: t
+    ) -> list[NormalizedWeight] | None:
+        """The numerical check of scale invariance, right before the first optimizer step (one host
+        synchronization, once per run): ``|cos(g, w)|`` of every tracked and every rejected candidate weight.
+        ``gather`` turns a shard into its whole tensor (a collective: every rank calls it in the same order).
+        Returns the tracked units once the check is done (or given up), else None."""
+        if not self.verify_pending or self.diagnostics is None or self.detection is None:
+            return None
+        self._verify_tries += 1
+        if self._verify_tries > 5:
+            self.verify_pending = False
+            return None
+        # sorted: under sharding every rank gathers the same tensors in the same order
+        names = sorted({p for u in self.diagnostics.units for p in u.params} | {n for n in self.detection.rejected if n in named})
+        grads = {n: gather(named[n].grad) for n in names}
+        try:
+            units, rejected = verify_orthogonality(self.diagnostics.units, {n: gather(named[n]) for n in names}, grads, self.detection.rejected)
+        except Exception as err:  # noqa: BLE001 - an observer's check never stops training (retried up to 5 times)
+            self.warn("SMD012", error=f"{type(err).__name__}: {err}")
+            return None
+        if self.per_filter and [filter_spec(u) for u in units] != [filter_spec(u) for u in self.diagnostics.units]:
+            # the check found a finer invariance (e.g. per attention head): record per-filter stats at it
+            assert self.recorder is not None
+            self.recorder.close()
+            self.recorder = self._recorder(units)
+        if all(u.verification is None for u in units) and any(grads[p] is not None for u in units for p in u.params):
+            return None  # no usable gradient on this step (overflowed under fp16 loss scaling): try the next one
+        self.verify_pending = False
+        self.diagnostics.units = units
+        self.detection.units = units
+        self.detection.rejected_verification = rejected
+        for u in units:
+            if u.verification is not None and u.verification > NOT_ORTHOGONAL_WARNING and u.found_by != "include":
+                eps = any(k in u.norm.lower() for k in _EPS_NORMS) and u.verification < 0.1
+                self.warn(
+                    "SMD010" if eps else "SMD011",
+                    name=u.name,
+                    through=u.norm or u.layer,
+                    cos=u.verification,
+                    granularity=u.granularity,
+                    limit=ORTHOGONALITY_TOLERANCE,
+                )
+        return units
+
+    def skip_verification(self) -> None:
+        self.verify_pending = False
+
+    # ------------------------------------------------------------------------------------------
+    # Log steps
+    # ------------------------------------------------------------------------------------------
+    def drain(self, planned_steps: int | None = None) -> dict[int, float]:
+        """Move the recorded steps to the host (one synchronization), fold them into the diagnostics, turn
+        what happened into warnings; returns the angular distances (``track_distance``)."""
+        assert self.recorder is not None and self.diagnostics is not None
+        for batch in self.recorder.drain():
+            self.diagnostics.update(batch)
+        for slot in self.recorder.slots:
+            if slot.error is not None:
+                self.warn("SMD024", once=f"failed:{slot.index}", index=slot.index, optimizer=type(slot.optimizer).__name__, error=slot.error)
+        self._events(planned_steps)
+        return self._update_distance()
+
+    def _events(self, planned_steps: int | None) -> None:
+        """The diagnostics' new events as warnings, each kind once."""
+        assert self.diagnostics is not None
+        d = self.diagnostics
+        names = [u.name for u in d.units]
+        events = d.take_events()
+        vanishing = [e for e in events if isinstance(e, VanishingNoise)]
+        if vanishing:
+            first = vanishing[0]
+            layers = ", ".join(sorted({names[e.unit] for e in vanishing})[:5])
+            self.warn("SMD020", once="vanishing", step=first.step, layers=layers, peak=first.peak, now=first.now, ratio=first.ratio)
+        spike = next((e for e in events if isinstance(e, NormSpike)), None)
+        if spike is not None:
+            self.warn("SMD021", once="spike", step=spike.step, name=names[spike.unit], ratio=spike.ratio)
+        for e in (x for x in events if isinstance(x, Reequilibrating)):
+            remaining = None if planned_steps is None else planned_steps - e.step
+            if remaining is not None and math.isfinite(e.expected_steps) and e.expected_steps > remaining:
+                self.warn(
+                    "SMD022", once="late_decay", step=e.step, before=e.before, after=e.after, name=names[e.unit], expected=e.expected_steps, remaining=remaining
+                )
+
+    def _update_distance(self) -> dict[int, float]:
+        if self.distance is None or self.diagnostics is None:
+            return {}
+        d = self.diagnostics
+        for u in range(len(d.units)):
+            if u not in self.distance.reference_step and d.in_equilibrium[u]:
+                self.distance.take(u, int(d.steps[u]))
+        return self.distance.measure(int(d.steps.max(initial=0)))
+
+    def metrics(self, per_layer: bool = True, distances: Mapping[int, float] | None = None) -> dict[str, float]:
+        """The ``smd/*`` metrics as of the last drained step."""
+        assert self.diagnostics is not None
+        metrics = self.diagnostics.metrics(per_layer=per_layer)
+        if self.distance is not None and per_layer:
+            for u, unit in enumerate(self.diagnostics.units):
+                metrics[f"smd/{metric_name(unit.name)}/angular_distance"] = (distances or {}).get(u, math.nan)
+        return metrics
+
+    def impossible(self, planned_steps: int | None, interval: int) -> str | None:
+        """Why the run can clearly not end in equilibrium in ``planned_steps``, or None (the ``"stop"`` gate)."""
+        assert self.diagnostics is not None
+        d = self.diagnostics
+        app = d.applicable
+        n_app = int(app.sum())
+        if n_app == 0:
+            return None
+        required = math.ceil(self.config.min_fraction * n_app - 1e-9)
+        if (d.steps - d.origin < interval)[app].any():
+            return None  # the settings are still changing (a warm-up, a schedule): the future is unknown
+        needed = d.steps_needed()
+        no_decay = [d.units[u].name for u in range(len(d.units)) if app[u] and d.predicted[u] == 0.0]
+        done = int(d.steps.max(initial=0))
+        remaining = math.inf if planned_steps is None else planned_steps - done
+        possible = [u for u in range(len(d.units)) if app[u] and not (needed[u] > 2.0 * remaining)]
+        if len(possible) >= required:
+            return None
+        if no_decay and len(no_decay) > n_app - required:
+            return f"{len(no_decay)} of {n_app} normalized layers have no weight decay, so they have no equilibrium ({', '.join(no_decay[:3])})"
+        return (
+            f"only {len(possible)} of {n_app} layers can reach equilibrium in the {remaining} remaining steps "
+            f"(at least {required} needed; the others need more than twice that, by their relaxation times)"
+        )
+
+    def stop(self, reason: str) -> None:
+        """Record that the run is being stopped by the ``"stop"`` gate."""
+        self.stop_reason = reason
+        self.warn("SMD023", reason=reason)
+
+    # ------------------------------------------------------------------------------------------
+    # End
+    # ------------------------------------------------------------------------------------------
+    def end_warnings(self) -> None:
+        """The end-of-run warnings: layers off or far off the prediction, never in equilibrium, caught
+        re-equilibrating."""
+        assert self.diagnostics is not None
+        d = self.diagnostics
+        diag = d.diagnoses()
+        names = [u.name for u in d.units]
+        lo, hi = d.ratio_interval()
+
+        def shown(layers: list[str]) -> str:
+            rows = [f"{n} ({d.steady_ratio[u]:.3f} [{lo[u]:.3f}, {hi[u]:.3f}])" for n in layers[:6] for u in [names.index(n)]]
+            return ", ".join(rows) + (" ..." if len(layers) > 6 else "")
+
+        never = diag.get("never_in_equilibrium", [])
+        if never:
+            self.warn("SMD032", count=len(never), layers=", ".join(never[:8]) + (" ..." if len(never) > 8 else ""))
+        off = diag.get("off_prediction", [])
+        if off:
+            counted = (
+                "They do not count as in equilibrium (require_agreement=True)."
+                if self.config.require_agreement
+                else "They count as in equilibrium, off the prediction (require_agreement=True makes them fail the gate)."
+            )
+            causes = off_prediction_causes(d, [names.index(n) for n in off])
+            self.warn("SMD030", count=len(off), tolerance=self.config.tolerance, layers=shown(off), counted=counted, causes=causes)
+        far = diag.get("steady_far_off", [])
+        if far:
+            self.warn("SMD031", count=len(far), max_deviation=self.config.max_deviation, layers=shown(far))
+        if diag.get("re_equilibrating") and "late_decay" not in self._warned:
+            self.warn("SMD033", count=len(diag["re_equilibrating"]))
+
+    def summary(self, *, complete: bool = False, error: str | None = None, global_step: int | None = None) -> dict[str, Any]:
+        """The run summary (``smd_summary.json``) as of now."""
+        if self.diagnostics is None or self.recorder is None:
+            out: dict[str, Any] = {
+                "verdict": Verdict.NOT_APPLICABLE,
+                "reason": "nothing was attached: no fit has started",
+                "layers": [],
+                "steps": 0,
+            }
+        else:
+            out = self.diagnostics.summary()
+        out["complete"] = complete
+        if error:
+            out["error"] = error
+        recorder = self.recorder
+        out["optimizers"] = [optimizer_info(i, opt, recorder) for i, opt in enumerate(self._optimizers)] if recorder else []
+        out["extra_memory_bytes"] = (recorder.extra_bytes if recorder else 0) + (self.distance.extra_bytes if self.distance else 0)
+        out["every_n_steps"] = self.every_n_steps
+        out["on_no_equilibrium"] = self.on_no_equilibrium
+        out["stopped_early"] = self.stop_reason
+        if self.stop_reason and out["verdict"] != Verdict.EQUILIBRIUM:
+            out["reason"] = f"{out['reason']} (training stopped early: {self.stop_reason})"
+        if self.distance is not None:
+            for u, row in enumerate(out["layers"]):
+                series = self.distance.series.get(u, [])
+                row["angular_distance"] = series[-1][1] if series else None
+                row["distance_reference_step"] = self.distance.reference_step.get(u)
+                row["diffusion_exponent"] = diffusion_exponent([t for t, _ in series], [a for _, a in series]) if series else None
+        det = self.detection
+        out["warnings"] = list(self.warnings)
+        out["not_tracked"] = dict(det.rejected) if det else {}
+        out["detection_error"] = det.error if det else None
+        out["detection_method"] = det.method if det else None
+        out["not_tracked_verification"] = dict(det.rejected_verification) if det else {}
+        if global_step is None:
+            global_step = max((s.steps_taken for s in recorder.slots), default=0) if recorder else 0
+        out["global_step"] = int(global_step)
+        return out
+
+    def gate_failed(self, summary: Mapping[str, Any]) -> bool:
+        return summary.get("verdict") != Verdict.EQUILIBRIUM
+
+    def write(self, path: str, summary: Mapping[str, Any]) -> bool:
+        """Write the summary JSON to ``path``; a failure is a warning. Returns whether it was written."""
+        try:
+            write_summary(path, dict(summary))
+        except OSError as err:
+            self.warn("SMD042", path=path, error=err)
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue measuring after a resume, as plain Python types. Drains the device
+        buffers first (checkpointing synchronizes anyway)."""
+        if self.diagnostics is None or self.recorder is None:
+            return {}
+        for batch in self.recorder.drain():
+            self.diagnostics.update(batch)
+        return {
+            "version": 2,
+            "diagnostics": self.diagnostics.state_dict(),
+            "slots": [[slot.index, str(slot.device), slot.steps_taken] for slot in self.recorder.slots],
+            "warnings": list(self.warnings),
+            "warned": sorted(self._warned),
+            "verified": not self.verify_pending,
+            "units": [[u.name, u.granularity, u.group_size, u.verification] for u in self.diagnostics.units],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state or self.diagnostics is None or self.recorder is None:
+            return
+        try:
+            self.diagnostics.load_state_dict(state["diagnostics"])
+        except (KeyError, ValueError) as err:
+            self.warn("SMD043", error=err)
+            return
+        steps = {(int(i), str(d)): int(n) for i, d, n in state.get("slots", [])}
+        for slot in self.recorder.slots:
+            slot.steps_taken = steps.get((slot.index, str(slot.device)), slot.steps_taken)
+        if state.get("verified"):
+            known = {row[0]: row for row in state.get("units", [])}
+            units = [
+                replace(u, granularity=known[u.name][1], group_size=known[u.name][2], verification=known[u.name][3]) if u.name in known else u
+                for u in self.diagnostics.units
+            ]
+            self.diagnostics.units = units
+            if self.detection is not None:
+                self.detection.units = units
+            self.verify_pending = False
+        self.warnings = list(state.get("warnings", []))
+        self._warned = set(state.get("warned", []))
+
+    def close(self) -> None:
+        """Remove the optimizer hooks and free the device buffers (the results stay readable)."""
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.distance is not None:
+            self.distance.close()
+
+
+class SessionView:
+    """What a front end's session holds, under the names the front ends have always had."""
+
+    session: Session
+
+    @property
+    def detection(self) -> Detection | None:
+        return self.session.detection
+
+    @property
+    def recorder(self) -> StepRecorder | None:
+        return self.session.recorder
+
+    @property
+    def diagnostics(self) -> Diagnostics | None:
+        return self.session.diagnostics
+
+    @property
+    def distance(self) -> DistanceTracker | None:
+        return self.session.distance
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.session.warnings
+
+
+def judging_steps(ratio_time_constant: float, window: int) -> float:
+    """Steps of unchanged settings before a layer can be judged (twice the shortest window)."""
+    return 2.0 * max(float(window), WINDOW_RELAXATION_TIMES[0] * ratio_time_constant)
+
+
+def off_prediction_causes(d: Diagnostics, units: list[int]) -> str:
+    """The likely causes of steady layers off the prediction that can be told from the run."""
+    causes = []
+    rules = {d.rules[u].name for u in units if d.rules[u] is not None}
+    small = [d.units[u] for u in units if d.units[u].numel <= 1024]
+    if rules & {"AdamW", "Adam", "RAdam", "NAdam"}:
+        causes.append(
+            "Adam's per-coordinate normalization gives the update a radial part and an anisotropy that the isotropic theory "
+            "ignores; it is largest for small layers"
+            + (f" ({', '.join(f'{u.name}: {u.numel} weights' for u in small[:3])})" if small else "")
+        )
+    if "Lion" in rules:
+        causes.append("Lion's sign update is more correlated from step to step than gradient noise alone makes it, and has a radial part")
+    unverified = [d.units[u] for u in units if (d.units[u].verification or 0.0) > 1e-3]
+    if unverified:
+        causes.append(
+            "the gradient is not orthogonal to the weight on the first batch ("
+            + ", ".join(f"{u.name}: |cos(g, w)| = {u.verification:.1e}" for u in unverified[:3])
+            + "): BatchNorm's eps or a path around the normalization makes the layer only partly scale-invariant"
+        )
+    causes.append("dead filters (filters without gradient do not rotate and pull the layer's angle down; per_filter=True logs the RMS over filters)")
+    return "; ".join(causes) + "."

@@ -1,0 +1,31 @@
+"""Shared fixtures and the test tiers.
+
+- ``fit``: train a LightningModule with an ``SMDCallback`` (``helpers.fit_smd``) under the test's
+  ``tmp_path``; ``run_python``: run a script in a fresh interpreter (``helpers.run_python``).
+- Tiers: tests marked ``slow`` (long fits, the examples, the benchmarks, multi-process runs) are left out
+  by ``pytest -m "not slow"``, the tier to run while developing; CI runs everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import fit_smd, run_python  # noqa: E402
+
+
+@pytest.fixture
+def fit(tmp_path):
+    """``fit(model, steps, *, data=None, trainer_kw=None, **smd_kw) -> Fit(smd, warnings, trainer)``."""
+    return functools.partial(fit_smd, tmp_path)
+
+
+@pytest.fixture(name="run_python")
+def _run_python():
+    """``run_python(args, *, cwd=ROOT, env=None, timeout=280, check=True) -> CompletedProcess``."""
+    return run_python
