@@ -1,4 +1,5 @@
-"""The Lightning glue: hooks, logging, the summary.
+"""The Lightning adapter over :class:`lightning_smd.session.Session`: when to detect, when to log, where the
+summary goes, and rank-consistent gates.
 
 ``SMDCallback()`` finds the model's normalized weights when fit starts, measures each one after every
 optimizer step (on the device, without host synchronization), compares it with the equilibrium Spherical
@@ -10,6 +11,7 @@ ends early, by an exception or an interrupt (then marked ``"complete": false``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -29,9 +31,10 @@ from lightning_smd.detect import (
     units_from_patterns,
 )
 from lightning_smd.diagnose import DiagnosticsConfig, Verdict
-from lightning_smd.loggers import finish_loggers, setup_loggers
+from lightning_smd.dashboard import per_layer_mode, render_rgb
+from lightning_smd.loggers import finish_loggers, log_heatmap, setup_loggers
 from lightning_smd.messages import SMDWarning, render
-from lightning_smd.report import SUMMARY_FILENAME, EquilibriumNotReachedError, format_summary_table
+from lightning_smd.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
 from lightning_smd.session import Session, SessionView
 
 if TYPE_CHECKING:
@@ -89,7 +92,19 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         include: parameter-name globs to track in addition to the detected ones.
         exclude: parameter-name globs never to track.
         log_every_n_steps: log interval in optimizer steps; default: the Trainer's ``log_every_n_steps``.
-        log_per_layer: log the per-layer metrics, not only the aggregates.
+        log_per_layer: which per-layer series go to the loggers: ``"all"`` (or ``True``), ``"ratio"`` (only
+            ``smd/<layer>/angular_update_ratio``), ``"none"`` (or ``False``); ``"auto"`` (default): all up to 16
+            tracked layers, the ratio only above. The aggregates and the worst layers are always logged, and
+            the summary keeps everything.
+        worst_k: log the smoothed ratio of the ``worst_k`` layers furthest from their prediction
+            (``smd/worst/<i>/angular_update_ratio``): a few series whatever the model's size.
+        log_heatmap: log the layer × step heatmap of the smoothed ratio as an image to every logger that takes
+            images (W&B, TensorBoard, MLflow) every ``heatmap_every_n_logs`` log steps (0: only at the end)
+            and at the end of training. Needs matplotlib (without it: one warning, nothing else changes).
+        heatmap_every_n_logs: see ``log_heatmap``.
+        wandb_workspace: at the end of fit, save a W&B workspace for this run's layers to the project of the
+            Trainer's ``WandbLogger`` (needs ``wandb-workspaces`` and an online run; otherwise one warning with the
+            command that does it later).
         summary_path: where to write the summary JSON; default ``<trainer.log_dir>/smd_summary.json``.
             ``False`` writes none.
         verbose: print the table of tracked weights at fit start and the result table at the end
@@ -130,7 +145,11 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log_every_n_steps: int | None = None,
-        log_per_layer: bool = True,
+        log_per_layer: bool | str = "auto",
+        worst_k: int = 3,
+        log_heatmap: bool = True,
+        heatmap_every_n_logs: int = 10,
+        wandb_workspace: bool = False,
         summary_path: str | os.PathLike | bool | None = None,
         verbose: bool = True,
         keep_history: bool = False,
@@ -160,7 +179,16 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             keep_history=keep_history,
             track_distance=track_distance,
             on_no_equilibrium=on_no_equilibrium,
+            worst_k=worst_k,
         )
+        if isinstance(heatmap_every_n_logs, bool) or not isinstance(heatmap_every_n_logs, int) or heatmap_every_n_logs < 0:
+            raise ValueError(f"heatmap_every_n_logs must be an integer >= 0, got {heatmap_every_n_logs!r}")
+        per_layer_mode(log_per_layer, 0)  # validates
+        self.log_heatmap = bool(log_heatmap)
+        self.heatmap_every_n_logs = heatmap_every_n_logs
+        self.wandb_workspace = bool(wandb_workspace)
+        self._logs = 0
+        self._heatmap_step = -1
         self.session = Session(self.config, **self._options)  # validates the options; replaced at every fit start
         self.every_n_steps = every_n_steps
         self.on_no_equilibrium = on_no_equilibrium
@@ -214,6 +242,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         self._close()
         self.session = Session(self.config, emit=_rank_zero_emitter(trainer), **self._options)
         self._loggers_ready = False
+        self._logs = 0
+        self._heatmap_step = -1
         self._summary = None
         self._last_logged_step = -1
         self._deferred = False
@@ -280,6 +310,13 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         )
         if resume:
             self._last_logged_step = int(resume.get("last_logged_step", -1))
+        elif self.verbose and trainer.is_global_zero and self.session.judgeable_after:
+            steps, name, tau = self.session.judgeable_after
+            planned = _planned_steps(trainer)
+            print(
+                f"SMDCallback: equilibrium can be judged after about {steps} steps of unchanged settings (slowest layer "
+                f"{name}, relaxation time {tau:.0f} steps); planned: {planned if planned is not None else 'unknown'} steps"
+            )
 
     # ------------------------------------------------------------------------------------------
     # First batch: deferred detection and the numerical check of invariance
@@ -382,7 +419,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         if not self._loggers_ready:
             self._loggers_ready = True
             if trainer.is_global_zero:
-                setup_loggers(trainer.loggers, [u.name for u in self.diagnostics.units], self.log_per_layer, session.warn)
+                names = [u.name for u in self.diagnostics.units]
+                setup_loggers(trainer.loggers, names, per_layer_mode(self.log_per_layer, len(names)), session.worst_k, session.warn)
         for logger in trainer.loggers:
             try:
                 logger.log_metrics(metrics, step=step)
@@ -390,7 +428,40 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
                 session.warn("SMD040", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")
         for key in ("smd/angular_update_ratio", "smd/equilibrium_fraction"):
             trainer.callback_metrics[key] = torch.tensor(metrics[key])
+        # the progress bars (TQDM and Rich) show trainer.progress_bar_metrics, which keeps what is put there
+        trainer.progress_bar_metrics.update(session.progress())
         self._last_logged_step = step
+        self._logs += 1
+        if self.heatmap_every_n_logs and self._logs % self.heatmap_every_n_logs == 0:
+            self._log_heatmap(trainer, step)
+
+    def _save_workspace(self, trainer: pl.Trainer) -> None:
+        run = next((logger.experiment for logger in trainer.loggers if "WandbLogger" in {k.__name__ for k in type(logger).__mro__}), None)
+        if run is None:
+            self.session.warn("SMD046", why="the Trainer has no WandbLogger")
+            return
+        if getattr(getattr(run, "settings", None), "mode", "") in ("offline", "disabled") or not getattr(run, "entity", None):
+            self.session.warn("SMD046", why="the W&B run is offline")
+            return
+        try:
+            from lightning_smd.workspace import build_workspace, save_workspace
+
+            names = [u.name for u in self.diagnostics.units] if self.diagnostics else []
+            save_workspace(build_workspace(run.entity, run.project, names, self.log_per_layer, self.session.worst_k))
+        except Exception as err:  # noqa: BLE001 - a workspace that cannot be saved must not fail the run
+            self.session.warn("SMD046", why=f"{type(err).__name__}: {err}")
+
+    def _log_heatmap(self, trainer: pl.Trainer, step: int) -> None:
+        """Draw the heatmap from the host-side history (log steps only) and hand it to the loggers."""
+        if not self.log_heatmap or not trainer.is_global_zero or not trainer.loggers or step == self._heatmap_step:
+            return
+        self._heatmap_step = step
+        figure = self.session.heatmap()
+        if figure is None:
+            if len(self.session.history) and not _has_matplotlib():
+                self.session.warn("SMD045")
+            return
+        log_heatmap(trainer.loggers, render_rgb(figure), step, self.session.warn)
 
     # ------------------------------------------------------------------------------------------
     # End
@@ -401,9 +472,12 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         if self.recorder.pending:
             self._flush(trainer, max(_logger_step(trainer) - 1, self._last_logged_step + 1))
         self.session.end_warnings()
+        self._log_heatmap(trainer, max(_logger_step(trainer) - 1, self._last_logged_step))
         self._finish(trainer, complete=True)
         if trainer.is_global_zero:
             finish_loggers(trainer.loggers, self.summary(), self.session.warn)
+            if self.wandb_workspace:
+                self._save_workspace(trainer)
         if self.verbose and trainer.is_global_zero:
             print(self.format_summary())
         self._gate(trainer)
@@ -467,9 +541,14 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         """Where the summary JSON was written (rank zero), or ``None``."""
         return self._summary_file
 
-    def format_summary(self) -> str:
-        """The end-of-training table: per layer measured vs predicted, and the verdict."""
-        return format_summary_table(self.summary())
+    def format_summary(self, max_rows: int | None = TABLE_ROWS) -> str:
+        """The end-of-training table: per layer measured vs predicted, and the verdict; above ``max_rows``
+        layers the ones not in equilibrium come first and the rest is counted (``None``: every row)."""
+        return format_summary_table(self.summary(), max_rows)
+
+
+def _has_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _rank_zero_emitter(trainer: pl.Trainer) -> Any:

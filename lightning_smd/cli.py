@@ -2,10 +2,14 @@
 
     lightning-smd check SUMMARY.json [--min-fraction 0.9] [--require-agreement] [--tolerance 0.1] [--max-deviation 0.3]
         exit 0 when the run reached equilibrium, 1 when it did not, 2 on unreadable input
-    lightning-smd report LOG_DIR_OR_SUMMARY
-        the per-layer table of a run (the newest smd_summary.json under a directory)
-    lightning-smd plot LOG_DIR_OR_CSV -o smd.png [--layers 6 | --all | --layer NAME ...]
-        measured vs predicted angular update and weight norm per layer (needs matplotlib)
+    lightning-smd report LOG_DIR_OR_SUMMARY [--all]
+        the per-layer table of a run (the newest smd_summary.json under a directory); above 20 layers, those
+        not in equilibrium first and the rest counted, unless --all
+    lightning-smd plot LOG_DIR_OR_CSV -o smd.png [--layers 6 | --all | --layer NAME ... | --heatmap]
+        measured vs predicted angular update and weight norm per layer, or the layer x step heatmap of
+        their ratio (needs matplotlib)
+    lightning-smd wandb-workspace ENTITY/PROJECT --summary LOG_DIR_OR_SUMMARY [--save]
+        the W&B workspace for a run's layers: printed; saved with --save (needs wandb-workspaces)
 
 ``check`` re-judges the verdict when an option is given, from each layer's steady state and the confidence
 interval of its steady ratio in the summary: a layer counts as in equilibrium when it is steady and its
@@ -25,7 +29,7 @@ from typing import Any
 
 from lightning_smd.diagnose import Verdict
 from lightning_smd.plot import newest_file
-from lightning_smd.report import SUMMARY_FILENAME, format_summary_table
+from lightning_smd.report import SUMMARY_FILENAME, TABLE_ROWS, format_summary_table
 
 __all__ = ["main", "find_summary", "judge"]
 
@@ -94,7 +98,7 @@ def _check(args: argparse.Namespace) -> int:
     verdict, reason = judge(summary, args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)
     if any(v is not None for v in (args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)):
         summary = {**summary, "verdict": verdict, "reason": reason}
-    print(format_summary_table(summary))
+    print(format_summary_table(summary, TABLE_ROWS))
     return 0 if verdict == Verdict.EQUILIBRIUM else 1
 
 
@@ -102,7 +106,7 @@ def _report(args: argparse.Namespace) -> int:
     path = find_summary(args.path)
     summary = load(path)
     print(f"{path}")
-    print(format_summary_table(summary))
+    print(format_summary_table(summary, None if args.all else TABLE_ROWS))
     extra = []
     for key, names in (summary.get("diagnoses") or {}).items():
         extra.append(f"  {key.replace('_', ' ')}: {', '.join(names)}")
@@ -114,13 +118,40 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from lightning_smd.plot import plot_run
+    from lightning_smd.plot import heatmap_run, plot_run
 
     try:
-        out = plot_run(args.path, args.output, layers=None if args.all else args.layers, names=args.layer or None, dpi=args.dpi)
+        if args.heatmap:
+            out = heatmap_run(args.path, args.output, dpi=args.dpi)
+        else:
+            out = plot_run(args.path, args.output, layers=None if args.all else args.layers, names=args.layer or None, dpi=args.dpi)
     except ValueError as err:
         raise InputError(str(err)) from err
     print(out)
+    return 0
+
+
+def _workspace(args: argparse.Namespace) -> int:
+    from lightning_smd.workspace import build_workspace, save_workspace, workspace_panels
+
+    if args.target.count("/") != 1 or not all(args.target.split("/")):
+        raise InputError(f"{args.target}: give the W&B target as ENTITY/PROJECT")
+    entity, project = args.target.split("/")
+    summary = load(args.summary)
+    names = [str(row.get("name")) for row in summary["layers"]]
+    sections = workspace_panels(names, args.per_layer, args.worst_k)
+    for title, is_open, panels in sections:
+        print(f"section {title!r} ({'open' if is_open else 'collapsed'}): {len(panels)} panels")
+        for p in panels[: 8 if not is_open else len(panels)]:
+            print(f"  {p['kind']:5s} {p['title']}: {', '.join(p['keys'][:4])}{' ...' if len(p['keys']) > 4 else ''}")
+    if not args.save:
+        print("(not saved: --save writes it to the W&B server)")
+        return 0
+    try:
+        workspace = build_workspace(entity, project, names, args.per_layer, args.worst_k, name=args.name)
+    except ImportError as err:
+        raise InputError(str(err)) from err
+    print(save_workspace(workspace))
     return 0
 
 
@@ -136,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.set_defaults(fn=_check)
     r = sub.add_parser("report", help="print the per-layer table of a run")
     r.add_argument("path", help="smd_summary.json or a log directory")
+    r.add_argument("--all", action="store_true", help=f"every layer (default: at most {TABLE_ROWS} rows, those not in equilibrium first)")
     r.set_defaults(fn=_report)
     p = sub.add_parser("plot", help="draw measured vs predicted per layer into an image")
     p.add_argument("path", help="a log directory (metrics.csv or TensorBoard event files below it) or a metrics.csv")
@@ -143,8 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=6, help="how many layers: the worst by final |ratio - 1| (default 6)")
     p.add_argument("--all", action="store_true", help="every layer")
     p.add_argument("--layer", action="append", help="this layer (repeatable); overrides --layers")
+    p.add_argument("--heatmap", action="store_true", help="the layer x step heatmap of the smoothed ratio, every layer")
     p.add_argument("--dpi", type=int, default=120)
     p.set_defaults(fn=_plot)
+    w = sub.add_parser("wandb-workspace", help="build (and with --save, save) a W&B workspace for the SMD metrics")
+    w.add_argument("target", help="ENTITY/PROJECT")
+    w.add_argument("--summary", required=True, help="smd_summary.json or a log directory: the layers of the workspace")
+    w.add_argument("--per-layer", default="auto", choices=["auto", "all", "ratio", "none"], help="as SMDCallback(log_per_layer=...)")
+    w.add_argument("--worst-k", type=int, default=3, help="as SMDCallback(worst_k=...)")
+    w.add_argument("--name", default="SMD", help="the workspace's name")
+    w.add_argument("--save", action="store_true", help="save it to the W&B server (needs wandb-workspaces and an API key)")
+    w.set_defaults(fn=_workspace)
     args = parser.parse_args(argv)
     for name in ("tolerance", "min_fraction", "max_deviation"):
         value = getattr(args, name, None)

@@ -15,6 +15,7 @@ A logger that refuses something gets a warning, never an exception: monitoring m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,22 +37,61 @@ def _prefixed(logger: Any, key: str) -> str:
     return f"{prefix}{join}{key}" if prefix else key
 
 
-def tensorboard_layout(logger: Any, unit_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout: {category: {chart title: ["Multiline", [tags]]}}."""
-    agg = {
-        "median ratio to prediction": ["Multiline", [_prefixed(logger, "smd/angular_update_ratio")]],
-        "share of layers in equilibrium": ["Multiline", [_prefixed(logger, "smd/equilibrium_fraction")]],
+def tensorboard_layout(logger: Any, unit_names: Sequence[str], per_layer: str = "all", worst_k: int = 3) -> list[tuple[str, bool, dict[str, list[str]]]]:
+    """The custom-scalars layout as ``[(category, closed, {chart title: [tag regexes]})]``.
+
+    The first category (open) holds a handful of charts whatever the model's size: the two aggregates, the
+    worst layers' ratios, and every layer's ratio in one chart. With ``per_layer="all"`` two closed categories
+    follow, one chart per layer each: measured vs predicted angular update, and weight norm vs its prediction.
+    """
+    tag = lambda key: re.escape(_prefixed(logger, key))  # noqa: E731 - chart tags are regular expressions
+    overview = {
+        "median ratio to prediction": [tag("smd/angular_update_ratio")],
+        "share of layers in equilibrium": [tag("smd/equilibrium_fraction")],
     }
-    delta: dict[str, list[Any]] = {}
-    norm: dict[str, list[Any]] = {}
-    for name in unit_names:
-        keys = layer_metric_keys(name)
-        delta[name] = ["Multiline", [_prefixed(logger, keys["angular_update"]), _prefixed(logger, keys["predicted_angular_update"])]]
-        norm[name] = ["Multiline", [_prefixed(logger, keys["weight_norm"]), _prefixed(logger, keys["predicted_weight_norm"])]]
-    return {"SMD": agg, "SMD angular update: measured vs predicted": delta, "SMD weight norm: measured vs predicted": norm}
+    if worst_k:
+        overview["worst layers: ratio to prediction"] = [tag("smd/worst/") + r"\d+/angular_update_ratio"]
+    if per_layer != "none" and unit_names:
+        overview["every layer: ratio to prediction"] = [tag("smd/") + r"(?!worst/)[^/]+/angular_update_ratio"]
+    layout = [("SMD", False, overview)]
+    if per_layer == "all" and unit_names:
+        delta: dict[str, list[str]] = {}
+        norm: dict[str, list[str]] = {}
+        for name in unit_names:
+            keys = layer_metric_keys(name)
+            delta[name] = [tag(keys["angular_update"]), tag(keys["predicted_angular_update"])]
+            norm[name] = [tag(keys["weight_norm"]), tag(keys["predicted_weight_norm"])]
+        layout += [("SMD per layer: angular update, measured vs predicted", True, delta), ("SMD per layer: weight norm, measured vs predicted", True, norm)]
+    return layout
 
 
-def setup_loggers(loggers: Sequence[Any], unit_names: Sequence[str], per_layer: bool, warn: Any) -> None:
+def _write_tensorboard_layout(writer: Any, layout: list[tuple[str, bool, dict[str, list[str]]]]) -> None:
+    """Write the layout with its categories' ``closed`` flags (``SummaryWriter.add_custom_scalars`` has none);
+    falls back to ``add_custom_scalars`` (all categories open) where the protos are not importable."""
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+        from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    except ImportError:
+        writer.add_custom_scalars({title: {c: ["Multiline", tags] for c, tags in charts.items()} for title, _, charts in layout})
+        return
+    proto = layout_pb2.Layout(
+        category=[
+            layout_pb2.Category(
+                title=title,
+                closed=closed,
+                chart=[layout_pb2.Chart(title=c, multiline=layout_pb2.MultilineChartContent(tag=tags)) for c, tags in charts.items()],
+            )
+            for title, closed, charts in layout
+        ]
+    )
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME))
+    tensor = TensorProto(dtype="DT_STRING", string_val=[proto.SerializeToString()], tensor_shape=TensorShapeProto())
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, tensor=tensor, metadata=meta)]))
+
+
+def setup_loggers(loggers: Sequence[Any], unit_names: Sequence[str], per_layer: str, worst_k: int, warn: Any) -> None:
     """Once, before the first ``log_metrics`` (rank zero only). ``warn(code, **fields)`` reports a logger that
     refused (see :mod:`lightning_smd.messages`)."""
     for logger in loggers:
@@ -59,8 +99,8 @@ def setup_loggers(loggers: Sequence[Any], unit_names: Sequence[str], per_layer: 
         try:
             if kind == "TensorBoardLogger":
                 writer = logger.experiment
-                if hasattr(writer, "add_custom_scalars"):
-                    writer.add_custom_scalars(tensorboard_layout(logger, unit_names if per_layer else []))
+                if hasattr(writer, "file_writer"):
+                    _write_tensorboard_layout(writer, tensorboard_layout(logger, unit_names, per_layer, worst_k))
             elif kind == "WandbLogger":
                 run = logger.experiment
                 if hasattr(run, "define_metric"):
@@ -68,6 +108,33 @@ def setup_loggers(loggers: Sequence[Any], unit_names: Sequence[str], per_layer: 
                     run.define_metric(_prefixed(logger, "smd/*"), step_metric="trainer/global_step")
         except Exception as err:  # noqa: BLE001 - a logger's failure must not stop training
             warn("SMD041", what="set up the SMD charts", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")
+
+
+HEATMAP_KEY = "smd/heatmap"
+
+
+def log_heatmap(loggers: Sequence[Any], image: Any, step: int, warn: Any) -> list[str]:
+    """Log the heatmap (``[height, width, 3]`` uint8 pixels, drawn once) to every logger that takes images
+    (W&B ``wandb.Image``, TensorBoard ``add_image``, MLflow ``log_image``); returns the kinds of the loggers
+    that took it. A logger that refuses gets warning SMD041 (the session deduplicates the text)."""
+    took = []
+    for logger in loggers:
+        kind = _kind(logger)
+        try:
+            if kind == "WandbLogger":
+                import wandb
+
+                logger.experiment.log({_prefixed(logger, HEATMAP_KEY): wandb.Image(image), "trainer/global_step": step})
+            elif kind == "TensorBoardLogger":
+                logger.experiment.add_image(_prefixed(logger, HEATMAP_KEY), image, global_step=step, dataformats="HWC")
+            elif kind == "MLFlowLogger":
+                logger.experiment.log_image(logger.run_id, image, artifact_file=f"smd/heatmap_step{step:07d}.png")
+            else:
+                continue
+            took.append(kind)
+        except Exception as err:  # noqa: BLE001 - an image a logger refuses must not stop training
+            warn("SMD041", what="log the SMD heatmap", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")
+    return took
 
 
 TABLE_COLUMNS = [

@@ -174,6 +174,18 @@ _ALL = (
         "The SMD state in the checkpoint does not fit this run ({error}); measuring from scratch.",
     ),
     Message("SMD044", "summary lost after an exception", "SMD could not write its summary after {exception}: {error}."),
+    Message(
+        "SMD045",
+        "no heatmap without matplotlib",
+        "matplotlib is not installed, so the SMD heatmap is not drawn (everything else is logged): pip install matplotlib, "
+        "or pass log_heatmap=False.",
+    ),
+    Message(
+        "SMD046",
+        "W&B workspace not saved",
+        "The W&B workspace was not saved ({why}); build and save it later with: lightning-smd wandb-workspace "
+        "ENTITY/PROJECT --summary LOG_DIR --save.",
+    ),
 )
 
 #: Every message by code.

@@ -29,7 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightning_smd.detect import find_normalized_weights
 from lightning_smd.diagnose import DiagnosticsConfig, Verdict
-from lightning_smd.report import EquilibriumNotReachedError, format_summary_table
+from lightning_smd.report import TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
 from lightning_smd.session import Session, SessionView
 from lightning_smd.theory import unwrap_optimizer
 
@@ -173,8 +173,9 @@ class SMDMonitor(SessionView):
                 self.should_stop = True
         return distances
 
-    def metrics(self, per_layer: bool = True) -> dict[str, float]:
-        """The ``smd/*`` metrics as of the last recorded step (the keys the callback logs)."""
+    def metrics(self, per_layer: bool | str = True) -> dict[str, float]:
+        """The ``smd/*`` metrics as of the last recorded step (the keys the callback logs; ``per_layer`` as the
+        callback's ``log_per_layer``)."""
         distances = self.update()
         return self.session.metrics(per_layer, distances)
 
@@ -184,9 +185,15 @@ class SMDMonitor(SessionView):
             self.update()
         return self.session.summary(complete=self._closed)
 
-    def format_summary(self) -> str:
-        """The per-layer table of measured against predicted values, and the verdict."""
-        return format_summary_table(self.summary())
+    def heatmap(self) -> Any:
+        """The layer × step heatmap of the smoothed Δ/Δ* at the log steps so far (a matplotlib ``Figure``:
+        ``monitor.heatmap().savefig("smd.png")``), or None without matplotlib or before the first log."""
+        return self.session.heatmap()
+
+    def format_summary(self, max_rows: int | None = TABLE_ROWS) -> str:
+        """The per-layer table of measured against predicted values, and the verdict (see
+        ``SMDCallback.format_summary``)."""
+        return format_summary_table(self.summary(), max_rows)
 
     def close(self, summary_path: str | os.PathLike | None = None) -> dict[str, Any]:
         """Remove the optimizer hooks, free the device buffers, issue the end-of-run warnings, optionally write

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_series", "plot_run", "newest_file"]
+__all__ = ["load_series", "plot_run", "heatmap_run", "newest_file"]
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -219,4 +219,33 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
     fig.tight_layout()
     fig.savefig(output, dpi=dpi)
     plt.close(fig)
+    return output
+
+
+def heatmap_run(path: str, output: str, dpi: int = 120) -> str:
+    """The layer × step heatmap of the logged smoothed Δ/Δ* (``smd/<layer>/angular_update_ratio``), layers in
+    network order (the summary's, when found), written to ``output``; returns ``output``."""
+    from lightning_smd.dashboard import heatmap_figure
+    from lightning_smd.diagnose import metric_name
+
+    series, summary = load_series(path)
+    logged = [k.split("/")[1] for k in series if k.count("/") == 2 and k.endswith("/angular_update_ratio") and not k.startswith("smd/worst/")]
+    if summary and summary.get("layers"):
+        order = [metric_name(str(r.get("name"))) for r in summary["layers"]]
+        names = [n for n in order if n in logged] + [n for n in logged if n not in order]
+    else:
+        names = logged
+    if not names:
+        raise ValueError(f"{path}: no per-layer smd/<layer>/angular_update_ratio series (log_per_layer='none'?)")
+    steps = np.array(sorted({int(s) for n in names for s in series[f"smd/{n}/angular_update_ratio"][0]}))
+    matrix = np.full((len(names), len(steps)), np.nan)
+    column = {s: i for i, s in enumerate(steps)}
+    for row, n in enumerate(names):
+        s, v = series[f"smd/{n}/angular_update_ratio"]
+        matrix[row, [column[int(x)] for x in s]] = v
+    tolerance = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
+    fig = heatmap_figure(steps, matrix, names, tolerance)
+    if fig is None:
+        raise ValueError('drawing needs matplotlib: pip install "lightning-smd[plot]"')
+    fig.savefig(output, dpi=dpi)
     return output

@@ -22,6 +22,7 @@ __all__ = [
     "EquilibriumNotReachedError",
     "SUMMARY_FILENAME",
     "format_summary_table",
+    "TABLE_ROWS",
     "state_label",
     "write_summary",
     "optimizer_info",
@@ -40,14 +41,29 @@ class EquilibriumNotReachedError(RuntimeError):
         self.summary = summary or {}
 
 
-def format_summary_table(summary: dict[str, Any]) -> str:
-    """Format a summary dict (as written to ``smd_summary.json``) as a fixed-width table."""
+#: Rows of the end-of-training table before it is cut (the whole table then fits 25 terminal lines).
+TABLE_ROWS = 20
+
+
+def format_summary_table(summary: dict[str, Any], max_rows: int | None = None) -> str:
+    """Format a summary dict (as written to ``smd_summary.json``) as a fixed-width table.
+
+    With ``max_rows`` and more layers than that, the layers a reader must see come first — not in
+    equilibrium, then off the prediction — and the rest is counted in one line (``lightning-smd report
+    --all`` prints every row)."""
 
     def f(x: Any, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
+    layers = list(summary.get("layers", []))
+    hidden: list[dict[str, Any]] = []
+    if max_rows is not None and len(layers) > max_rows:
+        order = sorted(range(len(layers)), key=lambda i: (_attention(layers[i]), i))
+        keep = sorted(order[:max_rows], key=lambda i: (_attention(layers[i]), i))
+        hidden = [layers[i] for i in order[max_rows:]]
+        layers = [layers[i] for i in keep]
     rows = [("layer", "angular update", "predicted", "steady Δ/Δ* [CI]", "drift/τ", "|w|", "predicted |w|", "state", "since step")]
-    for r in summary.get("layers", []):
+    for r in layers:
         ci = r.get("steady_ratio_ci")
         steady = f(r.get("steady_ratio"), ".3f") + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
         rows.append(
@@ -66,10 +82,23 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    if hidden:
+        states: dict[str, int] = {}
+        for r in hidden:
+            states[state_label(r)] = states.get(state_label(r), 0) + 1
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items(), key=lambda kv: -kv[1]))
+        lines.append(f"... {len(hidden)} more layers ({counts}); every row: lightning-smd report --all")
     verdict = summary.get("verdict", "?")
     state = "" if summary.get("complete", True) else " (incomplete run)"
     lines.append(f"SMD verdict after {summary.get('steps', 0)} steps: {verdict}{state} — {summary.get('reason', '')}")
     return "\n".join(lines)
+
+
+def _attention(row: dict[str, Any]) -> int:
+    """0: not in equilibrium (the rows to read first), 1: in equilibrium off the prediction, 2: in equilibrium."""
+    if not row.get("in_equilibrium"):
+        return 0
+    return 1 if row.get("agreement") == "off_prediction" else 2
 
 
 def state_label(row: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lightning_smd.dashboard import RatioHistory, heatmap_figure, per_layer_mode, progress_text, worst_metrics
 from lightning_smd.detect import (
     NOT_ORTHOGONAL_WARNING,
     ORTHOGONALITY_TOLERANCE,
@@ -78,6 +79,7 @@ class Session:
         keep_history: bool = False,
         track_distance: bool = False,
         on_no_equilibrium: str = "warn",
+        worst_k: int = 3,
         emit: Callable[[str, str], None] = emit_warning,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -91,7 +93,14 @@ class Session:
         self.keep_history = keep_history
         self.track_distance = track_distance
         self.on_no_equilibrium = on_no_equilibrium
+        if isinstance(worst_k, bool) or not isinstance(worst_k, int) or worst_k < 0:
+            raise ValueError(f"worst_k must be an integer >= 0, got {worst_k!r}")
+        self.worst_k = worst_k
         self.emit = emit
+        self.history = RatioHistory(0)
+        #: ``(steps, layer, relaxation time)``: the slowest layer can be judged after this many steps of
+        #: unchanged settings (None when no τ is known before training, e.g. coupled L2 or an unknown rule)
+        self.judgeable_after: tuple[int, str, float] | None = None
         self.detection: Detection | None = None
         self.recorder: StepRecorder | None = None
         self.diagnostics: Diagnostics | None = None
@@ -152,6 +161,7 @@ class Session:
             recorder = self._recorder(units)
         self.recorder = recorder
         self.diagnostics = Diagnostics(units, self.config, keep_history=self.keep_history, every_n_steps=self.every_n_steps)
+        self.history = RatioHistory(len(units))
         self.distance = None
         if self.track_distance:
             if any(slot.sharded for slot in recorder.slots):
@@ -206,6 +216,9 @@ class Session:
         for (oi, g), names in zero_wd.items():
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             self.warn("SMD002", count=len(names), names=shown, group=g, optimizer=oi)
+        if taus:
+            needed, tau, name, desc = max(taus)
+            self.judgeable_after = (math.ceil(needed), name, tau)
         if taus and planned_steps is not None:
             needed, tau, name, desc = max(taus)
             if planned_steps < needed:
@@ -272,6 +285,9 @@ class Session:
             if slot.error is not None:
                 self.warn("SMD024", once=f"failed:{slot.index}", index=slot.index, optimizer=type(slot.optimizer).__name__, error=slot.error)
         self._events(planned_steps)
+        d = self.diagnostics
+        if d.units and d.steps.max(initial=0) > 0:
+            self.history.append(int(d.steps.max()), d.ratio.value())
         return self._update_distance()
 
     def _events(self, planned_steps: int | None) -> None:
@@ -304,14 +320,38 @@ class Session:
                 self.distance.take(u, int(d.steps[u]))
         return self.distance.measure(int(d.steps.max(initial=0)))
 
-    def metrics(self, per_layer: bool = True, distances: Mapping[int, float] | None = None) -> dict[str, float]:
-        """The ``smd/*`` metrics as of the last drained step."""
+    def metrics(self, per_layer: bool | str = True, distances: Mapping[int, float] | None = None) -> dict[str, float]:
+        """The ``smd/*`` metrics as of the last drained step: the two aggregates, the ``worst_k`` furthest
+        layers' ratios, and per layer all series, the ratio only or none (``per_layer``: see
+        :func:`lightning_smd.dashboard.per_layer_mode`)."""
         assert self.diagnostics is not None
-        metrics = self.diagnostics.metrics(per_layer=per_layer)
-        if self.distance is not None and per_layer:
-            for u, unit in enumerate(self.diagnostics.units):
+        d = self.diagnostics
+        mode = per_layer_mode(per_layer, len(d.units))
+        metrics = d.metrics(per_layer=mode != "none")
+        if mode == "ratio":
+            metrics = {k: v for k, v in metrics.items() if k.count("/") < 2 or k.endswith("/angular_update_ratio")}
+        elif mode == "all" and self.distance is not None:
+            for u, unit in enumerate(d.units):
                 metrics[f"smd/{metric_name(unit.name)}/angular_distance"] = (distances or {}).get(u, math.nan)
+        if self.worst_k:
+            metrics.update(worst_metrics(d.ratio.value(), d.applicable, self.worst_k))
         return metrics
+
+    def progress(self) -> dict[str, str]:
+        """The two aggregates as progress-bar entries."""
+        assert self.diagnostics is not None
+        d = self.diagnostics
+        app = d.applicable
+        return progress_text(d.median_ratio(), int(d.counted[app].sum()), int(app.sum()))
+
+    def heatmap(self, title: str | None = None) -> Any:
+        """The layer × log-step heatmap of the smoothed Δ/Δ* so far (a matplotlib figure), or None without
+        matplotlib or before the first log step."""
+        if self.diagnostics is None or not len(self.history):
+            return None
+        names = [u.name for u in self.diagnostics.units]
+        kwargs = {"title": title} if title else {}
+        return heatmap_figure(self.history.steps, self.history.matrix(), names, self.config.tolerance, **kwargs)
 
     def impossible(self, planned_steps: int | None, interval: int) -> str | None:
         """Why the run can clearly not end in equilibrium in ``planned_steps``, or None (the ``"stop"`` gate)."""
@@ -397,6 +437,7 @@ class Session:
         out["every_n_steps"] = self.every_n_steps
         out["on_no_equilibrium"] = self.on_no_equilibrium
         out["stopped_early"] = self.stop_reason
+        out["judgeable_after_steps"] = self.judgeable_after[0] if self.judgeable_after else None
         if self.stop_reason and out["verdict"] != Verdict.EQUILIBRIUM:
             out["reason"] = f"{out['reason']} (training stopped early: {self.stop_reason})"
         if self.distance is not None:

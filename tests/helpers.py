@@ -203,16 +203,17 @@ def fit_smd(
     data: Any = None,
     smd: Any = None,
     trainer_kw: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
     **smd_kw: Any,
 ) -> Fit:
     """Train ``model`` for ``steps`` optimizer steps with an ``SMDCallback(verbose=False, **smd_kw)`` (or
-    ``smd``), a CSV logger under ``tmp_path`` and the test stream; records the SMD warnings."""
+    ``smd``) and ``callbacks``, a CSV logger under ``tmp_path`` and the test stream; records the SMD warnings."""
     from lightning_smd import SMDCallback, SMDWarning
 
     smd = smd if smd is not None else SMDCallback(**{"verbose": False, **smd_kw})
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t = trainer(tmp_path, [smd], max_steps=steps, **(trainer_kw or {}))
+        t = trainer(tmp_path, [smd, *callbacks], max_steps=steps, **(trainer_kw or {}))
         t.fit(model, loader() if data is None else data)
     return Fit(smd, [str(w.message) for w in record if issubclass(w.category, SMDWarning)], t)
 

@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import re
 import struct
 import time
 import warnings
@@ -102,12 +103,29 @@ def test_tensorboard_scalars_and_custom_scalars_layout(tmp_path):
     assert raw is not None, "no custom-scalars layout written"
     layout = layout_pb2.Layout.FromString(raw)
     charts = {cat.title: {c.title: list(c.multiline.tag) for c in cat.chart} for cat in layout.category}
-    delta = charts["SMD angular update: measured vs predicted"]
-    assert delta["net.conv1.weight"] == [f"smd/{name}/angular_update", f"smd/{name}/predicted_angular_update"]
+    closed = {cat.title: cat.closed for cat in layout.category}
+    # the overview leads, open, with a handful of charts; the per-layer charts follow in closed categories
+    assert [cat.title for cat in layout.category][0] == "SMD" and not closed["SMD"]
+    overview = charts["SMD"]
+    assert list(overview) == [
+        "median ratio to prediction",
+        "share of layers in equilibrium",
+        "worst layers: ratio to prediction",
+        "every layer: ratio to prediction",
+    ]
+    every_layer, worst = re.compile(overview["every layer: ratio to prediction"][0]), re.compile(overview["worst layers: ratio to prediction"][0])
+    assert {t for t in tags if every_layer.fullmatch(t)} == {f"smd/{metric_name(u.name)}/angular_update_ratio" for u in smd.diagnostics.units}
+    assert {t for t in tags if worst.fullmatch(t)} == {f"smd/worst/{i}/angular_update_ratio" for i in (1, 2, 3)}
+    delta = charts["SMD per layer: angular update, measured vs predicted"]
+    assert closed["SMD per layer: angular update, measured vs predicted"]
+    assert sorted(t for t in tags if any(re.fullmatch(r, t) for r in delta["net.conv1.weight"])) == sorted(
+        [f"smd/{name}/angular_update", f"smd/{name}/predicted_angular_update"]
+    )
     assert set(delta) == {u.name for u in smd.diagnostics.units}
-    norm = charts["SMD weight norm: measured vs predicted"]
-    assert norm["net.conv1.weight"] == [f"smd/{name}/weight_norm", f"smd/{name}/predicted_weight_norm"]
-    assert set(charts["SMD"]) == {"median ratio to prediction", "share of layers in equilibrium"}
+    norm = charts["SMD per layer: weight norm, measured vs predicted"]
+    assert sorted(t for t in tags if any(re.fullmatch(r, t) for r in norm["net.conv1.weight"])) == sorted(
+        [f"smd/{name}/weight_norm", f"smd/{name}/predicted_weight_norm"]
+    )
 
 
 def _wandb_records(run_dir):
@@ -224,4 +242,66 @@ def test_a_logger_that_refuses_a_metric_gets_a_warning_not_a_crash(tmp_path):
         trainer(tmp_path, [smd], max_steps=12, logger=Refusing(str(tmp_path), name="", version="")).fit(
             Module(SmallConvNet(), optimizer=sgd(momentum=0.9)), loader()
         )
+    assert smd.summary()["steps"] == 12
+
+
+def _png_in(path):
+    with open(path, "rb") as fh:
+        return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmap_image_reaches_wandb_tensorboard_and_mlflow(tmp_path, monkeypatch):
+    """The layer × step heatmap is logged as an image every ``heatmap_every_n_logs`` log steps and at the end;
+    each logger's own files hold it (read back here)."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow = pl.loggers.MLFlowLogger(experiment_name="smd", tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    wb = pl.loggers.WandbLogger(project="smd-test", save_dir=str(tmp_path), offline=True)
+    smd = _fit(tmp_path, [tb, mlflow, wb], steps=12, heatmap_every_n_logs=2, wandb_workspace=True)
+    # log steps 4, 9 and the final flush at 11: live images at the 2nd log step, and one at the end
+    acc = _tb_events(tb.log_dir)
+    assert [e.step for e in acc.Images("smd/heatmap")] == [9, 11]
+    image = acc.Images("smd/heatmap")[-1]
+    assert image.width > 300 and image.height > 100 and image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = sorted(glob.glob(str(tmp_path / "mlruns" / "*" / "*" / "artifacts" / "smd" / "heatmap_step*.png")))
+    assert [os.path.basename(f) for f in figures] == ["heatmap_step0000009.png", "heatmap_step0000011.png"]
+    assert all(_png_in(f) for f in figures)
+    run_dir = wb.experiment.dir.rsplit("/files", 1)[0]
+    wb.experiment.finish()
+    images = glob.glob(os.path.join(run_dir, "files", "media", "images", "smd", "heatmap_*.png"))
+    assert len(images) == 2 and all(_png_in(f) for f in images)
+    assert not [w for w in smd.summary()["warnings"] if "SMD041" in w]
+    # an offline run cannot save a workspace: one warning with the command that does it later
+    assert [w for w in smd.warnings if "[SMD046]" in w] == [
+        "The W&B workspace was not saved (the W&B run is offline); build and save it later with: lightning-smd "
+        "wandb-workspace ENTITY/PROJECT --summary LOG_DIR --save. [SMD046]"
+    ]
+
+
+def test_a_logger_that_refuses_an_image_gets_one_warning(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+
+    class NoImages(pl.loggers.TensorBoardLogger):
+        @property
+        def experiment(self):
+            writer = super().experiment
+
+            def refuse(*args, **kwargs):
+                raise RuntimeError("no images here")
+
+            writer.add_image = refuse
+            return writer
+
+    logger = NoImages(str(tmp_path), name="tb", version=0)
+    smd = _fit(tmp_path, logger, steps=12, heatmap_every_n_logs=1)
+    refused = [w for w in smd.summary()["warnings"] if "[SMD041]" in w]
+    assert len(refused) == 1 and "log the SMD heatmap" in refused[0] and "no images here" in refused[0]
     assert smd.summary()["steps"] == 12
