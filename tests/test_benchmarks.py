@@ -32,3 +32,18 @@ def test_scaling_script_shows_a_constant_op_count():
         if len(cells) == 7 and cells[0] in ("10", "100", "1000") and cells[1] == "momentum":
             counts.append(int(cells[2].split("+")[0]))
     assert len(counts) == 3 and len(set(counts)) == 1  # compute ops do not grow with the number of tensors
+
+
+def test_dashboard_script_at_resnet50_scale(tmp_path):
+    """53 tracked layers: a handful of live charts, the heatmap in every image logger's files, the progress
+    bar, an end table that fits a terminal."""
+    out = _run(["benchmarks/dashboard.py", "--steps", "120", "--out", str(tmp_path / "runs")])
+    lines = {line.split(":")[0]: line for line in out.splitlines() if ":" in line}
+    assert lines["tracked layers"].startswith("tracked layers: 53;")
+    live_tb = int(lines["TensorBoard layout"].split(": ")[1].split()[0])
+    live_wandb = int(lines["W&B workspace section 'SMD'"].split(": ")[1].split()[0])
+    assert live_tb <= 10 and live_wandb <= 10
+    images = dict(part.strip().rsplit(" ", 1) for part in lines["heatmap images"].split(": ", 1)[1].split(","))
+    assert all(int(n) >= 1 for n in images.values()) and set(images) == {"TensorBoard", "MLflow", "W&B offline"}
+    assert "smd eq" in lines["progress bar"] and "/53" in lines["progress bar"]
+    assert int(lines["end table"].split(": ")[1].split()[0]) <= 25

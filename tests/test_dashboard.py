@@ -182,3 +182,16 @@ def test_both_progress_bars_show_the_aggregates(tmp_path, bar):
     assert fit.trainer.progress_bar_callback is progress
     shown = progress.get_metrics(fit.trainer, model)
     assert shown["smd eq"] == "0/3" and shown["smd Δ/Δ*"] != "-"
+
+
+def test_without_matplotlib_one_warning_and_everything_else(tmp_path, monkeypatch):
+    import lightning_smd.callback as callback_module
+    import lightning_smd.session as session_module
+
+    monkeypatch.setattr(session_module, "heatmap_figure", lambda *a, **k: None)  # what it returns without matplotlib
+    monkeypatch.setattr(callback_module, "_has_matplotlib", lambda: False)
+    torch.manual_seed(0)
+    fit = fit_smd(tmp_path, Module(PlainConvNet(), optimizer=sgd(momentum=0.9)), 12, heatmap_every_n_logs=1)
+    # three log steps each try to draw: one warning, issued once, and the run and its summary are complete
+    assert sum("[SMD045]" in w for w in fit.smd.warnings) == 1 and sum("[SMD045]" in w for w in fit.warnings) == 1
+    assert fit.smd.summary()["steps"] == 12 and fit.smd.summary()["complete"]
