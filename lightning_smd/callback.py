@@ -34,7 +34,7 @@ from lightning_smd.diagnose import DiagnosticsConfig, Verdict
 from lightning_smd.dashboard import per_layer_mode, render_rgb
 from lightning_smd.loggers import finish_loggers, log_heatmap, setup_loggers
 from lightning_smd.messages import SMDWarning, render
-from lightning_smd.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
+from lightning_smd.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_summary_table, print_summary_table
 from lightning_smd.session import Session, SessionView
 
 if TYPE_CHECKING:
@@ -479,7 +479,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             if self.wandb_workspace:
                 self._save_workspace(trainer)
         if self.verbose and trainer.is_global_zero:
-            print(self.format_summary())
+            print_summary_table(self.summary(), TABLE_ROWS)
         self._gate(trainer)
 
     def _gate(self, trainer: pl.Trainer) -> None:

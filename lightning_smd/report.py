@@ -22,6 +22,8 @@ __all__ = [
     "EquilibriumNotReachedError",
     "SUMMARY_FILENAME",
     "format_summary_table",
+    "print_summary_table",
+    "table_parts",
     "TABLE_ROWS",
     "state_label",
     "write_summary",
@@ -45,12 +47,15 @@ class EquilibriumNotReachedError(RuntimeError):
 TABLE_ROWS = 20
 
 
-def format_summary_table(summary: dict[str, Any], max_rows: int | None = None) -> str:
-    """Format a summary dict (as written to ``smd_summary.json``) as a fixed-width table.
+HEADER = ("layer", "angular update", "predicted", "steady Δ/Δ* [CI]", "drift/τ", "|w|", "predicted |w|", "state", "since step")
+
+
+def table_parts(summary: dict[str, Any], max_rows: int | None = None) -> tuple[list[tuple[str, ...]], list[str]]:
+    """The end-of-training table as ``(rows of cells, closing lines)``.
 
     With ``max_rows`` and more layers than that, the layers a reader must see come first — not in
-    equilibrium, then off the prediction — and the rest is counted in one line (``lightning-smd report
-    --all`` prints every row)."""
+    equilibrium, then off the prediction — and the rest is counted in one closing line (``lightning-smd
+    report --all`` prints every row); the last closing line is the verdict."""
 
     def f(x: Any, spec: str) -> str:
         return "-" if x is None else format(x, spec)
@@ -59,16 +64,15 @@ def format_summary_table(summary: dict[str, Any], max_rows: int | None = None) -
     hidden: list[dict[str, Any]] = []
     if max_rows is not None and len(layers) > max_rows:
         order = sorted(range(len(layers)), key=lambda i: (_attention(layers[i]), i))
-        keep = sorted(order[:max_rows], key=lambda i: (_attention(layers[i]), i))
         hidden = [layers[i] for i in order[max_rows:]]
-        layers = [layers[i] for i in keep]
-    rows = [("layer", "angular update", "predicted", "steady Δ/Δ* [CI]", "drift/τ", "|w|", "predicted |w|", "state", "since step")]
+        layers = [layers[i] for i in order[:max_rows]]
+    rows = []
     for r in layers:
         ci = r.get("steady_ratio_ci")
         steady = f(r.get("steady_ratio"), ".3f") + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
         rows.append(
             (
-                r["name"],
+                str(r.get("name")),
                 f(r.get("angular_update"), ".3e"),
                 f(r.get("predicted_angular_update"), ".3e"),
                 steady,
@@ -79,19 +83,55 @@ def format_summary_table(summary: dict[str, Any], max_rows: int | None = None) -
                 f(r.get("first_equilibrium_step"), "d"),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    closing = []
     if hidden:
         states: dict[str, int] = {}
         for r in hidden:
             states[state_label(r)] = states.get(state_label(r), 0) + 1
         counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items(), key=lambda kv: -kv[1]))
-        lines.append(f"... {len(hidden)} more layers ({counts}); every row: lightning-smd report --all")
-    verdict = summary.get("verdict", "?")
+        closing.append(f"... {len(hidden)} more layers ({counts}); every row: lightning-smd report --all")
     state = "" if summary.get("complete", True) else " (incomplete run)"
-    lines.append(f"SMD verdict after {summary.get('steps', 0)} steps: {verdict}{state} — {summary.get('reason', '')}")
-    return "\n".join(lines)
+    closing.append(f"SMD verdict after {summary.get('steps', 0)} steps: {summary.get('verdict', '?')}{state} — {summary.get('reason', '')}")
+    return rows, closing
+
+
+def format_summary_table(summary: dict[str, Any], max_rows: int | None = None) -> str:
+    """Format a summary dict (as written to ``smd_summary.json``) as a fixed-width table (see
+    :func:`table_parts` for ``max_rows``)."""
+    body, closing = table_parts(summary, max_rows)
+    rows = [HEADER, *body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines + closing)
+
+
+def print_summary_table(summary: dict[str, Any], max_rows: int | None = None) -> None:
+    """Print the table: with Rich on a terminal when Rich is installed (Lightning's RichProgressBar uses it),
+    plain text otherwise (logs, pipes, CI)."""
+    import sys
+
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            body, closing = table_parts(summary, max_rows)
+            table = Table(*HEADER, title="SMD: measured against predicted", show_lines=False)
+            for i, column in enumerate(table.columns):
+                column.justify = "left" if i in (0, 7) else "right"
+                column.no_wrap = i != 0  # a narrow terminal folds the layer names, not the numbers
+            for row in body:
+                style = None if row[7] == "equilibrium" else ("yellow" if row[7].startswith("equilibrium") else "red")
+                table.add_row(*row, style=style)
+            console = Console()
+            console.print(table)
+            for line in closing:
+                console.print(line, markup=False, highlight=False)
+            return
+    print(format_summary_table(summary, max_rows))
 
 
 def _attention(row: dict[str, Any]) -> int:

@@ -195,3 +195,21 @@ def test_without_matplotlib_one_warning_and_everything_else(tmp_path, monkeypatc
     # three log steps each try to draw: one warning, issued once, and the run and its summary are complete
     assert sum("[SMD045]" in w for w in fit.smd.warnings) == 1 and sum("[SMD045]" in w for w in fit.warnings) == 1
     assert fit.smd.summary()["steps"] == 12 and fit.smd.summary()["complete"]
+
+
+def test_end_table_uses_rich_on_a_terminal_and_plain_text_elsewhere(capsys, monkeypatch):
+    pytest.importorskip("rich")
+    import sys
+
+    from lightning_smd.report import print_summary_table
+
+    summary = _summary(30, not_steady=(3,))
+    print_summary_table(summary, TABLE_ROWS)
+    plain = capsys.readouterr().out
+    assert plain == format_summary_table(summary, TABLE_ROWS) + "\n"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal
+    print_summary_table(summary, TABLE_ROWS)
+    rich_out = capsys.readouterr().out
+    assert "━" in rich_out and "block3.conv.weight" in rich_out and "... 10 more layers" in rich_out
+    assert rich_out.rstrip().splitlines()[-1].startswith("SMD verdict after 100 steps: not_reached")
