@@ -13,12 +13,29 @@ import argparse
 import os
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from lightning_smd import SMDMonitor
 from lightning_smd.demo import NoisyTemplates
 
-from quickstart import ConvNet  # noqa: E402  (a plain nn.Module would do as well)
+
+class ConvNet(nn.Module):
+    """The quickstart's network as a plain ``nn.Module``: three conv → BatchNorm → ReLU layers, a classifier."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.conv1, self.bn1 = nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
+        self.conv2, self.bn2 = nn.Conv2d(w, 2 * w, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(2 * w)
+        self.conv3, self.bn3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(4 * w)
+        self.fc = nn.Linear(4 * w, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--summary", default="smd_runs/plain/smd_summary.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model = ConvNet(width=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
     monitor = SMDMonitor(model, optimizer, log_every_n_steps=100)
@@ -40,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        monitor.observe_loss(loss)  # optional: grounds the vanishing-noise diagnosis in the loss (no sync)
         if monitor.should_log(step):
             m = monitor.metrics()
             print(

@@ -64,13 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
     fast = os.environ.get("SMD_EXAMPLE_FAST", "") not in ("", "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=800 if fast else 2000)
-    parser.add_argument("--out", default="smd_runs/quickstart", help="log directory")
+    parser.add_argument("--out", default="smd_runs/quickstart_fast" if fast else "smd_runs/quickstart", help="log directory")
     parser.add_argument("--width", type=int, default=16 if fast else 32, help="channels of the first conv")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     pl.seed_everything(args.seed, verbose=False)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     smd = SMDCallback()
     trainer = pl.Trainer(
         max_steps=args.steps,

@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="smd_runs/transformer")
     args = parser.parse_args(argv)
     pl.seed_everything(0, verbose=False)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     smd = SMDCallback(window=50 if fast else 100)
     trainer = pl.Trainer(
         max_steps=args.steps,

@@ -189,6 +189,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         self.wandb_workspace = bool(wandb_workspace)
         self._logs = 0
         self._heatmap_step = -1
+        self._loss_sum = None
+        self._loss_count = 0
         self.session = Session(self.config, **self._options)  # validates the options; replaced at every fit start
         self.every_n_steps = every_n_steps
         self.on_no_equilibrium = on_no_equilibrium
@@ -244,6 +246,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         self._loggers_ready = False
         self._logs = 0
         self._heatmap_step = -1
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
         self._summary = None
         self._last_logged_step = -1
         self._deferred = False
@@ -345,11 +349,20 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
                 self._finish_deferred(trainer, pl_module, losses)
             else:  # nothing to analyse yet (training_step skipped this batch): record the next one
                 self._stop_flow()
-        if self.recorder is None or self.recorder.pending == 0:
+        if self.recorder is None:
             return
-        if not self._is_log_step(trainer):
+        self._accumulate_loss(outputs)
+        if self.recorder.pending == 0 or not self._is_log_step(trainer):
             return
         self._flush(trainer, _logger_step(trainer))
+
+    def _accumulate_loss(self, outputs: Any) -> None:
+        """Sum the training loss on its device (no synchronization); read once per log step."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            value = loss.detach().float().reshape(())
+            self._loss_sum = value if self._loss_sum is None or self._loss_sum.device != value.device else self._loss_sum + value
+            self._loss_count += 1
 
     def _stop_flow(self) -> DataFlowRecorder | None:
         flow, self._flow = self._flow, None
@@ -406,6 +419,10 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
     def _flush(self, trainer: pl.Trainer, step: int) -> None:
         """Drain the device buffers (one host synchronization), update the diagnostics and log."""
         session = self.session
+        if self._loss_sum is not None and self._loss_count:
+            # one more read at the log step, where the drain synchronizes anyway
+            session.observe_loss(float(self._loss_sum) / self._loss_count)
+            self._loss_sum, self._loss_count = None, 0
         distances = session.drain(_planned_steps(trainer))
         if self.on_no_equilibrium == "stop" and session.stop_reason is None:
             reason = session.impossible(_planned_steps(trainer), self._interval(trainer))
@@ -480,6 +497,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
                 self._save_workspace(trainer)
         if self.verbose and trainer.is_global_zero:
             print_summary_table(self.summary(), TABLE_ROWS)
+            if self._summary_file:
+                print(f"SMDCallback: summary written to {self._summary_file}")
         self._gate(trainer)
 
     def _gate(self, trainer: pl.Trainer) -> None:

@@ -61,6 +61,38 @@ def load(path: str) -> dict[str, Any]:
     return data
 
 
+def _criteria(
+    summary: dict[str, Any], tolerance: float | None, min_fraction: float | None, require_agreement: bool | None, max_deviation: float | None
+) -> tuple[float, float, bool, float]:
+    """``(tolerance, min_fraction, require_agreement, max_deviation)``: the given ones, else the run's."""
+    criteria = summary.get("criteria", {})
+    return (
+        tolerance if tolerance is not None else criteria.get("tolerance", 0.1),
+        min_fraction if min_fraction is not None else criteria.get("min_fraction", 0.9),
+        require_agreement if require_agreement is not None else bool(criteria.get("require_agreement", False)),
+        max_deviation if max_deviation is not None else criteria.get("max_deviation", 0.3),
+    )
+
+
+def _outside(layer: dict[str, Any], band: float) -> bool:
+    """The layer's steady ratio interval lies entirely outside ``1 ± band``."""
+    ci = layer.get("steady_ratio_ci")
+    return bool(ci) and None not in ci and (ci[1] < 1.0 - band or ci[0] > 1.0 + band)
+
+
+def _rejudged(layer: dict[str, Any], tol: float, strict: bool, far: float) -> tuple[bool, str, str]:
+    """``(counted, state, agreement)`` of one layer under the given bands (its steadiness as the run judged it)."""
+    agreement = "off_prediction" if _outside(layer, tol) else "agrees"
+    if not layer.get("steady"):
+        state = layer.get("state") or "approaching"
+        return False, ("approaching" if state in ("equilibrium", "off_prediction", "steady_far_off") else state), agreement
+    if _outside(layer, far):
+        return False, "steady_far_off", "far_off"
+    if strict and _outside(layer, tol):
+        return False, "off_prediction", agreement
+    return True, "equilibrium", agreement
+
+
 def judge(
     summary: dict[str, Any],
     tolerance: float | None = None,
@@ -71,33 +103,43 @@ def judge(
     """The verdict of a summary, re-judged with other criteria when they are given."""
     if tolerance is None and min_fraction is None and require_agreement is None and max_deviation is None:
         return summary["verdict"], summary.get("reason", "")
-    criteria = summary.get("criteria", {})
-    tol = tolerance if tolerance is not None else criteria.get("tolerance", 0.1)
-    frac = min_fraction if min_fraction is not None else criteria.get("min_fraction", 0.9)
-    strict = require_agreement if require_agreement is not None else bool(criteria.get("require_agreement", False))
-    far = max_deviation if max_deviation is not None else criteria.get("max_deviation", 0.3)
+    tol, frac, strict, far = _criteria(summary, tolerance, min_fraction, require_agreement, max_deviation)
     layers = [layer for layer in summary["layers"] if layer.get("predicted_angular_update") is not None]
     if not layers:
         return Verdict.NOT_APPLICABLE, "no tracked layer has an SMD prediction"
     if summary.get("schema_version", 1) < 2:
         raise InputError("this summary predates the steady-state verdict (schema_version 1): re-judge it with the version that wrote it")
-
-    def outside(layer: dict[str, Any], band: float) -> bool:
-        ci = layer.get("steady_ratio_ci")
-        return bool(ci) and None not in ci and (ci[1] < 1.0 - band or ci[0] > 1.0 + band)
-
-    ok = [layer for layer in layers if layer.get("steady") and not outside(layer, far) and not (strict and outside(layer, tol))]
+    ok = [layer for layer in layers if _rejudged(layer, tol, strict, far)[0]]
     share = len(ok) / len(layers)
     rule = f"steady, steady ratio not entirely outside ±{far:.0%}" + (f" nor ±{tol:.0%}" if strict else "")
     reason = f"{len(ok)}/{len(layers)} layers in equilibrium ({rule}; {frac:.0%} required)"
     return (Verdict.EQUILIBRIUM if share >= frac - 1e-12 else Verdict.NOT_REACHED), reason
 
 
+def rejudged_summary(
+    summary: dict[str, Any], tolerance: float | None, min_fraction: float | None, require_agreement: bool | None, max_deviation: float | None
+) -> dict[str, Any]:
+    """The summary with its verdict and every layer's state re-judged under the given criteria, so that the
+    table's per-layer column agrees with the verdict under it."""
+    verdict, reason = judge(summary, tolerance, min_fraction, require_agreement, max_deviation)
+    tol, frac, strict, far = _criteria(summary, tolerance, min_fraction, require_agreement, max_deviation)
+    layers = []
+    for layer in summary["layers"]:
+        if layer.get("predicted_angular_update") is None:
+            layers.append(layer)
+            continue
+        counted, state, agreement = _rejudged(layer, tol, strict, far)
+        layers.append({**layer, "in_equilibrium": counted, "state": state, "agreement": agreement})
+    criteria = {**summary.get("criteria", {}), "tolerance": tol, "min_fraction": frac, "require_agreement": strict, "max_deviation": far}
+    return {**summary, "verdict": verdict, "reason": reason, "layers": layers, "criteria": criteria}
+
+
 def _check(args: argparse.Namespace) -> int:
     summary = load(args.summary)
-    verdict, reason = judge(summary, args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)
-    if any(v is not None for v in (args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)):
-        summary = {**summary, "verdict": verdict, "reason": reason}
+    options = (args.tolerance, args.min_fraction, args.require_agreement, args.max_deviation)
+    verdict, _ = judge(summary, *options)
+    if any(v is not None for v in options):
+        summary = rejudged_summary(summary, *options)
     print(format_summary_table(summary, TABLE_ROWS))
     return 0 if verdict == Verdict.EQUILIBRIUM else 1
 

@@ -189,7 +189,13 @@ class DiagnosticsConfig:
     norm spike."""
     vanishing_factor: float = 20.0
     """Vanishing gradient noise: the smoothed ``L`` fell below its peak divided by this, while the smoothed
-    ratio is below ``1 − 2·tolerance``, after the unit's settling time since the last change."""
+    ratio is below ``1 − 2·tolerance``, after the unit's settling time since the last change — and the training
+    loss, when it is known (:meth:`Diagnostics.observe_loss`), fell below its peak divided by ``loss_factor``."""
+    loss_factor: float = 10.0
+    """See ``vanishing_factor``: what "the loss approaches zero" means, relative to its early level."""
+    vanishing_factor_without_loss: float = 100.0
+    """Without the training loss, ``L`` must fall by this much: learning alone lowers ``L`` by up to ~20× in
+    healthy runs, a memorized data set collapses it by 10³–10⁶×."""
 
     def __post_init__(self) -> None:
         if not self.tolerance > 0:
@@ -273,6 +279,8 @@ class Diagnostics:
         n = len(self.units)
         self.delta = _Ema(n, self.config.ema_steps, self.stride)
         self.ratio = _Ema(n, self.config.ema_steps, self.stride)
+        # Δ* smoothed like Δ (same steps, same weights): the table's two columns then divide to their ratio
+        self.predicted_smooth = _Ema(n, self.config.ema_steps, self.stride)
         self.unit_grad = _Ema(n, self.config.ema_steps, self.stride)
         self.filter_delta = _Ema(n, self.config.ema_steps, self.stride)
         # passive window means for the balance of the update (decoupled decay only; _balance): ⟨w,ηu⟩/‖w‖²,
@@ -345,6 +353,8 @@ class Diagnostics:
         self.spikes: list[dict[str, Any]] = []
         self._spiking = np.zeros(n, dtype=bool)
         self.effective_lr = np.full(n, np.nan)
+        self.loss_now = math.nan  # mean training loss of the last log interval (observe_loss), or nan if unknown
+        self.loss_peak = math.nan
         self.events: list[Event] = []
         """New notable events since the caller last took them (:meth:`take_events`)."""
         self.keep_history = keep_history
@@ -419,6 +429,7 @@ class Diagnostics:
             self.decay[idx] = e
             self.delta.update(idx, delta)
             self.ratio.update(idx, ratio)
+            self.predicted_smooth.update(idx, np.where(np.isfinite(delta), pred, np.nan))
             if batch.filter_angular_update_rms is not None:
                 self.per_filter = True
                 self.filter_delta.update(idx, batch.filter_angular_update_rms[r])
@@ -756,17 +767,33 @@ class Diagnostics:
                 self.spikes.append(event)
             self.events.append(NormSpike(u, step, float(ratio[j])))
 
+    def observe_loss(self, mean_loss: float) -> None:
+        """The mean training loss since the last call (the callback reads it at each log step): grounds the
+        vanishing-noise diagnosis in the loss actually approaching zero. Call it before :meth:`update`."""
+        value = float(mean_loss)
+        if not math.isfinite(value):
+            return
+        self.loss_now = value
+        self.loss_peak = value if not math.isfinite(self.loss_peak) else max(self.loss_peak, value)
+
     def _vanishing(self, idx: np.ndarray, smoothed: np.ndarray, step: int) -> None:
         """Vanishing gradient noise: ``L`` fell below its peak / ``vanishing_factor`` while the smoothed ratio is below
         ``1 − 2·tolerance`` — once the layer has had its settling time since the last change (during the first
-        relaxation the ratio is often that low while learning lowers ``L`` from its early peak: not vanishing noise)."""
+        relaxation the ratio is often that low while learning lowers ``L`` from its early peak: not vanishing noise)
+        — and the training loss fell below its peak / ``loss_factor`` (without a known loss, ``L`` must fall by
+        ``vanishing_factor_without_loss``). The diagnosis claims the loss approaches zero: it needs the evidence."""
         cfg = self.config
+        if math.isfinite(self.loss_now):
+            factor = cfg.vanishing_factor
+            loss_gone = self.loss_now < self.loss_peak / cfg.loss_factor
+        else:
+            factor, loss_gone = cfg.vanishing_factor_without_loss, True
         L = self.unit_grad.value(idx)
         warm = self.unit_grad.weight[idx] > 0.5  # past the first ~ema_steps/2 steps
         self.unit_grad_peak[idx] = np.where(warm, np.fmax(self.unit_grad_peak[idx], L), self.unit_grad_peak[idx])
         shortest, _ = self._window_range(self.tau_ratio[idx])
         settled = step - self.origin[idx] >= 2.0 * shortest
-        collapsed = warm & settled & (L < self.unit_grad_peak[idx] / cfg.vanishing_factor) & (smoothed < 1.0 - 2.0 * cfg.tolerance)
+        collapsed = warm & settled & loss_gone & (L < self.unit_grad_peak[idx] / factor) & (smoothed < 1.0 - 2.0 * cfg.tolerance)
         new = collapsed & (self.vanishing_since[idx] < 0)
         for j in np.nonzero(new)[0]:
             u = int(idx[j])
@@ -799,12 +826,13 @@ class Diagnostics:
             "per_filter": self.per_filter,
             "stride": self.stride,
             "series": _plain(self.series.state_dict()),
+            "loss": [_num(self.loss_now), _num(self.loss_peak)],
         }
         for name in self._ARRAYS:
             out[name] = _plain(getattr(self, name).tolist())
         for name in self._LISTS:
             out[name] = _plain(getattr(self, name))
-        for name in ("delta", "ratio", "unit_grad", "filter_delta"):
+        for name in ("delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth"):
             ema = getattr(self, name)
             out[name] = {"acc": _plain(ema.acc.tolist()), "weight": _plain(ema.weight.tolist())}
         out["rules"] = [r.name if r is not None else None for r in self.rules]
@@ -827,7 +855,12 @@ class Diagnostics:
             setattr(self, name, np.asarray(_unplain(state[name]), dtype=current.dtype).reshape(current.shape))
         for name in self._LISTS:
             setattr(self, name, _unplain(state[name]))
-        for name in ("delta", "ratio", "unit_grad", "filter_delta"):
+        loss_now, loss_peak = state.get("loss", [None, None])
+        self.loss_now = math.nan if loss_now is None else float(loss_now)
+        self.loss_peak = math.nan if loss_peak is None else float(loss_peak)
+        for name in ("delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth"):
+            if name not in state:  # a checkpoint written before this average existed: it restarts
+                continue
             ema = getattr(self, name)
             ema.acc = np.asarray(_unplain(state[name]["acc"]), dtype=np.float64)
             ema.weight = np.asarray(_unplain(state[name]["weight"]), dtype=np.float64)
@@ -1005,6 +1038,7 @@ class Diagnostics:
 
     def layer_rows(self) -> list[dict[str, Any]]:
         smoothed = self.delta.value()
+        smoothed_pred = self.predicted_smooth.value()
         ratio = self.ratio.value()
         pred_norm = self.predicted_weight_norm()
         filter_rms = self.filter_delta.value()
@@ -1033,6 +1067,7 @@ class Diagnostics:
                     "angular_update": _num(smoothed[u]),
                     "last_angular_update": _num(self.last_delta[u]),
                     "predicted_angular_update": _num(self.predicted[u]),
+                    "smoothed_predicted_angular_update": _num(smoothed_pred[u]),
                     "ratio": _num(ratio[u]),
                     "weight_norm": _num(self.norm[u]),
                     "predicted_weight_norm": _num(pred_norm[u]),
@@ -1104,6 +1139,7 @@ class Diagnostics:
             "angular_update_ratio": _num(self.median_ratio()),
             "diagnoses": self.diagnoses(),
             "spikes": list(self.spikes),
+            "training_loss": {"last": _num(self.loss_now), "peak": _num(self.loss_peak)},
             "layers": self.layer_rows(),
         }
 

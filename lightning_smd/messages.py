@@ -104,7 +104,7 @@ _ALL = (
     Message(
         "SMD020",
         "vanishing gradient noise",
-        "Vanishing gradient noise from step {step} ({layers}): the gradient statistic L fell from {peak:.3g} to "
+        "Vanishing gradient noise from step {step} ({layers}): {loss}the gradient statistic L fell from {peak:.3g} to "
         "{now:.3g} and the angular update to {ratio:.2f} of the prediction, so no equilibrium exists. Keep the gradient "
         "noise alive: more data or augmentation, label smoothing, or less weight decay late in training.",
     ),

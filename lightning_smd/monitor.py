@@ -8,6 +8,7 @@
     for step, (x, y) in enumerate(loader):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(); loss.backward(); optimizer.step()   # measured by a step post-hook
+        monitor.observe_loss(loss)                                 # optional, no sync
         if monitor.should_log(step):
             my_logger.log(monitor.metrics(), step=step)          # one host sync, at log steps only
     print(monitor.format_summary())
@@ -149,6 +150,8 @@ class SMDMonitor(SessionView):
         # optimizers' own hooks, so the check may rebuild the recorder (and its hooks) from inside it.
         self._verify_hook = register_optimizer_step_pre_hook(_VerifyHook(self, named)) if self.session.verify_pending else None
         self._closed = False
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
         self.summary_file: str | None = None
         """Where :meth:`close` wrote the summary JSON, or None."""
 
@@ -161,10 +164,21 @@ class SMDMonitor(SessionView):
         """Whether ``step`` (0-based, counted by the caller) ends a log interval."""
         return (int(step) + 1) % self.log_every_n_steps == 0
 
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the monitor the training loss of a step (summed on its device, no synchronization; read at the
+        next :meth:`update`). Optional: it grounds the vanishing-gradient-noise diagnosis in the loss actually
+        approaching zero, as the callback does with the loss ``training_step`` returns."""
+        value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._loss_sum = value if self._loss_sum is None or self._loss_sum.device != value.device else self._loss_sum + value
+        self._loss_count += 1
+
     def update(self) -> dict[int, float]:
         """Move the steps recorded on the device to the host (one synchronization) and fold them into the
         diagnostics. :meth:`metrics` and :meth:`summary` call it."""
         self._release_verify_hook()
+        if self._loss_sum is not None and self._loss_count:
+            self.session.observe_loss(float(self._loss_sum) / self._loss_count)
+            self._loss_sum, self._loss_count = None, 0
         distances = self.session.drain(self.max_steps)
         if self.on_no_equilibrium == "stop" and self.session.stop_reason is None:
             reason = self.session.impossible(self.max_steps, self.log_every_n_steps)

@@ -47,7 +47,9 @@ class EquilibriumNotReachedError(RuntimeError):
 TABLE_ROWS = 20
 
 
-HEADER = ("layer", "angular update", "predicted", "steady Δ/Δ* [CI]", "drift/τ", "|w|", "predicted |w|", "state", "since step")
+HEADER = ("layer", "Δ (EMA)", "Δ* (EMA)", "Δ/Δ* (EMA)", "steady Δ/Δ* [CI]", "drift/τ", "|w|", "predicted |w|", "state", "since step")
+#: Where the state column is (left-aligned, like the layer names).
+_LEFT = (0, 8)
 
 
 def table_parts(summary: dict[str, Any], max_rows: int | None = None) -> tuple[list[tuple[str, ...]], list[str]]:
@@ -70,11 +72,16 @@ def table_parts(summary: dict[str, Any], max_rows: int | None = None) -> tuple[l
     for r in layers:
         ci = r.get("steady_ratio_ci")
         steady = f(r.get("steady_ratio"), ".3f") + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
+        delta = r.get("angular_update")
+        # the smoothed Δ* (a summary from before it existed: the latest Δ*), and the ratio of the two columns
+        pred = r.get("smoothed_predicted_angular_update", r.get("predicted_angular_update"))
+        ratio = delta / pred if delta is not None and pred else None
         rows.append(
             (
                 str(r.get("name")),
-                f(r.get("angular_update"), ".3e"),
-                f(r.get("predicted_angular_update"), ".3e"),
+                f(delta, ".3e"),
+                f(pred, ".3e"),
+                f(ratio, ".3f"),
                 steady,
                 f(r.get("drift"), "+.3f"),
                 f(r.get("weight_norm"), ".3f"),
@@ -84,6 +91,12 @@ def table_parts(summary: dict[str, Any], max_rows: int | None = None) -> tuple[l
             )
         )
     closing = []
+    ema_steps = summary.get("criteria", {}).get("ema_steps")
+    if layers and ema_steps:  # say what is smoothed, so that no column reads as contradicting another
+        closing.append(
+            f"Δ: angular update (rad/step); (EMA): moving average over {ema_steps} steps; Δ/Δ* (EMA) = Δ (EMA) / Δ* (EMA); "
+            "steady: the judged window's mean"
+        )
     if hidden:
         states: dict[str, int] = {}
         for r in hidden:
@@ -101,7 +114,7 @@ def format_summary_table(summary: dict[str, Any], max_rows: int | None = None) -
     body, closing = table_parts(summary, max_rows)
     rows = [HEADER, *body]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines = ["  ".join(c.ljust(w) if i in _LEFT else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines + closing)
 
@@ -121,10 +134,11 @@ def print_summary_table(summary: dict[str, Any], max_rows: int | None = None) ->
             body, closing = table_parts(summary, max_rows)
             table = Table(*HEADER, title="SMD: measured against predicted", show_lines=False)
             for i, column in enumerate(table.columns):
-                column.justify = "left" if i in (0, 7) else "right"
+                column.justify = "left" if i in _LEFT else "right"
                 column.no_wrap = i != 0  # a narrow terminal folds the layer names, not the numbers
             for row in body:
-                style = None if row[7] == "equilibrium" else ("yellow" if row[7].startswith("equilibrium") else "red")
+                state = row[_LEFT[1]]
+                style = None if state == "equilibrium" else ("yellow" if state.startswith("equilibrium") else "red")
                 table.add_row(*row, style=style)
             console = Console()
             console.print(table)
@@ -172,6 +186,10 @@ def write_summary(path: str, data: dict[str, Any]) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".smd_summary.", suffix=".tmp", dir=directory)
     try:
+        # mkstemp creates the file 0600; a summary is a log file like the others: the umask decides
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "w") as fh:
             json.dump(_sanitize(data), fh, indent=2, default=_json_default, allow_nan=False)
             fh.write("\n")

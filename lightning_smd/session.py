@@ -275,6 +275,12 @@ class Session:
     # ------------------------------------------------------------------------------------------
     # Log steps
     # ------------------------------------------------------------------------------------------
+    def observe_loss(self, mean_loss: float) -> None:
+        """The mean training loss since the last log step (see :meth:`Diagnostics.observe_loss`); call it right
+        before :meth:`drain`."""
+        if self.diagnostics is not None:
+            self.diagnostics.observe_loss(mean_loss)
+
     def drain(self, planned_steps: int | None = None) -> dict[int, float]:
         """Move the recorded steps to the host (one synchronization), fold them into the diagnostics, turn
         what happened into warnings; returns the angular distances (``track_distance``)."""
@@ -300,7 +306,12 @@ class Session:
         if vanishing:
             first = vanishing[0]
             layers = ", ".join(sorted({names[e.unit] for e in vanishing})[:5])
-            self.warn("SMD020", once="vanishing", step=first.step, layers=layers, peak=first.peak, now=first.now, ratio=first.ratio)
+            loss = (
+                f"the training loss fell from {d.loss_peak:.3g} to {d.loss_now:.3g}, "
+                if math.isfinite(d.loss_now)
+                else "(training loss not seen) "
+            )
+            self.warn("SMD020", once="vanishing", step=first.step, layers=layers, loss=loss, peak=first.peak, now=first.now, ratio=first.ratio)
         spike = next((e for e in events if isinstance(e, NormSpike)), None)
         if spike is not None:
             self.warn("SMD021", once="spike", step=spike.step, name=names[spike.unit], ratio=spike.ratio)

@@ -29,3 +29,16 @@ def fit(tmp_path):
 def _run_python():
     """``run_python(args, *, cwd=ROOT, env=None, timeout=280, check=True) -> CompletedProcess``."""
     return run_python
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """A test that changes torch's process-wide settings (threads, default dtype, deterministic algorithms) must not
+    change the floating-point trajectory of the tests after it: the suite's results may not depend on its order."""
+    import torch
+
+    threads, dtype, deterministic = torch.get_num_threads(), torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.use_deterministic_algorithms(deterministic)

@@ -120,9 +120,10 @@ def main() -> None:
 
         C._flush = counted_flush
     trainer.fit(model)
-    if extra == "count":
-        sys.stdout.write(f"COLLECTIVES rank={trainer.global_rank} all_reduce={calls['n']} flushes={calls['flushes']}\n")  # one write
-        sys.stdout.flush()
+    if extra == "count":  # one file per rank: two processes writing one pipe may interleave their lines
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"collectives_rank{trainer.global_rank}.txt"), "w") as fh:
+            fh.write(f"COLLECTIVES rank={trainer.global_rank} all_reduce={calls['n']} flushes={calls['flushes']}\n")
     if trainer.global_rank == 0:
         print("RESULT-OK")
 

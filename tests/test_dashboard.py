@@ -213,3 +213,23 @@ def test_end_table_uses_rich_on_a_terminal_and_plain_text_elsewhere(capsys, monk
     rich_out = capsys.readouterr().out
     assert "━" in rich_out and "block3.conv.weight" in rich_out and "... 10 more layers" in rich_out
     assert rich_out.rstrip().splitlines()[-1].startswith("SMD verdict after 100 steps: not_reached")
+
+
+def test_table_columns_divide_to_the_ratio_after_a_schedule_change(tmp_path):
+    """After a learning-rate drop the smoothed Δ still carries the old rate: the table shows it next to Δ* smoothed
+    the same way (not the latest Δ*), so that the two columns divide to the ratio column (within 1 %, rounding)."""
+    torch.manual_seed(0)
+    model = Module(PlainConvNet(), optimizer=sgd(momentum=0.9), scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 20, 0.5))
+    fit = fit_smd(tmp_path, model, 40, log_heatmap=False)
+    table = fit.smd.format_summary()
+    header, *lines = table.splitlines()
+    assert header.split()[1:7] == ["Δ", "(EMA)", "Δ*", "(EMA)", "Δ/Δ*", "(EMA)"]
+    rows = [line.split() for line in lines if line.startswith("net.")]
+    assert len(rows) == 3
+    for row, layer in zip(rows, fit.smd.summary()["layers"]):
+        delta, pred, ratio = float(row[1]), float(row[2]), float(row[3])
+        assert delta / pred == pytest.approx(ratio, rel=0.01)
+        # the smoothed Δ* lies between the latest prediction and the one before the drop (twice as large for SGD's √lr)
+        latest = layer["predicted_angular_update"]
+        assert latest < pred < latest * 2**0.5
+    assert "(EMA): moving average over 50 steps" in table

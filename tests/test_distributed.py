@@ -46,9 +46,8 @@ def test_ddp_summary_equals_single_process(tmp_path, single, strategy):
 def _run_counting(out: Path, strategy: str) -> tuple[dict, list[str]]:
     proc = run_python([SCRIPT, out, strategy, 2, "count"], env=ENV, cwd=out.parent)
     assert "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
-    # two processes share the pipe: their lines may interleave without a newline between them
-    counts = re.findall(r"COLLECTIVES rank=\d+ all_reduce=\d+ flushes=\d+", proc.stdout)
-    assert len(counts) == 2, proc.stdout
+    counts = [(out / f"collectives_rank{rank}.txt").read_text().strip() for rank in (0, 1)]
+    assert all(re.fullmatch(rf"COLLECTIVES rank={rank} all_reduce=\d+ flushes=\d+", c) for rank, c in enumerate(counts)), counts
     return json.loads(next(out.rglob("smd_summary.json")).read_text()), counts
 
 

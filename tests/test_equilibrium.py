@@ -141,6 +141,30 @@ def test_memorizing_run_is_diagnosed_as_vanishing_gradient_noise(tmp_path):
     assert not any(layer["in_equilibrium"] for layer in s["layers"])
 
 
+def test_persistent_label_noise_is_never_diagnosed_as_vanishing_gradient_noise(tmp_path):
+    """A ResNet-50-like net (53 convs, width 8) on the 20 %-label-noise stream: learning lowers the gradient statistic
+    L by more than 20x from its early peak while the norms are still far above equilibrium, but the loss stays
+    above 1. Before the diagnosis needed the loss, this run was diagnosed as vanishing gradient noise in 52 of 53
+    layers (benchmarks/dashboard.py, same settings); now never: the loss fell by 4.7x, not the 10x required."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from overhead import ResNetLike
+    from torch.utils.data import DataLoader
+
+    from lightning_smd.demo import NoisyTemplates
+
+    torch.manual_seed(0)
+    model = Module(ResNetLike(depth=50, width=8), optimizer=sgd(lr=0.2, momentum=0.9, weight_decay=5e-3))
+    data = DataLoader(NoisyTemplates(batch_size=16, size=16, seed=0), batch_size=None)
+    smd, msgs, t = fit_smd(tmp_path, model, 300, data=data, trainer_kw={"log_every_n_steps": 10}, log_heatmap=False)
+    s = smd.summary()
+    assert len(s["layers"]) == 53
+    # the loss is nowhere near zero: 9.0 at its (early) peak, 1.9 at the end on seed 0 — a 4.7x fall, 2.1x short of
+    # the 10x the diagnosis needs
+    assert s["training_loss"]["last"] > 1.0 and s["training_loss"]["last"] > s["training_loss"]["peak"] / 10
+    assert not any("[SMD020]" in m for m in msgs) and "vanishing_gradient_noise" not in s["diagnoses"]
+    assert not any(layer["state"] == "vanishing_noise" for layer in s["layers"])
+
+
 def test_diffusion_exponent_of_a_random_walk_on_the_sphere():
     gen = torch.Generator().manual_seed(0)
     dim, eps = 2000, 1e-3

@@ -141,8 +141,11 @@ def _loop(model, opt, steps, monitor=None):
     for step in range(steps):
         x, y = next(data)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
+        if monitor is not None:
+            monitor.observe_loss(loss)
         if monitor is not None and monitor.should_log(step):
             logged.append((step, monitor.metrics()))
     return logged

@@ -31,8 +31,9 @@ def units(n: int) -> list[NormalizedWeight]:
 
 
 def feed(d: Diagnostics, ratio: np.ndarray, norm: np.ndarray | None = None, lr: np.ndarray | None = None, first: int = 1,
-         grad: np.ndarray | None = None, chunk: int = 50) -> None:  # fmt: skip
-    """Feed ``[steps, units]`` series from step ``first`` on, in drained batches of ``chunk`` steps."""
+         grad: np.ndarray | None = None, chunk: int = 50, loss: np.ndarray | None = None) -> None:  # fmt: skip
+    """Feed ``[steps, units]`` series from step ``first`` on, in drained batches of ``chunk`` steps (with ``loss``,
+    the per-step training loss, its mean over each batch first, as the callback does at a log step)."""
     ratio = np.atleast_2d(ratio.T).T if ratio.ndim == 1 else ratio
     k, n = ratio.shape
     norm = np.ones_like(ratio) if norm is None else (norm[:, None] * np.ones(n) if norm.ndim == 1 else norm)
@@ -42,6 +43,8 @@ def feed(d: Diagnostics, ratio: np.ndarray, norm: np.ndarray | None = None, lr: 
     for a in range(0, k, chunk):
         b = min(a + chunk, k)
         hyper = [[RULE.hyper({"lr": float(lr[i]), "weight_decay": H["weight_decay"]})] for i in range(a, b)]
+        if loss is not None:
+            d.observe_loss(float(np.mean(loss[a:b])))
         pred = np.array([RULE.angular_update(h[0]) for h in hyper])
         before = np.vstack([prev, norm[a : b - 1]]) if b - a > 1 else prev[None]
         batch = StepBatch(
@@ -283,17 +286,33 @@ def test_geometric_decay_is_not_steady_and_diagnosed_as_vanishing_noise():
 
 
 @pytest.mark.parametrize("factor, vanishing", [(0.999, True), (1.001, False)])
-def test_vanishing_boundary_is_a_twentieth_of_the_peak_from_both_sides(factor, vanishing):
-    """L steps from 1 down to factor/20 while Δ/Δ* sits at 0.75 (< 1 − 2·tolerance): vanishing exactly below a
-    twentieth of the peak (the moving average has converged to 1e-12 by the end)."""
+@pytest.mark.parametrize("with_loss", [True, False], ids=["loss-gone", "loss-unknown"])
+def test_vanishing_boundary_from_both_sides(factor, vanishing, with_loss):
+    """L steps from 1 down to factor/20 (with a training loss that fell tenfold) or factor/100 (loss unknown)
+    while Δ/Δ* sits at 0.75 (< 1 − 2·tolerance): vanishing exactly below the boundary (the moving average has
+    converged to 1e-12 by the end)."""
     t = np.arange(1, 3001)
-    L = np.where(t <= 500, 1.0, factor / 20.0)
+    boundary = 20.0 if with_loss else 100.0
+    L = np.where(t <= 500, 1.0, factor / boundary)
+    loss = np.where(t <= 500, 2.3, 0.01) if with_loss else None
     d = Diagnostics(units(1))
-    feed(d, np.where(t <= 500, 1.0, 0.75), grad=L)
+    feed(d, np.where(t <= 500, 1.0, 0.75), grad=L, loss=loss)
     assert bool(d.vanishing_since[0] >= 0) is vanishing
     assert bool(d.steady[0]) is not vanishing
     if not vanishing:  # steady at 0.75: off the prediction, not far off
         assert d.agreement[0] == "off_prediction" and d.counted[0]
+
+
+@pytest.mark.parametrize("loss_after", [0.9, 0.229, 0.231], ids=["persistent-noise", "below-a-tenth", "above-a-tenth"])
+def test_vanishing_needs_the_loss_to_approach_zero(loss_after):
+    """L collapses 1000-fold and the ratio sits at 0.5, but the training loss only went from 2.3 to 0.9 (label
+    noise keeps it up): not vanishing noise — the diagnosis claims the loss approaches zero. The boundary is a
+    tenth of the peak loss, from both sides."""
+    t = np.arange(1, 3001)
+    d = Diagnostics(units(1))
+    feed(d, np.where(t <= 500, 1.0, 0.5), grad=np.where(t <= 500, 1.0, 1e-3), loss=np.where(t <= 500, 2.3, loss_after))
+    assert bool(d.vanishing_since[0] >= 0) is (loss_after < 0.23)
+    assert d.summary()["training_loss"] == {"last": pytest.approx(loss_after), "peak": pytest.approx(2.3)}
 
 
 # ---------------------------------------------------------------------------------------------
