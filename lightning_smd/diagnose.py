@@ -133,6 +133,7 @@ _FLAGS = ("seen", "applicable", "judged", "vanishing", "settled", "enough", "dri
 LAYER_METRICS = (
     "angular_update",
     "predicted_angular_update",
+    "smoothed_predicted_angular_update",
     "angular_update_ratio",
     "weight_norm",
     "predicted_weight_norm",
@@ -1021,6 +1022,7 @@ class Diagnostics:
         values = {
             "angular_update": self.delta.value(),
             "predicted_angular_update": self.predicted,
+            "smoothed_predicted_angular_update": self.predicted_smooth.value(),
             "angular_update_ratio": self.ratio.value(),
             "weight_norm": self.norm,
             "predicted_weight_norm": self.predicted_weight_norm(),

@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -166,9 +167,13 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
     title = "Spherical Motion Dynamics: measured vs predicted" + (f" — verdict: {verdict}" if verdict else "")
     fig.suptitle(title, fontsize=12)
     ax_r, ax_f = axes[0]
-    if "smd/angular_update_ratio" in series:
-        s, v = series["smd/angular_update_ratio"]
-        ax_r.plot(s, v, color="C0", lw=1.5, label="median Δ/Δ* over layers")
+    aggregate = panel_ratio(series, all_layers)
+    if aggregate is not None or "smd/angular_update_ratio" in series:
+        # the median of what the panels below show (Δ (EMA) / Δ* (EMA)); runs logged before Δ* (EMA) existed: the
+        # logged median of the smoothed per-step ratio
+        s, v = aggregate if aggregate is not None else series["smd/angular_update_ratio"]
+        label = "median over layers of Δ (EMA) / Δ* (EMA)" if aggregate is not None else "median Δ/Δ* over layers"
+        ax_r.plot(s, v, color="C0", lw=1.5, label=label)
         ax_r.axhspan(1 - tol, 1 + tol, color="C2", alpha=0.15, label=f"equilibrium band ±{tol:.0%}")
         ax_r.axhline(1.0, color="C2", lw=0.8)
         ax_r.set_ylabel("Δ / Δ*")
@@ -184,13 +189,21 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
         base = f"smd/{name}/"
         if base + "angular_update" in series:
             s, v = series[base + "angular_update"]
-            ax_d.plot(s, v, color="C0", lw=1.5, label="measured Δ (smoothed)")
-        if base + "predicted_angular_update" in series:
+            ax_d.plot(s, v, color="C0", lw=1.5, label="measured Δ (EMA)")
+        smoothed = base + "smoothed_predicted_angular_update"
+        band = smoothed if smoothed in series else base + "predicted_angular_update"
+        if band in series:
+            s, p = series[band]
+            ok = np.isfinite(p) & (p > 0)
+            if ok.any():
+                label = "predicted Δ* (EMA, as Δ)" if band == smoothed else "predicted Δ*"
+                ax_d.plot(s[ok], p[ok], color="k", lw=1.0, ls="--", label=label)
+                ax_d.fill_between(s[ok], p[ok] * (1 - tol), p[ok] * (1 + tol), color="C2", alpha=0.2, lw=0, label=f"±{tol:.0%}")
+        if band == smoothed and base + "predicted_angular_update" in series:
             s, p = series[base + "predicted_angular_update"]
             ok = np.isfinite(p) & (p > 0)
             if ok.any():
-                ax_d.plot(s[ok], p[ok], color="k", lw=1.0, ls="--", label="predicted Δ*")
-                ax_d.fill_between(s[ok], p[ok] * (1 - tol), p[ok] * (1 + tol), color="C2", alpha=0.2, lw=0, label=f"±{tol:.0%}")
+                ax_d.plot(s[ok], p[ok], color="0.5", lw=0.8, ls=":", label="Δ* of the latest step")
         positive = [series[k][1] for k in (base + "angular_update", base + "predicted_angular_update") if k in series]
         if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
             ax_d.set_yscale("log")
@@ -220,6 +233,28 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
     fig.savefig(output, dpi=dpi)
     plt.close(fig)
     return output
+
+
+def panel_ratio(series: Series, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(steps, median over layers of Δ (EMA) / Δ* (EMA))``: the aggregate of exactly what the layer panels show,
+    or None when the run did not log Δ* (EMA)."""
+    per_layer = []
+    for name in layers:
+        d, p = series.get(f"smd/{name}/angular_update"), series.get(f"smd/{name}/smoothed_predicted_angular_update")
+        if d is None or p is None or len(d[0]) != len(p[0]) or not np.array_equal(d[0], p[0]):
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_layer.append((d[0], np.where(p[1] > 0, d[1] / p[1], np.nan)))
+    if not per_layer:
+        return None
+    steps = np.array(sorted({int(x) for s, _ in per_layer for x in s}))
+    column = {x: i for i, x in enumerate(steps)}
+    matrix = np.full((len(per_layer), len(steps)), np.nan)
+    for row, (s, v) in enumerate(per_layer):
+        matrix[row, [column[int(x)] for x in s]] = v
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step where no layer has a ratio: nan
+        return steps, np.nanmedian(matrix, axis=0)
 
 
 def heatmap_run(path: str, output: str, dpi: int = 120) -> str:

@@ -19,7 +19,8 @@ from lightning_smd.theory import sgd_angular_update
 
 CONVS = ["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"]
 PER_LAYER = (
-    "angular_update", "predicted_angular_update", "angular_update_ratio", "weight_norm", "predicted_weight_norm", "in_equilibrium",
+    "angular_update", "predicted_angular_update", "smoothed_predicted_angular_update", "angular_update_ratio", "weight_norm",
+    "predicted_weight_norm", "in_equilibrium",
     "effective_lr", "steady_ratio", "steady_ratio_low", "steady_ratio_high", "drift",
 )  # fmt: skip
 

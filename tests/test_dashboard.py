@@ -233,3 +233,26 @@ def test_table_columns_divide_to_the_ratio_after_a_schedule_change(tmp_path):
         latest = layer["predicted_angular_update"]
         assert latest < pred < latest * 2**0.5
     assert "(EMA): moving average over 50 steps" in table
+
+
+def test_plot_aggregate_is_the_median_of_what_its_panels_show(tmp_path):
+    """After a learning-rate drop the plot's top row (the median over layers) is computed from exactly the two
+    series each layer panel draws, Δ (EMA) and Δ* (EMA): the aggregate cannot contradict the panels."""
+    pytest.importorskip("matplotlib")
+    import csv
+
+    from lightning_smd.plot import load_series, panel_ratio, plot_run
+
+    torch.manual_seed(0)
+    model = Module(PlainConvNet(), optimizer=sgd(momentum=0.9), scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 20, 0.5))
+    fit_smd(tmp_path, model, 40, trainer_kw={"log_every_n_steps": 2}, log_heatmap=False)
+    series, _ = load_series(str(tmp_path))
+    steps, median = panel_ratio(series, ["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"])
+    with open(tmp_path / "metrics.csv") as fh:
+        last = [r for r in csv.DictReader(fh) if r["smd/net.conv1.weight/angular_update"]][-1]
+    quotients = [
+        float(last[f"smd/net.conv{i}.weight/angular_update"]) / float(last[f"smd/net.conv{i}.weight/smoothed_predicted_angular_update"])
+        for i in (1, 2, 3)
+    ]
+    assert steps[-1] == int(last["step"]) and median[-1] == pytest.approx(float(np.median(quotients)), rel=1e-9)
+    assert plot_run(str(tmp_path), str(tmp_path / "smd.png"), layers=2, dpi=40) == str(tmp_path / "smd.png")
