@@ -105,7 +105,12 @@ def test_fsdp1_flat_shards_equal_the_unsharded_run(tmp_path):
     partial sums over the shard group give the unsharded norms and angles."""
     script = SCRIPT.with_name("fsdp1_script.py")
     for world in (1, 2):
-        run_python([script, tmp_path, world], env=ENV)
+        proc = run_python([script, tmp_path, world], env=ENV, check=False)
+        if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+            # a gloo worker thread aborting at process shutdown (seen once in 4 CI runs, never in the measurement
+            # itself): run again once; any other failure, or the same one twice, fails the test
+            proc = run_python([script, tmp_path, world], env=ENV, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     single = json.loads((tmp_path / "angles_1.json").read_text())
     sharded = json.loads((tmp_path / "angles_2.json").read_text())
     assert sharded["shapes"]["conv2.weight"] != single["shapes"]["conv2.weight"]  # flat shard views
