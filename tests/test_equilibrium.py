@@ -158,8 +158,9 @@ def test_persistent_label_noise_is_never_diagnosed_as_vanishing_gradient_noise(t
     smd, msgs, t = fit_smd(tmp_path, model, 300, data=data, trainer_kw={"log_every_n_steps": 10}, log_heatmap=False)
     s = smd.summary()
     assert len(s["layers"]) == 53
-    # the loss is nowhere near zero: 9.0 at its (early) peak, 1.9 at the end on seed 0 — a 4.7x fall, 2.1x short of
-    # the 10x the diagnosis needs
+    # the loss is nowhere near zero. Seeds 0-2 (this test with torch.manual_seed(1) and (2) in place of 0): peak
+    # 9.0-11.3 early, 1.79-2.14 at the end - a 4.7-5.3x fall, at least 1.9x short of the 10x the diagnosis needs, and
+    # no SMD020 on any of them
     assert s["training_loss"]["last"] > 1.0 and s["training_loss"]["last"] > s["training_loss"]["peak"] / 10
     assert not any("[SMD020]" in m for m in msgs) and "vanishing_gradient_noise" not in s["diagnoses"]
     assert not any(layer["state"] == "vanishing_noise" for layer in s["layers"])
