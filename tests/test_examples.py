@@ -30,36 +30,57 @@ def test_quickstart(tmp_path):
 
 @pytest.mark.slow
 def test_resnet(tmp_path):
+    """The docstring's story: equilibrium before the drop at step 400, the drop timed per layer, equilibrium at
+    the end. Margins over seeds 0–4 (``python benchmarks/examples.py --sizes fast --seeds 0 1 2 3 4 --only resnet``):
+    every
+    layer in equilibrium, the worst drift statistic (``|drift|`` or ``t·se``, of Δ/Δ* or the norm) at 0.35 of its limit,
+    steady Δ/Δ* 0.975–1.017 (at 900 steps it was 0.85: the CI size was lengthened for that)."""
     _run([os.path.join(EXAMPLES, "resnet.py"), "--out", str(tmp_path / "r"), "--plot", str(tmp_path / "r.png")], tmp_path)
     summary = _summary(tmp_path / "r" / "smd_summary.json")
-    assert summary["steps"] == 150 and len(summary["layers"]) >= 5
+    assert summary["steps"] == 1200 and len(summary["layers"]) == 6
+    assert summary["verdict"] == "equilibrium", summary["reason"]
+    for layer in summary["layers"]:
+        assert layer["state"] == "equilibrium" and layer["steps_since_change"] == 800, layer["name"]
+        (event,) = layer["reequilibrations"]  # the one drop
+        assert event["step"] == 400
     assert os.path.getsize(tmp_path / "r.png") > 10_000
 
 
 @pytest.mark.slow
 def test_transformer_with_qk_norm(tmp_path):
+    """Margins over seeds 0–4 (``python benchmarks/examples.py --sizes fast --seeds 0 1 2 3 4 --only
+    transformer_qknorm``): every
+    layer in equilibrium, the worst drift statistic at 0.61 of its limit, steady Δ/Δ* 0.989–1.030."""
     _run([os.path.join(EXAMPLES, "transformer_qknorm.py"), "--out", str(tmp_path / "t")], tmp_path)
     summary = _summary(tmp_path / "t" / "smd_summary.json")
     names = {r["name"]: r for r in summary["layers"]}
-    assert {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight", "blocks.1.attn.q.weight"} <= set(names)
+    assert set(names) == {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}
     assert names["blocks.0.attn.q.weight"]["granularity"] in ("group", "filter")  # per head
     assert summary["optimizers"][0]["rule"].lower() == "adamw"
-    assert summary["verdict"] in ("equilibrium", "not_reached")
+    assert summary["verdict"] == "equilibrium", summary["reason"]
 
 
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
+    """Margins over seeds 0–4 (``python benchmarks/examples.py --sizes fast --seeds 0 1 2 3 4 --only ddp``):
+    every layer in
+    equilibrium, the worst drift statistic at 0.30 of its limit, steady Δ/Δ* 0.981–1.002."""
     proc = _run([os.path.join(EXAMPLES, "ddp.py"), "--out", str(tmp_path / "d")], tmp_path)
     summary = _summary(tmp_path / "d" / "smd_summary.json")
-    assert summary["steps"] == 200
+    assert summary["steps"] == 800
+    assert summary["verdict"] == "equilibrium", summary["reason"]
     assert proc.stdout.count("verdict:") == 1  # rank zero only
 
 
 @pytest.mark.slow
 def test_plain_pytorch(tmp_path):
+    """Margins over seeds 0–4 (``python benchmarks/examples.py --sizes fast --seeds 0 1 2 3 4 --only plain_pytorch``):
+    every
+    layer in equilibrium, the worst drift statistic at 0.56 of its limit, steady Δ/Δ* 0.955–1.018."""
     proc = _run([os.path.join(EXAMPLES, "plain_pytorch.py"), "--summary", str(tmp_path / "p.json")], tmp_path)
     summary = _summary(tmp_path / "p.json")
     assert summary["steps"] == 500 and summary["complete"]
+    assert summary["verdict"] == "equilibrium", summary["reason"]
     assert proc.stdout.count("median Δ/Δ*") == 5
 
 
@@ -78,5 +99,7 @@ def test_ci_gate_passes_and_can_fail(tmp_path):
 
 @pytest.mark.parametrize("name", ["quickstart.py", "resnet.py", "transformer_qknorm.py", "ddp.py", "plain_pytorch.py"])
 def test_examples_document_their_sizes(name):
+    """Each example says how to run both sizes and what each shows."""
     doc = open(os.path.join(EXAMPLES, name)).read().split('"""')[1]
     assert "SMD_EXAMPLE_FAST=1" in doc and "python examples/" + name in doc
+    assert "full size" in doc and "CI size" in doc and "What you should see" in doc
