@@ -1,7 +1,7 @@
 """A ResNet-18-style BatchNorm network, ready for a GPU: SGD with momentum, a learning-rate drop, mixed precision.
 
     python examples/resnet.py                          # full size: ResNet-18 (width 64, batch 128, 16-mixed) on a GPU,
-                                                       # width 16 and batch 64 on CPU; 3,000 steps
+                                                       # width 16 and batch 64 on CPU; 4,000 steps
     python examples/resnet.py --devices 4 --strategy ddp --steps 20000
     SMD_EXAMPLE_FAST=1 python examples/resnet.py       # CI size: two stages of one block, 1,200 steps on CPU
 
@@ -9,7 +9,7 @@ Synthetic CIFAR-sized data (no download): replace ``NoisyTemplates`` with your D
 momentum 0.9) decays the conv weights only: weight decay on BatchNorm's scale shrinks whole branches (with it, in
 a 900-step run of the CI size, the last shortcut conv sat steady at about 0.6x the prediction, its effective
 learning rate over 30x the others'). At a third of the run the learning rate drops x0.2, so the relaxation time (1-momentum)/(2·lr·wd)
-grows 5x: 100 -> 500 steps at the full size (wd 5e-3), 20 -> 100 at the CI size (wd 2.5e-2).
+grows 5x: 50 -> 250 steps at the full size (wd 1e-2), 20 -> 100 at the CI size (wd 2.5e-2).
 
 What you should see, in both sizes: every conv layer in equilibrium before the drop; at the drop the
 prediction falls by sqrt(5) and the angular updates follow it, lagging (each layer's re-equilibration, observed
@@ -47,7 +47,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(pl.LightningModule):
-    def __init__(self, width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2), lr: float = 0.1, weight_decay: float = 5e-3, steps: int = 3000) -> None:
+    def __init__(self, width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2), lr: float = 0.1, weight_decay: float = 1e-2, steps: int = 4000) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     fast = os.environ.get("SMD_EXAMPLE_FAST", "") not in ("", "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available() and not fast
-    parser.add_argument("--steps", type=int, default=1200 if fast else 3000)
+    parser.add_argument("--steps", type=int, default=1200 if fast else 4000)
     parser.add_argument("--width", type=int, default=64 if gpu else 16, help="channels of the first stage")
     parser.add_argument("--batch", type=int, default=32 if fast else 128 if gpu else 64)
     parser.add_argument("--seed", type=int, default=0)
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", default=None, help="also draw the run into this image")
     args = parser.parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)
-    # relaxation time (1 - momentum) / (2 * lr * weight_decay): 100 steps, then 500 after the drop (full size);
+    # relaxation time (1 - momentum) / (2 * lr * weight_decay): 50 steps, then 250 after the drop (full size);
     # 20, then 100 (CI size)
-    model = ResNet(width=args.width, blocks=(1, 1) if fast else (2, 2, 2, 2), weight_decay=2.5e-2 if fast else 5e-3, steps=args.steps)
+    model = ResNet(width=args.width, blocks=(1, 1) if fast else (2, 2, 2, 2), weight_decay=2.5e-2 if fast else 1e-2, steps=args.steps)
     smd = SMDCallback()
     trainer = pl.Trainer(
         max_steps=args.steps,
