@@ -32,9 +32,8 @@ def test_quickstart(tmp_path):
 def test_resnet(tmp_path):
     """The docstring's story: equilibrium before the drop at step 400, the drop timed per layer, equilibrium at
     the end. Margins over seeds 0–4 (``python benchmarks/examples.py --sizes fast --seeds 0 1 2 3 4 --only resnet``):
-    every
-    layer in equilibrium, the worst drift statistic (``|drift|`` or ``t·se``, of Δ/Δ* or the norm) at 0.35 of its limit,
-    steady Δ/Δ* 0.975–1.017 (at 900 steps it was 0.85: the CI size was lengthened for that)."""
+    every layer in equilibrium, the worst drift statistic (``|drift|`` or ``t·se``, of Δ/Δ* or the norm) at 0.35 of
+    its limit, steady Δ/Δ* 0.975–1.017 (at 900 steps it was 0.85: the CI size was lengthened for that)."""
     _run([os.path.join(EXAMPLES, "resnet.py"), "--out", str(tmp_path / "r"), "--plot", str(tmp_path / "r.png")], tmp_path)
     summary = _summary(tmp_path / "r" / "smd_summary.json")
     assert summary["steps"] == 1200 and len(summary["layers"]) == 6
@@ -49,8 +48,8 @@ def test_resnet(tmp_path):
 @pytest.mark.slow
 def test_transformer_with_qk_norm(tmp_path):
     """Margins over seeds 0–4 (``python benchmarks/examples.py --sizes fast --seeds 0 1 2 3 4 --only
-    transformer_qknorm``): every
-    layer in equilibrium, the worst drift statistic at 0.61 of its limit, steady Δ/Δ* 0.989–1.030."""
+    transformer_qknorm``): every layer in equilibrium, the worst drift statistic at 0.61 of its limit, steady Δ/Δ*
+    0.989–1.030."""
     _run([os.path.join(EXAMPLES, "transformer_qknorm.py"), "--out", str(tmp_path / "t")], tmp_path)
     summary = _summary(tmp_path / "t" / "smd_summary.json")
     names = {r["name"]: r for r in summary["layers"]}
