@@ -44,9 +44,12 @@ def margins(summary: dict) -> dict:
     limit = summary["criteria"]["drift_limit"]
 
     def worst(layer: dict) -> float:
-        q = layer.get("quantile") or float("nan")
-        values = [abs(layer.get("drift") or float("nan")), abs(layer.get("norm_drift") or float("nan"))]
-        values += [q * (layer.get("drift_se") or float("nan")), q * (layer.get("norm_drift_se") or float("nan"))]
+        def num(key: str) -> float:  # None (not judged) -> nan; 0.0 stays 0.0
+            value = layer.get(key)
+            return float("nan") if value is None else float(value)
+
+        q = num("quantile")
+        values = [abs(num("drift")), abs(num("norm_drift")), q * num("drift_se"), q * num("norm_drift_se")]
         return max(values) / limit if all(v == v for v in values) else float("inf")  # nan: not judged
 
     steady = [layer["steady_ratio"] for layer in layers if layer.get("steady_ratio") is not None]
