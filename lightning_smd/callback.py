@@ -15,6 +15,8 @@ import importlib.util
 import inspect
 import math
 import os
+import re
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -32,9 +34,16 @@ from lightning_smd.detect import (
 )
 from lightning_smd.diagnose import DiagnosticsConfig, Verdict
 from lightning_smd.dashboard import per_layer_mode, render_rgb
-from lightning_smd.loggers import finish_loggers, log_heatmap, setup_loggers
+from lightning_smd.loggers import NAMESPACE, finish_loggers, log_heatmap, renamed, setup_loggers
 from lightning_smd.messages import SMDWarning, render
-from lightning_smd.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_summary_table, print_summary_table
+from lightning_smd.report import (
+    SUMMARY_FILENAME,
+    TABLE_ROWS,
+    EquilibriumNotReachedError,
+    format_summary_table,
+    print_summary_table,
+    summary_filename,
+)
 from lightning_smd.session import Session, SessionView
 
 if TYPE_CHECKING:
@@ -129,6 +138,10 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             still measured over that single step (the weights are taken right before it), so the angular
             update keeps its meaning and its prediction; the moving averages and the window keep counting
             steps. Unsampled steps cost nothing measurable.
+        name: a label for this instance, for a Trainer with several ``SMDCallback`` s (e.g. a lenient and a strict
+            gate): its metrics go under ``smd-<name>/…`` and its summary to ``smd_summary-<name>.json``. Without
+            it, the first instance with default settings keeps ``smd/…`` and each other one is labelled by the
+            settings that set it apart (``smd-tolerance-0.05/…``). Letters, digits, ``_``, ``.`` and ``-``.
     """
 
     def __init__(
@@ -158,7 +171,31 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         on_no_equilibrium: str = "warn",
         track_distance: bool = False,
         every_n_steps: int = 1,
+        name: str | None = None,
     ) -> None:
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        from lightning_smd.options import check_bool, check_choice, check_int, check_path, check_patterns
+        from lightning_smd.session import GATE_MODES
+
+        # every option checked before anything is built: a ValueError names the option, the value and what is accepted
+        include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)  # a str is one pattern
+        given.update({k: v for k, v in (("include", include), ("exclude", exclude)) if given[k] is not None})
+        log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, hint=" (None: the Trainer's)")
+        worst_k = check_int("worst_k", worst_k, 0)  # type: ignore[assignment]
+        heatmap_every_n_logs = check_int("heatmap_every_n_logs", heatmap_every_n_logs, 0, hint=" (0: only at the end)")  # type: ignore[assignment]
+        every_n_steps = check_int("every_n_steps", every_n_steps, 1)  # type: ignore[assignment]
+        for flag, value in (
+            ("log_heatmap", log_heatmap),
+            ("wandb_workspace", wandb_workspace),
+            ("verbose", verbose),
+            ("keep_history", keep_history),
+            ("use_momentum_buffer", use_momentum_buffer),
+            ("per_filter", per_filter),
+            ("track_distance", track_distance),
+        ):
+            check_bool(flag, value)
+        check_choice("on_no_equilibrium", on_no_equilibrium, GATE_MODES)
+        summary_path = check_path("summary_path", summary_path)
         super().__init__()
         self.config = DiagnosticsConfig(
             tolerance=tolerance,
@@ -170,8 +207,6 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             drift_limit=drift_limit,
             significance=significance,
         )
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self._options = dict(
             every_n_steps=every_n_steps,
             use_momentum_buffer=use_momentum_buffer,
@@ -181,8 +216,6 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             on_no_equilibrium=on_no_equilibrium,
             worst_k=worst_k,
         )
-        if isinstance(heatmap_every_n_logs, bool) or not isinstance(heatmap_every_n_logs, int) or heatmap_every_n_logs < 0:
-            raise ValueError(f"heatmap_every_n_logs must be an integer >= 0, got {heatmap_every_n_logs!r}")
         per_layer_mode(log_per_layer, 0)  # validates
         self.log_heatmap = bool(log_heatmap)
         self.heatmap_every_n_logs = heatmap_every_n_logs
@@ -194,8 +227,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         self.session = Session(self.config, **self._options)  # validates the options; replaced at every fit start
         self.every_n_steps = every_n_steps
         self.on_no_equilibrium = on_no_equilibrium
-        self.include = list(include or [])
-        self.exclude = list(exclude or [])
+        self.include = include
+        self.exclude = exclude
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
         self.summary_path = summary_path
@@ -212,13 +245,30 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         self._resume_state: dict[str, Any] | None = None
         self._setup_detection: Detection | None = None
         self._loggers_ready = False
+        if name is not None and (not isinstance(name, str) or not _LABEL.fullmatch(name)):
+            raise ValueError(f"name must be a short label of letters, digits, '_', '.' and '-', got {name!r}")
+        self.name = name
+        #: the options given that differ from the defaults: what tells this instance from another
+        self._distinct = _distinct_options(given)
+        self._namespace = NAMESPACE
+        self._label: str | None = None
 
     @property
     def state_key(self) -> str:
-        # two SMDCallbacks with different criteria or selections can coexist in one checkpoint
-        return self._generate_state_key(
-            tolerance=self.config.tolerance, window=self.config.window, include=self.include, exclude=self.exclude
-        )
+        """Unique per set of options: SMDCallbacks that differ in any option coexist in one Trainer and one
+        checkpoint. (Tolerance, window, include and exclude are always part of it, as in the first releases, so
+        that their checkpoints still resume.)"""
+        fields: dict[str, Any] = dict(tolerance=self.config.tolerance, window=self.config.window, include=self.include, exclude=self.exclude)
+        fields.update((k, v) for k, v in self._distinct.items() if k not in fields)
+        key = self._generate_state_key(**fields)
+        _refuse_duplicates(self, key)
+        return key
+
+    @property
+    def namespace(self) -> str:
+        """The first part of every key this instance logs: ``smd``, or ``smd-<label>`` when the Trainer has
+        several SMDCallbacks (see ``name``)."""
+        return self._namespace
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue measuring after a resume, as plain Python types."""
@@ -242,7 +292,9 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
     # ------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
-        self.session = Session(self.config, emit=_rank_zero_emitter(trainer), **self._options)
+        self._label = _instance_label(self, trainer.callbacks)
+        self._namespace = NAMESPACE if self._label is None else f"{NAMESPACE}-{self._label}"
+        self.session = Session(self.config, emit=_rank_zero_emitter(trainer, self._label), **self._options)
         self._loggers_ready = False
         self._logs = 0
         self._heatmap_step = -1
@@ -276,6 +328,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         else:
             det = find_normalized_weights(pl_module, include=self.include, exclude=self.exclude)
         self.session.detection = det
+        for code, fields in det.pattern_warnings():  # include/exclude patterns that match no parameter
+            self.session.warn(code, **fields)
         if det.method == "deferred":
             # fx could not trace the model (or it has lazy parameters): record the data flow of the first
             # training batch instead, and attach before its optimizer step.
@@ -308,7 +362,8 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             units,
             capacity=self._interval(trainer) // self.every_n_steps + 2,
             shard_group=_fsdp1_group(trainer),
-            planned_steps=_planned_steps(trainer),
+            # a debug run is short on purpose: no warning that it is too short to be judged
+            planned_steps=None if _debug_run(trainer) else _planned_steps(trainer),
             model_name=type(pl_module).__name__,
             resume=resume,
         )
@@ -330,12 +385,20 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             # Weights may have changed since fit start (a checkpoint restored by the strategy, a module's
             # own on_fit_start/on_train_start): measure the first step from the weights it really starts from.
             self._rebased = True
-            self.recorder.rebase()
+            self._start_recorder(trainer)
         if self._deferred and self._flow is None:
             self._flow = DataFlowRecorder(dict(pl_module.named_parameters()))
             self._flow_losses = []
             self._flow_batches += 1
             self._flow.__enter__()
+
+    def _start_recorder(self, trainer: pl.Trainer) -> None:
+        """Before the first measured step: count steps as the Trainer does (a resume from a checkpoint made without
+        this callback, a second fit: the loops' state is restored after on_fit_start), and take ``w_t`` now."""
+        if self.recorder is None:
+            return
+        self.recorder.start_at(_optimizer_steps(trainer))
+        self.recorder.rebase()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._flow is not None:
@@ -388,6 +451,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             self.session.warn("SMD006", error=det.error)
         units = det.units or (previous.units if previous else [])
         self._attach(trainer, pl_module, units)
+        self._start_recorder(trainer)
         self._rebased = True  # attached right now, from the current weights
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -426,27 +490,32 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         distances = session.drain(_planned_steps(trainer))
         if self.on_no_equilibrium == "stop" and session.stop_reason is None:
             reason = session.impossible(_planned_steps(trainer), self._interval(trainer))
+            if reason is not None and _debug_run(trainer) and not session.diagnostics.diverged.any():
+                reason = None  # a debug run is short by design (see _finish)
             # every rank takes the same decision, so that no rank is left waiting in a collective
             if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
                 session.stop(reason or "another rank found equilibrium impossible")
                 trainer.should_stop = True
         if step <= self._last_logged_step:
             return
-        metrics = session.metrics(self.log_per_layer, distances)
+        metrics = {renamed(k, self._namespace): v for k, v in session.metrics(self.log_per_layer, distances).items()}
         if not self._loggers_ready:
             self._loggers_ready = True
             if trainer.is_global_zero:
                 names = [u.name for u in self.diagnostics.units]
-                setup_loggers(trainer.loggers, names, per_layer_mode(self.log_per_layer, len(names)), session.worst_k, session.warn)
+                mode = per_layer_mode(self.log_per_layer, len(names))
+                setup_loggers(trainer.loggers, names, mode, session.worst_k, session.warn, self._namespace)
         for logger in trainer.loggers:
             try:
                 logger.log_metrics(metrics, step=step)
             except Exception as err:  # noqa: BLE001 - a logger refusing a metric must not stop training
                 session.warn("SMD040", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")
         for key in ("smd/angular_update_ratio", "smd/equilibrium_fraction"):
+            key = renamed(key, self._namespace)
             trainer.callback_metrics[key] = torch.tensor(metrics[key])
         # the progress bars (TQDM and Rich) show trainer.progress_bar_metrics, which keeps what is put there
-        trainer.progress_bar_metrics.update(session.progress())
+        label = "" if self._label is None else f"-{self._label}"
+        trainer.progress_bar_metrics.update({k.replace("smd", "smd" + label, 1): v for k, v in session.progress().items()})
         self._last_logged_step = step
         self._logs += 1
         if self.heatmap_every_n_logs and self._logs % self.heatmap_every_n_logs == 0:
@@ -478,7 +547,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             if len(self.session.history) and not _has_matplotlib():
                 self.session.warn("SMD045")
             return
-        log_heatmap(trainer.loggers, render_rgb(figure), step, self.session.warn)
+        log_heatmap(trainer.loggers, render_rgb(figure), step, self.session.warn, self._namespace)
 
     # ------------------------------------------------------------------------------------------
     # End
@@ -492,7 +561,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         self._log_heatmap(trainer, max(_logger_step(trainer) - 1, self._last_logged_step))
         self._finish(trainer, complete=True)
         if trainer.is_global_zero:
-            finish_loggers(trainer.loggers, self.summary(), self.session.warn)
+            finish_loggers(trainer.loggers, self.summary(), self.session.warn, self._namespace)
             if self.wandb_workspace:
                 self._save_workspace(trainer)
         if self.verbose and trainer.is_global_zero:
@@ -504,6 +573,10 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
     def _gate(self, trainer: pl.Trainer) -> None:
         summary = self.summary()
         failed = self.session.gate_failed(summary)
+        if failed and summary.get("gate"):  # stood down in a debug run (see _finish)
+            if self.on_no_equilibrium != "warn":
+                self.session.warn("SMD027", run=_debug_run(trainer), verdict=summary.get("verdict"), gate=self.on_no_equilibrium)
+            return
         if self.on_no_equilibrium == "raise":
             # every rank takes the same decision, so that no rank is left waiting in a collective
             if trainer.strategy.reduce_boolean_decision(failed, all=False):
@@ -511,6 +584,14 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
                 raise EquilibriumNotReachedError(f"SMD verdict '{summary.get('verdict')}': {summary.get('reason', '')}{where}", summary)
         elif failed and summary.get("verdict") == Verdict.NOT_REACHED and self.on_no_equilibrium == "warn":
             self.session.warn("SMD034", reason=summary.get("reason", ""))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips on_train_end when there is nothing to train (limit_train_batches=0, max_steps reached by
+        # a restored checkpoint): the summary is still written, and the gate still speaks
+        if self.recorder is None or self.diagnostics is None or self._finished:
+            return
+        self._finish(trainer, complete=True)
+        self._gate(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Never lose what was measured: write the summary, marked incomplete, before the exception goes on.
@@ -536,13 +617,19 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
 
     def _finish(self, trainer: pl.Trainer, complete: bool, error: str | None = None) -> None:
         summary = self.session.summary(complete=complete, error=error, global_step=int(trainer.global_step))
+        debug = _debug_run(trainer)
+        # a debug run tests the pipeline, not the dynamics: too short to be judged, it does not fail the gate (a
+        # diverged one still does: a NaN in a debug run is a real fault)
+        summary["gate"] = f"stood down: {debug}" if debug and summary.get("verdict") != Verdict.DIVERGED else None
+        summary["name"] = self._label  # None for a Trainer's only (or first, default) SMDCallback
         self._summary = summary
         self._finished = complete
         if self.summary_path is False or not trainer.is_global_zero:
             return
-        path = str(self.summary_path) if self.summary_path not in (None, True) else os.path.join(_log_dir(trainer), SUMMARY_FILENAME)
-        if self.session.write(path, summary):
-            self._summary_file = path
+        path = str(self.summary_path) if self.summary_path not in (None, True) else os.path.join(_log_dir(trainer), summary_filename(self._label))
+        written = self.session.write(path, summary)
+        if written:
+            self._summary_file = written
         else:
             summary["warnings"] = list(self.session.warnings)
 
@@ -566,16 +653,90 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         return format_summary_table(self.summary(), max_rows)
 
 
+#: What a ``name`` (and an automatic label) may hold: safe in metric keys of every logger and in file names.
+_LABEL = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: Longest automatic label (from the options that set an instance apart); longer ones become ``2``, ``3``, …
+_LABEL_CHARS = 40
+#: Options that change how results are shown or where they go, not what is measured or judged: they do not label.
+_PRESENTATION = frozenset(
+    {"verbose", "keep_history", "log_heatmap", "heatmap_every_n_logs", "wandb_workspace", "log_per_layer", "worst_k", "log_every_n_steps", "summary_path"}
+)
+
+
+def _distinct_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The constructor options given that differ from their defaults, in signature order."""
+    defaults = {k: p.default for k, p in inspect.signature(SMDCallback.__init__).parameters.items() if k != "self"}
+    out = {}
+    for k, v in given.items():
+        value = str(v) if isinstance(v, os.PathLike) else v
+        if k in defaults and value != defaults[k]:
+            out[k] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _smd_callbacks(callbacks: Sequence[Any]) -> list[SMDCallback]:
+    return [cb for cb in callbacks if isinstance(cb, SMDCallback)]
+
+
+def _refuse_duplicates(callback: SMDCallback, key: str) -> None:
+    """Refuse, with our message, two SMDCallbacks with the same options in one Trainer: they would measure the
+    same weights twice and write the same summary and series. Lightning validates the state keys of a Trainer's
+    callbacks when it is built (``_validate_callbacks_list``) and reads this property for it, which is the
+    only moment a callback can see the list it is in; anywhere else nothing is checked here."""
+    frame = sys._getframe(2)  # the caller of the state_key property
+    if frame.f_code.co_name != "_validate_callbacks_list":
+        return
+    others = [cb for cb in _smd_callbacks(frame.f_locals.get("callbacks") or ()) if cb is not callback]
+    if any(cb._distinct == callback._distinct for cb in others) or sum(cb is callback for cb in frame.f_locals.get("callbacks") or ()) > 1:
+        raise ValueError(
+            "The Trainer was given two SMDCallbacks with the same options: they would measure the same weights twice and "
+            "write the same summary and metrics. Keep one, or make them differ, e.g. SMDCallback(name='strict', "
+            "require_agreement=True) next to SMDCallback()."
+        )
+
+
+def _instance_label(callback: SMDCallback, callbacks: Sequence[Any]) -> str | None:
+    """None for a Trainer's only SMDCallback (and for the first one measuring with the default options); else its
+    ``name``, or the measuring options that set it apart (``tolerance-0.05``), or its position among the
+    SMDCallbacks (``2``) when those are none or too long."""
+    peers = _smd_callbacks(callbacks)
+    if len(peers) <= 1:
+        return None
+    labels: list[str | None] = []
+    plain_taken = False
+    for i, cb in enumerate(peers):
+        if cb.name is not None:
+            labels.append(cb.name)
+            continue
+        measuring = {k: v for k, v in cb._distinct.items() if k not in _PRESENTATION}
+        if not measuring and not plain_taken:
+            plain_taken = True
+            labels.append(None)
+        else:
+            auto = "_".join(f"{k}-{v}" for k, v in measuring.items())
+            auto = re.sub(r"[^A-Za-z0-9_.\-]+", "", auto.replace(" ", ""))
+            labels.append(auto if 0 < len(auto) <= _LABEL_CHARS else str(i + 1))
+    clash = {x for x in labels if labels.count(x) > 1}
+    if clash:
+        raise ValueError(
+            f"Two SMDCallbacks of this Trainer would log under the same keys ({', '.join(sorted(map(str, clash)))}): give them "
+            "different name=... values."
+        )
+    return labels[[i for i, cb in enumerate(peers) if cb is callback][0]]
+
+
 def _has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _rank_zero_emitter(trainer: pl.Trainer) -> Any:
-    """Warnings are kept on every rank (and in the summary) but shown on rank zero only."""
+def _rank_zero_emitter(trainer: pl.Trainer, label: str | None = None) -> Any:
+    """Warnings are kept on every rank (and in the summary) but shown on rank zero only; with several
+    SMDCallbacks, each shown warning says which one it comes from."""
 
     def emit(message: str, code: str) -> None:
         if trainer.is_global_zero:
-            warnings.warn(SMDWarning(message, code), stacklevel=5)
+            shown = message if label is None else f"SMDCallback {label!r}: {message}"
+            warnings.warn(SMDWarning(shown, code), stacklevel=5)
 
     return emit
 
@@ -650,6 +811,22 @@ def _logger_step(trainer: pl.Trainer) -> int:
     loop = trainer.fit_loop.epoch_loop
     step = getattr(loop, "_batches_that_stepped", None)
     return int(step) if step is not None else max(int(trainer.global_step) - 1, 0)
+
+
+def _debug_run(trainer: pl.Trainer) -> str | None:
+    """What makes this fit a debug run too short to be judged by design (``fast_dev_run``,
+    ``limit_train_batches=0``), or None."""
+    if getattr(trainer, "fast_dev_run", False):
+        return f"fast_dev_run={trainer.fast_dev_run}"
+    if getattr(trainer, "limit_train_batches", None) == 0:
+        return "limit_train_batches=0"
+    return None
+
+
+def _optimizer_steps(trainer: pl.Trainer) -> int:
+    """Steps each optimizer has taken so far: the global step with one optimizer (it counts every optimizer's
+    steps), the batches that stepped with several (manual optimization stepping each once per batch)."""
+    return int(trainer.global_step) if len(trainer.optimizers) <= 1 else _logger_step(trainer)
 
 
 def _planned_steps(trainer: pl.Trainer) -> int | None:

@@ -102,10 +102,27 @@ class Detection:
     """Why the data flow could not be analysed (then only ``include`` patterns are honoured)."""
     rejected_verification: dict[str, float] = field(default_factory=dict)
     """``|cos(∇L(W), W)|`` of the rejected weights, where a gradient was at hand."""
+    unmatched_patterns: dict[str, list[str]] = field(default_factory=dict)
+    """``include`` / ``exclude`` patterns that match no parameter name (an ``exclude`` pattern: nor a unit name), by
+    option; only the options that have some."""
+    pattern_hint: dict[str, str] = field(default_factory=dict)
+    """For the warnings about :attr:`unmatched_patterns`, by option: the names nearest its patterns, and a few of the
+    model's."""
 
     @property
     def names(self) -> list[str]:
         return [u.name for u in self.units]
+
+    def pattern_warnings(self) -> list[tuple[str, dict[str, Any]]]:
+        """The warnings about :attr:`unmatched_patterns` as ``(code, fields)`` for ``Session.warn(code, **fields)``:
+        ``SMD013`` for ``include``, ``SMD014`` for ``exclude``, each once per set of patterns."""
+        out = []
+        for option, code in (("include", "SMD013"), ("exclude", "SMD014")):
+            patterns = self.unmatched_patterns.get(option)
+            if patterns:
+                shown = ", ".join(repr(p) for p in patterns)
+                out.append((code, {"once": f"{code}:{shown}", "patterns": shown, "hint": self.pattern_hint.get(option, "")}))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -954,9 +971,19 @@ def _apply_overrides(
     exclude: Sequence[str] | None,
     det: Detection,
 ) -> list[NormalizedWeight]:
+    from lightning_smd.options import check_patterns
+
+    include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)
     out = list(units)
     have = {p for u in out for p in u.params}
-    for pattern in include or ():
+    names = {u.name for u in out} | set(named)
+    unmatched = {
+        "include": [p for p in dict.fromkeys(include) if not any(fnmatch.fnmatchcase(n, p) for n in named)],
+        "exclude": [p for p in dict.fromkeys(exclude) if not any(fnmatch.fnmatchcase(n, p) for n in names)],
+    }
+    det.unmatched_patterns = {k: v for k, v in unmatched.items() if v}
+    det.pattern_hint = {k: _pattern_hint(v, list(named)) for k, v in det.unmatched_patterns.items()}
+    for pattern in include:
         matched = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             det.rejected.setdefault(f"include:{pattern}", "the include pattern matches no parameter")
@@ -982,6 +1009,34 @@ def _apply_overrides(
     order = {n: i for i, n in enumerate(named)}
     out.sort(key=lambda u: order.get(u.params[0], math.inf))
     return out
+
+
+def _pattern_hint(patterns: Sequence[str], names: Sequence[str]) -> str:
+    """What the user needs to fix patterns that match nothing: the parameter names nearest them (a pattern missing the
+    names' prefix: ``conv1.weight`` for ``net.conv1.weight``), then a few of the model's parameter names."""
+    import difflib
+
+    near: list[str] = []
+    for p in patterns:
+        tail = [n for n in names if fnmatch.fnmatchcase(n, "*." + p) or fnmatch.fnmatchcase(n, "*" + p)]
+        near += tail[:3] or difflib.get_close_matches(p, names, n=2, cutoff=0.6)
+    near = list(dict.fromkeys(near))[:4]
+    first = [n for n in names if n not in near][: max(0, 6 - len(near))]
+    if not names:
+        return "The model has no parameters"
+    did = f"Did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+    more = f" and {len(names) - len(near + first)} more" if len(names) > len(near + first) else ""
+    return f"{did}The model's {len(names)} parameter names read like {', '.join(repr(n) for n in near + first)}{more}"
+
+
+def not_scale_invariant(unit: NormalizedWeight) -> str | None:
+    """Why a unit named by ``include`` is not scale-invariant — its gradient is clearly not orthogonal to it on the
+    first batch (``|cos(g, w)| > NOT_ORTHOGONAL_WARNING``) — or None. Such a unit is measured and logged, but the SMD
+    prediction does not apply to it: it does not count in the verdict."""
+    cos = unit.verification
+    if unit.found_by != "include" or cos is None or not cos > NOT_ORTHOGONAL_WARNING:
+        return None
+    return f"not scale-invariant (|cos(g, w)| = {cos:.2g} on the first batch): the SMD prediction does not apply"
 
 
 def _is_lazy(model: nn.Module) -> bool:

@@ -24,9 +24,13 @@ level. A steady unit *agrees* unless its interval lies entirely outside ``1 ± t
 prediction* when it does, and *far off* when the interval lies entirely outside ``1 ± max_deviation``.
 
 A unit is **in equilibrium** when it is steady and not far off (and, with ``require_agreement``, not off).
-The run verdict is ``equilibrium`` when at least ``min_fraction`` of the units with a prediction are in
-equilibrium at the end, ``not_reached`` otherwise, and ``not_applicable`` when nothing is tracked or no
-unit has a prediction (unknown optimizer).
+The run verdict is ``diverged`` when the weights of any tracked unit became non-finite (NaN or inf: a
+diverged training run, whatever ``min_fraction`` says), ``equilibrium`` when at least ``min_fraction`` of
+the units with a prediction are in equilibrium at the end, ``not_reached`` otherwise, and
+``not_applicable`` when nothing is tracked or no unit has a prediction (unknown optimizer).
+
+A non-finite weight costs no extra measurement: the recorder's float64 ``‖w‖²`` of a tensor with a NaN or
+an inf element is itself NaN or inf, so the statistics already reduced at each step carry the flag.
 
 Pure numpy: usable from a hand-written loop without Lightning.
 """
@@ -42,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_smd.detect import NormalizedWeight
+from lightning_smd.detect import NormalizedWeight, not_scale_invariant
 from lightning_smd.measure import StepBatch
 from lightning_smd.steady import BLOCKS_PER_WINDOW, MIN_BLOCKS, BlockSeries, drift_within, t_quantile
 from lightning_smd.theory import Rule, UnknownRule, registered_rules, time_to_band
@@ -54,6 +58,7 @@ __all__ = [
     "VanishingNoise",
     "NormSpike",
     "Reequilibrating",
+    "Diverged",
     "Event",
     "STATES",
     "SCHEMA_VERSION",
@@ -67,6 +72,7 @@ class Verdict(str, Enum):
     EQUILIBRIUM = "equilibrium"
     NOT_REACHED = "not_reached"
     NOT_APPLICABLE = "not_applicable"
+    DIVERGED = "diverged"
 
     def __str__(self) -> str:
         return self.value
@@ -107,7 +113,17 @@ class Reequilibrating:
     after: float
 
 
-Event = VanishingNoise | NormSpike | Reequilibrating
+@dataclass(frozen=True)
+class Diverged:
+    """The weights of ``unit`` became non-finite (NaN or inf) at optimizer step ``step``."""
+
+    unit: int
+    step: int
+    value: float
+    """``‖w‖²`` at that step: nan or inf."""
+
+
+Event = VanishingNoise | NormSpike | Reequilibrating | Diverged
 STATES = (
     "approaching",  # not yet steady since the start
     "equilibrium",  # steady and counted (agrees, or off the prediction without require_agreement)
@@ -118,6 +134,7 @@ STATES = (
     "vanishing_noise",  # the gradient noise vanished: no equilibrium
     "no_equilibrium",  # no weight decay (or no learning rate): the theory has no equilibrium
     "no_prediction",  # unknown optimizer (or no theory for these settings): measured, not judged
+    "diverged",  # the weights became non-finite (NaN or inf): training diverged; nothing more is measured
 )
 #: Version of the summary's layout (2: steady state judged statistically, agreement as its own figure).
 SCHEMA_VERSION = 2
@@ -199,18 +216,40 @@ class DiagnosticsConfig:
     healthy runs, a memorized data set collapses it by 10³–10⁶×."""
 
     def __post_init__(self) -> None:
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.window < 1 or self.ema_steps < 1:
-            raise ValueError(f"window and ema_steps must be >= 1, got {self.window} and {self.ema_steps}")
-        if not 0.0 < self.min_fraction <= 1.0:
-            raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction}")
-        if not self.max_deviation >= self.tolerance:
-            raise ValueError(f"max_deviation must be >= tolerance ({self.tolerance}), got {self.max_deviation}")
-        if self.drift_limit is not None and not self.drift_limit > 0:
-            raise ValueError(f"drift_limit must be > 0 (or None for the tolerance), got {self.drift_limit}")
-        if not 0.0 < self.significance < 1.0:
-            raise ValueError(f"significance must be in (0, 1), got {self.significance}")
+        """Every field checked (:mod:`lightning_smd.options`): a ``ValueError`` names the option, the value and the
+        values accepted; a bool is not a number, a non-finite float is out of every range. Numbers are stored as
+        plain ``int``/``float`` (the summary's ``criteria`` is written as JSON)."""
+        from lightning_smd.options import OptionError, check_bool, check_int, check_number
+
+        checked: dict[str, Any] = {
+            "tolerance": check_number("tolerance", self.tolerance, 0.0, 1.0, hint=" (a fraction: 0.1 means 10 %)"),
+            "window": check_int("window", self.window, 1, hint=" (steps)"),
+            "ema_steps": check_int("ema_steps", self.ema_steps, 1, hint=" (steps)"),
+            "min_fraction": check_number(
+                "min_fraction", self.min_fraction, 0.0, 1.0, high_open=False, hint=" (a share of the layers: 0.9 means 90 %; 0 would pass any run)"
+            ),
+            "require_agreement": check_bool("require_agreement", self.require_agreement),
+            "max_deviation": check_number("max_deviation", self.max_deviation, 0.0, 1.0, high_open=False, hint=" (a fraction: 0.3 means 30 %)"),
+            "drift_limit": check_number(
+                "drift_limit",
+                self.drift_limit,
+                0.0,
+                1.0,
+                high_open=False,
+                allow_none=True,
+                hint=" (a fraction per relaxation time: 0.1 means 10 %; None: the tolerance)",
+            ),
+            "significance": check_number("significance", self.significance, 0.0, 1.0, hint=" (a false-alarm rate: 0.01 means 1 %)"),
+        }
+        for factor in ("spike_factor", "vanishing_factor", "loss_factor", "vanishing_factor_without_loss"):
+            checked[factor] = check_number(factor, getattr(self, factor), 1.0, math.inf, hint=" (a factor above 1)")
+        if checked["max_deviation"] < checked["tolerance"]:
+            raise OptionError(
+                f"max_deviation must be >= tolerance ({checked['tolerance']:g}): a layer off by more than max_deviation is also off "
+                f"by more than the tolerance; got max_deviation={self.max_deviation!r}"
+            )
+        for key, value in checked.items():
+            object.__setattr__(self, key, value)
 
     @property
     def drift(self) -> float:
@@ -344,6 +383,10 @@ class Diagnostics:
         self.settle_steps = np.full(n, np.nan)
         self.judged_step = np.full(n, -1, dtype=np.int64)
         self.first_equilibrium = np.full(n, -1, dtype=np.int64)
+        self.diverged_step = np.full(n, -1, dtype=np.int64)
+        self.first_step = np.full(n, -1, dtype=np.int64)
+        """The first measured step (after a resume without the callback's state: the Trainer's step then)."""
+        """The optimizer step after which the unit's weights were first non-finite (-1: never)."""
         self.steps_in_equilibrium = np.zeros(n, dtype=np.int64)
         # other diagnoses
         self.initial_norm = np.full(n, np.nan)
@@ -405,6 +448,7 @@ class Diagnostics:
         for r in range(k):
             step = int(batch.steps[r])
             hyper_r = batch.hyper[r]
+            self._divergence(idx, batch.norm_sq_after[r], step)
             preds = [self._predict(batch.rule, hyper_r[g]) for g in range(n_groups)]
             settings_pred = np.array([p.delta for p in preds])[batch.unit_group]  # what a change of settings moves
             scale = np.array([p.scale for p in preds])[batch.unit_group]
@@ -521,7 +565,8 @@ class Diagnostics:
         for j, u in enumerate(idx):
             h = hyper[int(batch.unit_group[j])]
             self.hyper[u] = h
-            self.reasons[u] = self._predict(batch.rule, h).reason
+            # a weight named by include= that is not scale-invariant has no prediction, whatever the settings
+            self.reasons[u] = not_scale_invariant(self.units[u]) or self._predict(batch.rule, h).reason
 
     def _track_prediction(
         self,
@@ -567,6 +612,8 @@ class Diagnostics:
                     {"step": step, "from": _num(ref[j]), "to": _num(pred[j]), "expected_steps": _num(expected), "observed_steps": None}
                 )
                 self.events.append(Reequilibrating(u, step, float(expected), float(ref[j]), float(pred[j])))
+            if unset[j] and self.first_step[u] < 0:
+                self.first_step[u] = step
             self.ref_pred[u] = pred[j]
             self.ref_scale[u] = scale[j]
             self.ref_hyper[u] = h
@@ -649,6 +696,10 @@ class Diagnostics:
         with np.errstate(invalid="ignore"):
             far = steady & ((hi < 1.0 - cfg.max_deviation) | (lo > 1.0 + cfg.max_deviation))
             off = steady & ~far & ((hi < 1.0 - cfg.tolerance) | (lo > 1.0 + cfg.tolerance))
+        diverged = self.diverged
+        steady &= ~diverged
+        far &= ~diverged
+        off &= ~diverged
         counted = steady & ~far & ~(off & cfg.require_agreement)
         if commit:  # time in equilibrium (since the previous committed judgement), first equilibrium
             was = self._was_counted
@@ -660,6 +711,9 @@ class Diagnostics:
             self._was_counted = counted.copy()
             self._committed_ratio = np.where(steady, fit.mean_x, np.nan)
         self.steady, self.counted = steady, counted
+        if diverged.any():  # the window's finite samples predate the divergence: they describe nothing now
+            d_x, se_x, d_w, se_w = (np.where(diverged, np.nan, x) for x in (d_x, se_x, d_w, se_w))
+            fit.mean_x, fit.se_mean_x = np.where(diverged, np.nan, fit.mean_x), np.where(diverged, np.nan, fit.se_mean_x)
         self.drift, self.drift_se, self.norm_drift, self.norm_drift_se = d_x, se_x, d_w, se_w
         self.steady_ratio, self.steady_ratio_se, self.quantile = fit.mean_x, fit.se_mean_x, q
         self._balance(fit, settled)
@@ -670,8 +724,14 @@ class Diagnostics:
         self._flags = np.stack([seen, app, judged, vanishing, settled, enough, drifting, precise, far, off, counted], axis=1)
         previous = np.array(self._state, dtype=object)
         state = np.select(
-            [~seen, ~app, ~judged, vanishing, counted, far, off, (previous == "re-equilibrating") | (previous == "departed"), previous == "equilibrium"],
-            [previous, "no_prediction", "no_equilibrium", "vanishing_noise", "equilibrium", "steady_far_off", "off_prediction", previous, "departed"],
+            [
+                diverged, ~seen, ~app, ~judged, vanishing, counted, far, off,
+                (previous == "re-equilibrating") | (previous == "departed"), previous == "equilibrium",
+            ],
+            [
+                "diverged", previous, "no_prediction", "no_equilibrium", "vanishing_noise", "equilibrium", "steady_far_off",
+                "off_prediction", previous, "departed",
+            ],
             default="approaching",
         )
         self.state = [str(x) for x in state.tolist()]
@@ -727,6 +787,8 @@ class Diagnostics:
         f = dict(zip(_FLAGS, self._flags[u].tolist()))
         if f["counted"]:
             return None
+        if self.diverged_step[u] >= 0:
+            return f"diverged: its weights became non-finite (NaN or inf) at step {int(self.diverged_step[u])}"
         since = int(self.steps[u] - self.origin[u])
         if not f["seen"]:
             return "no step measured yet"
@@ -755,6 +817,26 @@ class Diagnostics:
         if off:
             return f"steady at {self.steady_ratio[u]:.3f} of the prediction: off by more than ±{cfg.tolerance:.0%} (require_agreement)"
         return "not judged"
+
+    def _measured_steps(self, u: int) -> int:
+        """Steps from the first measured one to the last (the Trainer's steps before a resume are not counted)."""
+        return int(self.steps[u] - self.first_step[u] + self.stride) if self.first_step[u] >= 0 else 0
+
+    def _divergence(self, idx: np.ndarray, norm_sq: np.ndarray, step: int) -> None:
+        """Record the first step at which a unit's ``‖w‖²`` is non-finite: a NaN or inf anywhere in its weights."""
+        bad = ~np.isfinite(norm_sq) & (self.diverged_step[idx] < 0)
+        for j in np.nonzero(bad)[0]:
+            u = int(idx[j])
+            self.diverged_step[u] = step
+            self.events.append(Diverged(u, step, float(norm_sq[j])))
+            # the averages would keep showing the last finite values: a diverged layer shows none
+            for ema in (self.delta, self.ratio, self.predicted_smooth, self.unit_grad, self.filter_delta):
+                ema.acc[u], ema.weight[u] = 0.0, 0.0
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """Units whose weights became non-finite."""
+        return self.diverged_step >= 0
 
     def _spikes(self, idx: np.ndarray, ratio: np.ndarray, step: int) -> None:
         spiking = np.nan_to_num(ratio, nan=0.0) > self.config.spike_factor
@@ -816,8 +898,11 @@ class Diagnostics:
         "drift_se", "norm_drift", "norm_drift_se", "steady_ratio", "steady_ratio_se", "quantile", "window_steps",
         "settle_steps", "judged_step", "first_equilibrium", "steps_in_equilibrium", "initial_norm", "unit_grad_peak",
         "vanishing_since", "vanishing_first", "spike_count", "_spiking", "effective_lr", "_was_counted", "_committed_ratio", "_flags",
-        "direction_ratio", "kappa", "radial_share", "balance_drift",
+        "direction_ratio", "kappa", "radial_share", "balance_drift", "diverged_step",
+        "first_step",
     )  # fmt: skip
+    #: arrays added after the schema version was set: a checkpoint without them keeps their initial values
+    _ADDED_ARRAYS = ("diverged_step", "first_step")
     _LISTS = ("hyper", "optimizer", "reasons", "state", "_state", "ref_hyper", "reequilibrations", "spikes", "agreement")
 
     def state_dict(self) -> dict[str, Any]:
@@ -853,6 +938,8 @@ class Diagnostics:
             raise ValueError("the checkpoint's steady-state statistics have the layout of an earlier version")
         for name in self._ARRAYS:
             current = getattr(self, name)
+            if name not in state and name in self._ADDED_ARRAYS:
+                continue
             setattr(self, name, np.asarray(_unplain(state[name]), dtype=current.dtype).reshape(current.shape))
         for name in self._LISTS:
             setattr(self, name, _unplain(state[name]))
@@ -911,10 +998,12 @@ class Diagnostics:
     @property
     def applicable(self) -> np.ndarray:
         """Units with a prediction (a prediction of 0, i.e. no weight decay, counts: it is a failure; an unknown
-        optimizer has none)."""
+        optimizer has none) that applies to them: a weight named by ``include`` that the first batch showed not to be
+        scale-invariant (:func:`lightning_smd.detect.not_scale_invariant`) is measured, but not judged — its reason
+        (``reasons``, hence ``not_in_equilibrium_because``) says so (:meth:`_set_reasons`)."""
         out = np.zeros(len(self.units), dtype=bool)
         for u, rule in enumerate(self.rules):
-            out[u] = rule is not None and rule.known and bool(np.isfinite(self.predicted[u]))
+            out[u] = rule is not None and rule.known and bool(np.isfinite(self.predicted[u])) and not_scale_invariant(self.units[u]) is None
         return out
 
     def predicted_weight_norm(self) -> np.ndarray:
@@ -960,6 +1049,8 @@ class Diagnostics:
         cfg = self.config
         if not self.units:
             return Verdict.NOT_APPLICABLE, "no normalized (scale-invariant) weight is tracked"
+        if self.diverged.any():
+            return Verdict.DIVERGED, self.divergence_text()
         app = self.applicable
         if not app.any():
             reasons = {r for r in self.reasons if r}
@@ -993,13 +1084,30 @@ class Diagnostics:
         }
         for state, members in groups.items():
             if state == "no_equilibrium":
-                reason += f"; {len(members)} have no weight decay, hence no equilibrium"
+                still = [u for u in range(len(names)) if names[u] in members and _lr_is_zero(self.hyper[u])]
+                if len(members) > len(still):
+                    reason += f"; {len(members) - len(still)} have no weight decay, hence no equilibrium"
+                if still:
+                    reason += f"; {len(still)} have a learning rate of 0 at the end (the weights do not move: no equilibrium to judge)"
             else:
                 reason += f"; {len(members)} {text.get(state, state)}"
         vanishing = [u for u in range(len(names)) if app[u] and self.vanishing_first[u] >= 0 and not self.counted[u] and self.state[u] != "vanishing_noise"]
         if vanishing:
             reason += f"; vanishing gradient noise was diagnosed in {len(vanishing)} of them earlier (the training loss approaches zero)"
         return Verdict.NOT_REACHED, reason + off_text
+
+    def divergence_text(self) -> str:
+        """The run-level reason of a diverged run: the first step and the layers non-finite from it."""
+        names = [u.name for u in self.units]
+        bad = np.nonzero(self.diverged)[0]
+        step = int(self.diverged_step[bad].min())
+        first = [names[u] for u in bad if self.diverged_step[u] == step]
+        loss = f"; the last finite mean training loss was {self.loss_now:.4g}" if math.isfinite(self.loss_now) else ""
+        return (
+            f"training diverged: {diverged_layers(first)} became non-finite (NaN or inf) at optimizer step {step}; "
+            f"{len(bad)} of {len(names)} tracked layers are non-finite at the end{loss}. Nothing after that step is measured: "
+            "lower the learning rate, add gradient clipping or a warm-up, or look for a NaN in the data or the loss"
+        )
 
     # ------------------------------------------------------------------------------------------
     def metrics(self, per_layer: bool = True, prefix: str = "smd/") -> dict[str, float]:
@@ -1095,8 +1203,10 @@ class Diagnostics:
                     "settle_steps": _num(self.settle_steps[u]),
                     "filter_angular_update_rms": _num(filter_rms[u]) if self.per_filter else None,
                     "first_equilibrium_step": first if first >= 0 else None,
+                    "diverged_at_step": int(self.diverged_step[u]) if self.diverged_step[u] >= 0 else None,
                     "steps_in_equilibrium": int(self.steps_in_equilibrium[u]),
-                    "share_in_equilibrium": _num(self.steps_in_equilibrium[u] / self.steps[u]) if self.steps[u] else None,
+                    "first_measured_step": int(self.first_step[u]) if self.first_step[u] >= 0 else None,
+                    "share_in_equilibrium": _num(self.steps_in_equilibrium[u] / measured) if (measured := self._measured_steps(u)) else None,
                     "state": self.state[u],
                     "initial_weight_norm": _num(self.initial_norm[u]),
                     "predicted_time_to_equilibrium": _num(t_eq[u]),
@@ -1135,6 +1245,7 @@ class Diagnostics:
             "verdict": verdict,
             "reason": reason,
             "steps": int(self.steps.max(initial=0)),
+            "diverged_at_step": int(self.diverged_step[self.diverged].min()) if self.diverged.any() else None,
             "criteria": criteria,
             "statistics": self.statistics(),
             "equilibrium_fraction": _num(self.equilibrium_fraction()),
@@ -1170,6 +1281,9 @@ class Diagnostics:
         never = [names[u] for u in range(len(names)) if app[u] and self.first_equilibrium[u] < 0]
         if reached and never:
             out["never_in_equilibrium"] = never
+        diverged = [names[u] for u in np.argsort(self.diverged_step, kind="stable") if self.diverged_step[u] >= 0]
+        if diverged:
+            out["diverged"] = diverged
         departed = [names[u] for u in range(len(names)) if self.state[u] == "departed"]
         if departed:
             out["departed"] = departed
@@ -1189,6 +1303,20 @@ class Diagnostics:
             for k in keys[1:]:
                 parts[k].append(h[k][:, j])
         return {k: (np.concatenate(v) if v else np.empty(0)) for k, v in parts.items()}
+
+
+def _lr_is_zero(h: dict[str, float] | None) -> bool:
+    """The settings have a learning rate of 0 (and a weight decay: without one, that is the reason given)."""
+    return h is not None and h.get("lr") == 0.0 and h.get("weight_decay", 0.0) > 0.0
+
+
+def diverged_layers(names: Sequence[str]) -> str:
+    """``the weights of <layer>``, or of several layers that went non-finite in the same step (then the cause cannot
+    be told apart among them: one non-finite loss or gradient reaches every layer in that step)."""
+    if len(names) == 1:
+        return f"the weights of {names[0]}"
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"the weights of {len(names)} layers at once ({shown})"
 
 
 def diffusion_exponent(steps: Sequence[float], distance: Sequence[float], min_span: float = 4.0) -> float:

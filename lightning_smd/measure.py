@@ -224,6 +224,7 @@ class _Slot:
         self._plan_kernels(flat_ok=self.cross and not any(f is not None for f in (tensor_filter or [])) and not sharded)
         self.count = 0
         self.steps_taken = 0
+        self.start_step = 0  # steps_taken before the first recorded step (StepRecorder.start_at)
         self.step_log: list[int] = []  # the optimizer step of each recorded row
         self.error: str | None = None  # set when recording failed: the slot measures no more
         self.hyper_log: list[tuple[tuple[Any, ...], ...]] = []
@@ -472,7 +473,7 @@ class _Slot:
     def rebase(self) -> None:
         """Take the snapshot and the initial norms again (weights changed since attach: a checkpoint was
         restored, a ``setup``/``on_train_start`` hook re-initialized them). Only before the first step."""
-        if self.steps_taken:
+        if self.steps_taken != self.start_step:
             return
         with torch.no_grad():
             tensors = self._locals()
@@ -781,6 +782,13 @@ class StepRecorder:
         """Re-take snapshots and initial norms before the first step (see :meth:`_Slot.rebase`)."""
         for slot in self.slots:
             slot.rebase()
+
+    def start_at(self, step: int) -> None:
+        """Number the steps from ``step`` + 1 (training resumed from a checkpoint without this recorder's state,
+        or a second fit of one Trainer: the steps keep the Trainer's count). Only before the first step."""
+        for slot in self.slots:
+            if slot.steps_taken == slot.start_step:
+                slot.steps_taken = slot.start_step = int(step)
 
     def drain(self) -> list[StepBatch]:
         """Copy the recorded steps to the host (one synchronization) and return them per optimizer."""

@@ -100,6 +100,26 @@ _ALL = (
         "numerical check failed",
         "The numerical check of scale invariance failed ({error}); detection is structural only.",
     ),
+    Message(
+        "SMD013",
+        "include pattern matches no parameter",
+        "include pattern(s) {patterns} match no parameter name, so they add nothing to the tracked weights. {hint}. "
+        "Patterns are globs (fnmatch, case-sensitive) over the full names of model.named_parameters().",
+    ),
+    Message(
+        "SMD014",
+        "exclude pattern matches no parameter",
+        "exclude pattern(s) {patterns} match no parameter or tracked weight name, so they exclude nothing. {hint}. "
+        "Patterns are globs (fnmatch, case-sensitive) over the full names of model.named_parameters().",
+    ),
+    Message(
+        "SMD015",
+        "included weight not scale-invariant",
+        "{name} (named by include=) is not scale-invariant: its gradient is not orthogonal to it on the first batch, "
+        "|cos(g, w)| = {cos:.2g} (invariant weights give below {limit:.0e}). The SMD prediction does not apply to it: it "
+        "is measured and logged, but left out of the verdict (state 'no_prediction'). Remove it from include= unless "
+        "a normalization absorbs its scale.",
+    ),
     # --- during training ---------------------------------------------------------------------------
     Message(
         "SMD020",
@@ -128,6 +148,26 @@ _ALL = (
         "measurement failed",
         "SMD measurement of optimizer {index} ({optimizer}) failed and stopped: {error}. Training is unaffected; please "
         "report this with the model and optimizer.",
+    ),
+    Message(
+        "SMD025",
+        "training diverged",
+        "Training diverged: {layers} became non-finite (NaN or inf) at optimizer step {step}. The "
+        "verdict is 'diverged' and the gate fails; nothing after that step is measured. Lower the learning rate, add "
+        "gradient clipping or a warm-up, or look for a NaN in the data or the loss.",
+    ),
+    Message(
+        "SMD026",
+        "non-finite loss",
+        "The training loss was not finite ({loss}) in the log interval ending at step {step}, while the tracked "
+        "weights are still finite. A skipped step of mixed-precision loss scaling can do this once; if it repeats, "
+        "training is diverging.",
+    ),
+    Message(
+        "SMD027",
+        "gate stood down in a debug run",
+        "The equilibrium gate (on_no_equilibrium={gate!r}) stood down: this is a debug run ({run}), too short to be "
+        "judged by design. Its verdict '{verdict}' is in the summary, but does not fail the run.",
     ),
     # --- end of training ---------------------------------------------------------------------------
     Message(
@@ -168,6 +208,13 @@ _ALL = (
         "Could not {what} of {logger} ({error}); the metrics are still logged.",
     ),
     Message("SMD042", "summary not written", "Could not write the SMD summary to {path}: {error}."),
+    Message(
+        "SMD047",
+        "two runs in one log directory",
+        "Another run ({other}) wrote its SMD summary to {path} while this one ran: two runs share one log directory. "
+        "This run's summary is written to {target} instead, so that neither is lost; give each run its own log "
+        "directory (a logger version, or default_root_dir).",
+    ),
     Message(
         "SMD043",
         "checkpoint state does not fit",

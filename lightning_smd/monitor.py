@@ -29,9 +29,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightning_smd.detect import find_normalized_weights
+from lightning_smd.options import OptionError, check_bool, check_choice, check_int, check_patterns
 from lightning_smd.diagnose import DiagnosticsConfig, Verdict
 from lightning_smd.report import TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
-from lightning_smd.session import Session, SessionView
+from lightning_smd.session import GATE_MODES, Session, SessionView
 from lightning_smd.theory import unwrap_optimizer
 
 __all__ = ["SMDMonitor"]
@@ -103,11 +104,28 @@ class SMDMonitor(SessionView):
         keep_history: bool = False,
         track_distance: bool = False,
     ) -> None:
-        if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
-        self.model = _inner_model(model)
+        # every option checked before anything is hooked: a ValueError names the option, the value and what is accepted
+        if not isinstance(model, torch.nn.Module):
+            raise OptionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         opts = [optimizers] if not isinstance(optimizers, (list, tuple)) else list(optimizers)
-        self.optimizers = [unwrap_optimizer(o) for o in opts]
+        unwrapped = [unwrap_optimizer(o) for o in opts]
+        if not unwrapped or any(not hasattr(o, "param_groups") or isinstance(o, type) for o in unwrapped):
+            shown = next((o for o in unwrapped if not hasattr(o, "param_groups") or isinstance(o, type)), optimizers)
+            raise OptionError(f"optimizers must be a torch.optim.Optimizer (built on the model's parameters) or a non-empty list of them, got {shown!r}")
+        include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)  # a str is one pattern
+        log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1)  # type: ignore[assignment]
+        max_steps = check_int("max_steps", max_steps, 1, allow_none=True, hint=" (None: unknown)")
+        every_n_steps = check_int("every_n_steps", every_n_steps, 1)  # type: ignore[assignment]
+        check_choice("on_no_equilibrium", on_no_equilibrium, GATE_MODES)
+        for flag, value in (
+            ("use_momentum_buffer", use_momentum_buffer),
+            ("per_filter", per_filter),
+            ("keep_history", keep_history),
+            ("track_distance", track_distance),
+        ):
+            check_bool(flag, value)
+        self.model = _inner_model(model)
+        self.optimizers = unwrapped
         self.config = DiagnosticsConfig(
             tolerance=tolerance,
             window=window,
@@ -135,6 +153,8 @@ class SMDMonitor(SessionView):
         """With ``on_no_equilibrium="stop"``: True once equilibrium is clearly impossible in ``max_steps``."""
         detection = find_normalized_weights(self.model, example_input, include, exclude)
         self.session.detection = detection
+        for code, fields in detection.pattern_warnings():  # include/exclude patterns that match no parameter
+            self.session.warn(code, **fields)
         if detection.error:
             self.session.warn("SMD006", error=detection.error)
         named = dict(self.model.named_parameters())
@@ -220,8 +240,8 @@ class SMDMonitor(SessionView):
         self._closed = True
         summary = self.session.summary(complete=True)
         self.session.close()
-        if summary_path is not None and self.session.write(str(summary_path), summary):
-            self.summary_file = str(summary_path)
+        if summary_path is not None:
+            self.summary_file = self.session.write(str(summary_path), summary)
         if self.session.gate_failed(summary):
             if self.on_no_equilibrium == "raise":
                 raise EquilibriumNotReachedError(f"SMD verdict '{summary.get('verdict')}': {summary.get('reason', '')}", summary)

@@ -34,6 +34,11 @@ __all__ = [
 SUMMARY_FILENAME = "smd_summary.json"
 
 
+def summary_filename(label: str | None = None) -> str:
+    """``smd_summary.json``, or ``smd_summary-<label>.json`` for a labelled SMDCallback (several in one Trainer)."""
+    return SUMMARY_FILENAME if label is None else f"smd_summary-{label}.json"
+
+
 class EquilibriumNotReachedError(RuntimeError):
     """Raised at the end of fit by ``SMDCallback(on_no_equilibrium="raise")`` when the verdict is not
     ``"equilibrium"`` — after the summary JSON was written, on every rank."""

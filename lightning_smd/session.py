@@ -12,7 +12,11 @@ warnings and the summary) → :meth:`Session.close`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -32,11 +36,13 @@ from lightning_smd.diagnose import (
     WINDOW_RELAXATION_TIMES,
     Diagnostics,
     DiagnosticsConfig,
+    Diverged,
     NormSpike,
     Reequilibrating,
     VanishingNoise,
     Verdict,
     diffusion_exponent,
+    diverged_layers,
     metric_name,
 )
 from lightning_smd.measure import DistanceTracker, StepRecorder
@@ -115,6 +121,11 @@ class Session:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._capacity = 1
         self._shard_group: Any = None
+        #: this run's identity in its summary (tells two writers of one log directory apart)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.started = time.time()
+        self._unoptimized: list[str] = []  # detected normalized weights no optimizer updates (SMD005)
+        self._loss_not_finite: float | None = None  # the mean loss of the interval being drained, when not finite
 
     # ------------------------------------------------------------------------------------------
     # Warnings
@@ -153,6 +164,7 @@ class Session:
         self._named, self._optimizers, self._capacity, self._shard_group = named, list(optimizers), capacity, shard_group
         units = [u for u in units if all(p in named for p in u.params)]
         recorder = self._recorder(units)
+        self._unoptimized = [units[i].name for i in recorder.unoptimized]
         if recorder.unoptimized:
             dropped = set(recorder.unoptimized)
             self.warn("SMD005", count=len(dropped), names=", ".join(units[i].name for i in recorder.unoptimized))
@@ -189,6 +201,8 @@ class Session:
         """The fit-start warnings: nothing to track, no weight decay, no rule, caveats, a run too short."""
         assert self.recorder is not None
         if not units:
+            if self._unoptimized:
+                return  # SMD005 said why: the normalized weights exist, but no optimizer updates them
             rejected = "; ".join(f"{k}: {v}" for k, v in list((self.detection.rejected if self.detection else {}).items())[:3])
             self.warn("SMD001", model=model_name, detail=f" ({rejected})" if rejected else "")
             return
@@ -256,7 +270,12 @@ class Session:
         self.diagnostics.units = units
         self.detection.units = units
         self.detection.rejected_verification = rejected
+        from lightning_smd.detect import not_scale_invariant
+
         for u in units:
+            if not_scale_invariant(u) is not None:  # named by include=, clearly not invariant: out of the verdict
+                self.warn("SMD015", name=u.name, cos=u.verification, limit=ORTHOGONALITY_TOLERANCE)
+                continue
             if u.verification is not None and u.verification > NOT_ORTHOGONAL_WARNING and u.found_by != "include":
                 eps = any(k in u.norm.lower() for k in _EPS_NORMS) and u.verification < 0.1
                 self.warn(
@@ -280,6 +299,8 @@ class Session:
         before :meth:`drain`."""
         if self.diagnostics is not None:
             self.diagnostics.observe_loss(mean_loss)
+            if not math.isfinite(mean_loss):
+                self._loss_not_finite = float(mean_loss)
 
     def drain(self, planned_steps: int | None = None) -> dict[int, float]:
         """Move the recorded steps to the host (one synchronization), fold them into the diagnostics, turn
@@ -302,6 +323,14 @@ class Session:
         d = self.diagnostics
         names = [u.name for u in d.units]
         events = d.take_events()
+        diverged = [e for e in events if isinstance(e, Diverged)]
+        if diverged:
+            step = min(e.step for e in diverged)
+            first = [names[e.unit] for e in diverged if e.step == step]
+            self.warn("SMD025", once="diverged", layers=diverged_layers(first), step=step)
+        loss, self._loss_not_finite = self._loss_not_finite, None
+        if loss is not None and not d.diverged.any():
+            self.warn("SMD026", once="loss_not_finite", loss=loss, step=int(d.steps.max(initial=0)))
         vanishing = [e for e in events if isinstance(e, VanishingNoise)]
         if vanishing:
             first = vanishing[0]
@@ -368,6 +397,8 @@ class Session:
         """Why the run can clearly not end in equilibrium in ``planned_steps``, or None (the ``"stop"`` gate)."""
         assert self.diagnostics is not None
         d = self.diagnostics
+        if d.diverged.any():
+            return d.divergence_text()
         app = d.applicable
         n_app = int(app.sum())
         if n_app == 0:
@@ -377,13 +408,19 @@ class Session:
             return None  # the settings are still changing (a warm-up, a schedule): the future is unknown
         needed = d.steps_needed()
         no_decay = [d.units[u].name for u in range(len(d.units)) if app[u] and d.predicted[u] == 0.0]
+        still = [d.units[u].name for u in range(len(d.units)) if app[u] and d.predicted[u] == 0.0 and (d.hyper[u] or {}).get("lr") == 0.0]
         done = int(d.steps.max(initial=0))
         remaining = math.inf if planned_steps is None else planned_steps - done
         possible = [u for u in range(len(d.units)) if app[u] and not (needed[u] > 2.0 * remaining)]
         if len(possible) >= required:
             return None
         if no_decay and len(no_decay) > n_app - required:
-            return f"{len(no_decay)} of {n_app} normalized layers have no weight decay, so they have no equilibrium ({', '.join(no_decay[:3])})"
+            if len(still) == len(no_decay):
+                return f"{len(still)} of {n_app} normalized layers have a learning rate of 0, so they do not move ({', '.join(still[:3])})"
+            return (
+                f"{len(no_decay)} of {n_app} normalized layers have no weight decay or no learning rate, so they have no "
+                f"equilibrium ({', '.join(no_decay[:3])})"
+            )
         return (
             f"only {len(possible)} of {n_app} layers can reach equilibrium in the {remaining} remaining steps "
             f"(at least {required} needed; the others need more than twice that, by their relaxation times)"
@@ -439,7 +476,17 @@ class Session:
             }
         else:
             out = self.diagnostics.summary()
+            if not self.diagnostics.units and self._unoptimized:
+                shown = ", ".join(self._unoptimized[:3]) + (" ..." if len(self._unoptimized) > 3 else "")
+                out["reason"] = (
+                    f"the model has {len(self._unoptimized)} normalized weight(s) ({shown}), but no optimizer updates them "
+                    "(or several share one): nothing is measured"
+                )
         out["complete"] = complete
+        out["run_id"] = self.run_id
+        out["started_at"] = _iso(self.started)
+        out["name"] = None  # the front end's label when one Trainer has several SMDCallbacks
+        out["gate"] = None  # why the gate stood down (a debug run), else None
         if error:
             out["error"] = error
         recorder = self.recorder
@@ -471,14 +518,24 @@ class Session:
     def gate_failed(self, summary: Mapping[str, Any]) -> bool:
         return summary.get("verdict") != Verdict.EQUILIBRIUM
 
-    def write(self, path: str, summary: Mapping[str, Any]) -> bool:
-        """Write the summary JSON to ``path``; a failure is a warning. Returns whether it was written."""
+    def write(self, path: str, summary: Mapping[str, Any]) -> str | None:
+        """Write the summary JSON to ``path``; a failure is a warning. Returns where it was written (None: nowhere).
+
+        A summary that another run wrote to ``path`` while this one ran (two processes given one log directory)
+        is kept: this run's goes next to it, as ``<name>-<run id>.json``, with a warning. A summary older than
+        this run is a previous run's, and is replaced."""
+        other = _other_writer(path, self.run_id, self.started)
+        if other is not None:
+            root, ext = os.path.splitext(path)
+            target = f"{root}-{self.run_id}{ext or '.json'}"
+            self.warn("SMD047", path=path, other=other, target=target)
+            path = target
         try:
             write_summary(path, dict(summary))
         except OSError as err:
             self.warn("SMD042", path=path, error=err)
-            return False
-        return True
+            return None
+        return path
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -556,6 +613,23 @@ class SessionView:
     @property
     def warnings(self) -> list[str]:
         return self.session.warnings
+
+
+def _other_writer(path: str, run_id: str, started: float) -> str | None:
+    """The run id of a summary at ``path`` that another run wrote after ``started`` (a concurrent run in the same
+    directory), else None (no file, this run's own, a previous run's, or unreadable: replaced)."""
+    try:
+        if os.path.getmtime(path) < started:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            other = json.load(fh).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(other) if other and other != run_id else None
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def judging_steps(ratio_time_constant: float, window: int) -> float:

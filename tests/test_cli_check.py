@@ -47,6 +47,7 @@ def test_check_rejudges_every_layer_with_the_options_given(tmp_path, capsys, opt
         "verdict": "equilibrium",
         "reason": "as the run judged it",
         "steps": 1000,
+        "complete": True,
         "criteria": {"tolerance": 0.1, "min_fraction": 0.6, "require_agreement": False, "max_deviation": 0.3},
         "layers": [_layer("conv1", (0.985, 1.01)), _layer("conv2", (0.90, 0.95)), _layer("conv3", (0.5, 1.5), steady=False)],
     }
