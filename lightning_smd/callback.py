@@ -44,7 +44,7 @@ from lightning_smd.report import (
     print_summary_table,
     summary_filename,
 )
-from lightning_smd.session import Session, SessionView
+from lightning_smd.session import Session, SessionView, eval_mode_batch_norms
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -301,6 +301,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._summary = None
+        self._summary_file = None
         self._last_logged_step = -1
         self._deferred = False
         self._finished = False
@@ -463,6 +464,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
         if _fsdp1_group(trainer) is not None:
             self.session.skip_verification()  # flat shard views: the per-filter check needs whole tensors
             return
+        self.session.eval_norms = eval_mode_batch_norms(pl_module)
         units = self.session.verify(_named_parameters(pl_module), gather=_full)
         if units and self.verbose and trainer.is_global_zero:
             print(f"SMDCallback: tracking {len(units)} normalized weight(s)\n" + format_detection_table(Detection(units=units)))
@@ -588,23 +590,23 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning skips on_train_end when there is nothing to train (limit_train_batches=0, max_steps reached by
         # a restored checkpoint): the summary is still written, and the gate still speaks
-        if self.recorder is None or self.diagnostics is None or self._finished:
-            return
+        if self.session.detection is None or self._finished:
+            return  # (no fit started, or on_train_end finished it)
         self._finish(trainer, complete=True)
         self._gate(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Never lose what was measured: write the summary, marked incomplete, before the exception goes on.
         self._stop_flow()
-        if self.recorder is None or self.diagnostics is None or self._finished:
-            return
+        if self.session.detection is None or self._summary is not None:
+            return  # no fit started here (validate/test/predict), or its summary is written already
         try:
             # a sharded drain is a collective, and an exception may have reached this rank alone: keep what
-            # was already reduced
-            if not any(slot.sharded for slot in self.recorder.slots):
+            # was already reduced (nothing is attached yet when detection waited for the first batch)
+            if self.recorder is not None and self.diagnostics is not None and not any(slot.sharded for slot in self.recorder.slots):
                 for batch in self.recorder.drain():
                     self.diagnostics.update(batch)
-            self._finish(trainer, complete=False, error=f"{type(exception).__name__}: {exception}")
+            self._finish(trainer, complete=False, error=_describe(exception))
         except Exception as err:  # noqa: BLE001 - the callback never raises on its own failures
             warnings.warn(SMDWarning(render("SMD044", exception=type(exception).__name__, error=err), "SMD044"), stacklevel=2)
 
@@ -723,6 +725,18 @@ def _instance_label(callback: SMDCallback, callbacks: Sequence[Any]) -> str | No
             "different name=... values."
         )
     return labels[[i for i, cb in enumerate(peers) if cb is callback][0]]
+
+
+def _describe(exception: BaseException) -> str:
+    """The summary's ``error``: the exception's type and message (Lightning raises a bare SIGTERMException when the
+    process receives SIGTERM, and Ctrl-C is a bare KeyboardInterrupt: those are said in words)."""
+    name = type(exception).__name__
+    text = str(exception)
+    if not text and name == "SIGTERMException":
+        text = "the process received SIGTERM (training stopped by the Trainer's signal handler)"
+    elif not text and isinstance(exception, KeyboardInterrupt):
+        text = "interrupted (Ctrl-C)"
+    return f"{name}: {text}" if text else name
 
 
 def _has_matplotlib() -> bool:

@@ -120,6 +120,21 @@ _ALL = (
         "is measured and logged, but left out of the verdict (state 'no_prediction'). Remove it from include= unless "
         "a normalization absorbs its scale.",
     ),
+    Message(
+        "SMD016",
+        "BatchNorm in eval mode",
+        "{name} is not scale-invariant while training: |cos(g, w)| = {cos:.1e} on the first batch (invariant weights "
+        "give below {limit:.0e}), and BatchNorm is in eval mode ({modules}): it normalizes with its running "
+        "statistics, so the scale of the weight before it reaches the output and the SMD prediction does not hold. "
+        "Keep BatchNorm in train mode while training (model.train(); a frozen-statistics fine-tune is outside the "
+        "theory), or pass exclude=['{name}'].",
+    ),
+    Message(
+        "SMD017",
+        "unfrozen after fit start",
+        "{count} weight(s) frozen when fit started were trained later ({names}): detection left them out as frozen, "
+        "so they were not measured. Unfreeze them before fit starts, or name them with include=[...].",
+    ),
     # --- during training ---------------------------------------------------------------------------
     Message(
         "SMD020",

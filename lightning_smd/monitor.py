@@ -32,7 +32,7 @@ from lightning_smd.detect import find_normalized_weights
 from lightning_smd.options import OptionError, check_bool, check_choice, check_int, check_patterns
 from lightning_smd.diagnose import DiagnosticsConfig, Verdict
 from lightning_smd.report import TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
-from lightning_smd.session import GATE_MODES, Session, SessionView
+from lightning_smd.session import GATE_MODES, Session, SessionView, eval_mode_batch_norms
 from lightning_smd.theory import unwrap_optimizer
 
 __all__ = ["SMDMonitor"]
@@ -273,4 +273,5 @@ class _VerifyHook:
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         session = self.monitor.session
         if session.verify_pending and any(optimizer is o for o in self.monitor.optimizers):
+            session.eval_norms = eval_mode_batch_norms(self.monitor.model)
             session.verify(self.named)

@@ -124,6 +124,8 @@ class Session:
         #: this run's identity in its summary (tells two writers of one log directory apart)
         self.run_id = uuid.uuid4().hex[:12]
         self.started = time.time()
+        #: BatchNorm modules in eval mode while training (names), as the front end saw them before the first step
+        self.eval_norms: list[str] = []
         self._unoptimized: list[str] = []  # detected normalized weights no optimizer updates (SMD005)
         self._loss_not_finite: float | None = None  # the mean loss of the interval being drained, when not finite
 
@@ -278,6 +280,12 @@ class Session:
                 continue
             if u.verification is not None and u.verification > NOT_ORTHOGONAL_WARNING and u.found_by != "include":
                 eps = any(k in u.norm.lower() for k in _EPS_NORMS) and u.verification < 0.1
+                if self.eval_norms and "batch" in u.norm.lower():
+                    # BatchNorm in eval mode normalizes with its running statistics: not scale-invariant, and that
+                    # is the cause, not a loss term or a hook
+                    shown = ", ".join(self.eval_norms[:3]) + (" ..." if len(self.eval_norms) > 3 else "")
+                    self.warn("SMD016", name=u.name, cos=u.verification, modules=shown, limit=ORTHOGONALITY_TOLERANCE)
+                    continue
                 self.warn(
                     "SMD010" if eps else "SMD011",
                     name=u.name,
@@ -447,6 +455,10 @@ class Session:
             rows = [f"{n} ({d.steady_ratio[u]:.3f} [{lo[u]:.3f}, {hi[u]:.3f}])" for n in layers[:6] for u in [names.index(n)]]
             return ", ".join(rows) + (" ..." if len(layers) > 6 else "")
 
+        rejected = self.detection.rejected if self.detection else {}
+        thawed = [n for n, why in rejected.items() if why.startswith("frozen") and n in self._named and self._named[n].requires_grad]
+        if thawed:
+            self.warn("SMD017", count=len(thawed), names=", ".join(thawed[:5]) + (" ..." if len(thawed) > 5 else ""))
         never = diag.get("never_in_equilibrium", [])
         if never:
             self.warn("SMD032", count=len(never), layers=", ".join(never[:8]) + (" ..." if len(never) > 8 else ""))
@@ -468,9 +480,15 @@ class Session:
     def summary(self, *, complete: bool = False, error: str | None = None, global_step: int | None = None) -> dict[str, Any]:
         """The run summary (``smd_summary.json``) as of now."""
         if self.diagnostics is None or self.recorder is None:
+            waiting = self.detection is not None and self.detection.method == "deferred"
             out: dict[str, Any] = {
                 "verdict": Verdict.NOT_APPLICABLE,
-                "reason": "nothing was attached: no fit has started",
+                "reason": (
+                    "the run ended before its first training batch, which detection needed (a lazy or untraceable "
+                    "model is analysed on that batch): nothing was measured"
+                    if waiting
+                    else "nothing was attached: no fit has started"
+                ),
                 "layers": [],
                 "steps": 0,
             }
@@ -613,6 +631,16 @@ class SessionView:
     @property
     def warnings(self) -> list[str]:
         return self.session.warnings
+
+
+def eval_mode_batch_norms(model: torch.nn.Module) -> list[str]:
+    """The BatchNorm modules of ``model`` that normalize with their running statistics (eval mode) — frozen
+    statistics make the weights before them lose their scale invariance."""
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats
+    ]
 
 
 def _other_writer(path: str, run_id: str, started: float) -> str | None:
