@@ -9,7 +9,8 @@ the aggregates:
 
 - left: the smoothed angular update and its prediction (log scale), the ``1 ± tolerance`` band around the
   prediction, the step the layer reached equilibrium (solid vertical line), and learning-rate changes
-  (dotted vertical lines: the prediction moves with them);
+  (dotted vertical lines: the prediction moves with them; a schedule that changes it at more than 12 steps
+  draws none);
 - right: the weight norm and its predicted equilibrium value.
 
 Needs matplotlib (``pip install "lightning-smd[plot]"``).
@@ -18,6 +19,7 @@ Needs matplotlib (``pip install "lightning-smd[plot]"``).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -48,22 +50,64 @@ def _find(path: str, filename: str) -> str | None:
     return newest_file(path, filename)
 
 
+#: Rows of a metrics.csv parsed at a time: memory holds one chunk of strings, and the ``smd/*`` columns as floats.
+_CSV_CHUNK = 50_000
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text) if text else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _numbers(cells: Sequence[str]) -> np.ndarray:
+    """A column of CSV cells as floats, empty or unparsable cells as nan (the cell-by-cell parse, a third
+    slower, only for a column that has such a cell)."""
+    try:
+        return np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
+    except ValueError:
+        return np.array([_number(c) for c in cells], dtype=np.float64)
+
+
 def _from_csv(path: str) -> Series:
-    data: dict[str, dict[int, float]] = {}
+    """The ``smd/*`` columns of a CSVLogger file as float arrays, read in chunks of rows, a column at a time (a
+    10⁶-row file is held as ``8 bytes × rows × smd columns``, not a dict per cell). Empty or unparsable cells and
+    rows without a step are skipped; where a step appears twice, its last value counts."""
     with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                step = int(float(row.get("step") or ""))
-            except ValueError:
-                continue
-            for key, value in row.items():
-                if not key or not key.startswith("smd/") or value in (None, ""):
-                    continue
-                try:
-                    data.setdefault(key, {})[step] = float(value)
-                except ValueError:
-                    continue
-    return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in data.items()}
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        if "step" not in header:
+            return {}
+        width = len(header)
+        step_col = header.index("step")
+        cols = [i for i, key in enumerate(header) if key.startswith("smd/")]
+        steps: list[np.ndarray] = []
+        values: list[list[np.ndarray]] = [[] for _ in cols]
+        while True:
+            chunk = list(itertools.islice(reader, _CSV_CHUNK))
+            if not chunk:
+                break
+            if any(len(row) != width for row in chunk):  # as DictReader: short rows padded, extra cells dropped
+                chunk = [(row + [""] * (width - len(row)))[:width] for row in chunk]
+            columns = list(zip(*chunk))
+            steps.append(_numbers(columns[step_col]))
+            for j, i in enumerate(cols):
+                values[j].append(_numbers(columns[i]))
+    if not steps:
+        return {}
+    step = np.concatenate(steps)
+    out: Series = {}
+    for j, i in enumerate(cols):
+        column = np.concatenate(values[j])
+        ok = np.isfinite(step) & np.isfinite(column)
+        if not ok.any():
+            continue
+        s, v = step[ok].astype(np.int64), column[ok]
+        # the last value of a repeated step: unique over the reversed arrays keeps the first occurrence there
+        uniq, first = np.unique(s[::-1], return_index=True)
+        out[header[i]] = (uniq, v[::-1][first])
+    return out
 
 
 def _from_tensorboard(path: str) -> Series:
@@ -120,17 +164,46 @@ def _final(series: Series, key: str) -> float:
     return float(finite[-1]) if len(finite) else math.nan
 
 
+#: More learning-rate changes than this are a continuous schedule (cosine, linear warm-up): no line per step.
+_MAX_LR_LINES = 12
+
+
 def _lr_changes(series: Series, layer: str) -> list[int]:
-    """Steps where the learning rate (``effective_lr · |w|²``) changed by more than 1e-6 relative."""
+    """Steps where the learning rate (``effective_lr · |w|²``) changed by more than 1e-6 relative; empty when it
+    changed at more than ``_MAX_LR_LINES`` steps (a schedule that moves every step is not a set of events)."""
     e, n = series.get(f"smd/{layer}/effective_lr"), series.get(f"smd/{layer}/weight_norm")
-    if e is None or n is None or len(e[0]) != len(n[0]):
+    if e is None or n is None or len(e[0]) != len(n[0]) or len(e[0]) < 2:
         return []
     lr = e[1] * n[1] ** 2
-    out = []
-    for i in range(1, len(lr)):
-        if np.isfinite(lr[i]) and np.isfinite(lr[i - 1]) and abs(lr[i] / lr[i - 1] - 1.0) > 1e-6:
-            out.append(int(e[0][i]))
-    return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = np.isfinite(lr[1:]) & np.isfinite(lr[:-1]) & (np.abs(lr[1:] / lr[:-1] - 1.0) > 1e-6)
+    steps = e[0][1:][moved]
+    return [] if len(steps) > _MAX_LR_LINES else [int(x) for x in steps]
+
+
+#: Points drawn per line at most: a panel is ~600 pixels wide, so more points draw the same picture, slower.
+_MAX_POINTS = 4000
+
+
+def _thin(steps: np.ndarray, values: np.ndarray, limit: int = _MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``limit`` points of a series for drawing: the smallest and the largest value of each of
+    ``limit / 2`` consecutive buckets, in step order, so spikes stay visible; a bucket with no finite value keeps
+    one nan, so the line breaks across a gap (a diverged stretch) instead of bridging it."""
+    count = len(steps)
+    if count <= limit:
+        return steps, values
+    size = -(-count // (limit // 2))  # points per bucket, rounded up
+    buckets = -(-count // size)
+    padded = np.full(buckets * size, np.nan)
+    padded[:count] = values
+    table = padded.reshape(buckets, size)
+    finite = np.isfinite(table)
+    low = np.where(finite, table, np.inf).argmin(axis=1)
+    high = np.where(finite, table, -np.inf).argmax(axis=1)
+    base = np.arange(buckets) * size
+    keep = np.unique(np.concatenate([base + low, base + high]))
+    keep = keep[keep < count]
+    return steps[keep], values[keep]
 
 
 def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str] | None = None, dpi: int = 120) -> str:
@@ -173,14 +246,14 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
         # logged median of the smoothed per-step ratio
         s, v = aggregate if aggregate is not None else series["smd/angular_update_ratio"]
         label = "median over layers of Δ (EMA) / Δ* (EMA)" if aggregate is not None else "median Δ/Δ* over layers"
-        ax_r.plot(s, v, color="C0", lw=1.5, label=label)
+        ax_r.plot(*_thin(s, v), color="C0", lw=1.5, label=label)
         ax_r.axhspan(1 - tol, 1 + tol, color="C2", alpha=0.15, label=f"equilibrium band ±{tol:.0%}")
         ax_r.axhline(1.0, color="C2", lw=0.8)
         ax_r.set_ylabel("Δ / Δ*")
         ax_r.legend(loc="best", fontsize=7)
     if "smd/equilibrium_fraction" in series:
         s, v = series["smd/equilibrium_fraction"]
-        ax_f.plot(s, v, color="C3", lw=1.5)
+        ax_f.plot(*_thin(s, v), color="C3", lw=1.5)
         ax_f.set_ylim(-0.05, 1.05)
         ax_f.set_ylabel("share in equilibrium")
     ax_r.set_title("all layers", fontsize=9, loc="left")
@@ -189,7 +262,7 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
         base = f"smd/{name}/"
         if base + "angular_update" in series:
             s, v = series[base + "angular_update"]
-            ax_d.plot(s, v, color="C0", lw=1.5, label="measured Δ (EMA)")
+            ax_d.plot(*_thin(s, v), color="C0", lw=1.5, label="measured Δ (EMA)")
         smoothed = base + "smoothed_predicted_angular_update"
         band = smoothed if smoothed in series else base + "predicted_angular_update"
         if band in series:
@@ -197,13 +270,14 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
             ok = np.isfinite(p) & (p > 0)
             if ok.any():
                 label = "predicted Δ* (EMA, as Δ)" if band == smoothed else "predicted Δ*"
-                ax_d.plot(s[ok], p[ok], color="k", lw=1.0, ls="--", label=label)
-                ax_d.fill_between(s[ok], p[ok] * (1 - tol), p[ok] * (1 + tol), color="C2", alpha=0.2, lw=0, label=f"±{tol:.0%}")
+                s, p = _thin(s[ok], p[ok])
+                ax_d.plot(s, p, color="k", lw=1.0, ls="--", label=label)
+                ax_d.fill_between(s, p * (1 - tol), p * (1 + tol), color="C2", alpha=0.2, lw=0, label=f"±{tol:.0%}")
         if band == smoothed and base + "predicted_angular_update" in series:
             s, p = series[base + "predicted_angular_update"]
             ok = np.isfinite(p) & (p > 0)
             if ok.any():
-                ax_d.plot(s[ok], p[ok], color="0.5", lw=0.8, ls=":", label="Δ* of the latest step")
+                ax_d.plot(*_thin(s[ok], p[ok]), color="0.5", lw=0.8, ls=":", label="Δ* of the latest step")
         positive = [series[k][1] for k in (base + "angular_update", base + "predicted_angular_update") if k in series]
         if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
             ax_d.set_yscale("log")
@@ -221,10 +295,10 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
         ax_d.legend(loc="best", fontsize=7)
         if base + "weight_norm" in series:
             s, v = series[base + "weight_norm"]
-            ax_n.plot(s, v, color="C1", lw=1.5, label="‖w‖")
+            ax_n.plot(*_thin(s, v), color="C1", lw=1.5, label="‖w‖")
         if base + "predicted_weight_norm" in series:
             s, v = series[base + "predicted_weight_norm"]
-            ax_n.plot(s, v, color="k", lw=1.0, ls="--", label="predicted ‖w*‖")
+            ax_n.plot(*_thin(s, v), color="k", lw=1.0, ls="--", label="predicted ‖w*‖")
         ax_n.set_ylabel("weight norm")
         ax_n.legend(loc="best", fontsize=7)
     for ax in axes[-1]:
@@ -247,11 +321,10 @@ def panel_ratio(series: Series, layers: Sequence[str]) -> tuple[np.ndarray, np.n
             per_layer.append((d[0], np.where(p[1] > 0, d[1] / p[1], np.nan)))
     if not per_layer:
         return None
-    steps = np.array(sorted({int(x) for s, _ in per_layer for x in s}))
-    column = {x: i for i, x in enumerate(steps)}
+    steps = np.unique(np.concatenate([s for s, _ in per_layer]).astype(np.int64))
     matrix = np.full((len(per_layer), len(steps)), np.nan)
     for row, (s, v) in enumerate(per_layer):
-        matrix[row, [column[int(x)] for x in s]] = v
+        matrix[row, np.searchsorted(steps, s.astype(np.int64))] = v
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a step where no layer has a ratio: nan
         return steps, np.nanmedian(matrix, axis=0)
@@ -272,12 +345,11 @@ def heatmap_run(path: str, output: str, dpi: int = 120) -> str:
         names = logged
     if not names:
         raise ValueError(f"{path}: no per-layer smd/<layer>/angular_update_ratio series (log_per_layer='none'?)")
-    steps = np.array(sorted({int(s) for n in names for s in series[f"smd/{n}/angular_update_ratio"][0]}))
+    steps = np.unique(np.concatenate([series[f"smd/{n}/angular_update_ratio"][0] for n in names]).astype(np.int64))
     matrix = np.full((len(names), len(steps)), np.nan)
-    column = {s: i for i, s in enumerate(steps)}
     for row, n in enumerate(names):
         s, v = series[f"smd/{n}/angular_update_ratio"]
-        matrix[row, [column[int(x)] for x in s]] = v
+        matrix[row, np.searchsorted(steps, s.astype(np.int64))] = v
     tolerance = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
     fig = heatmap_figure(steps, matrix, names, tolerance)
     if fig is None:

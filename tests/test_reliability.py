@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from helpers import Module, SmallConvNet, fit_smd, loader, run_python, sgd, trainer
+from helpers import Module, SmallConvNet, fit_smd, loader, run_python, trainer
 from lightning_smd import SMDCallback
 from lightning_smd.cli import main as cli
 
@@ -388,3 +388,62 @@ def test_the_large_csv_benchmark_runs_and_prints_its_figures(tmp_path):
     here at 2,000 rows, to see that it runs and what it prints."""
     proc = run_python(["benchmarks/plot_large.py", "--rows", "2000", "--dir", str(tmp_path)])
     assert "rows" in proc.stdout and "plot:" in proc.stdout and math.isfinite(float(proc.stdout.split("plot:")[1].split()[0]))
+
+
+def test_a_long_series_is_thinned_for_drawing_keeping_its_extremes():
+    """Row 79: a line is drawn through at most 4,000 points, the smallest and largest of each bucket in step
+    order, so a one-step spike and the series' range survive, and a gap is not bridged."""
+    import numpy as np
+
+    from lightning_smd.plot import _MAX_POINTS, _thin
+
+    steps = np.arange(1_000_003)
+    values = np.sin(steps / 5_000.0)
+    values[123_457] = 50.0  # a spike
+    values[600_000:700_000] = np.nan  # a gap (a run resumed later)
+    s, v = _thin(steps, values)
+    assert len(s) <= _MAX_POINTS and np.all(np.diff(s) > 0)
+    assert 123_457 in s and np.nanmax(v) == 50.0 and np.nanmin(v) == np.nanmin(values)
+    gap = (s >= 600_000) & (s < 700_000)
+    assert gap.any() and np.isnan(v[gap]).all()  # the gap keeps nan points, so the line breaks there
+    short = np.arange(10.0)
+    assert _thin(short, short)[0] is short  # short series: untouched
+
+
+def test_a_continuous_schedule_draws_no_line_per_step():
+    """A cosine schedule changes the learning rate at every step: no vertical line per step (20,000 lines made
+    a 20,000-row plot take 89 s); a step schedule's two changes are drawn."""
+    import numpy as np
+
+    from lightning_smd.plot import _lr_changes
+
+    steps = np.arange(0, 2_000, 2)
+    norm = np.full(len(steps), 3.0)
+    cosine = 0.5 * (1 + np.cos(np.pi * steps / 2_000)) * 0.1 / 9.0
+    stepped = np.where(steps < 600, 0.1, np.where(steps < 1_200, 0.01, 0.001)) / 9.0
+    layer = "smd/net.conv1.weight/"
+    assert _lr_changes({layer + "effective_lr": (steps, cosine), layer + "weight_norm": (steps, norm)}, "net.conv1.weight") == []
+    assert _lr_changes({layer + "effective_lr": (steps, stepped), layer + "weight_norm": (steps, norm)}, "net.conv1.weight") == [600, 1200]
+
+
+def test_csv_cells_that_are_empty_unparsable_short_or_repeated_are_read_as_a_user_expects(tmp_path):
+    """The chunked reader: an empty or unparsable cell is no point, a short row is padded, a repeated step keeps
+    its last value, a row without a step is skipped; across a chunk boundary nothing is lost."""
+    import lightning_smd.plot as plot
+
+    lines = ["step,smd/a/angular_update,smd/a/weight_norm,train_loss"]
+    lines += [f"{i},{0.01 * i},{1 + i},2.0" for i in range(7)]
+    lines += ["3,,,1.0", "4,oops,9.5,1.0", "5,0.5", ",0.9,0.9,0.9", "2,0.77,7.7,1.0"]
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    old = plot._CSV_CHUNK
+    try:
+        plot._CSV_CHUNK = 4  # several chunks
+        series, _ = plot.load_series(str(tmp_path))
+    finally:
+        plot._CSV_CHUNK = old
+    s, d = series["smd/a/angular_update"]
+    assert s.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert d.tolist() == pytest.approx([0.0, 0.01, 0.77, 0.03, 0.04, 0.5, 0.06])  # step 2 re-logged; 3, 4 kept
+    s, n = series["smd/a/weight_norm"]
+    assert dict(zip(s.tolist(), n.tolist())) == {0: 1, 1: 2, 2: 7.7, 3: 4, 4: 9.5, 5: 6, 6: 7}
+    assert "train_loss" not in series
