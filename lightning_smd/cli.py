@@ -314,13 +314,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_layer_names(path: str, names: Sequence[str]) -> None:
+def _check_layer_names(path: str, names: Sequence[str], name: str | None = None) -> None:
     """:class:`InputError` unless every name in ``names`` is a layer the run logged per-layer series for."""
     from lightning_smd.diagnose import metric_name
     from lightning_smd.plot import _layers as logged_layers
     from lightning_smd.plot import load_series
 
-    logged = logged_layers(load_series(path)[0])
+    logged = logged_layers(load_series(path, name)[0])
     unknown = [name for name in names if metric_name(name) not in logged]
     if not unknown:
         return
@@ -337,16 +337,17 @@ def _plot(args: argparse.Namespace) -> int:
         raise InputError(f"{args.path}: no such file or directory")
     try:
         if args.layer:
-            _check_layer_names(args.path, args.layer)
+            _check_layer_names(args.path, args.layer, args.name)
         directory = os.path.dirname(os.path.abspath(args.output))
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as err:
             raise InputError(f"{args.output}: cannot create the directory {directory} ({err.strerror or err})") from err
         if args.heatmap:
-            out = heatmap_run(args.path, args.output, dpi=args.dpi)
+            out = heatmap_run(args.path, args.output, dpi=args.dpi, name=args.name)
         else:
-            out = plot_run(args.path, args.output, layers=None if args.all else args.layers, names=args.layer or None, dpi=args.dpi)
+            layers = None if args.all else args.layers
+            out = plot_run(args.path, args.output, layers=layers, names=args.layer or None, dpi=args.dpi, name=args.name)
     except UnicodeDecodeError as err:
         raise InputError(f"{args.path}: a metrics file or summary that is not UTF-8 text ({err.reason} at byte {err.start})") from err
     except ValueError as err:
@@ -457,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", action="append", help="this layer (repeatable; one the run logged); overrides --layers")
     p.add_argument("--heatmap", action="store_true", help="the layer x step heatmap of the smoothed ratio, every layer")
     p.add_argument("--dpi", type=_count(1), default=120)
+    p.add_argument("--name", default=None, help="with several SMDCallbacks in the run: the one called NAME (its smd-NAME/* series)")
     p.set_defaults(fn=_plot)
     w = sub.add_parser("wandb-workspace", help="build (and with --save, save) a W&B workspace for the SMD metrics")
     w.add_argument("target", help="ENTITY/PROJECT")

@@ -1,9 +1,10 @@
 """Pictures of a run: measured against predicted, per layer, from what the loggers wrote.
 
-    lightning-smd plot LOG_DIR_OR_CSV -o smd.png [--layers 6] [--all]
+    lightning-smd plot LOG_DIR_OR_CSV -o smd.png [--layers 6] [--all] [--name LABEL]
 
 Reads the ``smd/*`` series from a CSVLogger ``metrics.csv`` (or, when there is none, from TensorBoard event
-files) and, when it finds one, the run's ``smd_summary.json`` (tolerance, equilibrium steps). One row per
+files) and, when it finds one, the run's ``smd_summary.json`` (tolerance, equilibrium steps); with several
+SMDCallbacks in the run, ``--name LABEL`` picks one (``smd-LABEL/*``, ``smd_summary-LABEL.json``). One row per
 layer — by default the ``--layers`` worst, by final distance of their ratio to 1 — after a first row with
 the aggregates:
 
@@ -28,6 +29,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from lightning_smd.loggers import NAMESPACE
+from lightning_smd.report import summary_filename
 
 __all__ = ["load_series", "plot_run", "heatmap_run", "newest_file"]
 
@@ -71,7 +75,7 @@ def _numbers(cells: Sequence[str]) -> np.ndarray:
 
 
 def _from_csv(path: str) -> Series:
-    """The ``smd/*`` columns of a CSVLogger file as float arrays, read in chunks of rows, a column at a time (a
+    """The ``smd/*`` (and ``smd-<label>/*``) columns of a CSVLogger file as float arrays, read in chunks of rows, a column at a time (a
     10⁶-row file is held as ``8 bytes × rows × smd columns``, not a dict per cell). Empty or unparsable cells and
     rows without a step are skipped; where a step appears twice, its last value counts."""
     with open(path, newline="") as fh:
@@ -81,7 +85,7 @@ def _from_csv(path: str) -> Series:
             return {}
         width = len(header)
         step_col = header.index("step")
-        cols = [i for i, key in enumerate(header) if key.startswith("smd/")]
+        cols = [i for i, key in enumerate(header) if _namespace_of(key)]
         steps: list[np.ndarray] = []
         values: list[list[np.ndarray]] = [[] for _ in cols]
         while True:
@@ -121,23 +125,55 @@ def _from_tensorboard(path: str) -> Series:
         acc = EventAccumulator(d, size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            if tag.startswith("smd/"):
+            if _namespace_of(tag):
                 events = acc.Scalars(tag)
                 out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=np.float64))
     return out
 
 
-def load_series(path: str) -> tuple[Series, dict[str, Any] | None]:
-    """The logged ``smd/*`` series (key -> (steps, values)) under ``path``, and the run summary if found."""
+def _namespace_of(key: str) -> str | None:
+    """``smd`` or ``smd-<label>`` for a key an SMDCallback logged (``smd/...``, ``smd-strict/...``), else None."""
+    first, sep, _ = key.partition("/")
+    return first if sep and (first == NAMESPACE or first.startswith(NAMESPACE + "-")) else None
+
+
+def _one_namespace(path: str, series: Series, name: str | None) -> tuple[Series, str | None]:
+    """The series of one SMDCallback, keys as ``smd/...``, and its label: the one called ``name``, else the
+    unlabelled one (the Trainer's first), else the only one logged."""
+    spaces = sorted({_namespace_of(k) for k in series} - {None})
+    labels = [ns[len(NAMESPACE) + 1 :] for ns in spaces if ns != NAMESPACE]
+    if name is not None:
+        wanted = f"{NAMESPACE}-{name}"
+        if wanted not in spaces:
+            logged = ", ".join(f"{ns}/*" for ns in spaces)
+            raise ValueError(f"{path}: no {wanted}/* metrics (no SMDCallback(name={name!r}) logged here); logged: {logged}")
+    elif NAMESPACE in spaces:
+        wanted = NAMESPACE
+    elif len(labels) == 1:
+        wanted = spaces[0]
+    else:
+        raise ValueError(f"{path}: several SMDCallbacks logged here ({', '.join(labels)}): choose one with --name")
+    label = None if wanted == NAMESPACE else wanted[len(NAMESPACE) + 1 :]
+    prefix = wanted + "/"
+    return {NAMESPACE + "/" + k[len(prefix) :]: v for k, v in series.items() if k.startswith(prefix)}, label
+
+
+def load_series(path: str, name: str | None = None) -> tuple[Series, dict[str, Any] | None]:
+    """The logged ``smd/*`` series (key -> (steps, values)) under ``path``, and the run summary if found.
+
+    ``name``: the label of one of several SMDCallbacks in the run (``SMDCallback(name=...)``, or the label its
+    warnings carry): its ``smd-<name>/*`` series, returned as ``smd/*``, and its ``smd_summary-<name>.json``.
+    Without it: the unlabelled callback's, or the only one's."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
     csv_path = path if os.path.isfile(path) else _find(path, "metrics.csv")
     series = _from_csv(csv_path) if csv_path else _from_tensorboard(path)
     if not series:
         raise ValueError(f"{path}: no smd/* metrics found (log with a CSVLogger or TensorBoardLogger and SMDCallback)")
+    series, label = _one_namespace(path, series, name)
     summary = None
     base = os.path.dirname(csv_path) if csv_path else path
-    summary_path = _find(base, "smd_summary.json")
+    summary_path = _find(base, summary_filename(label))
     if summary_path:
         try:
             with open(summary_path) as fh:
@@ -206,8 +242,11 @@ def _thin(steps: np.ndarray, values: np.ndarray, limit: int = _MAX_POINTS) -> tu
     return steps[keep], values[keep]
 
 
-def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str] | None = None, dpi: int = 120) -> str:
-    """Draw the figure for the run under ``path`` into ``output`` (PNG, PDF or SVG by extension)."""
+def plot_run(
+    path: str, output: str, layers: int | None = 6, names: Sequence[str] | None = None, dpi: int = 120, name: str | None = None
+) -> str:
+    """Draw the figure for the run under ``path`` into ``output`` (PNG, PDF or SVG by extension); ``name``: which
+    SMDCallback's series, when the run had several (see :func:`load_series`)."""
     try:
         import matplotlib
 
@@ -215,7 +254,7 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ValueError('plotting needs matplotlib: pip install "lightning-smd[plot]" (or pip install matplotlib)') from err
-    series, summary = load_series(path)
+    series, summary = load_series(path, name)
     tol = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
     first_eq = {r["name"]: r.get("first_equilibrium_step") for r in (summary or {}).get("layers", [])}
     from lightning_smd.diagnose import metric_name
@@ -237,7 +276,7 @@ def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str
     rows = 1 + len(chosen)
     fig, axes = plt.subplots(rows, 2, figsize=(11, 2.4 * rows), squeeze=False)
     verdict = (summary or {}).get("verdict")
-    title = "Spherical Motion Dynamics: measured vs predicted" + (f" — verdict: {verdict}" if verdict else "")
+    title = "Spherical Motion Dynamics: measured vs predicted" + (f" ({name})" if name else "") + (f" — verdict: {verdict}" if verdict else "")
     fig.suptitle(title, fontsize=12)
     ax_r, ax_f = axes[0]
     aggregate = panel_ratio(series, all_layers)
@@ -330,13 +369,13 @@ def panel_ratio(series: Series, layers: Sequence[str]) -> tuple[np.ndarray, np.n
         return steps, np.nanmedian(matrix, axis=0)
 
 
-def heatmap_run(path: str, output: str, dpi: int = 120) -> str:
+def heatmap_run(path: str, output: str, dpi: int = 120, name: str | None = None) -> str:
     """The layer × step heatmap of the logged smoothed Δ/Δ* (``smd/<layer>/angular_update_ratio``), layers in
     network order (the summary's, when found), written to ``output``; returns ``output``."""
     from lightning_smd.dashboard import heatmap_figure
     from lightning_smd.diagnose import metric_name
 
-    series, summary = load_series(path)
+    series, summary = load_series(path, name)
     logged = [k.split("/")[1] for k in series if k.count("/") == 2 and k.endswith("/angular_update_ratio") and not k.startswith("smd/worst/")]
     if summary and summary.get("layers"):
         order = [metric_name(str(r.get("name"))) for r in summary["layers"]]

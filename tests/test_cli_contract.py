@@ -246,6 +246,37 @@ def test_plot_of_an_unknown_layer_lists_the_layers(run, tmp_path, capsys):
     assert not (tmp_path / "typo.png").exists()
 
 
+def test_plot_of_a_run_with_several_callbacks_draws_the_one_named(tmp_path, capsys):
+    """Two labelled SMDCallbacks log ``smd-lenient/*`` and ``smd-strict/*``, each with its summary: ``plot`` without
+    ``--name`` is ambiguous and says which there are; ``--name strict`` draws that one's series and reads its
+    summary; a name the run did not log lists the logged ones. A lone labelled namespace is taken as is."""
+    pytest.importorskip("matplotlib")
+    from lightning_smd import SMDCallback
+    from lightning_smd.plot import load_series
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        extra = [SMDCallback(verbose=False, name="strict", tolerance=0.05, log_heatmap=False)]
+        fit_smd(tmp_path, Module(PlainConvNet(), optimizer=sgd()), STEPS, name="lenient", tolerance=0.2, log_heatmap=False, callbacks=extra)
+    assert cli(["plot", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "several SMDCallbacks logged here (lenient, strict): choose one with --name" in err and "Traceback" not in err
+    assert cli(["plot", str(tmp_path), "-o", str(tmp_path / "strict.png"), "--name", "strict", "--dpi", "30"]) == 0
+    assert (tmp_path / "strict.png").is_file()
+    series, summary = load_series(str(tmp_path), "strict")
+    assert summary is not None and summary["criteria"]["tolerance"] == 0.05 and summary["name"] == "strict"
+    assert "smd/net.conv1.weight/angular_update" in series and not any(k.startswith("smd-") for k in series)
+    assert load_series(str(tmp_path), "lenient")[1]["criteria"]["tolerance"] == 0.2
+    assert cli(["plot", str(tmp_path), "-o", str(tmp_path / "y.png"), "--name", "nope", "--heatmap"]) == 2
+    err = capsys.readouterr().err
+    assert "no smd-nope/* metrics" in err and "smd-lenient/*, smd-strict/*" in err
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "metrics.csv").write_text("step,smd-strict/net.w/angular_update,train_loss\n0,0.1,2.0\n1,0.2,1.9\n")
+    series, summary = load_series(str(alone))
+    assert series["smd/net.w/angular_update"][1].tolist() == [0.1, 0.2] and summary is None
+
+
 def _console_script() -> list[str]:
     """``lightning-smd`` as installed next to this interpreter (``python -m lightning_smd.cli`` without it)."""
     script = Path(sys.executable).with_name("lightning-smd")
