@@ -296,9 +296,9 @@ def plot_run(
         ax_f.set_ylim(-0.05, 1.05)
         ax_f.set_ylabel("share in equilibrium")
     ax_r.set_title("all layers", fontsize=9, loc="left")
-    for row, name in enumerate(chosen, start=1):
+    for row, layer in enumerate(chosen, start=1):
         ax_d, ax_n = axes[row]
-        base = f"smd/{name}/"
+        base = f"smd/{layer}/"
         if base + "angular_update" in series:
             s, v = series[base + "angular_update"]
             ax_d.plot(*_thin(s, v), color="C0", lw=1.5, label="measured Δ (EMA)")
@@ -320,17 +320,17 @@ def plot_run(
         positive = [series[k][1] for k in (base + "angular_update", base + "predicted_angular_update") if k in series]
         if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
             ax_d.set_yscale("log")
-        eq_step = first_eq.get(name)
+        eq_step = first_eq.get(layer)
         if eq_step is None and base + "in_equilibrium" in series:
             s, e = series[base + "in_equilibrium"]
             hit = np.nonzero(e > 0.5)[0]
             eq_step = int(s[hit[0]]) if len(hit) else None
         if eq_step is not None:
             ax_d.axvline(eq_step, color="C2", lw=1.2, label=f"first steady window from step {eq_step}")
-        for k, step in enumerate(_lr_changes(series, name)):
+        for k, step in enumerate(_lr_changes(series, layer)):
             ax_d.axvline(step, color="0.5", lw=0.8, ls=":", label="learning-rate change" if k == 0 else None)
         ax_d.set_ylabel("angular update (rad)")
-        ax_d.set_title(name, fontsize=9, loc="left")
+        ax_d.set_title(layer, fontsize=9, loc="left")
         ax_d.legend(loc="best", fontsize=7)
         if base + "weight_norm" in series:
             s, v = series[base + "weight_norm"]
