@@ -321,7 +321,7 @@ def _check_layer_names(path: str, names: Sequence[str], name: str | None = None)
     from lightning_smd.plot import load_series
 
     logged = logged_layers(load_series(path, name)[0])
-    unknown = [name for name in names if metric_name(name) not in logged]
+    unknown = [layer for layer in names if metric_name(layer) not in logged]
     if not unknown:
         return
     if not logged:

@@ -75,9 +75,9 @@ def _numbers(cells: Sequence[str]) -> np.ndarray:
 
 
 def _from_csv(path: str) -> Series:
-    """The ``smd/*`` (and ``smd-<label>/*``) columns of a CSVLogger file as float arrays, read in chunks of rows, a column at a time (a
-    10⁶-row file is held as ``8 bytes × rows × smd columns``, not a dict per cell). Empty or unparsable cells and
-    rows without a step are skipped; where a step appears twice, its last value counts."""
+    """The ``smd/*`` (and ``smd-<label>/*``) columns of a CSVLogger file as float arrays, read in chunks of rows,
+    a column at a time (a 10⁶-row file is held as ``8 bytes × rows × smd columns``, not a dict per cell). Empty or
+    unparsable cells and rows without a step are skipped; where a step appears twice, its last value counts."""
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, [])
