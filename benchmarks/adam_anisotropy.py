@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from lightning_smd.demo import TeacherStream, ThinConvNet, decayed_groups
-from lightning_smd.theory import momentum_inward_pull
+from lightning_smd.analysis.theory import momentum_inward_pull
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4")
 

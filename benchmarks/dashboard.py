@@ -47,9 +47,9 @@ def main() -> None:
 
     from lightning_smd import SMDCallback
     from lightning_smd.demo import NoisyTemplates
-    from lightning_smd.dashboard import render_rgb
-    from lightning_smd.loggers import tensorboard_layout
-    from lightning_smd.report import TABLE_ROWS
+    from lightning_smd.io.dashboard import render_rgb
+    from lightning_smd.io.loggers import tensorboard_layout
+    from lightning_smd.io.report import TABLE_ROWS
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -114,7 +114,7 @@ def main() -> None:
     closed_charts = sum(len(c) for _, closed, c in layout if closed)
     print(f"TensorBoard layout: {open_charts} live charts (open), {closed_charts} per-layer charts (collapsed)")
     try:
-        from lightning_smd.workspace import build_workspace
+        from lightning_smd.io.workspace import build_workspace
 
         ws = build_workspace("ENTITY", "PROJECT", names)
         for s in ws.sections:

@@ -99,7 +99,7 @@ class ResNetLike(nn.Module):
 def _time_smd_hooks(smd, total: list[float]) -> None:
     """Accumulate the wall time spent in the callback's hooks and in the recorder's optimizer hooks (on the
     CPU every op is synchronous, so this is exactly the monitoring's own time; on CUDA it is launch time)."""
-    import lightning_smd.measure as measure
+    import lightning_smd.engine.measure as measure
 
     def timed(fn):
         def wrapper(*a, **k):

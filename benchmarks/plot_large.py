@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from lightning_smd.cli import main as cli
-from lightning_smd.diagnose import LAYER_METRICS
+from lightning_smd.io.cli import main as cli
+from lightning_smd.analysis.diagnostics import LAYER_METRICS
 
 
 def write_csv(path: str, rows: int, layers: int, seed: int = 0) -> None:

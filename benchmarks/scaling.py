@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py [--device cpu|cuda] [--repeats 200]
 
-No Lightning here: a :class:`lightning_smd.measure.StepRecorder` is attached to a plain optimizer over
+No Lightning here: a :class:`lightning_smd.engine.measure.StepRecorder` is attached to a plain optimizer over
 ``n`` tensors and the benchmark times its per-step work (``record()``, what the step post-hook runs) on its
 own, and counts the operators it dispatches per step (aten ops seen by a ``TorchDispatchMode``; on CUDA
 also the GPU kernels, from the profiler).
@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lightning_smd.measure as measure
-from lightning_smd.measure import StepRecorder
+import lightning_smd.engine.measure as measure
+from lightning_smd.engine.measure import StepRecorder
 
 
 VIEWS = {"view", "_unsafe_view", "alias", "select", "slice", "as_strided", "detach", "expand", "t", "reshape", "unsqueeze", "squeeze"}

@@ -3,8 +3,8 @@
     python benchmarks/steady_calibration.py [--series 4000] [--seed 0]
 
 For each per-step autocorrelation ρ, noise level σ and ratio relaxation time τ_r, the script feeds
-``--series`` independent stationary AR(1) series around ``Δ/Δ* = 1`` through :class:`lightning_smd.steady.BlockSeries`
-exactly as :class:`lightning_smd.diagnose.Diagnostics` does (blocks of ``max(100, 2τ_r)/16`` steps, a window of
+``--series`` independent stationary AR(1) series around ``Δ/Δ* = 1`` through :class:`lightning_smd.analysis.steady.BlockSeries`
+exactly as :class:`lightning_smd.analysis.diagnostics.Diagnostics` does (blocks of ``max(100, 2τ_r)/16`` steps, a window of
 ``8τ_r`` steps, at least 400) and prints
 
 - how often ``|drift| > t·se`` (the two-sided test at level 1 %: nominal 0.010) — the calibration of the
@@ -30,7 +30,7 @@ import numpy as np
 
 
 def run(rho: float, sigma: float, tau_r: int, series: int, rng: np.random.Generator) -> dict[str, float]:
-    from lightning_smd.steady import BLOCKS_PER_WINDOW, BlockSeries, drift_within, t_quantile
+    from lightning_smd.analysis.steady import BLOCKS_PER_WINDOW, BlockSeries, drift_within, t_quantile
 
     window = max(400, 8 * tau_r)
     steps = 2 * window

@@ -1,4 +1,4 @@
-"""How close is each rule to the real optimizer? The scale-invariant simulation of :mod:`lightning_smd.simulate`.
+"""How close is each rule to the real optimizer? The scale-invariant simulation of :mod:`lightning_smd.engine.simulate`.
 
     python benchmarks/theory_accuracy.py             # every case, ~10 min on 2 cores
     python benchmarks/theory_accuracy.py --quick     # a few cases
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from lightning_smd.simulate import paired_relaxation, simulate
-    from lightning_smd.theory import group_hyper, rule_for
+    from lightning_smd.engine.simulate import paired_relaxation, simulate
+    from lightning_smd.analysis.theory import group_hyper, rule_for
 
     torch.set_num_threads(1)
     start = time.perf_counter()

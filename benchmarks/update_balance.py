@@ -43,7 +43,8 @@ def run(cell: str, seed: int) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from lightning_smd import SMDCallback
-    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups, quiet_trainer
+    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
+    from quiet import quiet_trainer
 
     torch.set_num_threads(1)
     task, optimizer, lr, wd, steps = CELLS[cell]

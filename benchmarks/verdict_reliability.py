@@ -69,7 +69,8 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
     from torch.utils.data import DataLoader
 
     from lightning_smd import EquilibriumNotReachedError, SMDCallback
-    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups, quiet_trainer
+    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
+    from quiet import quiet_trainer
 
     torch.set_num_threads(1)
     lr, wd, tau_r, tau = OPTIMIZERS[optimizer]

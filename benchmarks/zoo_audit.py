@@ -10,7 +10,7 @@ architectures from torchvision, timm and Hugging Face transformers (built at ran
 For every model, ``find_normalized_weights(model, example_input)`` runs on the model as a user would have it
 (float32, default epsilons; timed with 2 threads) and is compared, weight by weight, with the ground truth.
 
-Ground truth (written here from scratch; it shares no code with ``lightning_smd.detect``). It is computed on
+Ground truth (written here from scratch; it shares no code with ``lightning_smd.engine.detect``). It is computed on
 a deep copy of the model, converted to float64, in train mode, with every dropout / drop-path rate set to 0
 and every normalization epsilon (module attributes ``eps``, ``variance_epsilon``, ``epsilon``,
 ``layer_norm_eps``, ``norm_eps``, ``rms_norm_eps``) set to 1e-30, so that invariance is exact up to
@@ -725,7 +725,7 @@ def _forward_backward(model: nn.Module, inp: Any) -> None:
 
 
 def audit(spec: Spec, verbose: bool = False) -> Result:
-    from lightning_smd.detect import find_normalized_weights
+    from lightning_smd.engine.detect import find_normalized_weights
 
     res = Result(spec.name, spec.source)
     torch.manual_seed(0)

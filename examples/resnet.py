@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = DataLoader(NoisyTemplates(batch_size=args.batch, size=32, seed=args.seed), batch_size=None)
     trainer.fit(model, data)
     if args.plot and trainer.is_global_zero:
-        from lightning_smd.plot import plot_run
+        from lightning_smd.io.plot import plot_run
 
         print(plot_run(args.out, args.plot))
     return smd.summary()

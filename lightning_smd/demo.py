@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import IterableDataset
 
-__all__ = ["NoisyTemplates", "TeacherStream", "ThinConvNet", "HeadNet", "decayed_groups", "quiet_trainer"]
+__all__ = ["NoisyTemplates", "TeacherStream", "ThinConvNet", "HeadNet", "decayed_groups"]
 
 
 class NoisyTemplates(IterableDataset):
@@ -163,26 +163,3 @@ def decayed_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and n.split(".")[-2:-1] != ["fc"]]
     ids = {id(p) for p in decay}
     return [{"params": decay, "weight_decay": weight_decay}, {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": 0.0}]
-
-
-def quiet_trainer(max_steps: int, callbacks: list) -> object:
-    """A CPU ``pytorch_lightning.Trainer`` for benchmark fits: one device, no logger, checkpoint, progress bar or
-    model summary, and Lightning's and Python's warnings silenced (the benchmarks read the callback's summary)."""
-    import logging
-    import warnings
-
-    import pytorch_lightning as pl
-
-    warnings.simplefilter("ignore")
-    for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )

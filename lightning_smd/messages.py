@@ -62,7 +62,7 @@ _ALL = (
         "SMD004",
         "optimizer without a rule",
         "No SMD rule is known for optimizer {optimizers}: its normalized weights are measured, but without a prediction "
-        "their verdict is 'not_applicable'; register one with lightning_smd.theory.register(MyOptimizer, MyRule()).",
+        "their verdict is 'not_applicable'; register one with lightning_smd.analysis.theory.register(MyOptimizer, MyRule()).",
     ),
     Message(
         "SMD005",

@@ -99,7 +99,7 @@ def main() -> None:
     if extra == "count":  # count the collectives SMDCallback issues while it drains, per log interval
         import torch.distributed as dist
 
-        from lightning_smd.callback import SMDCallback as C
+        from lightning_smd.frontends.callback import SMDCallback as C
 
         calls = {"n": 0, "flushes": 0}
         real = dist.all_reduce

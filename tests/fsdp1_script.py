@@ -19,7 +19,7 @@ from ddp_script import GLOBAL_BATCH, GroupNormNet  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from lightning_smd.demo import NoisyTemplates  # noqa: E402
-from lightning_smd.measure import StepRecorder  # noqa: E402
+from lightning_smd.engine.measure import StepRecorder  # noqa: E402
 
 UNITS = ["conv1.weight", "conv2.weight", "conv3.weight"]  # conv2 has one filter: an empty shard somewhere
 

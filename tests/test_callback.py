@@ -15,7 +15,7 @@ import torch
 from helpers import HEALTHY_STEPS, Module, NoNormNet, SmallConvNet, healthy_module, loader, sgd, teacher_loader, trainer, fit_smd
 
 from lightning_smd import SMDCallback, SMDWarning
-from lightning_smd.theory import sgd_angular_update
+from lightning_smd.analysis.theory import sgd_angular_update
 
 CONVS = ["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"]
 PER_LAYER = (

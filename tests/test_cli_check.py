@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lightning_smd.cli import main as cli
+from lightning_smd.io.cli import main as cli
 
 
 def _layer(name, ci, steady=True):

@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers import Module, PlainConvNet, fit_smd, sgd
 
-from lightning_smd.cli import main as cli
-from lightning_smd.diagnose import DiagnosticsConfig
-from lightning_smd.report import write_summary
-from lightning_smd.session import Session
+from lightning_smd.io.cli import main as cli
+from lightning_smd.analysis.diagnostics import DiagnosticsConfig
+from lightning_smd.io.report import write_summary
+from lightning_smd.engine.session import Session
 
 STEPS = 12
 
@@ -252,7 +252,7 @@ def test_plot_of_a_run_with_several_callbacks_draws_the_one_named(tmp_path, caps
     summary; a name the run did not log lists the logged ones. A lone labelled namespace is taken as is."""
     pytest.importorskip("matplotlib")
     from lightning_smd import SMDCallback
-    from lightning_smd.plot import load_series
+    from lightning_smd.io.plot import load_series
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -278,9 +278,9 @@ def test_plot_of_a_run_with_several_callbacks_draws_the_one_named(tmp_path, caps
 
 
 def _console_script() -> list[str]:
-    """``lightning-smd`` as installed next to this interpreter (``python -m lightning_smd.cli`` without it)."""
+    """``lightning-smd`` as installed next to this interpreter (``python -m lightning_smd.io.cli`` without it)."""
     script = Path(sys.executable).with_name("lightning-smd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_smd.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lightning_smd.io.cli"]
 
 
 def test_exit_codes_through_the_console_script(run, crashed, tmp_path):

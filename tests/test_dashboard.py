@@ -9,9 +9,9 @@ import torch
 from helpers import Module, PlainConvNet, fit_smd, sgd
 from torch import nn
 
-from lightning_smd.cli import main as cli
-from lightning_smd.dashboard import RatioHistory, heatmap_figure, per_layer_mode, worst_metrics, worst_units
-from lightning_smd.report import TABLE_ROWS, format_summary_table
+from lightning_smd.io.cli import main as cli
+from lightning_smd.io.dashboard import RatioHistory, heatmap_figure, per_layer_mode, worst_metrics, worst_units
+from lightning_smd.io.report import TABLE_ROWS, format_summary_table
 
 
 def test_per_layer_mode():
@@ -142,7 +142,7 @@ def test_every_series_for_a_small_model_by_default(tmp_path):
 def test_wandb_workspace_has_a_handful_of_live_charts_and_the_logged_keys(tmp_path, capsys):
     """Built offline; every metric key a panel names is one the callback logs with the same options."""
     pytest.importorskip("wandb_workspaces")
-    from lightning_smd.workspace import build_workspace
+    from lightning_smd.io.workspace import build_workspace
 
     torch.manual_seed(0)
     fit = fit_smd(tmp_path, Module(WideNet(), optimizer=sgd(momentum=0.9)), 12, log_heatmap=False)
@@ -185,8 +185,8 @@ def test_both_progress_bars_show_the_aggregates(tmp_path, bar):
 
 
 def test_without_matplotlib_one_warning_and_everything_else(tmp_path, monkeypatch):
-    import lightning_smd.callback as callback_module
-    import lightning_smd.session as session_module
+    import lightning_smd.frontends.callback as callback_module
+    import lightning_smd.engine.session as session_module
 
     monkeypatch.setattr(session_module, "heatmap_figure", lambda *a, **k: None)  # what it returns without matplotlib
     monkeypatch.setattr(callback_module, "_has_matplotlib", lambda: False)
@@ -201,7 +201,7 @@ def test_end_table_uses_rich_on_a_terminal_and_plain_text_elsewhere(capsys, monk
     pytest.importorskip("rich")
     import sys
 
-    from lightning_smd.report import print_summary_table
+    from lightning_smd.io.report import print_summary_table
 
     summary = _summary(30, not_steady=(3,))
     print_summary_table(summary, TABLE_ROWS)
@@ -241,7 +241,7 @@ def test_plot_aggregate_is_the_median_of_what_its_panels_show(tmp_path):
     pytest.importorskip("matplotlib")
     import csv
 
-    from lightning_smd.plot import load_series, panel_ratio, plot_run
+    from lightning_smd.io.plot import load_series, panel_ratio, plot_run
 
     torch.manual_seed(0)
     model = Module(PlainConvNet(), optimizer=sgd(momentum=0.9), scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 20, 0.5))

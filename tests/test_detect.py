@@ -5,7 +5,7 @@ from torch.nn import functional as F
 from zoo import PreActBlock, Shared
 
 from lightning_smd import find_normalized_weights
-from lightning_smd.detect import format_detection_table
+from lightning_smd.engine.detect import format_detection_table
 
 
 def tracked(model, **kw):
@@ -138,7 +138,7 @@ def test_detection_table_lists_units():
 
 
 def _unit(granularity, refinable, n_filters=8, group_size=None):
-    from lightning_smd.detect import NormalizedWeight
+    from lightning_smd.analysis.units import NormalizedWeight
 
     return NormalizedWeight(
         name="w", params=("w",), shape=(n_filters, 10), numel=10 * n_filters, layer="conv2d", norm="?", granularity=granularity,
@@ -167,7 +167,7 @@ def test_numerical_check_never_overrides_a_granularity_the_structure_fixes():
     """A LayerNorm over the channels fixes "tensor" (ConvNeXt's depthwise conv): blocks of filters with |cos| = 7e-5,
     under the old fixed 1e-3 limit, must not refine it; a BatchNorm after a conv fixes "filter": a gradient far from
     orthogonal per filter (a near-zero, noisy gradient) must not coarsen it."""
-    from lightning_smd.detect import verify_orthogonality
+    from lightning_smd.engine.detect import verify_orthogonality
 
     w = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
     g = _grad_with_block_cos(w, 2, 7e-5)
@@ -182,7 +182,7 @@ def test_refinement_needs_blocks_at_the_noise_floor():
     """Where the structure leaves the granularity open (heads reshaped before a norm), a finer block is taken only if
     its |cos| is within 32× the unit's own floor: 7e-5 against a float32 floor of ~1e-7 is a real violation; 1e-7
     is invariance."""
-    from lightning_smd.detect import verify_orthogonality
+    from lightning_smd.engine.detect import verify_orthogonality
 
     w = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
     (u,), _ = verify_orthogonality([_unit("tensor", refinable=True)], {"w": w}, {"w": _grad_with_block_cos(w, 2, 7e-5)})
@@ -219,7 +219,7 @@ def test_a_bias_that_nothing_cancels_is_named_with_where_weight_and_bias_break()
 def test_an_op_the_recorder_fails_on_breaks_invariance_and_says_so(monkeypatch):
     """The recording front end never drops an op: a dropped ReLU between a conv and the output would make the
     conv's scale vanish from the graph, a false "invariant"."""
-    from lightning_smd.detect import DataFlowRecorder
+    from lightning_smd.engine.detect import DataFlowRecorder
 
     class Untraceable(nn.Module):
         def __init__(self):

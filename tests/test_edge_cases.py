@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from zoo import exclude_eps_effects
 
 from lightning_smd import SMDCallback, find_normalized_weights
-from lightning_smd.measure import StepRecorder
+from lightning_smd.engine.measure import StepRecorder
 
 
 def img(b=4):
@@ -279,7 +279,7 @@ def test_a_failing_measurement_never_breaks_training(tmp_path, monkeypatch):
     """An exception inside the step hook stops the measurement with a warning; training goes on unchanged."""
     import warnings as _w
 
-    import lightning_smd.measure as measure
+    import lightning_smd.engine.measure as measure
 
     calls = {"n": 0}
     original = measure._Slot.record

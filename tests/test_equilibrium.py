@@ -14,10 +14,10 @@ import torch
 from helpers import HEALTHY_STEPS, HeadNet, Module, PlainConvNet, healthy_module, sgd, teacher_loader, fit_smd
 
 from lightning_smd import EquilibriumNotReachedError
-from lightning_smd.cli import main as cli
+from lightning_smd.io.cli import main as cli
 from lightning_smd.demo import ThinConvNet
-from lightning_smd.diagnose import diffusion_exponent
-from lightning_smd.theory import adam_l2_equilibrium, adam_taps, sgd_angular_update
+from lightning_smd.analysis.diagnostics import diffusion_exponent
+from lightning_smd.analysis.theory import adam_l2_equilibrium, adam_taps, sgd_angular_update
 
 pytestmark = pytest.mark.slow  # long fits to equilibrium
 

@@ -269,7 +269,7 @@ def _png_size(path):
 
 def test_plot_command_draws_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from lightning_smd.cli import main
+    from lightning_smd.io.cli import main
 
     torch.manual_seed(0)
     smd = SMDCallback(verbose=False, window=10, ema_steps=5)
@@ -284,7 +284,7 @@ def test_plot_command_draws_a_png(tmp_path):
     assert os.path.getsize(out) > 10_000
     assert main(["plot", str(tmp_path / "metrics.csv"), "-o", str(tmp_path / "all.png"), "--all", "--dpi", "50"]) == 0
     assert _png_size(tmp_path / "all.png")[1] == round(2.4 * 4 * 50)  # 3 layers
-    from lightning_smd.plot import _lr_changes, load_series
+    from lightning_smd.io.plot import _lr_changes, load_series
 
     series, summary = load_series(str(tmp_path))
     changes = _lr_changes(series, "net.conv1.weight")

@@ -16,7 +16,7 @@ import torch
 from helpers import Module, PlainConvNet, SmallConvNet, loader, sgd, trainer
 
 from lightning_smd import SMDCallback
-from lightning_smd.diagnose import LAYER_METRICS, metric_name
+from lightning_smd.analysis.diagnostics import LAYER_METRICS, metric_name
 
 
 def _fit(tmp_path, logger, steps=12, model=None, **smd_kw):

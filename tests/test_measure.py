@@ -11,7 +11,7 @@ import torch
 from helpers import Module, SmallConvNet, SmallResNet, loader, sgd, trainer
 
 from lightning_smd import SMDCallback
-from lightning_smd.measure import StepRecorder, _Slot
+from lightning_smd.engine.measure import StepRecorder, _Slot
 
 
 class ReferenceAngles(pl.Callback):
@@ -42,8 +42,8 @@ def _select_kernel(monkeypatch, kernel):
     """The step path: CPU dot products with all tensors batched as small; conv1 and conv2 (216 and 576
     elements) batched and conv3 (1152) on its own; all on their own; or the accelerators' float64 foreach
     norms."""
-    import lightning_smd.measure as measure
-    import lightning_smd.session as session
+    import lightning_smd.engine.measure as measure
+    import lightning_smd.engine.session as session
 
     threshold = {"dots-small": 4096, "dots-mixed": 600, "dots-large": 0}.get(kernel)
     if threshold is None:
@@ -326,10 +326,10 @@ def test_sampled_steps_are_measured_over_one_step(tmp_path, monkeypatch, kernel,
 def test_sampling_keeps_the_window_and_moving_averages_in_steps():
     """A constant in-band signal sampled every 4 steps is judged steady after the same number of steps (the
     settling time and the window count steps), and counts the same steps in equilibrium."""
-    from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig
-    from lightning_smd.detect import NormalizedWeight
-    from lightning_smd.measure import StepBatch
-    from lightning_smd.theory import rule_for
+    from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig
+    from lightning_smd.analysis.units import NormalizedWeight
+    from lightning_smd.engine.measure import StepBatch
+    from lightning_smd.analysis.theory import rule_for
 
     unit = NormalizedWeight(name="w", params=("w",), shape=(4, 4), numel=16, layer="Linear", norm="LayerNorm", granularity="tensor", found_by="test")
     rule = rule_for(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, weight_decay=0.05))

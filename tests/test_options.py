@@ -21,8 +21,8 @@ import torch.optim.optimizer as torch_optimizer
 from helpers import HEALTHY_STEPS, Module, SmallConvNet, healthy_module, teacher_loader
 
 from lightning_smd import SMDCallback, SMDMonitor, SMDWarning
-from lightning_smd.detect import find_normalized_weights
-from lightning_smd.diagnose import DiagnosticsConfig
+from lightning_smd.engine.detect import find_normalized_weights
+from lightning_smd.analysis.diagnostics import DiagnosticsConfig
 from lightning_smd.messages import MESSAGES
 
 ROOT = Path(__file__).resolve().parents[1]

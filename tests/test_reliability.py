@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from helpers import Module, SmallConvNet, fit_smd, loader, run_python, trainer
 from lightning_smd import SMDCallback
-from lightning_smd.cli import main as cli
+from lightning_smd.io.cli import main as cli
 
 
 def _summary(path) -> dict:
@@ -331,7 +331,7 @@ def test_a_summary_path_that_is_a_directory_warns_and_training_finishes(tmp_path
 
 
 def test_a_full_disk_warns_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    import lightning_smd.report as report
+    import lightning_smd.io.report as report
 
     real = report.json.dump
 
@@ -395,7 +395,7 @@ def test_a_long_series_is_thinned_for_drawing_keeping_its_extremes():
     order, so a one-step spike and the series' range survive, and a gap is not bridged."""
     import numpy as np
 
-    from lightning_smd.plot import _MAX_POINTS, _thin
+    from lightning_smd.io.plot import _MAX_POINTS, _thin
 
     steps = np.arange(1_000_003)
     values = np.sin(steps / 5_000.0)
@@ -415,7 +415,7 @@ def test_a_continuous_schedule_draws_no_line_per_step():
     a 20,000-row plot take 89 s); a step schedule's two changes are drawn."""
     import numpy as np
 
-    from lightning_smd.plot import _lr_changes
+    from lightning_smd.io.plot import _lr_changes
 
     steps = np.arange(0, 2_000, 2)
     norm = np.full(len(steps), 3.0)
@@ -429,7 +429,7 @@ def test_a_continuous_schedule_draws_no_line_per_step():
 def test_csv_cells_that_are_empty_unparsable_short_or_repeated_are_read_as_a_user_expects(tmp_path):
     """The chunked reader: an empty or unparsable cell is no point, a short row is padded, a repeated step keeps
     its last value, a row without a step is skipped; across a chunk boundary nothing is lost."""
-    import lightning_smd.plot as plot
+    import lightning_smd.io.plot as plot
 
     lines = ["step,smd/a/angular_update,smd/a/weight_norm,train_loss"]
     lines += [f"{i},{0.01 * i},{1 + i},2.0" for i in range(7)]

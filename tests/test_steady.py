@@ -14,11 +14,11 @@ import mpmath
 import numpy as np
 import pytest
 
-from lightning_smd.detect import NormalizedWeight
-from lightning_smd.diagnose import Diagnostics, DiagnosticsConfig, VanishingNoise
-from lightning_smd.measure import StepBatch
-from lightning_smd.steady import BlockSeries, drift_within, t_quantile
-from lightning_smd.theory import AdamWRule
+from lightning_smd.analysis.units import NormalizedWeight
+from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig, VanishingNoise
+from lightning_smd.engine.measure import StepBatch
+from lightning_smd.analysis.steady import BlockSeries, drift_within, t_quantile
+from lightning_smd.analysis.theory import AdamWRule
 
 RULE = AdamWRule()
 TAU = 100  # τ_r = 1/(2·0.01·0.5)
@@ -409,7 +409,7 @@ def test_direction_ratio_is_the_balance_of_the_measured_update(kappa):
 
 
 def test_direction_ratio_only_where_the_decay_is_decoupled_and_the_unit_settled():
-    from lightning_smd.theory import SGDRule
+    from lightning_smd.analysis.theory import SGDRule
 
     d = Diagnostics(units(1))
     d.update(_balanced_batch(17.0, 800, 1, with_change=False))  # batches without the norm's change
@@ -442,7 +442,7 @@ def test_balance_drift_is_the_norm_growth_in_units_of_the_decay():
 def test_a_unit_dependent_relaxation_time_widens_the_kept_window():
     """Adam with coupled L2: τ ∝ (L/C²)^(1/3) per unit. A first step with L = 0 (a zero-initialised head) sizes the series
     for the minimum window; once L is measured, the kept history must cover the longest window the larger τ needs."""
-    from lightning_smd.theory import AdamRule
+    from lightning_smd.analysis.theory import AdamRule
 
     rule = AdamRule()
     h = rule.hyper({"lr": 1e-3, "weight_decay": 1e-2})

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from lightning_smd import theory
-from lightning_smd.theory import (
+from lightning_smd.analysis import theory
+from lightning_smd.analysis.theory import (
     Rule,
     SGDRule,
     UnknownRule,
@@ -107,7 +107,7 @@ def test_unknown_optimizer_gets_no_prediction_and_says_how_to_register():
     assert isinstance(rule, UnknownRule)
     h = rule.hyper({"lr": 0.1})
     assert math.isnan(rule.angular_update(h))
-    assert "lightning_smd.theory.register" in rule.reason(h)
+    assert "lightning_smd.analysis.theory.register" in rule.reason(h)
 
 
 def test_register_custom_rule():

@@ -1,5 +1,5 @@
 """Every optimizer rule against the real optimizer on the scale-invariant simulation of
-:mod:`lightning_smd.simulate` (32 independent rows of 1,024 weights, float64, isotropic gradients orthogonal to
+:mod:`lightning_smd.engine.simulate` (32 independent rows of 1,024 weights, float64, isotropic gradients orthogonal to
 each row and scaled by ``1/‖w_row‖``).
 
 Each case asserts that the simulation's own statistical error is below 0.3 % — the standard error from the
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from lightning_smd.simulate import fit_relaxation, paired_relaxation, relaxation_time, simulate
-from lightning_smd.theory import adam_relaxation_time, group_hyper, momentum_inward_pull, rule_for, time_to_band
+from lightning_smd.engine.simulate import fit_relaxation, paired_relaxation, relaxation_time, simulate
+from lightning_smd.analysis.theory import adam_relaxation_time, group_hyper, momentum_inward_pull, rule_for, time_to_band
 
 SIM_ERROR = 0.003
 TOLERANCE = 0.01
@@ -91,7 +91,7 @@ def test_rule_matches_the_real_optimizer(name):
 
 def test_first_order_forms_are_the_published_ones():
     """The exact forms reduce to [Wan]'s and [Kosson]'s at small ηλ, and differ where the tests above show they must."""
-    from lightning_smd import theory
+    from lightning_smd.analysis import theory
 
     assert theory.sgd_angular_update(0.1, 1e-5, 0.9) == pytest.approx(math.sqrt(2e-6 / 1.9), rel=1e-5)
     assert theory.sgd_angular_update(0.5, 0.1) == pytest.approx(math.acos(1 - 0.05), rel=1e-12)
@@ -130,7 +130,7 @@ def test_lion_decoupled_weight_decay_is_read_from_the_optimizer():
 def test_adam_with_coupled_l2_is_predicted_per_unit_and_flagged():
     """Coupled L2: the settings' prediction is a unit's with L = numel = 1, scaled per unit by the rule's factors to
     exactly what adam_l2_equilibrium gives for that unit; the caveat names the likely mistake."""
-    from lightning_smd.theory import adam_l2_equilibrium, adam_taps
+    from lightning_smd.analysis.theory import adam_l2_equilibrium, adam_taps
 
     p = [torch.nn.Parameter(torch.zeros(3))]
     for opt in (
@@ -230,7 +230,7 @@ RELAXATION_CASES = {
 @pytest.mark.parametrize("name", sorted(RELAXATION_CASES))
 def test_adam_relaxation_time_matches_the_real_optimizer(name):
     """AdamW's ‖w‖² after the learning rate is cut ×0.1 or raised ×10, against a paired reference run at the new
-    settings with the same noise (lightning_smd.simulate.paired_relaxation): within 1 % of adam_relaxation_time,
+    settings with the same noise (lightning_smd.engine.simulate.paired_relaxation): within 1 % of adam_relaxation_time,
     the standard error (jackknife over 16 groups of 4 independent rows) below 0.3 %. Measured at seeds 0, 2, 3:
     0.995–0.998 (β2 = 0.99) and 0.9986–0.9991 (β2 = 0.999), errors ≤ 0.18 %."""
     lr, beta2, factor, steps = RELAXATION_CASES[name]

@@ -8,7 +8,7 @@ from torch import nn
 from zoo import ZOO, exclude_eps_effects
 
 from lightning_smd import find_normalized_weights
-from lightning_smd.detect import ORTHOGONALITY_TOLERANCE
+from lightning_smd.engine.detect import ORTHOGONALITY_TOLERANCE
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from lightning_smd.theory import Rule, rule_for, unwrap_optimizer
+from lightning_smd.analysis.batch import StepBatch
+from lightning_smd.analysis.theory import rule_for, unwrap_optimizer
 
 __all__ = ["StepBatch", "StepRecorder", "DistanceTracker", "angles_from_norms", "local_shard"]
 
@@ -41,7 +41,7 @@ SMALL_NUMEL = 4096
 def angles_from_norms(
     norm_sq_before: np.ndarray, norm_sq_after: np.ndarray, update_sq: np.ndarray, norm_sq_diff: np.ndarray | None = None
 ) -> np.ndarray:
-    """Vectorized :func:`lightning_smd.theory.angle_from_norms` in float64 (nan where a norm is 0).
+    """Vectorized :func:`lightning_smd.analysis.theory.angle_from_norms` in float64 (nan where a norm is 0).
 
     ``norm_sq_diff`` (``‖a‖² − ‖b‖²`` computed directly as ``2⟨d, b⟩ + ‖d‖²``, with ``d = a − b``) gives
     ``‖a‖ − ‖b‖`` without the cancellation of subtracting two norms: then the norms themselves need only a
@@ -54,32 +54,6 @@ def angles_from_norms(
     chord_sq = np.clip(chord_sq, 0.0, 4.0)
     out = 2.0 * np.arcsin(np.sqrt(chord_sq) / 2.0)
     return np.where((a > 0) & (b > 0), out, np.nan)
-
-
-@dataclass
-class StepBatch:
-    """Host-side statistics of the steps one optimizer took since the last drain.
-
-    Arrays are ``[k, n]``: ``k`` steps, ``n`` units (``unit_index`` gives their positions among all
-    tracked units). ``steps`` counts this optimizer's steps (1 = after its first step).
-    """
-
-    optimizer_index: int
-    unit_index: np.ndarray
-    steps: np.ndarray
-    norm_sq_before: np.ndarray
-    norm_sq_after: np.ndarray
-    update_sq: np.ndarray
-    grad_sq: np.ndarray
-    angular_update: np.ndarray
-    hyper: list[list[dict[str, float]]]
-    """Per step, per param group of this optimizer (``unit_group`` indexes it): the rule's floats."""
-    unit_group: np.ndarray
-    rule: Rule
-    filter_angular_update_rms: np.ndarray | None = None
-    """``[k, n]`` RMS over filters (or groups) of the per-filter angular update; nan where not recorded."""
-    norm_sq_change: np.ndarray | None = None
-    """``‖w_{t+1}‖² − ‖w_t‖²`` (from the cross term ``⟨d, w_{t+1}⟩`` where recorded: no cancellation)."""
 
 
 class _FlatGroup:

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lightning_smd.detect import find_normalized_weights
+from lightning_smd.engine.detect import find_normalized_weights
 from lightning_smd.options import OptionError, check_bool, check_choice, check_int, check_patterns
-from lightning_smd.diagnose import DiagnosticsConfig, Verdict
-from lightning_smd.report import TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
-from lightning_smd.session import GATE_MODES, Session, SessionView, eval_mode_batch_norms
-from lightning_smd.theory import unwrap_optimizer
+from lightning_smd.analysis.diagnostics import DiagnosticsConfig, Verdict
+from lightning_smd.io.report import TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
+from lightning_smd.engine.session import GATE_MODES, Session, SessionView, eval_mode_batch_norms
+from lightning_smd.analysis.theory import unwrap_optimizer
 
 __all__ = ["SMDMonitor"]
 

@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_smd.diagnose import layer_metric_keys, metric_name
+from lightning_smd.analysis.diagnostics import layer_metric_keys, metric_name
 
 __all__ = ["setup_loggers", "finish_loggers", "tensorboard_layout", "renamed", "NAMESPACE"]
 

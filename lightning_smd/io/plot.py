@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_smd.loggers import NAMESPACE
-from lightning_smd.report import summary_filename
+from lightning_smd.io.loggers import NAMESPACE
+from lightning_smd.io.report import summary_filename
 
 __all__ = ["load_series", "plot_run", "heatmap_run", "newest_file"]
 
@@ -257,7 +257,7 @@ def plot_run(
     series, summary = load_series(path, name)
     tol = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
     first_eq = {r["name"]: r.get("first_equilibrium_step") for r in (summary or {}).get("layers", [])}
-    from lightning_smd.diagnose import metric_name
+    from lightning_smd.analysis.diagnostics import metric_name
 
     first_eq = {metric_name(k): v for k, v in first_eq.items()}
     all_layers = _layers(series)
@@ -372,8 +372,8 @@ def panel_ratio(series: Series, layers: Sequence[str]) -> tuple[np.ndarray, np.n
 def heatmap_run(path: str, output: str, dpi: int = 120, name: str | None = None) -> str:
     """The layer × step heatmap of the logged smoothed Δ/Δ* (``smd/<layer>/angular_update_ratio``), layers in
     network order (the summary's, when found), written to ``output``; returns ``output``."""
-    from lightning_smd.dashboard import heatmap_figure
-    from lightning_smd.diagnose import metric_name
+    from lightning_smd.io.dashboard import heatmap_figure
+    from lightning_smd.analysis.diagnostics import metric_name
 
     series, summary = load_series(path, name)
     logged = [k.split("/")[1] for k in series if k.count("/") == 2 and k.endswith("/angular_update_ratio") and not k.startswith("smd/worst/")]

@@ -1,4 +1,4 @@
-"""The Lightning adapter over :class:`lightning_smd.session.Session`: when to detect, when to log, where the
+"""The Lightning adapter over :class:`lightning_smd.engine.session.Session`: when to detect, when to log, where the
 summary goes, and rank-consistent gates.
 
 ``SMDCallback()`` finds the model's normalized weights when fit starts, measures each one after every
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_smd.detect import (
+from lightning_smd.engine.detect import (
     DataFlowRecorder,
     Detection,
     NormalizedWeight,
@@ -32,11 +32,11 @@ from lightning_smd.detect import (
     format_detection_table,
     units_from_patterns,
 )
-from lightning_smd.diagnose import DiagnosticsConfig, Verdict
-from lightning_smd.dashboard import per_layer_mode, render_rgb
-from lightning_smd.loggers import NAMESPACE, finish_loggers, log_heatmap, renamed, setup_loggers
+from lightning_smd.analysis.diagnostics import DiagnosticsConfig, Verdict
+from lightning_smd.io.dashboard import per_layer_mode, render_rgb
+from lightning_smd.io.loggers import NAMESPACE, finish_loggers, log_heatmap, renamed, setup_loggers
 from lightning_smd.messages import SMDWarning, render
-from lightning_smd.report import (
+from lightning_smd.io.report import (
     SUMMARY_FILENAME,
     TABLE_ROWS,
     EquilibriumNotReachedError,
@@ -44,7 +44,7 @@ from lightning_smd.report import (
     print_summary_table,
     summary_filename,
 )
-from lightning_smd.session import Session, SessionView, eval_mode_batch_norms
+from lightning_smd.engine.session import Session, SessionView, eval_mode_batch_norms
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -175,7 +175,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
     ) -> None:
         given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         from lightning_smd.options import check_bool, check_choice, check_int, check_path, check_patterns
-        from lightning_smd.session import GATE_MODES
+        from lightning_smd.engine.session import GATE_MODES
 
         # every option checked before anything is built: a ValueError names the option, the value and what is accepted
         include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)  # a str is one pattern
@@ -532,7 +532,7 @@ class SMDCallback(*_CALLBACK_BASES, SessionView):  # type: ignore[misc]
             self.session.warn("SMD046", why="the W&B run is offline")
             return
         try:
-            from lightning_smd.workspace import build_workspace, save_workspace
+            from lightning_smd.io.workspace import build_workspace, save_workspace
 
             names = [u.name for u in self.diagnostics.units] if self.diagnostics else []
             save_workspace(build_workspace(run.entity, run.project, names, self.log_per_layer, self.session.worst_k))
@@ -779,7 +779,7 @@ def _fsdp1_group(trainer: pl.Trainer) -> str | None:
 
 def _full(t: Any) -> Any:
     """The whole tensor of a DTensor shard (a collective: every rank must call it in the same order)."""
-    from lightning_smd.measure import _DTENSOR
+    from lightning_smd.engine.measure import _DTENSOR
 
     if t is not None and _DTENSOR is not None and isinstance(t, _DTENSOR):
         return t.full_tensor()
@@ -787,7 +787,7 @@ def _full(t: Any) -> Any:
 
 
 def _is_sharded(params: Any) -> bool:
-    from lightning_smd.measure import _DTENSOR
+    from lightning_smd.engine.measure import _DTENSOR
 
     return _DTENSOR is not None and any(isinstance(p, _DTENSOR) for p in params)
 

@@ -1,5 +1,5 @@
-"""Lightning-free pieces shared by the callback, the plain-PyTorch monitor and the command line: the
-summary table, the summary JSON writer, optimizer descriptions."""
+"""The summary as a table and as a file, shared by the callback, the plain-PyTorch monitor and the command line
+(no torch: ``lightning-smd check`` and ``report`` read summaries without it)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import tempfile
 from typing import Any
 
 import numpy as np
-import torch
 
-from lightning_smd.detect import NormalizedWeight
-from lightning_smd.measure import StepRecorder
 from lightning_smd.messages import SMDWarning
-from lightning_smd.theory import group_hyper, rule_for
 
 __all__ = [
     "SMDWarning",
@@ -27,8 +23,6 @@ __all__ = [
     "TABLE_ROWS",
     "state_label",
     "write_summary",
-    "optimizer_info",
-    "filter_spec",
 ]
 
 SUMMARY_FILENAME = "smd_summary.json"
@@ -168,23 +162,6 @@ def state_label(row: dict[str, Any]) -> str:
     return state
 
 
-def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:
-    rule = rule_for(optimizer)
-    slot = next((s for s in recorder.slots if s.index == index), None)
-    groups = []
-    for g in optimizer.param_groups:
-        h = group_hyper(rule, optimizer, g)
-        groups.append({k: (v if math.isfinite(v) else None) for k, v in h.items()})
-    return {
-        "index": index,
-        "class": type(optimizer).__name__,
-        "rule": rule.name,
-        "param_groups": groups,
-        "measurement": None if slot is None else ("momentum_buffer" if slot.momentum_path else "snapshot"),
-        "steps": 0 if slot is None else slot.steps_taken,
-    }
-
-
 def write_summary(path: str, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON atomically (a temporary file renamed over ``path``); nan/inf become null."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -225,12 +202,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return str(obj)
-
-
-def filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
-    """``(filter dim, filters per group)`` for per-filter statistics, or None for a whole-tensor unit."""
-    if u.granularity == "filter":
-        return (u.filter_dim, 1)
-    if u.granularity == "group" and u.group_size:
-        return (u.filter_dim, u.group_size)
-    return None

@@ -809,7 +809,7 @@ class UnknownRule(Rule):
     def reason(self, h: Hyper) -> str | None:
         return (
             f"no SMD rule is registered for optimizer {self.optimizer}: the measurements are logged but there is "
-            "no prediction to compare them with; register one with lightning_smd.theory.register(OptimizerClass, rule)"
+            "no prediction to compare them with; register one with lightning_smd.analysis.theory.register(OptimizerClass, rule)"
         )
 
 
@@ -829,7 +829,7 @@ def register(optimizer: type | str, rule: Rule) -> None:
     again replaces the earlier rule.
     """
     if not isinstance(rule, Rule):
-        raise TypeError(f"rule must be a lightning_smd.theory.Rule, got {type(rule).__name__}")
+        raise TypeError(f"rule must be a lightning_smd.analysis.theory.Rule, got {type(rule).__name__}")
     _REGISTRY[_class_key(optimizer)] = rule
 
 

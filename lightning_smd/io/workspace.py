@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_smd.dashboard import per_layer_mode
-from lightning_smd.diagnose import layer_metric_keys
+from lightning_smd.io.dashboard import per_layer_mode
+from lightning_smd.analysis.diagnostics import layer_metric_keys
 
 __all__ = ["workspace_panels", "build_workspace", "save_workspace"]
 

@@ -5,7 +5,7 @@ noise projected orthogonally to the row and scaled by ``1/‖w_row‖`` (what a 
 gradient of the weights before it), so ``L = E‖g‖²‖w‖² = cols − 1`` exactly. The real optimizer steps it; the
 angle between consecutive rows and their norms are measured and compared with the rule's prediction.
 
-    from lightning_smd.simulate import simulate
+    from lightning_smd.engine.simulate import simulate
     r = simulate(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     print(r.angle_ratio, "±", r.angle_ratio_se)
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_smd.theory import Rule, group_hyper, rule_for
+from lightning_smd.analysis.theory import Rule, group_hyper, rule_for
 
 __all__ = ["SimResult", "simulate", "relaxation_time", "Relaxation", "fit_relaxation", "paired_relaxation"]
 

@@ -8,7 +8,7 @@ band at every recent step" fails on noise alone. This module answers the questio
 Per unit, the sums of the per-step ratio ``x = Δ/Δ*`` and of ``y = log(‖w‖/‖w*‖)`` (the norm relative to its
 predicted equilibrium, up to a constant) are kept over consecutive **blocks** of steps. Over the recent
 **window** (a few relaxation times ``τ_r``, the time constant with which the theory says the ratio relaxes;
-see :mod:`lightning_smd.diagnose`), least-squares lines through all its samples give
+see :mod:`lightning_smd.analysis.diagnostics`), least-squares lines through all its samples give
 
 - the **drift**: the relative change of the ratio per relaxation time, ``D = τ_r·b_x/x̄``, and the change
   of ``Δ/Δ*`` that the norm's drift implies, ``D_w = τ_r·(p/2)·b_y`` (``Δ/Δ* = sqrt(q*/q)`` with
@@ -31,7 +31,7 @@ level ``α/N`` (``N`` units judged). Two error rates follow, whatever the noise 
 
 A window too short or too noisy for the precision is *undetermined* (not steady yet: it grows as the run
 goes on). What a statistical test cannot see in a short window, the theory adds (see
-:mod:`lightning_smd.diagnose`): a unit cannot be steady before several relaxation times have passed since
+:mod:`lightning_smd.analysis.diagnostics`): a unit cannot be steady before several relaxation times have passed since
 the last change of its hyper-parameters.
 
 Pure numpy, no torch.

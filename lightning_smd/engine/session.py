@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 
-from lightning_smd.dashboard import RatioHistory, heatmap_figure, per_layer_mode, progress_text, worst_metrics
-from lightning_smd.detect import (
+from lightning_smd.io.dashboard import RatioHistory, heatmap_figure, per_layer_mode, progress_text, worst_metrics
+from lightning_smd.analysis.units import not_scale_invariant
+from lightning_smd.engine.detect import (
     NOT_ORTHOGONAL_WARNING,
     ORTHOGONALITY_TOLERANCE,
     Detection,
     NormalizedWeight,
     verify_orthogonality,
 )
-from lightning_smd.diagnose import (
+from lightning_smd.analysis.diagnostics import (
     WINDOW_RELAXATION_TIMES,
     Diagnostics,
     DiagnosticsConfig,
@@ -45,10 +46,10 @@ from lightning_smd.diagnose import (
     diverged_layers,
     metric_name,
 )
-from lightning_smd.measure import DistanceTracker, StepRecorder
+from lightning_smd.engine.measure import DistanceTracker, StepRecorder
 from lightning_smd.messages import SMDWarning, render
-from lightning_smd.report import filter_spec, optimizer_info, write_summary
-from lightning_smd.theory import group_hyper
+from lightning_smd.io.report import write_summary
+from lightning_smd.analysis.theory import group_hyper, rule_for
 
 __all__ = ["Session", "SessionView", "GATE_MODES"]
 
@@ -272,8 +273,6 @@ class Session:
         self.diagnostics.units = units
         self.detection.units = units
         self.detection.rejected_verification = rejected
-        from lightning_smd.detect import not_scale_invariant
-
         for u in units:
             if not_scale_invariant(u) is not None:  # named by include=, clearly not invariant: out of the verdict
                 self.warn("SMD015", name=u.name, cos=u.verification, limit=ORTHOGONALITY_TOLERANCE)
@@ -371,7 +370,7 @@ class Session:
     def metrics(self, per_layer: bool | str = True, distances: Mapping[int, float] | None = None) -> dict[str, float]:
         """The ``smd/*`` metrics as of the last drained step: the two aggregates, the ``worst_k`` furthest
         layers' ratios, and per layer all series, the ratio only or none (``per_layer``: see
-        :func:`lightning_smd.dashboard.per_layer_mode`)."""
+        :func:`lightning_smd.io.dashboard.per_layer_mode`)."""
         assert self.diagnostics is not None
         d = self.diagnostics
         mode = per_layer_mode(per_layer, len(d.units))
@@ -687,3 +686,29 @@ def off_prediction_causes(d: Diagnostics, units: list[int]) -> str:
         )
     causes.append("dead filters (filters without gradient do not rotate and pull the layer's angle down; per_filter=True logs the RMS over filters)")
     return "; ".join(causes) + "."
+
+
+def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:
+    rule = rule_for(optimizer)
+    slot = next((s for s in recorder.slots if s.index == index), None)
+    groups = []
+    for g in optimizer.param_groups:
+        h = group_hyper(rule, optimizer, g)
+        groups.append({k: (v if math.isfinite(v) else None) for k, v in h.items()})
+    return {
+        "index": index,
+        "class": type(optimizer).__name__,
+        "rule": rule.name,
+        "param_groups": groups,
+        "measurement": None if slot is None else ("momentum_buffer" if slot.momentum_path else "snapshot"),
+        "steps": 0 if slot is None else slot.steps_taken,
+    }
+
+
+def filter_spec(u: NormalizedWeight) -> tuple[int, int] | None:
+    """``(filter dim, filters per group)`` for per-filter statistics, or None for a whole-tensor unit."""
+    if u.granularity == "filter":
+        return (u.filter_dim, 1)
+    if u.granularity == "group" and u.group_size:
+        return (u.filter_dim, u.group_size)
+    return None

@@ -37,9 +37,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning_smd.diagnose import Verdict
-from lightning_smd.plot import newest_file
-from lightning_smd.report import SUMMARY_FILENAME, TABLE_ROWS, format_summary_table
+from lightning_smd.analysis.diagnostics import Verdict
+from lightning_smd.io.plot import newest_file
+from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, format_summary_table
 
 __all__ = ["main", "find_summary", "judge"]
 
@@ -316,9 +316,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def _check_layer_names(path: str, names: Sequence[str], name: str | None = None) -> None:
     """:class:`InputError` unless every name in ``names`` is a layer the run logged per-layer series for."""
-    from lightning_smd.diagnose import metric_name
-    from lightning_smd.plot import _layers as logged_layers
-    from lightning_smd.plot import load_series
+    from lightning_smd.analysis.diagnostics import metric_name
+    from lightning_smd.io.plot import _layers as logged_layers
+    from lightning_smd.io.plot import load_series
 
     logged = logged_layers(load_series(path, name)[0])
     unknown = [layer for layer in names if metric_name(layer) not in logged]
@@ -331,7 +331,7 @@ def _check_layer_names(path: str, names: Sequence[str], name: str | None = None)
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from lightning_smd.plot import heatmap_run, plot_run
+    from lightning_smd.io.plot import heatmap_run, plot_run
 
     if not os.path.exists(args.path):
         raise InputError(f"{args.path}: no such file or directory")
@@ -361,7 +361,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _workspace(args: argparse.Namespace) -> int:
-    from lightning_smd.workspace import build_workspace, save_workspace, workspace_panels
+    from lightning_smd.io.workspace import build_workspace, save_workspace, workspace_panels
 
     if args.target.count("/") != 1 or not all(args.target.split("/")):
         raise InputError(f"{args.target}: give the W&B target as ENTITY/PROJECT")

@@ -1,6 +1,6 @@
 """Smoothing, steady-state judgement, agreement with the theory, verdict and run summary, on the host.
 
-:class:`Diagnostics` consumes the :class:`~lightning_smd.measure.StepBatch` es that the recorder drains
+:class:`Diagnostics` consumes the :class:`~lightning_smd.engine.measure.StepBatch` es that the recorder drains
 once per log interval. Per tracked unit it answers two questions, with two figures:
 
 **Steady?** SMD's equilibrium is a steady state: the angular update Δ and the weight norm ‖w‖ have
@@ -13,7 +13,7 @@ stopped drifting for the hyper-parameters in force. A unit is *steady* when
 3. over the second half of the steps since that change (at least ``max(window, 2τ_r)``, at most
    ``max(4·window, 16τ_r)`` steps: the first half is left to the relaxation) neither ``Δ/Δ*`` nor
    the ``Δ/Δ*`` implied by ``‖w‖/‖w*‖`` drifts by more than ``drift_limit`` per relaxation time, and both drifts are
-   known to that precision (:mod:`lightning_smd.steady`: least squares, standard errors for autocorrelated
+   known to that precision (:mod:`lightning_smd.analysis.steady`: least squares, standard errors for autocorrelated
    samples, the Student quantile at the Bonferroni-corrected two-sided level ``significance / N`` over the N
    judged units: a steady unit fails with probability at most ``significance / N``, a unit drifting twice the
    limit passes with probability at most half that);
@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from lightning_smd.detect import NormalizedWeight, not_scale_invariant
-from lightning_smd.measure import StepBatch
-from lightning_smd.steady import BLOCKS_PER_WINDOW, MIN_BLOCKS, BlockSeries, drift_within, t_quantile
-from lightning_smd.theory import Rule, UnknownRule, registered_rules, time_to_band
+from lightning_smd.analysis.batch import StepBatch
+from lightning_smd.analysis.units import NormalizedWeight, not_scale_invariant
+from lightning_smd.analysis.steady import BLOCKS_PER_WINDOW, MIN_BLOCKS, BlockSeries, drift_within, t_quantile
+from lightning_smd.analysis.theory import Rule, UnknownRule, registered_rules, time_to_band
 
 __all__ = [
     "DiagnosticsConfig",
@@ -999,7 +999,7 @@ class Diagnostics:
     def applicable(self) -> np.ndarray:
         """Units with a prediction (a prediction of 0, i.e. no weight decay, counts: it is a failure; an unknown
         optimizer has none) that applies to them: a weight named by ``include`` that the first batch showed not to be
-        scale-invariant (:func:`lightning_smd.detect.not_scale_invariant`) is measured, but not judged — its reason
+        scale-invariant (:func:`lightning_smd.engine.detect.not_scale_invariant`) is measured, but not judged — its reason
         (``reasons``, hence ``not_in_equilibrium_because``) says so (:meth:`_set_reasons`)."""
         out = np.zeros(len(self.units), dtype=bool)
         for u, rule in enumerate(self.rules):
