@@ -248,6 +248,27 @@ class BlockSeries:
         time constant ``τ_r``, which bounds the factor by ``1 + 2τ_r/stride``; without the cap a smooth
         curvature (a relaxation's tail) would read as near-perfect correlation."""
         units = np.asarray(units, dtype=np.int64)
+        win = self._window(units, window_steps)
+        mean_x, se_mean_x, slope_x, se_slope_x, rho_x = _line_fit(win, "x", self.stride, max_inflation)
+        _, _, slope_y, se_slope_y, _ = _line_fit(win, "y", self.stride, max_inflation)
+        ok = win.ok
+        nan = np.full(len(units), np.nan)
+        keep = lambda a: np.where(ok, a, nan)  # noqa: E731
+        return WindowFit(
+            blocks=win.blocks,
+            samples=win.tot["n"],
+            mean_x=keep(mean_x),
+            se_mean_x=keep(se_mean_x),
+            slope_x=keep(slope_x),
+            se_slope_x=keep(se_slope_x),
+            slope_y=keep(slope_y),
+            se_slope_y=keep(se_slope_y),
+            rho_x=keep(rho_x),
+            mean_extra=(np.where(ok, win.sums[len(FIELDS) :] / win.N, np.nan).T if self.extras else None),
+        )
+
+    def _window(self, units: np.ndarray, window_steps: np.ndarray) -> _Window:
+        """The blocks of ``units`` whose mean time lies within ``window_steps`` of their last block's, summed."""
         filled = self.filled[units]
         everything = len(units) == len(self.filled) and bool((units == np.arange(len(units))).all())
         data = self.data if everything else self.data[units]
@@ -269,60 +290,7 @@ class BlockSeries:
         tb = tot["st"] / N
         stt = tot["stt"] - N * tb * tb
         stt_safe = np.where(stt > 0, stt, 1.0)
-        s = self.stride
-        out: dict[str, np.ndarray] = {}
-        rho_x = None
-        for key in "xy":
-            zb = tot[f"s_{key}"] / N
-            szz = tot[f"ss_{key}"] - N * zb * zb
-            stz = tot[f"ts_{key}"] - N * tb * zb
-            slope = stz / stt_safe
-            ssres = np.maximum(szz - slope * stz, 0.0)
-            # detrended lag-1 autocovariance of the residuals, from the pair sums
-            P, Pt, Ptt = tot["p"], tot["pt"], tot["ptt"]
-            Pz, Pl, Pzl, Ptz, Ptl = (tot[f"{m}_{key}"] for m in ("ps", "pl", "psl", "pts", "ptl"))
-            cov_zz = Pzl - zb * (Pz + Pl) + P * zb * zb
-            cov_z_ul = Ptz - (s + tb) * Pz - zb * (Pt - (s + tb) * P)
-            cov_l_ut = Ptl - tb * Pl - zb * (Pt - tb * P)
-            cov_uu = Ptt - 2.0 * tb * Pt + P * tb * tb - s * (Pt - tb * P)
-            lag = cov_zz - slope * cov_z_ul - slope * cov_l_ut + slope * slope * cov_uu
-            with np.errstate(divide="ignore", invalid="ignore"):
-                raw = np.where(ssres > 0, lag / ssres, 0.0)
-            # the lag-1 autocorrelation of detrended residuals is biased low by about (2 + 4ρ)/N
-            rho = np.clip(np.nan_to_num(raw + (2.0 + 4.0 * raw) / N, nan=0.0), 0.0, MAX_RHO)
-            infl = np.minimum((1.0 + rho) / (1.0 - rho), max_inflation)
-            # detrending also removes about two correlation times' worth of the residuals' variance
-            sigma2 = ssres / np.maximum(N - 2.0 * infl, N / 4.0)
-            lrv_step = sigma2 * infl
-            # the same from the blocks' means (catches correlation slower than a step's AR(1) suggests)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                means = data[..., _F[f"s_{key}"]] / n_k
-                res_k = np.where(mask, means - zb[:, None] - slope[:, None] * (centre - tb[:, None]), 0.0)
-            lrv_blocks = (n_k * res_k * res_k * w).sum(1) / np.maximum(blocks - 2.0, 1.0)
-            infl_blocks, _ = _ar1_inflation(res_k, w, blocks)
-            with np.errstate(invalid="ignore"):
-                cap = np.nan_to_num(sigma2 * max_inflation, nan=np.inf)  # 0·inf: no cap
-            lrv = np.minimum(np.maximum(lrv_step, lrv_blocks * infl_blocks), cap)
-            out[f"mean_{key}"] = zb
-            out[f"se_mean_{key}"] = np.sqrt(lrv / N)
-            out[f"slope_{key}"] = np.where(stt > 0, slope, np.nan)
-            out[f"se_slope_{key}"] = np.where(stt > 0, np.sqrt(lrv / stt_safe), np.nan)
-            if key == "x":
-                rho_x = rho
-        nan = np.full(len(units), np.nan)
-        keep = lambda a: np.where(ok, a, nan)  # noqa: E731
-        return WindowFit(
-            blocks=blocks,
-            samples=tot["n"],
-            mean_x=keep(out["mean_x"]),
-            se_mean_x=keep(out["se_mean_x"]),
-            slope_x=keep(out["slope_x"]),
-            se_slope_x=keep(out["se_slope_x"]),
-            slope_y=keep(out["slope_y"]),
-            se_slope_y=keep(out["se_slope_y"]),
-            rho_x=keep(rho_x),
-            mean_extra=(np.where(ok, sums[len(FIELDS) :] / N, np.nan).T if self.extras else None),
-        )
+        return _Window(data, n_k, centre, mask, w, sums, tot, blocks, ok, N, tb, stt, stt_safe)
 
     # checkpointing ---------------------------------------------------------------------------
     _STATE = ("data", "current", "filled", "block_size", "max_window", "origin", "prev")
@@ -337,6 +305,89 @@ class BlockSeries:
             current = getattr(self, name)
             setattr(self, name, np.asarray(state[name], dtype=current.dtype).reshape(current.shape))
         self.stride = float(state.get("stride", 1.0))
+
+
+@dataclass
+class _Window:
+    """One :meth:`BlockSeries.fit`'s window, per unit: its blocks and the sums over them (arrays over the units
+    asked for; ``[units, slots]`` per block)."""
+
+    data: np.ndarray
+    """``[units, slots, fields]``: the blocks' sums."""
+    n_k: np.ndarray
+    """Samples per block."""
+    centre: np.ndarray
+    """Block mean time (relative to the unit's origin)."""
+    mask: np.ndarray
+    """Whether the block is in the window."""
+    w: np.ndarray
+    """``mask`` as 0/1 weights."""
+    sums: np.ndarray
+    """``[fields (+ extras), units]``: the sums over the window."""
+    tot: dict[str, np.ndarray]
+    """``sums`` by field name."""
+    blocks: np.ndarray
+    """Complete blocks in the window."""
+    ok: np.ndarray
+    """Enough blocks and samples for a fit."""
+    N: np.ndarray
+    """Samples (4 where not ``ok``, to keep the arithmetic finite)."""
+    tb: np.ndarray
+    """Mean time."""
+    stt: np.ndarray
+    """Centred sum of squared times."""
+    stt_safe: np.ndarray
+    """``stt`` where positive, else 1."""
+
+
+def _line_fit(win: _Window, key: str, s: float, max_inflation: np.ndarray | float) -> tuple[np.ndarray, ...]:
+    """The line through series ``key`` (``"x"`` or ``"y"``) over the window, with stride ``s``: its mean, the
+    standard error of the mean, its slope and the slope's standard error (nan where the times do not spread),
+    and the lag-1 autocorrelation of the residuals behind the inflation."""
+    tot, N, tb, stt, stt_safe = win.tot, win.N, win.tb, win.stt, win.stt_safe
+    zb = tot[f"s_{key}"] / N
+    szz = tot[f"ss_{key}"] - N * zb * zb
+    stz = tot[f"ts_{key}"] - N * tb * zb
+    slope = stz / stt_safe
+    ssres = np.maximum(szz - slope * stz, 0.0)
+    lag = _residual_lag_cov(tot, key, zb, tb, slope, s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = np.where(ssres > 0, lag / ssres, 0.0)
+    # the lag-1 autocorrelation of detrended residuals is biased low by about (2 + 4ρ)/N
+    rho = np.clip(np.nan_to_num(raw + (2.0 + 4.0 * raw) / N, nan=0.0), 0.0, MAX_RHO)
+    infl = np.minimum((1.0 + rho) / (1.0 - rho), max_inflation)
+    # detrending also removes about two correlation times' worth of the residuals' variance
+    sigma2 = ssres / np.maximum(N - 2.0 * infl, N / 4.0)
+    lrv_step = sigma2 * infl
+    lrv_blocks, infl_blocks = _block_lrv(win, key, zb, slope)
+    with np.errstate(invalid="ignore"):
+        cap = np.nan_to_num(sigma2 * max_inflation, nan=np.inf)  # 0·inf: no cap
+    lrv = np.minimum(np.maximum(lrv_step, lrv_blocks * infl_blocks), cap)
+    se_slope = np.where(stt > 0, np.sqrt(lrv / stt_safe), np.nan)
+    return zb, np.sqrt(lrv / N), np.where(stt > 0, slope, np.nan), se_slope, rho
+
+
+def _residual_lag_cov(tot: dict[str, np.ndarray], key: str, zb: np.ndarray, tb: np.ndarray, slope: np.ndarray, s: float) -> np.ndarray:
+    """The detrended lag-1 autocovariance (a sum over the pairs) of the residuals of series ``key`` about the
+    line ``zb + slope·(t − tb)``, from the pair sums; ``s`` is the stride (time between consecutive samples)."""
+    P, Pt, Ptt = tot["p"], tot["pt"], tot["ptt"]
+    Pz, Pl, Pzl, Ptz, Ptl = (tot[f"{m}_{key}"] for m in ("ps", "pl", "psl", "pts", "ptl"))
+    cov_zz = Pzl - zb * (Pz + Pl) + P * zb * zb
+    cov_z_ul = Ptz - (s + tb) * Pz - zb * (Pt - (s + tb) * P)
+    cov_l_ut = Ptl - tb * Pl - zb * (Pt - tb * P)
+    cov_uu = Ptt - 2.0 * tb * Pt + P * tb * tb - s * (Pt - tb * P)
+    return cov_zz - slope * cov_z_ul - slope * cov_l_ut + slope * slope * cov_uu
+
+
+def _block_lrv(win: _Window, key: str, zb: np.ndarray, slope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The long-run variance per sample of series ``key`` from the spread of the blocks' means about the line, and
+    the inflation for their own lag-1 autocorrelation (catches correlation slower than a step's AR(1) suggests)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        means = win.data[..., _F[f"s_{key}"]] / win.n_k
+        res_k = np.where(win.mask, means - zb[:, None] - slope[:, None] * (win.centre - win.tb[:, None]), 0.0)
+    lrv_blocks = (win.n_k * res_k * res_k * win.w).sum(1) / np.maximum(win.blocks - 2.0, 1.0)
+    infl_blocks, _ = _ar1_inflation(res_k, win.w, win.blocks)
+    return lrv_blocks, infl_blocks
 
 
 def _ar1_inflation(res: np.ndarray, w: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

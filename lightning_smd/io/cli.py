@@ -37,7 +37,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning_smd.analysis.diagnostics import Verdict
+import numpy as np
+
+from lightning_smd.analysis.judgement import agreement_words, classify, reached
+from lightning_smd.analysis.states import Agreement, UnitState, Verdict
 from lightning_smd.io.plot import newest_file
 from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, format_summary_table
 
@@ -213,23 +216,28 @@ def _criteria(
     )
 
 
-def _outside(layer: dict[str, Any], band: float) -> bool:
-    """The layer's steady ratio interval lies entirely outside ``1 ± band``."""
-    ci = layer.get("steady_ratio_ci")
-    return bool(ci) and None not in ci and (ci[1] < 1.0 - band or ci[0] > 1.0 + band)
-
-
-def _rejudged(layer: dict[str, Any], tol: float, strict: bool, far: float) -> tuple[bool, str, str]:
-    """``(counted, state, agreement)`` of one layer under the given bands (its steadiness as the run judged it)."""
-    agreement = "off_prediction" if _outside(layer, tol) else "agrees"
-    if not layer.get("steady"):
-        state = layer.get("state") or "approaching"
-        return False, ("approaching" if state in ("equilibrium", "off_prediction", "steady_far_off") else state), agreement
-    if _outside(layer, far):
-        return False, "steady_far_off", "far_off"
-    if strict and _outside(layer, tol):
-        return False, "off_prediction", agreement
-    return True, "equilibrium", agreement
+def _classified(layers: Sequence[dict[str, Any]], tol: float, strict: bool, far: float) -> list[tuple[bool, str, str]]:
+    """``(counted, state, agreement)`` of each layer under the given bands (its steadiness as the run judged it), by
+    the run's own rule (:func:`lightning_smd.analysis.judgement.classify`)."""
+    steady = np.array([bool(layer.get("steady")) for layer in layers], dtype=bool)
+    ci = [layer.get("steady_ratio_ci") or [None, None] for layer in layers]
+    lo = np.array([math.nan if c[0] is None or c[1] is None else c[0] for c in ci], dtype=np.float64)
+    hi = np.array([math.nan if c[0] is None or c[1] is None else c[1] for c in ci], dtype=np.float64)
+    far_off, off, counted = classify(steady, lo, hi, tol, far, strict)
+    # a layer not steady keeps the run's state (approaching where the run had counted it), and its interval's
+    # agreement with the band is shown as the run would for a steady one
+    _, outside, _ = classify(np.ones(len(layers), dtype=bool), lo, hi, tol, math.inf, False)
+    out = []
+    for i, layer in enumerate(layers):
+        if not steady[i]:
+            state = layer.get("state") or UnitState.APPROACHING
+            kept = UnitState.APPROACHING if state in (UnitState.EQUILIBRIUM, UnitState.OFF_PREDICTION, UnitState.STEADY_FAR_OFF) else state
+            out.append((False, str(kept), str(Agreement.OFF_PREDICTION if outside[i] else Agreement.AGREES)))
+            continue
+        words = agreement_words(steady[i : i + 1], far_off[i : i + 1], off[i : i + 1])[0]
+        state = UnitState.EQUILIBRIUM if counted[i] else UnitState.STEADY_FAR_OFF if far_off[i] else UnitState.OFF_PREDICTION
+        out.append((bool(counted[i]), str(state), str(words)))
+    return out
 
 
 def judge(
@@ -250,11 +258,10 @@ def judge(
         return Verdict.NOT_APPLICABLE, "no tracked layer has an SMD prediction"
     if summary.get("schema_version", 1) < 2:
         raise InputError("this summary predates the steady-state verdict (schema_version 1): re-judge it with the version that wrote it")
-    ok = [layer for layer in layers if _rejudged(layer, tol, strict, far)[0]]
-    share = len(ok) / len(layers)
+    n_ok = sum(counted for counted, _, _ in _classified(layers, tol, strict, far))
     rule = f"steady, steady ratio not entirely outside ±{far:.0%}" + (f" nor ±{tol:.0%}" if strict else "")
-    reason = f"{len(ok)}/{len(layers)} layers in equilibrium ({rule}; {frac:.0%} required)"
-    return (Verdict.EQUILIBRIUM if share >= frac - 1e-12 else Verdict.NOT_REACHED), reason
+    reason = f"{n_ok}/{len(layers)} layers in equilibrium ({rule}; {frac:.0%} required)"
+    return (Verdict.EQUILIBRIUM if reached(n_ok, len(layers), frac) else Verdict.NOT_REACHED), reason
 
 
 def rejudged_summary(
@@ -264,12 +271,14 @@ def rejudged_summary(
     table's per-layer column agrees with the verdict under it."""
     verdict, reason = judge(summary, tolerance, min_fraction, require_agreement, max_deviation)
     tol, frac, strict, far = _criteria(summary, tolerance, min_fraction, require_agreement, max_deviation)
+    judged = [layer for layer in summary["layers"] if layer.get("predicted_angular_update") is not None]
+    new = iter(_classified(judged, tol, strict, far))
     layers = []
     for layer in summary["layers"]:
         if layer.get("predicted_angular_update") is None:
             layers.append(layer)
             continue
-        counted, state, agreement = _rejudged(layer, tol, strict, far)
+        counted, state, agreement = next(new)
         layers.append({**layer, "in_equilibrium": counted, "state": state, "agreement": agreement})
     criteria = {**summary.get("criteria", {}), "tolerance": tol, "min_fraction": frac, "require_agreement": strict, "max_deviation": far}
     return {**summary, "verdict": verdict, "reason": reason, "layers": layers, "criteria": criteria}
@@ -316,7 +325,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _check_layer_names(path: str, names: Sequence[str], name: str | None = None) -> None:
     """:class:`InputError` unless every name in ``names`` is a layer the run logged per-layer series for."""
-    from lightning_smd.analysis.diagnostics import metric_name
+    from lightning_smd.analysis.keys import metric_name
     from lightning_smd.io.plot import _layers as logged_layers
     from lightning_smd.io.plot import load_series
 

@@ -1,0 +1,216 @@
+"""What the analysis writes out: the logged metrics and the run summary's rows (one per layer), statistics and
+diagnoses. Pure functions of a :class:`~lightning_smd.analysis.diagnostics.Diagnostics`' state (read, never
+written); the summary's layout is versioned by :data:`SCHEMA_VERSION`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lightning_smd.analysis import keys
+from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES
+from lightning_smd.analysis.fields import num
+from lightning_smd.analysis.forecast import predicted_time_to_equilibrium
+from lightning_smd.analysis.reasons import verdict, why_not
+from lightning_smd.analysis.states import Agreement, UnitState
+
+if TYPE_CHECKING:
+    from lightning_smd.analysis.diagnostics import Diagnostics
+
+__all__ = ["SCHEMA_VERSION", "metrics", "layer_columns", "layer_rows", "statistics", "diagnoses", "summary"]
+
+#: Version of the summary's layout (2: steady state judged statistically, agreement as its own figure).
+SCHEMA_VERSION = 2
+
+
+def metrics(d: Diagnostics, per_layer: bool = True, namespace: str = keys.NAMESPACE) -> dict[str, float]:
+    """The logged metrics: always the same keys for the same units (CSV loggers need that)."""
+    out = {
+        keys.key("angular_update_ratio", namespace=namespace): d.median_ratio(),
+        keys.key("equilibrium_fraction", namespace=namespace): d.equilibrium_fraction(),
+    }
+    if per_layer:
+        columns = layer_columns(d)
+        for u, unit in enumerate(d.units):
+            for m, values in columns.items():
+                out[keys.layer_key(unit.name, m, namespace)] = float(values[u])
+    return out
+
+
+def layer_columns(d: Diagnostics) -> dict[str, np.ndarray]:
+    """The per-layer metrics (:data:`~lightning_smd.analysis.keys.LAYER_METRICS`, and the per-filter RMS when
+    measured), one array each."""
+    lo, hi = d.ratio_interval()
+    values = {
+        "angular_update": d.delta.value(),
+        "predicted_angular_update": d.predicted,
+        "smoothed_predicted_angular_update": d.predicted_smooth.value(),
+        "angular_update_ratio": d.ratio.value(),
+        "weight_norm": d.norm,
+        "predicted_weight_norm": d.predicted_weight_norm(),
+        "in_equilibrium": d.counted.astype(float),
+        "effective_lr": d.effective_lr,
+        "steady_ratio": d.steady_ratio,
+        "steady_ratio_low": lo,
+        "steady_ratio_high": hi,
+        "drift": d.drift,
+    }
+    columns = {m: values[m] for m in keys.LAYER_METRICS}
+    if d.per_filter:
+        columns["filter_angular_update_rms"] = d.filter_delta.value()
+    return columns
+
+
+def _identity(d: Diagnostics, u: int) -> dict[str, Any]:
+    """What the unit is: its weights, layer, normalization, how it was found; its optimizer, rule and settings."""
+    unit, rule = d.units[u], d.rules[u]
+    return {
+        "name": unit.name,
+        "params": list(unit.params),
+        "shape": list(unit.shape),
+        "numel": unit.numel,
+        "layer": unit.layer,
+        "normalization": unit.norm,
+        "granularity": unit.granularity,
+        "found_by": unit.found_by,
+        "group_size": unit.group_size,
+        "verification": unit.verification,
+        "optimizer": d.optimizer[u],
+        "rule": rule.name if rule is not None else None,
+        "hyper": d.hyper[u],
+        "steps": int(d.steps[u]),
+    }
+
+
+def _measured(d: Diagnostics, u: int, smoothed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The measured and predicted figures (``smoothed``: the moving averages and the predicted norm of every unit)."""
+    return {
+        "angular_update": num(smoothed["delta"][u]),
+        "last_angular_update": num(d.last_delta[u]),
+        "predicted_angular_update": num(d.predicted[u]),
+        "smoothed_predicted_angular_update": num(smoothed["predicted"][u]),
+        "ratio": num(smoothed["ratio"][u]),
+        "weight_norm": num(d.norm[u]),
+        "predicted_weight_norm": num(smoothed["norm"][u]),
+        "relaxation_time": num(d.relaxation[u]),
+        "ratio_relaxation_time": num(d.tau_ratio[u]),
+    }
+
+
+def _judged(d: Diagnostics, u: int, lo: np.ndarray, hi: np.ndarray) -> dict[str, Any]:
+    """The latest judgement: steady, agreement, why not, the steady ratio and its interval, the drifts, the window."""
+    since = int(d.steps[u] - d.origin[u]) if d.origin[u] >= 0 else None
+    return {
+        "in_equilibrium": bool(d.counted[u]),
+        "steady": bool(d.steady[u]),
+        "agreement": d.agreement[u],
+        "not_in_equilibrium_because": why_not(d, u),
+        "steady_ratio": num(d.steady_ratio[u]),
+        "steady_ratio_ci": [num(lo[u]), num(hi[u])] if np.isfinite(lo[u]) else None,
+        "direction_ratio": num(d.direction_ratio[u]),
+        "update_kappa": num(d.kappa[u]),
+        "update_radial_share": num(d.radial_share[u]),
+        "balance_drift": num(d.balance_drift[u]),
+        "drift": num(d.drift[u]),
+        "drift_se": num(d.drift_se[u]),
+        "norm_drift": num(d.norm_drift[u]),
+        "norm_drift_se": num(d.norm_drift_se[u]),
+        "quantile": num(d.quantile[u]),
+        "window_steps": num(d.window_steps[u]),
+        "steps_since_change": since,
+        "settle_steps": num(d.settle_steps[u]),
+    }
+
+
+def _course(d: Diagnostics, u: int, smoothed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The unit's course over the run: equilibrium reached and kept, divergence, re-equilibrations, spikes, noise."""
+    first = int(d.first_equilibrium[u])
+    measured = d.changes.measured_steps(u, int(d.steps[u]))
+    return {
+        "filter_angular_update_rms": num(smoothed["filter"][u]) if d.per_filter else None,
+        "first_equilibrium_step": first if first >= 0 else None,
+        "diverged_at_step": int(d.diverged_step[u]) if d.diverged_step[u] >= 0 else None,
+        "steps_in_equilibrium": int(d.steps_in_equilibrium[u]),
+        "first_measured_step": int(d.first_step[u]) if d.first_step[u] >= 0 else None,
+        "share_in_equilibrium": num(d.steps_in_equilibrium[u] / measured) if measured else None,
+        "state": d.state[u],
+        "initial_weight_norm": num(d.initial_norm[u]),
+        "predicted_time_to_equilibrium": num(smoothed["t_eq"][u]),
+        "effective_lr": num(d.effective_lr[u]),
+        "reequilibrations": list(d.reequilibrations[u]),
+        "expected_reequilibration_steps": num(d.expected_reequilibration[u]) if d.state[u] == UnitState.REEQUILIBRATING else None,
+        "spikes": int(d.spike_count[u]),
+        "vanishing_gradient_noise_since": int(d.vanishing_first[u]) if d.vanishing_first[u] >= 0 else None,
+        "unit_grad_sq": num(d.unit_grad.value(np.array([u]))[0]),
+        "unit_grad_sq_peak": num(d.unit_grad_peak[u]),
+        "reason": d.reasons[u],
+    }
+
+
+def layer_rows(d: Diagnostics) -> list[dict[str, Any]]:
+    """The summary's ``layers``: one row per unit."""
+    smoothed = {
+        "delta": d.delta.value(),
+        "predicted": d.predicted_smooth.value(),
+        "ratio": d.ratio.value(),
+        "norm": d.predicted_weight_norm(),
+        "filter": d.filter_delta.value(),
+        "t_eq": predicted_time_to_equilibrium(d),
+    }
+    lo, hi = d.ratio_interval()
+    return [{**_identity(d, u), **_measured(d, u, smoothed), **_judged(d, u, lo, hi), **_course(d, u, smoothed)} for u in range(len(d.units))]
+
+
+def statistics(d: Diagnostics) -> dict[str, Any]:
+    """How the run was judged: the per-unit level and the quantile of the tests."""
+    n = int((d.applicable & (d.predicted > 0)).sum())
+    per_unit = d.config.significance / max(n, 1)
+    return {
+        "units_judged": n,
+        "false_alarm_rate_per_run": d.config.significance,
+        "false_alarm_rate_per_unit": per_unit,
+        "confidence_level": 1.0 - per_unit,
+        "drift_limit_per_relaxation_time": d.config.drift,
+        "window": "the second half of the steps since the last change",
+        "window_relaxation_times": list(WINDOW_RELAXATION_TIMES),
+    }
+
+
+def diagnoses(d: Diagnostics) -> dict[str, Any]:
+    """Run-level findings, each with the layers concerned (a finding without layers is left out)."""
+    names, app, eq = d.names, d.applicable, d.counted
+    units = range(len(names))
+    reached = [u for u in units if app[u] and d.first_equilibrium[u] >= 0]
+    never = [names[u] for u in units if app[u] and d.first_equilibrium[u] < 0]
+    found = {
+        "vanishing_gradient_noise": [names[u] for u in units if d.vanishing_first[u] >= 0 and not eq[u]],
+        "norm_spikes": [names[u] for u in units if d.spike_count[u] > 0],
+        "re_equilibrating": [names[u] for u in units if d.state[u] == UnitState.REEQUILIBRATING],
+        "off_prediction": [names[u] for u in units if d.agreement[u] == Agreement.OFF_PREDICTION],
+        "steady_far_off": [names[u] for u in units if d.agreement[u] == Agreement.FAR_OFF],
+        "never_in_equilibrium": never if reached else [],
+        "diverged": [names[u] for u in np.argsort(d.diverged_step, kind="stable") if d.diverged_step[u] >= 0],
+        "departed": [names[u] for u in units if d.state[u] == UnitState.DEPARTED],
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def summary(d: Diagnostics) -> dict[str, Any]:
+    """The analysis' part of the run summary (``smd_summary.json``)."""
+    verdict_, reason = verdict(d)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "verdict": verdict_,
+        "reason": reason,
+        "steps": int(d.steps.max(initial=0)),
+        "diverged_at_step": int(d.diverged_step[d.diverged].min()) if d.diverged.any() else None,
+        "criteria": d.config.criteria(),
+        "statistics": statistics(d),
+        "equilibrium_fraction": num(d.equilibrium_fraction()),
+        "angular_update_ratio": num(d.median_ratio()),
+        "diagnoses": diagnoses(d),
+        "spikes": list(d.spikes),
+        "training_loss": {"last": num(d.loss_now), "peak": num(d.loss_peak)},
+        "layers": layer_rows(d),
+    }
