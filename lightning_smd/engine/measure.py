@@ -23,14 +23,16 @@ This module does not import Lightning: a hand-written loop can use it directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from lightning_smd.analysis.batch import StepBatch
-from lightning_smd.analysis.theory import rule_for, unwrap_optimizer
+from lightning_smd.analysis.theory import Rule, rule_for, unwrap_optimizer
+from lightning_smd.options import check_int
 
 __all__ = ["StepBatch", "StepRecorder", "DistanceTracker", "angles_from_norms", "local_shard"]
 
@@ -38,9 +40,7 @@ SMALL_NUMEL = 4096
 """CPU dot path: tensors with fewer elements are batched into one concatenated segmented sum."""
 
 
-def angles_from_norms(
-    norm_sq_before: np.ndarray, norm_sq_after: np.ndarray, update_sq: np.ndarray, norm_sq_diff: np.ndarray | None = None
-) -> np.ndarray:
+def angles_from_norms(norm_sq_before: np.ndarray, norm_sq_after: np.ndarray, update_sq: np.ndarray, norm_sq_diff: np.ndarray | None = None) -> np.ndarray:
     """Vectorized :func:`lightning_smd.analysis.theory.angle_from_norms` in float64 (nan where a norm is 0).
 
     ``norm_sq_diff`` (``‖a‖² − ‖b‖²`` computed directly as ``2⟨d, b⟩ + ‖d‖²``, with ``d = a − b``) gives
@@ -147,8 +147,277 @@ def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors])
 
 
+class _Rows(NamedTuple):
+    """The columns of drained rows, by quantity: ``[k, n]`` arrays (``k`` steps, ``n`` tensors, tracked order)."""
+
+    weight: np.ndarray  # ‖w_{t+1}‖²
+    update: np.ndarray  # ‖d‖²: of w_t − w_{t+1}, or of the momentum buffer
+    dot: np.ndarray | None  # ⟨d, w_{t+1}⟩ (the CPU dot path)
+    grad: np.ndarray  # ‖g_t‖²
+    before: np.ndarray | None  # ‖w_t‖² (taken in the pre-hook: sampling without the dot term)
+
+
+@dataclass(frozen=True, eq=False)
+class _Columns:
+    """Where each quantity sits in a row of a slot's device buffer (one row per recorded step).
+
+    A row is blocks of ``n`` columns, one column per tracked tensor: ‖w_{t+1}‖², ‖d‖², [⟨d, w_{t+1}⟩ on the
+    dot path], ‖g‖², and when sampling without the dot term ‖w_t‖² (taken in the step pre-hook: the previous
+    recorded row is no longer the previous step). Within a block the kernels write the tensors in the order
+    ``large + small`` (see :meth:`_Slot._plan_kernels`); ``inverse_order`` puts them back in tracked order."""
+
+    n: int
+    weight: slice
+    update: slice
+    dot: slice | None
+    grad: slice
+    before: slice | None
+    blocks: int
+    inverse_order: np.ndarray | None
+
+    @classmethod
+    def plan(cls, n: int, *, dots: bool, sampled: bool, inverse_order: np.ndarray | None) -> _Columns:
+        names = ["weight", "update"] + (["dot"] if dots else []) + ["grad"] + (["before"] if sampled and not dots else [])
+        at = {name: slice(i * n, (i + 1) * n) for i, name in enumerate(names)}
+        return cls(n, at["weight"], at["update"], at.get("dot"), at["grad"], at.get("before"), len(names), inverse_order)
+
+    @property
+    def width(self) -> int:
+        """Columns in a row."""
+        return self.blocks * self.n
+
+    def split(self, data: np.ndarray) -> _Rows:
+        """The host copy of some rows, in tracked tensor order, cut into its quantities (views, no copies)."""
+        if self.inverse_order is not None:
+            data = data.reshape(len(data), self.blocks, self.n)[:, :, self.inverse_order].reshape(len(data), -1)
+        dot = data[:, self.dot] if self.dot is not None else None
+        before = data[:, self.before] if self.before is not None else None
+        return _Rows(data[:, self.weight], data[:, self.update], dot, data[:, self.grad], before)
+
+
+class _Placement:
+    """Where each tracked tensor of a slot belongs: its unit (global and slot-local index) and its param group;
+    and the per-unit sums of per-tensor columns."""
+
+    def __init__(self, tensor_unit: list[int], tensor_group: list[int], units: list[int]) -> None:
+        self.groups = sorted(set(tensor_group))  # optimizer param-group indices used by tracked tensors
+        pos = {g: i for i, g in enumerate(self.groups)}
+        self.tensor_group = np.array([pos[g] for g in tensor_group], dtype=np.int64)
+        self.units = units  # global unit indices, in local order
+        local = {u: i for i, u in enumerate(units)}
+        # Per-unit sums of per-tensor squares (np.add.at: a non-finite tensor only spoils its own unit).
+        self.tensor_local_unit = np.array([local[u] for u in tensor_unit], dtype=np.int64)
+        self.tensor_unit_local = [local[u] for u in tensor_unit]
+        unit_group = np.zeros(len(units), dtype=np.int64)
+        for t, u in enumerate(tensor_unit):
+            unit_group[local[u]] = self.tensor_group[t]
+        self.unit_group = unit_group
+
+    def to_units(self, x: np.ndarray) -> np.ndarray:
+        """``[k, tensors]`` -> ``[k, units]``: the sum over the tensors of each unit."""
+        out = np.zeros((x.shape[0], len(self.units)))
+        np.add.at(out.T, self.tensor_local_unit, x.T)
+        return out
+
+
+class _Shards:
+    """How a slot's tensors are split across ranks (FSDP). Every statistic is a sum of squares, so each rank
+    records the sums over its own shards and one all-reduce per drain completes them."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], shard_group: Any) -> None:
+        explicit = shard_group is not None
+        #: the process group to sum over (None: the default group)
+        self.group = _shard_group(tensors) if not explicit else (None if shard_group == "world" else shard_group)
+        self.sharded = explicit or self.group is not None
+        self.collectives = 0  # all-reduces issued: one per drain
+        self.initial_reduced = False
+
+    def all_reduce(self, rows: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor | None:
+        """Sum the shard-local ``rows`` (a slice of the buffer, summed in place) and ``initial`` (the initial norms,
+        the first time) over the shard group in one all-reduce; returns the summed initial norms."""
+        import torch.distributed as dist
+
+        count = rows.shape[0]
+        parts = [rows.reshape(-1)]
+        if initial is not None:
+            parts.append(initial.reshape(-1))
+        flat = torch.cat(parts) if len(parts) > 1 or count else None
+        if flat is None or flat.numel() == 0:
+            return None
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        self.collectives += 1
+        n = count * rows.shape[1]
+        if count:
+            rows.copy_(flat[:n].reshape(count, -1))
+        if initial is None:
+            return None
+        self.initial_reduced = True
+        return flat[n:].clone()
+
+
+class _StepClock:
+    """Counts an optimizer's steps and says which are recorded: all, or when sampling every ``stride``-th (armed
+    in the step pre-hook, so that ``w_t`` is taken right before the step)."""
+
+    def __init__(self, stride: int) -> None:
+        self.stride = stride
+        self.armed = stride == 1
+        self.taken = 0  # optimizer steps seen
+        self.start = 0  # steps taken before the first one seen (StepRecorder.start_at)
+
+    def arm(self) -> bool:
+        """In the pre-hook (sampling): whether the coming step is one to record."""
+        self.armed = (self.taken + 1) % self.stride == 0
+        return self.armed
+
+    def recording(self) -> bool:
+        """In the post-hook: whether the step just taken is recorded (one not recorded is counted here)."""
+        if not self.armed:
+            self.taken += 1
+            return False
+        if self.stride > 1:
+            self.armed = False
+        return True
+
+
+class _HostLog:
+    """What a slot recorded since the last drain, on the host: per step its number, its hyper-parameters and the
+    tensors without gradient (appended together after every tensor op of a step: a failed step left none), and
+    the rows already copied off the device (``parts``, with the per-filter rows in ``filter_parts``)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []  # the optimizer step of each row still on the device
+        self.hyper: list[tuple[tuple[Any, ...], ...]] = []
+        self.missing: list[list[int]] = []  # per recorded step: tensors the optimizer skipped (no gradient)
+        self.parts: list[tuple[np.ndarray, list[tuple[tuple[Any, ...], ...]], np.ndarray]] = []
+        self.filter_parts: list[np.ndarray] = []
+
+    @property
+    def rows(self) -> int:
+        """Rows copied to the host and not drained yet."""
+        return sum(len(p[2]) for p in self.parts)
+
+    def add(self, step: int, hyper: tuple[tuple[Any, ...], ...], missing: list[int]) -> None:
+        self.missing.append(missing)
+        self.steps.append(step)
+        self.hyper.append(hyper)
+
+    def keep(self, data: np.ndarray, filter_data: np.ndarray | None) -> None:
+        """Keep the host copy of the device rows (``len(data)`` of them, the last steps logged)."""
+        steps = np.array(self.steps[-len(data) :], dtype=np.int64)
+        self.steps = []
+        self.parts.append((data, self.hyper, steps))
+        if filter_data is not None:
+            self.filter_parts.append(filter_data)
+        self.hyper = []
+
+    def take(self) -> tuple[list[tuple[np.ndarray, list[tuple[tuple[Any, ...], ...]], np.ndarray]], list[np.ndarray], list[list[int]]]:
+        """The host parts, per-filter parts and missing tensors to drain; the log starts afresh."""
+        parts, filter_parts = self.parts, self.filter_parts
+        self.parts, self.filter_parts, self.hyper, self.steps = [], [], [], []
+        missing: list[list[int]] = []
+        if parts:
+            missing, self.missing = self.missing, []
+        return parts, filter_parts, missing
+
+
+class _PerFilter:
+    """Per-filter statistics of a slot (opt-in): ‖w‖² and ‖d‖² of every filter (a row along the filter dim) of
+    the tensors that have filters, reported as the RMS over a unit's filters (or groups) of their angular updates.
+
+    Buffer rows: ‖w_{t+1}‖² per filter, ‖d‖² per filter, and when sampling ‖w_t‖² per filter."""
+
+    def __init__(self, tensors: list[torch.Tensor], filter_of: dict[int, tuple[int, int]], *, capacity: int, sampled: bool, device: torch.device) -> None:
+        self.filter_of = filter_of  # tensor position -> (filter dim, filters per invariant group)
+        self.tensors = sorted(filter_of)  # positions of the tensors with filters
+        self.rows = [tensors[t].shape[filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.tensors]
+        self.total = sum(self.rows)
+        self.sampled = sampled
+        self.buffer = torch.zeros(capacity, (3 if sampled else 2) * self.total, dtype=torch.float64, device=device)
+        self.last: np.ndarray | None = None  # per filter, host: ‖w‖² after the last drained step
+        with torch.no_grad():
+            self.initial = torch.cat(self.row_sq([tensors[t] for t in self.tensors]))
+
+    @classmethod
+    def plan(cls, tensors: list[torch.Tensor], tensor_filter: list[tuple[int, int] | None] | None, **kwargs: Any) -> _PerFilter | None:
+        """The per-filter part of a slot, or None when no tracked tensor has filters (empty tensors have none)."""
+        filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None and tensors[t].numel() > 0}
+        return cls(tensors, filter_of, **kwargs) if filter_of else None
+
+    @property
+    def extra_bytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+    def row_sq(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Squared norm of every filter (row along the filter dim) of each per-filter tensor, in float64."""
+        out = []
+        for t, pos in zip(tensors, self.tensors):
+            dim = self.filter_of[pos][0]
+            rows = t.reshape(-1, 1) if t.dim() <= 1 else t.movedim(dim, 0).reshape(t.shape[dim], -1)
+            out.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square())
+        return out
+
+    def of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The per-filter tensors among a slot's tensors (all of them, in tracked order)."""
+        return [tensors[t] for t in self.tensors]
+
+    def record_before(self, row: int, tensors: list[torch.Tensor]) -> None:
+        torch.cat(self.row_sq(self.of(tensors)), out=self.buffer[row, 2 * self.total :])
+
+    def record(self, row: int, tensors: list[torch.Tensor], update_sq: list[torch.Tensor]) -> None:
+        torch.cat(self.row_sq(self.of(tensors)) + update_sq, out=self.buffer[row, : 2 * self.total])
+
+    def rebase(self, tensors: list[torch.Tensor]) -> None:
+        self.initial = torch.cat(self.row_sq(self.of(tensors)))
+
+    def to_host(self, count: int) -> np.ndarray:
+        return self.buffer[:count].to("cpu", copy=True).numpy()
+
+    def rms(self, pf: np.ndarray, hyper: list[list[dict[str, float]]], placement: _Placement, momentum_path: bool) -> np.ndarray:
+        """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``."""
+        total = self.total
+        w_sq, d_sq = pf[:, :total], pf[:, total : 2 * total]
+        if self.last is None:
+            self.last = self.initial.to("cpu", copy=True).numpy()
+        if self.sampled:
+            before = pf[:, 2 * total :]
+        else:
+            before = np.concatenate([self.last[None, :], w_sq[:-1]], axis=0)
+        self.last = w_sq[-1].copy()
+        if momentum_path:
+            lr = np.array([[g.get("lr", math.nan) for g in step] for step in hyper], dtype=np.float64)
+            reps = np.repeat(np.array([placement.tensor_group[t] for t in self.tensors]), self.rows)
+            d_sq = d_sq * lr[:, reps] ** 2
+        k = pf.shape[0]
+        out = np.full((k, len(placement.units)), np.nan)
+        # sum the tensors of a unit filter by filter, then filters into groups
+        offsets = np.concatenate([[0], np.cumsum(self.rows)])
+        per_unit: dict[int, list[int]] = {}
+        for j, t in enumerate(self.tensors):
+            per_unit.setdefault(placement.tensor_unit_local[t], []).append(j)
+        for u, js in per_unit.items():
+            rows = self.rows[js[0]]
+            if any(self.rows[j] != rows for j in js):
+                continue
+            b = sum(before[:, offsets[j] : offsets[j + 1]] for j in js)
+            a = sum(w_sq[:, offsets[j] : offsets[j + 1]] for j in js)
+            d = sum(d_sq[:, offsets[j] : offsets[j + 1]] for j in js)
+            group = self.filter_of[self.tensors[js[0]]][1]
+            if group > 1 and rows % group == 0:
+                b, a, d = (x.reshape(k, rows // group, group).sum(2) for x in (b, a, d))
+            angles = angles_from_norms(b, a, d)
+            out[:, u] = np.sqrt(np.nanmean(angles**2, axis=1))
+        return out
+
+
 class _Slot:
-    """Everything recorded for one optimizer."""
+    """Everything recorded for one optimizer (on one device): the step hooks' device work and the drain.
+
+    The measurement varies along a few independent choices, each kept in one place: the update from the
+    momentum buffer or from a weight snapshot (:attr:`momentum_path`), dot products or float64 norms
+    (:attr:`cross`, laid out by :class:`_Columns`), a flat group of small tensors (:class:`_FlatGroup`),
+    per-filter statistics (:class:`_PerFilter`), sampling (:class:`_StepClock`) and sharding (:class:`_Shards`).
+    """
 
     def __init__(
         self,
@@ -167,127 +436,125 @@ class _Slot:
         cpu_dot_products: bool = True,
     ) -> None:
         self.index = index
-        self.stride = max(int(every_n_steps), 1)
-        self._armed = self.stride == 1
+        self.clock = _StepClock(every_n_steps)
         self.optimizer = optimizer
         self.tensors = tensors
         self.rule = rule_for(optimizer)
         self.settings = self.rule.optimizer_settings(unwrap_optimizer(optimizer))  # constant for the optimizer's life
-        self._layout(tensor_unit, tensor_group, units)
-        # Sharded parameters (FSDP2 DTensors): every statistic is a sum of squares, so each rank records the
-        # sums over its own shards and one all-reduce per drain completes them.
-        explicit = shard_group is not None
-        self.shard_group = _shard_group(tensors) if not explicit else (None if shard_group == "world" else shard_group)
-        self.sharded = explicit or self.shard_group is not None
+        self.placement = _Placement(tensor_unit, tensor_group, units)
+        self.shards = _Shards(tensors, shard_group)
         self.device = local_shard(tensors[0]).device  # type: ignore[union-attr]
-        self.momentum_path = use_momentum_buffer and _is_heavy_ball_sgd(optimizer, self.groups)
+        self.momentum_path = use_momentum_buffer and _is_heavy_ball_sgd(optimizer, self.placement.groups)
         self.capacity = max(int(capacity), 1)
         # On the CPU, float32 dot products are ~10x cheaper than float64-accumulated norms (which upcast every
         # element); their ~1e-7 relative error is harmless once ‖w_t‖² − ‖w_{t+1}‖² is taken from the cross
         # term ⟨d, w_{t+1}⟩ instead of subtracting two norms. Accelerators keep the fused float64 foreach norms.
         # (float32/float64 only: a dot product accumulated in bf16/fp16 would lose the precision)
-        self.cross = cpu_dot_products and self.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
-        # Columns of a buffer row, each ``len(tensors)`` wide: ‖w_{t+1}‖², ‖d‖², [⟨d, w_{t+1}⟩], ‖g‖², and when
-        # sampling without the cross term, ‖w_t‖² (taken in the step pre-hook: the previous recorded row is
-        # no longer the previous step).
-        self.col_g = 3 if self.cross else 2
-        self.col_before = 3 if (self.stride > 1 and not self.cross) else None
-        self.columns = 4 if (self.cross or self.col_before is not None) else 3
-        self.buffer = torch.zeros(self.capacity, self.columns * len(tensors), dtype=torch.float64, device=self.device)
-        sharded = self.sharded or _shard_group(tensors) is not None
-        self._plan_kernels(flat_ok=self.cross and not any(f is not None for f in (tensor_filter or [])) and not sharded)
-        self.count = 0
-        self.steps_taken = 0
-        self.start_step = 0  # steps_taken before the first recorded step (StepRecorder.start_at)
-        self.step_log: list[int] = []  # the optimizer step of each recorded row
+        cross = cpu_dot_products and self.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+        flat_ok = cross and not any(f is not None for f in (tensor_filter or [])) and not self.shards.sharded
+        self.columns = _Columns.plan(len(tensors), dots=cross, sampled=self.clock.stride > 1, inverse_order=self._plan_kernels(flat_ok))
+        self.buffer = torch.zeros(self.capacity, self.columns.width, dtype=torch.float64, device=self.device)
+        self.count = 0  # rows recorded in the buffer
         self.error: str | None = None  # set when recording failed: the slot measures no more
-        self.hyper_log: list[tuple[tuple[Any, ...], ...]] = []
-        # per recorded step: tensors that had no gradient (the optimizer skipped them: no rotation to measure)
-        self.missing_log: list[list[int]] = []
-        self.spill: list[tuple[np.ndarray, list[tuple[tuple[Any, ...], ...]], np.ndarray]] = []
+        self.log = _HostLog()
         self._zero = torch.zeros(1, dtype=tensors[0].dtype, device=self.device)
-        self.collectives = 0  # all-reduces issued (sharded runs): one per drain
-        self._initial_reduced = False
         with torch.no_grad():
             self.initial = torch.stack(self._norms(self._locals())).square_()
         self.last_norm_sq: np.ndarray | None = None  # per tensor, host; None until the first drain
-        self._plan_filters(tensor_filter, tensor_unit, sharded)
+        # (filters split across ranks get none)
+        filters = None if self.shards.sharded else tensor_filter
+        self.pf = _PerFilter.plan(tensors, filters, capacity=self.capacity, sampled=self.clock.stride > 1, device=self.device)
 
-    def _layout(self, tensor_unit: list[int], tensor_group: list[int], units: list[int]) -> None:
-        """Where each tracked tensor belongs: its unit (global and local index) and its param group."""
-        self.groups = sorted(set(tensor_group))  # optimizer param-group indices used by tracked tensors
-        pos = {g: i for i, g in enumerate(self.groups)}
-        self.tensor_group = np.array([pos[g] for g in tensor_group], dtype=np.int64)
-        self.units = units  # global unit indices, in local order
-        local = {u: i for i, u in enumerate(units)}
-        # Per-unit sums of per-tensor squares (np.add.at: a non-finite tensor only spoils its own unit).
-        self.tensor_local_unit = np.array([local[u] for u in tensor_unit], dtype=np.int64)
-        self.tensor_unit_local = [local[u] for u in tensor_unit]
-        unit_group = np.zeros(len(units), dtype=np.int64)
-        for t, u in enumerate(tensor_unit):
-            unit_group[local[u]] = self.tensor_group[t]
-        self.unit_group = unit_group
-
-    def _plan_kernels(self, flat_ok: bool) -> None:
+    def _plan_kernels(self, flat_ok: bool) -> np.ndarray | None:
         """Which tensors share one flat group (the CPU dot path batches small tensors, so their number does not
         multiply the ops) and which get their own kernels (larger, bandwidth-bound tensors; per-filter statistics
         and shards keep every tensor on its own); and the weight snapshots when the update is not read from a
-        momentum buffer."""
-        locals_ = self._locals_of(self.tensors)
+        momentum buffer. Returns the permutation from kernel order to tracked order (None: the same)."""
+        locals_: list[torch.Tensor] = [local_shard(t) for t in self.tensors]  # type: ignore[misc]
         small = [i for i, t in enumerate(locals_) if 0 < t.numel() < SMALL_NUMEL and t.is_contiguous()] if flat_ok else []
         if len({locals_[i].dtype for i in small}) > 1 or len(small) < 2:
             small = []
         self.flat = _FlatGroup(locals_, small, snapshot=not self.momentum_path) if small else None
-        self.small = self.flat.positions if self.flat is not None else []
         in_flat = set(self.small)
         self.large = [i for i in range(len(self.tensors)) if i not in in_flat]
         self.snapshot: list[torch.Tensor] | None = None  # of the large tensors (the flat group has its own)
         if not self.momentum_path:
             self.snapshot = [locals_[i].detach().clone() for i in self.large]
-        order = self.large + self.small  # column order within each group of columns
-        self.inverse_order = np.argsort(np.array(order, dtype=np.int64)) if order != list(range(len(self.tensors))) else None
+        order = self.large + self.small  # column order within each block of columns
+        return np.argsort(np.array(order, dtype=np.int64)) if order != list(range(len(self.tensors))) else None
 
-    def _plan_filters(self, tensor_filter: list[tuple[int, int] | None] | None, tensor_unit: list[int], sharded: bool) -> None:
-        """Per-filter statistics (opt-in): tensor position -> (filter dim, filters per invariant group). Filters
-        split across ranks get none."""
-        tensors = self.tensors
-        self.filter_of = {t: f for t, f in enumerate(tensor_filter or []) if f is not None and tensors[t].numel() > 0 and not sharded}
-        self.pf_tensors = sorted(self.filter_of)
-        self.pf_rows = [tensors[t].shape[self.filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.pf_tensors]
-        self.pf_buffer: torch.Tensor | None = None
-        self.pf_log: list[np.ndarray] = []
-        self.pf_last: np.ndarray | None = None
-        if self.pf_tensors:
-            total = sum(self.pf_rows)
-            # rows: ‖w_{t+1}‖² per filter, ‖d‖² per filter, and when sampling ‖w_t‖² per filter
-            self.pf_buffer = torch.zeros(self.capacity, (3 if self.stride > 1 else 2) * total, dtype=torch.float64, device=self.device)
-            with torch.no_grad():
-                self.pf_initial = torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]))
+    # -- what the owner reads ------------------------------------------------------------------
+    @property
+    def small(self) -> list[int]:
+        """Positions of the tensors in the flat group (in its order)."""
+        return self.flat.positions if self.flat is not None else []
+
+    @property
+    def cross(self) -> bool:
+        """The CPU dot path: ⟨d, w_{t+1}⟩ recorded, float32/float64 dot products instead of float64 norms."""
+        return self.columns.dot is not None
+
+    @property
+    def sharded(self) -> bool:
+        """The tensors are shards: the recorded sums are partial until the drain's all-reduce."""
+        return self.shards.sharded
+
+    @property
+    def collectives(self) -> int:
+        """All-reduces issued so far (sharded: one per drain)."""
+        return self.shards.collectives
+
+    @property
+    def steps_taken(self) -> int:
+        """The optimizer's steps, recorded or not (numbered from :meth:`start_at`)."""
+        return self.clock.taken
+
+    @property
+    def groups(self) -> list[int]:
+        """The optimizer's param-group indices that hold tracked tensors."""
+        return self.placement.groups
+
+    @property
+    def units(self) -> list[int]:
+        """The global indices of the units measured here."""
+        return self.placement.units
+
+    @property
+    def unit_group(self) -> np.ndarray:
+        """Per unit measured here: its param group, as a position in :attr:`groups`."""
+        return self.placement.unit_group
+
+    @property
+    def pending(self) -> int:
+        """Steps recorded and not drained yet (host counters only: no sync)."""
+        return self.count + self.log.rows
 
     @property
     def extra_bytes(self) -> int:
         snap = sum(t.numel() * t.element_size() for t in self.snapshot) if self.snapshot is not None else 0
         snap += self.flat.extra_bytes if self.flat is not None else 0
-        pf = self.pf_buffer.numel() * self.pf_buffer.element_size() if self.pf_buffer is not None else 0
+        pf = self.pf.extra_bytes if self.pf is not None else 0
         return snap + pf + self.buffer.numel() * self.buffer.element_size()
 
-    def _row_sq(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Squared norm of every filter (row along the filter dim) of each per-filter tensor, in float64."""
-        out = []
-        for t, pos in zip(tensors, self.pf_tensors):
-            dim = self.filter_of[pos][0]
-            rows = t.reshape(-1, 1) if t.dim() <= 1 else t.movedim(dim, 0).reshape(t.shape[dim], -1)
-            out.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square())
-        return out
+    def start_at(self, step: int) -> None:
+        """Number the steps from ``step`` + 1, unless a step was seen."""
+        if self.clock.taken == self.clock.start:
+            self.clock.taken = self.clock.start = int(step)
 
+    def resume(self, steps_taken: int) -> None:
+        """Continue counting from a checkpoint's step count."""
+        self.clock.taken = steps_taken
+
+    def close(self) -> None:
+        """Free the weight copies (the hooks are the recorder's)."""
+        self.snapshot = None
+        self.flat = None
+
+    # -- the step path ---------------------------------------------------------------------------
     def _locals(self) -> list[torch.Tensor]:
-        if not self.sharded:
+        if not self.shards.sharded:
             return self.tensors
         return [local_shard(t) for t in self.tensors]  # type: ignore[misc]
-
-    @staticmethod
-    def _locals_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [local_shard(t) for t in tensors]  # type: ignore[misc]
 
     def _large(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return tensors if self.flat is None else [tensors[i] for i in self.large]
@@ -298,7 +565,7 @@ class _Slot:
         return list(torch._foreach_norm([t if t.numel() else zero for t in tensors], 2, dtype=torch.float64))
 
     def _record_norms(self, tensors: list[torch.Tensor], updates: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        row = self.buffer[self.count, : 3 * len(tensors)]
+        row = self.buffer[self.count, : self.columns.grad.stop]  # weight, update, grad: the first three blocks
         torch.stack(self._norms(tensors) + self._norms(updates) + self._norms(grads), out=row)
         row.square_()
 
@@ -317,7 +584,7 @@ class _Slot:
             parts.append(torch.stack(vals).view(4, len(self.large)).to(torch.float64))
         if small is not None:
             parts.append(small)
-        row = self.buffer[self.count].view(4, len(tensors))
+        row = self.buffer[self.count].view(self.columns.blocks, len(tensors))
         if len(parts) == 1:
             row.copy_(parts[0])
         else:
@@ -325,214 +592,179 @@ class _Slot:
 
     def fail(self, err: BaseException) -> None:
         """Stop measuring after an error in the step hooks; rows already complete stay drainable."""
-        self.error = f"{type(err).__name__}: {err} (optimizer step {self.steps_taken + 1})"
+        self.error = f"{type(err).__name__}: {err} (optimizer step {self.clock.taken + 1})"
         # (the row logs are appended together after every tensor op of a step: a failed step left none)
+
+    def _take_snapshots(self, tensors: list[torch.Tensor]) -> None:
+        if self.snapshot:
+            torch._foreach_copy_(self.snapshot, self._large(tensors))
+        if self.flat is not None:
+            self.flat.take_snapshot(tensors)
 
     def pre_step(self) -> None:
         """Called right before the optimizer steps, when sampling: on a step to be recorded, take ``w_t``
         (the snapshot, ‖w_t‖² and per-filter rows) — the previous recorded row is ``n`` steps old."""
-        self._armed = (self.steps_taken + 1) % self.stride == 0
-        if not self._armed:
+        if not self.clock.arm():
             return
         if self.count == self.capacity:
             self._spill()
         tensors = self._locals()
-        n_t = len(tensors)
         with torch.no_grad():
-            if self.snapshot:
-                torch._foreach_copy_(self.snapshot, self._large(tensors))
-            if self.flat is not None:
-                self.flat.take_snapshot(tensors)
-            if self.col_before is not None:
-                row = self.buffer[self.count, self.col_before * n_t : (self.col_before + 1) * n_t]
+            self._take_snapshots(tensors)
+            if self.columns.before is not None:
+                row = self.buffer[self.count, self.columns.before]
                 torch.stack(self._norms(tensors), out=row)
                 row.square_()
-            if self.pf_buffer is not None:
-                total = sum(self.pf_rows)
-                torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]), out=self.pf_buffer[self.count, 2 * total :])
+            if self.pf is not None:
+                self.pf.record_before(self.count, tensors)
+
+    def _momentum_updates(
+        self, params: list[torch.Tensor], tensors: list[torch.Tensor], grads: list[torch.Tensor], missing: bool
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The update directions read from SGD's momentum buffers (the large tensors'), and the flat group's sums."""
+        state = self.optimizer.state
+        buffers: list[torch.Tensor | None] = []
+        for t in params:
+            st = state.get(t)
+            buf = st.get("momentum_buffer") if st else None
+            # A tensor without gradient is skipped by SGD: it did not move this step.
+            buffers.append(local_shard(buf) if buf is not None and t.grad is not None else None)
+        updates = []
+        for i in self.large:
+            buf = buffers[i]
+            # (per-filter rows need the full shape; the dot path pairs a size mismatch with 0)
+            updates.append(buf if buf is not None else (torch.zeros_like(tensors[i]) if self.pf is not None else self._zero))
+        flat = self.flat
+        small = flat.sums(flat.weights(tensors), flat.momentum(buffers), grads, missing) if flat is not None else None
+        return updates, small
+
+    def _snapshot_updates(self, tensors: list[torch.Tensor], grads: list[torch.Tensor], missing: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The updates ``w_t − w_{t+1}``, made in the snapshot of the large tensors, and the flat group's sums."""
+        assert self.snapshot is not None
+        large = self._large(tensors)
+        if large:
+            torch._foreach_sub_(self.snapshot, large)  # snapshot := w_t - w_{t+1}
+        flat = self.flat
+        small = None
+        if flat is not None:
+            assert flat.snap is not None
+            w = flat.weights(tensors)
+            small = flat.sums(w, flat.snap.sub_(w), grads, missing)
+            if self.clock.stride == 1:
+                flat.snap.copy_(w)
+        return self.snapshot, small
 
     def record(self) -> None:
         """Called right after the optimizer stepped. Host-sync free."""
-        if not self._armed:  # sampling, and not a sampled step
-            self.steps_taken += 1
+        if not self.clock.recording():  # sampling, and not a sampled step
             return
-        if self.stride > 1:
-            self._armed = False
-        elif self.count == self.capacity:
+        if self.clock.stride == 1 and self.count == self.capacity:
             self._spill()
         params = self.tensors
         tensors = self._locals()
         zero = self._zero
         missing = [i for i, t in enumerate(params) if t.grad is None]
         with torch.no_grad():
-            if self.sharded:
+            if self.shards.sharded:
                 grads = [local_shard(t.grad) if t.grad is not None else zero for t in params]
             else:
                 grads = [zero if g is None else g for g in [t.grad for t in params]]
-            pf_updates: list[torch.Tensor] = []
-            flat = self.flat
-            small = None
+            # (the per-filter part and the flat group exclude each other: the op order is that of either)
             if self.momentum_path:
-                state = self.optimizer.state
-                buffers: list[torch.Tensor | None] = []
-                for t in params:
-                    st = state.get(t)
-                    buf = st.get("momentum_buffer") if st else None
-                    # A tensor without gradient is skipped by SGD: it did not move this step.
-                    buffers.append(local_shard(buf) if buf is not None and t.grad is not None else None)
-                updates = []
-                for i in self.large:
-                    buf = buffers[i]
-                    # (per-filter rows need the full shape; the dot path pairs a size mismatch with 0)
-                    updates.append(buf if buf is not None else (torch.zeros_like(tensors[i]) if self.pf_tensors else zero))
-                if self.pf_tensors:
-                    pf_updates = self._row_sq([updates[t] for t in self.pf_tensors])
-                if flat is not None:
-                    small = flat.sums(flat.weights(tensors), flat.momentum(buffers), grads, bool(missing))
-                if self.cross:
-                    self._record_dots(tensors, updates, grads, small)
-                else:
-                    self._record_norms(tensors, updates, grads)
+                updates, small = self._momentum_updates(params, tensors, grads, bool(missing))
             else:
-                assert self.snapshot is not None
-                large = self._large(tensors)
-                if large:
-                    torch._foreach_sub_(self.snapshot, large)  # snapshot := w_t - w_{t+1}
-                if self.pf_tensors:
-                    pf_updates = self._row_sq([self.snapshot[t] for t in self.pf_tensors])
-                if flat is not None:
-                    assert flat.snap is not None
-                    w = flat.weights(tensors)
-                    small = flat.sums(w, flat.snap.sub_(w), grads, bool(missing))
-                    if self.stride == 1:
-                        flat.snap.copy_(w)
-                if self.cross:
-                    self._record_dots(tensors, self.snapshot, grads, small)
-                else:
-                    self._record_norms(tensors, self.snapshot, grads)
-                if self.stride == 1 and large:  # (sampling re-takes it in the pre-hook of the next sampled step)
-                    torch._foreach_copy_(self.snapshot, large)
-            if self.pf_buffer is not None:
-                total = sum(self.pf_rows)
-                torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]) + pf_updates, out=self.pf_buffer[self.count, : 2 * total])
+                updates, small = self._snapshot_updates(tensors, grads, bool(missing))
+            pf_updates = self.pf.row_sq(self.pf.of(updates)) if self.pf is not None else []
+            if self.cross:
+                self._record_dots(tensors, updates, grads, small)
+            else:
+                self._record_norms(tensors, updates, grads)
+            if not self.momentum_path and self.clock.stride == 1 and self.large:
+                # (sampling re-takes it in the pre-hook of the next sampled step)
+                torch._foreach_copy_(self.snapshot, self._large(tensors))  # type: ignore[arg-type]
+            if self.pf is not None:
+                self.pf.record(self.count, tensors, pf_updates)
         groups = self.optimizer.param_groups
         keys = self.rule.keys
-        step = self.steps_taken + 1
-        self.missing_log.append(missing)
-        self.step_log.append(step)
-        self.hyper_log.append(tuple(tuple(step if k == "_step" else _freeze(groups[g].get(k)) for k in keys) for g in self.groups))
+        step = self.clock.taken + 1
+        self.log.add(step, tuple(tuple(step if k == "_step" else _freeze(groups[g].get(k)) for k in keys) for g in self.placement.groups), missing)
         self.count += 1
-        self.steps_taken += 1
-
-    def _reduce_pending(self) -> None:
-        """Sum the shard-local partial sums over the shard group: one all-reduce for everything recorded since
-        the last drain (and, the first time, the initial norms). Every rank must drain at the same step."""
-        import torch.distributed as dist
-
-        parts = [self.buffer[: self.count].reshape(-1)]
-        first = self.last_norm_sq is None and not self._initial_reduced
-        if first:
-            parts.append(self.initial.reshape(-1))
-        flat = torch.cat(parts) if len(parts) > 1 or self.count else None
-        if flat is None or flat.numel() == 0:
-            return
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.shard_group)
-        self.collectives += 1
-        n = self.count * self.buffer.shape[1]
-        self.buffer[: self.count].copy_(flat[:n].reshape(self.count, -1))
-        if first:
-            self.initial = flat[n:].clone()
-            self._initial_reduced = True
+        self.clock.taken += 1
 
     def rebase(self) -> None:
         """Take the snapshot and the initial norms again (weights changed since attach: a checkpoint was
         restored, a ``setup``/``on_train_start`` hook re-initialized them). Only before the first step."""
-        if self.steps_taken != self.start_step:
+        if self.clock.taken != self.clock.start:
             return
         with torch.no_grad():
             tensors = self._locals()
-            if self.snapshot:
-                torch._foreach_copy_(self.snapshot, self._large(tensors))
-            if self.flat is not None:
-                self.flat.take_snapshot(tensors)
+            self._take_snapshots(tensors)
             self.initial = torch.stack(self._norms(tensors)).square_()
-            if self.pf_buffer is not None:
-                self.pf_initial = torch.cat(self._row_sq([tensors[t] for t in self.pf_tensors]))
+            if self.pf is not None:
+                self.pf.rebase(tensors)
+
+    # -- to the host -----------------------------------------------------------------------------
+    def _reduce_pending(self) -> None:
+        """Sum the shard-local partial sums over the shard group: one all-reduce for everything recorded since
+        the last drain (and, the first time, the initial norms). Every rank must drain at the same step."""
+        first = self.last_norm_sq is None and not self.shards.initial_reduced
+        initial = self.shards.all_reduce(self.buffer[: self.count], self.initial if first else None)
+        if initial is not None:
+            self.initial = initial
+
+    def _to_host(self) -> None:
+        """Copy the rows on the device to the host log (a synchronization) and empty the buffer."""
+        data = self.buffer[: self.count].to("cpu", copy=True).numpy()
+        self.log.keep(data, self.pf.to_host(self.count) if self.pf is not None else None)
+        self.count = 0
 
     def _spill(self) -> None:
         # The buffer is full before the owner drained it (log interval longer than the capacity): move it
         # to the host now. This is the only place the step path synchronizes, and only then.
-        if self.sharded:
+        if self.shards.sharded:
             self._reduce_pending()  # spills happen at the same step on every rank (same capacity)
-        data = self.buffer[: self.count].to("cpu", copy=True).numpy()
-        steps = np.array(self.step_log[-self.count :], dtype=np.int64)
-        self.step_log = []
-        self.spill.append((data, self.hyper_log, steps))
-        if self.pf_buffer is not None:
-            self.pf_log.append(self.pf_buffer[: self.count].to("cpu", copy=True).numpy())
-        self.hyper_log = []
-        self.count = 0
+        self._to_host()
 
     def drain(self) -> StepBatch | None:
-        if self.sharded:
+        """Everything recorded since the last drain, as per-unit host statistics (None: nothing recorded)."""
+        if self.shards.sharded:
             self._reduce_pending()
-        parts = list(self.spill)
-        pf_parts = list(self.pf_log)
-        self.spill, self.pf_log = [], []
         if self.count:
-            data = self.buffer[: self.count].to("cpu", copy=True).numpy()
-            steps = np.array(self.step_log[-self.count :], dtype=np.int64)
-            parts.append((data, self.hyper_log, steps))
-            if self.pf_buffer is not None:
-                pf_parts.append(self.pf_buffer[: self.count].to("cpu", copy=True).numpy())
-        self.hyper_log = []
-        self.step_log = []
-        self.count = 0
+            self._to_host()
+        parts, pf_parts, missing = self.log.take()
         if not parts:
             return None
         data = np.concatenate([p[0] for p in parts])
         raw_hyper = [h for p in parts for h in p[1]]
-        missing, self.missing_log = self.missing_log, []
         steps = np.concatenate([p[2] for p in parts])
-        n_t = len(self.tensors)
-        if self.inverse_order is not None:
-            data = data.reshape(len(data), self.columns, n_t)[:, :, self.inverse_order].reshape(len(data), -1)
-        w_sq, d_sq = data[:, :n_t], data[:, n_t : 2 * n_t]
-        dw = data[:, 2 * n_t : 3 * n_t] if self.cross else None
-        g_sq = data[:, self.col_g * n_t : (self.col_g + 1) * n_t]
+        rows = self.columns.split(data)
+        w_sq = rows.weight
         if self.last_norm_sq is None:
             self.last_norm_sq = self.initial.to("cpu", copy=True).numpy()  # (summed over shards already)
-        if self.col_before is not None:
-            before = data[:, self.col_before * n_t : (self.col_before + 1) * n_t]
+        if rows.before is not None:
+            before = rows.before
         else:
             before = np.concatenate([self.last_norm_sq[None, :], w_sq[:-1]], axis=0)
         self.last_norm_sq = w_sq[-1].copy()
-        if any(missing):
-            d_sq = d_sq.copy()
-            g_sq = g_sq.copy()
-            dw = dw.copy() if dw is not None else None
-            for r, miss in enumerate(missing[-len(d_sq) :]):
-                d_sq[r, miss] = np.nan
-                g_sq[r, miss] = np.nan
-                if dw is not None:
-                    dw[r, miss] = np.nan
+        d_sq, g_sq, dw = _mask_missing(missing, rows.update, rows.grad, rows.dot)
         keys = self.rule.keys
         hyper = [[self.rule.hyper({**self.settings, **dict(zip(keys, (_thaw(v) for v in group)))}) for group in step] for step in raw_hyper]
         if self.momentum_path:
             # ‖w_{t+1} − w_t‖ = η·‖buf‖ with the lr of the step (read inside the post-hook, before the
             # scheduler moved it).
             lr = np.array([[g.get("lr", math.nan) for g in step] for step in hyper], dtype=np.float64)
-            d_sq = d_sq * lr[:, self.tensor_group] ** 2
+            d_sq = d_sq * lr[:, self.placement.tensor_group] ** 2
             if dw is not None:
-                dw = dw * lr[:, self.tensor_group]
+                dw = dw * lr[:, self.placement.tensor_group]
+        to_units = self.placement.to_units
         diff_u = None
         if dw is not None:
             # ‖w_t‖² − ‖w_{t+1}‖² = 2⟨d, w_{t+1}⟩ + ‖d‖² exactly, with d = w_t − w_{t+1}
             diff = 2.0 * dw + d_sq
             before = w_sq + diff
-            diff_u = self._to_units(diff)
-        before_u, after_u, upd_u, grad_u = (self._to_units(x) for x in (before, w_sq, d_sq, g_sq))
-        filter_rms = self._filter_rms(np.concatenate(pf_parts), hyper) if pf_parts else None
+            diff_u = to_units(diff)
+        before_u, after_u, upd_u, grad_u = (to_units(x) for x in (before, w_sq, d_sq, g_sq))
+        filter_rms = self.pf.rms(np.concatenate(pf_parts), hyper, self.placement, self.momentum_path) if pf_parts else None
         return StepBatch(
             optimizer_index=self.index,
             unit_index=np.array(self.units, dtype=np.int64),
@@ -549,46 +781,19 @@ class _Slot:
             norm_sq_change=-diff_u if diff_u is not None else after_u - before_u,
         )
 
-    def _to_units(self, x: np.ndarray) -> np.ndarray:
-        out = np.zeros((x.shape[0], len(self.units)))
-        np.add.at(out.T, self.tensor_local_unit, x.T)
-        return out
 
-    def _filter_rms(self, pf: np.ndarray, hyper: list[list[dict[str, float]]]) -> np.ndarray:
-        """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``."""
-        total = sum(self.pf_rows)
-        w_sq, d_sq = pf[:, :total], pf[:, total : 2 * total]
-        if self.pf_last is None:
-            self.pf_last = self.pf_initial.to("cpu", copy=True).numpy()
-        if self.stride > 1:
-            before = pf[:, 2 * total :]
-        else:
-            before = np.concatenate([self.pf_last[None, :], w_sq[:-1]], axis=0)
-        self.pf_last = w_sq[-1].copy()
-        if self.momentum_path:
-            lr = np.array([[g.get("lr", math.nan) for g in step] for step in hyper], dtype=np.float64)
-            reps = np.repeat(np.array([self.tensor_group[t] for t in self.pf_tensors]), self.pf_rows)
-            d_sq = d_sq * lr[:, reps] ** 2
-        k = pf.shape[0]
-        out = np.full((k, len(self.units)), np.nan)
-        # sum the tensors of a unit filter by filter, then filters into groups
-        offsets = np.concatenate([[0], np.cumsum(self.pf_rows)])
-        per_unit: dict[int, list[int]] = {}
-        for j, t in enumerate(self.pf_tensors):
-            per_unit.setdefault(self.tensor_unit_local[t], []).append(j)
-        for u, js in per_unit.items():
-            rows = self.pf_rows[js[0]]
-            if any(self.pf_rows[j] != rows for j in js):
-                continue
-            b = sum(before[:, offsets[j] : offsets[j + 1]] for j in js)
-            a = sum(w_sq[:, offsets[j] : offsets[j + 1]] for j in js)
-            d = sum(d_sq[:, offsets[j] : offsets[j + 1]] for j in js)
-            group = self.filter_of[self.pf_tensors[js[0]]][1]
-            if group > 1 and rows % group == 0:
-                b, a, d = (x.reshape(k, rows // group, group).sum(2) for x in (b, a, d))
-            angles = angles_from_norms(b, a, d)
-            out[:, u] = np.sqrt(np.nanmean(angles**2, axis=1))
-        return out
+def _mask_missing(missing: list[list[int]], d_sq: np.ndarray, g_sq: np.ndarray, dw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The update, gradient and dot columns with nan where a tensor had no gradient (copies when any)."""
+    if any(missing):
+        d_sq = d_sq.copy()
+        g_sq = g_sq.copy()
+        dw = dw.copy() if dw is not None else None
+        for r, miss in enumerate(missing[-len(d_sq) :]):
+            d_sq[r, miss] = np.nan
+            g_sq[r, miss] = np.nan
+            if dw is not None:
+                dw[r, miss] = np.nan
+    return d_sq, g_sq, dw
 
 
 def _dtensor_type() -> type | None:
@@ -689,9 +894,7 @@ class StepRecorder:
         every_n_steps: int = 1,
         cpu_dot_products: bool = True,
     ) -> None:
-        if int(every_n_steps) < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = int(every_n_steps)
+        self.every_n_steps: int = check_int("every_n_steps", every_n_steps, 1)  # type: ignore[assignment]
         self.n_units = len(unit_params)
         self.slots: list[_Slot] = []
         owner: dict[int, tuple[int, int]] = {}
@@ -750,7 +953,51 @@ class StepRecorder:
     @property
     def pending(self) -> int:
         """Steps recorded on the device and not drained yet (host counters only: no sync)."""
-        return sum(s.count + sum(len(p[2]) for p in s.spill) for s in self.slots)
+        return sum(s.pending for s in self.slots)
+
+    @property
+    def sharded(self) -> bool:
+        """Some tracked tensors are shards (FSDP): each rank records partial sums, completed at every drain."""
+        return any(s.sharded for s in self.slots)
+
+    @property
+    def global_step(self) -> int:
+        """The most steps any hooked optimizer took (0 before the first)."""
+        return max((s.steps_taken for s in self.slots), default=0)
+
+    def failures(self) -> list[tuple[int, torch.optim.Optimizer, str]]:
+        """``(optimizer index, optimizer, error)`` of each optimizer whose recording failed (it measures no more)."""
+        return [(s.index, s.optimizer, s.error) for s in self.slots if s.error is not None]
+
+    def measurement(self, index: int) -> tuple[str | None, int]:
+        """How optimizer ``index``'s update is measured (``"momentum_buffer"`` or ``"snapshot"``; None: it holds no
+        tracked weight) and the steps it took."""
+        slot = next((s for s in self.slots if s.index == index), None)
+        if slot is None:
+            return None, 0
+        return ("momentum_buffer" if slot.momentum_path else "snapshot"), slot.steps_taken
+
+    def unit_groups(self) -> Iterator[tuple[int, torch.optim.Optimizer, Rule, int, int]]:
+        """``(optimizer index, optimizer, its rule, unit, param-group index)`` of each measured unit."""
+        for s in self.slots:
+            for u_local, u in enumerate(s.units):
+                yield s.index, s.optimizer, s.rule, u, s.groups[int(s.unit_group[u_local])]
+
+    def param_groups(self) -> Iterator[tuple[torch.optim.Optimizer, Rule, int]]:
+        """``(optimizer, its rule, param-group index)`` of each param group holding measured tensors."""
+        for s in self.slots:
+            for g in s.groups:
+                yield s.optimizer, s.rule, g
+
+    def step_counts(self) -> list[list[Any]]:
+        """``[optimizer index, device, steps taken]`` per recorded optimizer and device: the checkpointed count."""
+        return [[s.index, str(s.device), s.steps_taken] for s in self.slots]
+
+    def load_step_counts(self, counts: Iterable[Sequence[Any]]) -> None:
+        """Continue counting the steps from :meth:`step_counts` of a checkpoint (optimizers not in it keep theirs)."""
+        steps = {(int(i), str(d)): int(n) for i, d, n in counts}
+        for s in self.slots:
+            s.resume(steps.get((s.index, str(s.device)), s.steps_taken))
 
     def rebase(self) -> None:
         """Re-take snapshots and initial norms before the first step (see :meth:`_Slot.rebase`)."""
@@ -761,8 +1008,7 @@ class StepRecorder:
         """Number the steps from ``step`` + 1 (training resumed from a checkpoint without this recorder's state,
         or a second fit of one Trainer: the steps keep the Trainer's count). Only before the first step."""
         for slot in self.slots:
-            if slot.steps_taken == slot.start_step:
-                slot.steps_taken = slot.start_step = int(step)
+            slot.start_at(step)
 
     def drain(self) -> list[StepBatch]:
         """Copy the recorded steps to the host (one synchronization) and return them per optimizer."""
@@ -779,8 +1025,7 @@ class StepRecorder:
             h.remove()
         self._handles = []
         for slot in self.slots:
-            slot.snapshot = None
-            slot.flat = None
+            slot.close()
 
 
 class _Hook:
