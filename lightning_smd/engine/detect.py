@@ -52,6 +52,9 @@ __all__ = [
     "units_from_patterns",
 ]
 
+#: The reason a frozen weight (``requires_grad=False``) is not tracked (it may thaw later: the session warns).
+FROZEN = "frozen (requires_grad=False)"
+
 @dataclass
 class Detection:
     """The outcome of :func:`find_normalized_weights`."""
@@ -315,6 +318,18 @@ class _Propagation(NamedTuple):
     absorbed: list[tuple[int, Any, bool]]
     by_bias: bool = False
 
+
+class _Scope(NamedTuple):
+    """What the per-kind rules of :meth:`_Graph._eval` read during one propagation: the unit's parameter names,
+    the layer bias allowed to ride along with its weight (``weight_only_bias``), the degree of a node so far
+    (``val``), and the list the absorbing ops are appended to as (node, degree in)."""
+
+    unit: set[str]
+    wob: str | None
+    val: Callable[[int | None], Any]
+    absorbed: list
+
+
 class _Graph:
     """Ops in topological order; ``outputs`` are the node ids whose values the loss sees."""
 
@@ -405,11 +420,12 @@ class _Graph:
         def val(a: int | None) -> Any:
             return 0.0 if a is None else value.get(a, 0.0)
 
+        scope = _Scope(unit, weight_only_bias, val, absorbed)
         while heap:
             i = heapq.heappop(heap)
             op = self.ops[i]
             n_absorbed = len(absorbed)
-            v = self._eval(op, unit, weight_only_bias, val, absorbed, i)
+            v = self._eval(op, scope, i)
             is_moved = any(a in moved for a in op.args if a is not None) or (op.kind == "unary" and op.label in _CHANNEL_MOVING)
             if len(absorbed) > n_absorbed:
                 absorbed[n_absorbed:] = [(j, x, is_moved) for j, x, *_ in absorbed[n_absorbed:]]
@@ -426,109 +442,153 @@ class _Graph:
                         heapq.heappush(heap, u)
         return _Propagation(True, "", absorbed)
 
-    def _eval(self, op: _Op, unit: set[str], wob: str | None, val: Callable, absorbed: list, i: int) -> Any:
-        k = op.kind
-        if k == "param":
-            return 1.0 if op.param in unit else 0.0
-        if k == "layer":
-            x = val(op.args[0]) if op.args else 0.0
-            if isinstance(x, _Parts):
-                return _BROKEN  # a layer sums over the input channels
-            core = _product(x, val(op.weight))
-            if op.bias is None:
-                return core
-            b = val(op.bias)
-            if core == b:
-                return core
-            if core == 1.0 and b == 0.0 and wob is not None and self.param_of(op.bias) == wob:
-                return _AFF
+    def _eval(self, op: _Op, s: _Scope, i: int) -> Any:
+        """The degree of node ``i``'s value from its operands' degrees, by the rule for ``op.kind`` (see ``_RULES``)."""
+        return _Graph._RULES.get(op.kind, _Graph._eval_opaque)(self, op, s, i)
+
+    # One rule per op kind: each returns the node's degree and appends to ``s.absorbed`` what absorbs the scale.
+
+    def _eval_param(self, op: _Op, s: _Scope, i: int) -> Any:
+        return 1.0 if op.param in s.unit else 0.0
+
+    def _eval_layer(self, op: _Op, s: _Scope, i: int) -> Any:
+        val = s.val
+        x = val(op.args[0]) if op.args else 0.0
+        if isinstance(x, _Parts):
+            return _BROKEN  # a layer sums over the input channels
+        core = _product(x, val(op.weight))
+        if op.bias is None:
+            return core
+        b = val(op.bias)
+        if core == b:
+            return core
+        if core == 1.0 and b == 0.0 and s.wob is not None and self.param_of(op.bias) == s.wob:
+            return _AFF
+        return _BROKEN
+
+    def _eval_norm(self, op: _Op, s: _Scope, i: int) -> Any:
+        val = s.val
+        x = val(op.args[0]) if op.args else 0.0
+        if any(val(a) != 0.0 for a in op.args[1:]) or any(p in s.unit for p in op.own_params):
             return _BROKEN
-        if k == "norm":
-            x = val(op.args[0]) if op.args else 0.0
-            if any(val(a) != 0.0 for a in op.args[1:]) or any(p in unit for p in op.own_params):
-                return _BROKEN
-            if x == 0.0:
-                return 0.0
-            per_channel = _NORM_KINDS[op.norm_kind][1]
-            if (x == _AFF or isinstance(x, _Parts)) and not per_channel:
-                return _BROKEN
-            if x == _BROKEN:
-                return _BROKEN
-            absorbed.append((i, x))
+        if x == 0.0:
             return 0.0
-        if k == "unary":
-            x = val(op.args[0]) if op.args else 0.0
-            if any(p in unit for p in op.own_params) or (x == _AFF and not op.transparent):
-                return _BROKEN
-            if isinstance(x, _Parts) and op.label not in _CHANNELWISE:
-                return _BROKEN
-            return x
-        if k == "power":
-            x = val(op.args[0]) if op.args else 0.0
-            return _nz(x * op.power) if isinstance(x, float) else _BROKEN
-        if k == "mul":
-            vals = [val(a) for a in op.args]
-            if op.label in _MATMUL and any(isinstance(x, _Parts) for x in vals):
-                return _BROKEN
-            v: Any = 0.0
-            for x in vals:
-                v = _product(v, x)
-            if v == 0.0 and any(x != 0.0 for x in vals):
-                absorbed.append((i, next(x for x in vals if x != 0.0)))  # x · rsqrt(mean(x²)): a normalization by hand
-            return v
-        if k in ("div", "rdiv"):
-            a, b = (op.args + [None, None])[:2]
-            num, den = (val(a), val(b)) if k == "div" else (val(b), val(a))
-            if den != 0.0 and isinstance(den, float) and isinstance(num, float) and _nz(num - den) == 0.0:
-                absorbed.append((i, den))  # w / |w|, w / std(w): a normalization of the weight itself
-            return _product(num, -den if isinstance(den, float) else _BROKEN)
-        if k == "add":
-            # a tensor the graph does not know (a model input, a buffer, a constant) has degree 0
-            vals = [val(a) for a in op.args]
-            nonzero = [x for x in vals if x != 0.0]
-            if not nonzero:
-                return 0.0
-            first = nonzero[0]
-            if any(x != first for x in nonzero) or len(nonzero) < len(vals):
-                return _BROKEN
-            consts = [c for c in op.consts if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0]
-            if consts and not (isinstance(first, float) and all(0 < abs(c) <= _EPS for c in consts)):
-                return _BROKEN
+        per_channel = _NORM_KINDS[op.norm_kind][1]
+        if (x == _AFF or isinstance(x, _Parts)) and not per_channel:
+            return _BROKEN
+        if x == _BROKEN:
+            return _BROKEN
+        s.absorbed.append((i, x))
+        return 0.0
+
+    def _eval_unary(self, op: _Op, s: _Scope, i: int) -> Any:
+        x = s.val(op.args[0]) if op.args else 0.0
+        if any(p in s.unit for p in op.own_params) or (x == _AFF and not op.transparent):
+            return _BROKEN
+        if isinstance(x, _Parts) and op.label not in _CHANNELWISE:
+            return _BROKEN
+        return x
+
+    def _eval_power(self, op: _Op, s: _Scope, i: int) -> Any:
+        x = s.val(op.args[0]) if op.args else 0.0
+        return _nz(x * op.power) if isinstance(x, float) else _BROKEN
+
+    def _eval_mul(self, op: _Op, s: _Scope, i: int) -> Any:
+        vals = [s.val(a) for a in op.args]
+        if op.label in _MATMUL and any(isinstance(x, _Parts) for x in vals):
+            return _BROKEN
+        v: Any = 0.0
+        for x in vals:
+            v = _product(v, x)
+        if v == 0.0 and any(x != 0.0 for x in vals):
+            s.absorbed.append((i, next(x for x in vals if x != 0.0)))  # x · rsqrt(mean(x²)): a normalization by hand
+        return v
+
+    def _eval_div(self, op: _Op, s: _Scope, i: int) -> Any:
+        """``div`` (a / b) and ``rdiv`` (b / a)."""
+        val = s.val
+        a, b = (op.args + [None, None])[:2]
+        num, den = (val(a), val(b)) if op.kind == "div" else (val(b), val(a))
+        if den != 0.0 and isinstance(den, float) and isinstance(num, float) and _nz(num - den) == 0.0:
+            s.absorbed.append((i, den))  # w / |w|, w / std(w): a normalization of the weight itself
+        return _product(num, -den if isinstance(den, float) else _BROKEN)
+
+    def _eval_add(self, op: _Op, s: _Scope, i: int) -> Any:
+        # a tensor the graph does not know (a model input, a buffer, a constant) has degree 0
+        vals = [s.val(a) for a in op.args]
+        nonzero = [x for x in vals if x != 0.0]
+        if not nonzero:
+            return 0.0
+        first = nonzero[0]
+        if any(x != first for x in nonzero) or len(nonzero) < len(vals):
+            return _BROKEN
+        consts = [c for c in op.consts if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0]
+        if consts and not (isinstance(first, float) and all(0 < abs(c) <= _EPS for c in consts)):
+            return _BROKEN
+        return first
+
+    def _eval_cat(self, op: _Op, s: _Scope, i: int) -> Any:
+        vals = [s.val(a) for a in op.args]
+        nonzero = [x for x in vals if x != 0.0]
+        if not nonzero:
+            return 0.0
+        if all(x == nonzero[0] for x in vals):
+            return nonzero[0]
+        return _parts(vals) if op.channel_cat else _BROKEN
+
+    def _eval_weight_norm(self, op: _Op, s: _Scope, i: int) -> Any:
+        val = s.val
+        v_deg, g_deg = val(op.args[0]) if op.args else 0.0, val(op.args[1]) if len(op.args) > 1 else 0.0
+        if not isinstance(v_deg, float):
+            return _BROKEN
+        if v_deg != 0.0:
+            s.absorbed.append((i, v_deg))
+        return g_deg
+
+    def _eval_addmm(self, op: _Op, s: _Scope, i: int) -> Any:
+        """input + a @ b (baddbmm, addmm, addcmul, ...)."""
+        val = s.val
+        if any(isinstance(val(a), _Parts) for a in op.args):
+            return _BROKEN
+        first = val(op.args[0]) if op.args else 0.0
+        prod = _product(val(op.args[1]) if len(op.args) > 1 else 0.0, val(op.args[2]) if len(op.args) > 2 else 0.0)
+        if first == prod:
             return first
-        if k == "cat":
-            vals = [val(a) for a in op.args]
-            nonzero = [x for x in vals if x != 0.0]
-            if not nonzero:
-                return 0.0
-            if all(x == nonzero[0] for x in vals):
-                return nonzero[0]
-            return _parts(vals) if op.channel_cat else _BROKEN
-        if k == "weight_norm":
-            v_deg, g_deg = val(op.args[0]) if op.args else 0.0, val(op.args[1]) if len(op.args) > 1 else 0.0
-            if not isinstance(v_deg, float):
-                return _BROKEN
-            if v_deg != 0.0:
-                absorbed.append((i, v_deg))
-            return g_deg
-        if k == "addmm":  # input + a @ b (baddbmm, addmm, addcmul, ...)
-            if any(isinstance(val(a), _Parts) for a in op.args):
-                return _BROKEN
-            first = val(op.args[0]) if op.args else 0.0
-            prod = _product(val(op.args[1]) if len(op.args) > 1 else 0.0, val(op.args[2]) if len(op.args) > 2 else 0.0)
-            if first == prod:
-                return first
+        return _BROKEN
+
+    def _eval_attention(self, op: _Op, s: _Scope, i: int) -> Any:
+        """softmax(q·kᵀ)·v: homogeneous of degree 1 in v, not at all in q, k or the mask."""
+        val = s.val
+        if any(val(a) != 0.0 for a in op.args[:2] + op.args[3:]):
             return _BROKEN
-        if k == "attention":  # softmax(q·kᵀ)·v: homogeneous of degree 1 in v, not at all in q, k or the mask
-            if any(val(a) != 0.0 for a in op.args[:2] + op.args[3:]):
-                return _BROKEN
-            v = val(op.args[2]) if len(op.args) > 2 else 0.0
-            return v if isinstance(v, float) else _BROKEN
-        if k == "meta":
-            return 0.0
-        # opaque: fine only when nothing it reads depends on the scale
-        if any(p in unit for p in op.own_params) or any(val(a) != 0.0 for a in op.args):
+        v = val(op.args[2]) if len(op.args) > 2 else 0.0
+        return v if isinstance(v, float) else _BROKEN
+
+    def _eval_meta(self, op: _Op, s: _Scope, i: int) -> Any:
+        return 0.0
+
+    def _eval_opaque(self, op: _Op, s: _Scope, i: int) -> Any:
+        """Any other kind: fine only when nothing it reads depends on the scale."""
+        if any(p in s.unit for p in op.own_params) or any(s.val(a) != 0.0 for a in op.args):
             return _BROKEN
         return 0.0
+
+    _RULES: dict[str, Callable[[_Graph, _Op, _Scope, int], Any]] = {
+        "param": _eval_param,
+        "layer": _eval_layer,
+        "norm": _eval_norm,
+        "unary": _eval_unary,
+        "power": _eval_power,
+        "mul": _eval_mul,
+        "div": _eval_div,
+        "rdiv": _eval_div,
+        "add": _eval_add,
+        "cat": _eval_cat,
+        "weight_norm": _eval_weight_norm,
+        "addmm": _eval_addmm,
+        "attention": _eval_attention,
+        "meta": _eval_meta,
+    }
 
     def _explain(self, out: int, value: dict[int, Any]) -> tuple[str, bool]:
         """Name the op where the scale stopped being absorbed; and whether a layer's own bias broke it."""
@@ -809,7 +869,7 @@ def _analyse(g: _Graph, params: Mapping[str, nn.Parameter], found_by: str, prefi
     for w, layer_nodes in by_weight.items():
         p = params[w]
         if not p.requires_grad:
-            det.rejected[prefix + w] = "frozen (requires_grad=False)"
+            det.rejected[prefix + w] = FROZEN
             continue
         first = g.ops[layer_nodes[0]]
         via_weight_norm = g.ops[first.weight].kind == "weight_norm" if first.weight is not None else False
@@ -868,7 +928,7 @@ def _account_for_layers(model: nn.Module, prefix: str, g: _Graph | None, det: De
         if full in tracked or full in det.rejected or n not in params:
             continue
         if not params[n].requires_grad:
-            det.rejected[full] = "frozen (requires_grad=False)"
+            det.rejected[full] = FROZEN
         elif g is None:
             det.rejected[full] = "the data flow could not be analysed"
         elif n not in g.param_node:

@@ -58,6 +58,112 @@ def _invariant_grad(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     return (xi - (xi * u).sum(dim=1, keepdim=True) * u) / norm
 
 
+class _Setting:
+    """The optimizer under test, its rule, and how the rule's predictions are scaled to this problem's size."""
+
+    def __init__(self, opt: torch.optim.Optimizer, rule: Rule, cols: int) -> None:
+        self.opt = opt
+        self.rule = rule
+        self.unit_grad_sq = float(cols - 1)  # E‖P⊥ξ‖²: the expectation of L, exactly
+        self.numel = cols - 1  # the tangential dimensions that the update's noise fills
+
+    def hyper(self, step: int) -> dict[str, float]:
+        """The rule's hyper-parameters at ``step``, read from the first param group."""
+        return group_hyper(self.rule, self.opt, {**self.opt.param_groups[0], "_step": step})
+
+    def factors(self, h: dict[str, float]) -> tuple[float, float]:
+        """The (angle, time) factors of a unit-dependent rule (Adam with coupled L2) on this problem; (1, 1) otherwise."""
+        return self.rule.unit_factors(h, self.unit_grad_sq, self.numel) if self.rule.unit_dependent(h) else (1.0, 1.0)
+
+    def weight_norm(self, h: dict[str, float]) -> float:
+        """The rule's equilibrium norm of a row under ``h``."""
+        return self.rule.weight_norm(h, self.unit_grad_sq, self.numel)
+
+
+def _lengths(setting: _Setting, h0: dict[str, float], burn: int | None, steps: int | None) -> tuple[int, int]:
+    """``burn`` and ``steps``, defaulting to 2 and 6 relaxation times of the rule (within fixed bounds)."""
+    tau = setting.rule.relaxation_time(h0) * setting.factors(h0)[1]
+    if burn is None:
+        burn = int(min(max(2.0 * tau, 1000), 20_000)) if math.isfinite(tau) else 2000
+    if steps is None:
+        steps = int(min(max(6.0 * tau, 3000), 60_000)) if math.isfinite(tau) else 4000
+    return burn, steps
+
+
+def _noisy_step(
+    w: torch.nn.Parameter, opt: torch.optim.Optimizer, gen: torch.Generator, xi: torch.Tensor | None, phi: float, noise_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw the step's noise (AR(1) with lag-1 correlation ``phi`` where ``xi`` is the previous one), hand the
+    optimizer the invariant gradient and step it; returns the rows' norms and the weights before the step, and the noise."""
+    with torch.no_grad():
+        norm = w.norm(dim=1, keepdim=True)
+        eps = torch.randn(*w.shape, dtype=torch.float64, generator=gen)
+        xi = phi * xi + math.sqrt(1.0 - phi * phi) * eps if xi is not None else eps
+        g = _invariant_grad(w, xi if noise_scale is None else xi * noise_scale)
+        before = w.detach().clone()
+    w.grad = g
+    opt.step()
+    return norm, before, xi
+
+
+def _measure(w: torch.Tensor, before: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's squared norm after the step and its angular update (from its norm ``norm`` before it)."""
+    with torch.no_grad():
+        # float64 acos of the cosine: accurate to ~1e-16/Δ² relative, ample for Δ ≥ 1e-5
+        norm_sq = torch.einsum("ij,ij->i", w, w)
+        cos = torch.einsum("ij,ij->i", before, w) / (norm_sq * norm.squeeze(1).square()).sqrt()
+        angle = torch.acos(cos.clamp(-1.0, 1.0))
+    return norm_sq, angle
+
+
+@dataclass
+class _Sums:
+    """Running sums over the measured steps: per-row angles and norms, the predictions, and the update's pull."""
+
+    angle: torch.Tensor
+    norm: torch.Tensor
+    pred_angle: float = 0.0
+    pred_norm: float = 0.0
+    pull: float = 0.0
+    update_sq: float = 0.0
+
+    def add(self, setting: _Setting, h: dict[str, float], angle: torch.Tensor, norm_sq: torch.Tensor, before: torch.Tensor, w: torch.Tensor) -> None:
+        """Add one measured step taken under the hyper-parameters ``h``."""
+        rule = setting.rule
+        self.angle += angle
+        self.norm += norm_sq.sqrt()
+        e = rule.decoupled_decay(h)
+        if math.isfinite(e):
+            with torch.no_grad():
+                update = (1.0 - e) * before - w  # ηu
+                self.pull -= 2.0 * float(torch.einsum("ij,ij->", before, update))
+                self.update_sq += float(torch.einsum("ij,ij->", update, update))
+        self.pred_angle += rule.angular_update(h) * setting.factors(h)[0]
+        self.pred_norm += setting.weight_norm(h)
+
+    def result(self, steps: int, rows: int, cols: int, norm_trace: list[torch.Tensor], angle_trace: list[torch.Tensor]) -> SimResult:
+        """The means over ``steps`` measured steps, their ratios to the predictions, and the traces."""
+        angle_rows = self.angle / steps
+        norm_rows = self.norm / steps
+        pa, pn = self.pred_angle / steps, self.pred_norm / steps
+        return SimResult(
+            angle=float(angle_rows.mean()),
+            predicted_angle=pa,
+            angle_ratio=float(angle_rows.mean()) / pa,
+            angle_ratio_se=float(angle_rows.std() / math.sqrt(rows)) / pa,
+            norm=float(norm_rows.mean()),
+            predicted_norm=pn,
+            norm_ratio=float(norm_rows.mean()) / pn,
+            norm_ratio_se=float(norm_rows.std() / math.sqrt(rows)) / pn,
+            steps=steps,
+            rows=rows,
+            cols=cols,
+            norm_sq_trace=torch.stack(norm_trace).tolist(),
+            angle_trace=torch.stack(angle_trace).tolist(),
+            update_kappa=self.pull / self.update_sq if self.update_sq > 0.0 else math.nan,
+        )
+
+
 def simulate(
     make_optimizer: Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer],
     steps: int | None = None,
@@ -86,87 +192,31 @@ def simulate(
     gen = torch.Generator().manual_seed(seed)
     w = torch.nn.Parameter(torch.randn(rows, cols, dtype=torch.float64, generator=gen))
     opt = make_optimizer([w])
-    rule = rule or rule_for(opt)
+    setting = _Setting(opt, rule or rule_for(opt), cols)
     base_lr = [g["lr"] for g in opt.param_groups]
-    unit_grad_sq = float(cols - 1)  # E‖P⊥ξ‖²: the expectation of L, exactly
-    numel = cols - 1  # the tangential dimensions that the update's noise fills
-
-    def hyper(step: int) -> dict[str, float]:
-        return group_hyper(rule, opt, {**opt.param_groups[0], "_step": step})
-
-    def factors(h: dict[str, float]) -> tuple[float, float]:
-        # a unit-dependent rule (Adam with coupled L2) scaled to this problem's L and size
-        return rule.unit_factors(h, unit_grad_sq, numel) if rule.unit_dependent(h) else (1.0, 1.0)
-
-    h0 = hyper(1)
-    tau = rule.relaxation_time(h0) * factors(h0)[1]
-    if burn is None:
-        burn = int(min(max(2.0 * tau, 1000), 20_000)) if math.isfinite(tau) else 2000
-    if steps is None:
-        steps = int(min(max(6.0 * tau, 3000), 60_000)) if math.isfinite(tau) else 4000
-    norm0 = start_norm if start_norm is not None else rule.weight_norm(h0, unit_grad_sq, numel)
+    h0 = setting.hyper(1)
+    burn, steps = _lengths(setting, h0, burn, steps)
+    norm0 = start_norm if start_norm is not None else setting.weight_norm(h0)
     with torch.no_grad():
         w.mul_(norm0 / w.norm(dim=1, keepdim=True))
-    angle_sum = torch.zeros(rows, dtype=torch.float64)
-    norm_sum = torch.zeros(rows, dtype=torch.float64)
-    pred_angle_sum = pred_norm_sum = 0.0
+    sums = _Sums(torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64))
     norm_trace: list[torch.Tensor] = []
     angle_trace: list[torch.Tensor] = []
     phi = float(noise_correlation)
     xi = torch.randn(rows, cols, dtype=torch.float64, generator=gen) if phi else None
-    pull_sum = update_sq_sum = 0.0
     for t in range(burn + steps):
         step = t + 1
         if lr_factor is not None:
             f = float(lr_factor(step))
             for g, lr in zip(opt.param_groups, base_lr):
                 g["lr"] = lr * f
-        with torch.no_grad():
-            norm = w.norm(dim=1, keepdim=True)
-            eps = torch.randn(rows, cols, dtype=torch.float64, generator=gen)
-            xi = phi * xi + math.sqrt(1.0 - phi * phi) * eps if xi is not None else eps
-            g = _invariant_grad(w, xi if noise_scale is None else xi * noise_scale)
-            before = w.detach().clone()
-        w.grad = g
-        opt.step()
-        with torch.no_grad():
-            # float64 acos of the cosine: accurate to ~1e-16/Δ² relative, ample for Δ ≥ 1e-5
-            norm_sq = torch.einsum("ij,ij->i", w, w)
-            cos = torch.einsum("ij,ij->i", before, w) / (norm_sq * norm.squeeze(1).square()).sqrt()
-            angle = torch.acos(cos.clamp(-1.0, 1.0))
+        norm, before, xi = _noisy_step(w, opt, gen, xi, phi, noise_scale)
+        norm_sq, angle = _measure(w, before, norm)
         norm_trace.append(norm_sq.mean())
         angle_trace.append(angle.mean())
         if t >= burn:
-            angle_sum += angle
-            norm_sum += norm_sq.sqrt()
-            h = hyper(step)
-            e = rule.decoupled_decay(h)
-            if math.isfinite(e):
-                with torch.no_grad():
-                    update = (1.0 - e) * before - w  # ηu
-                    pull_sum -= 2.0 * float(torch.einsum("ij,ij->", before, update))
-                    update_sq_sum += float(torch.einsum("ij,ij->", update, update))
-            pred_angle_sum += rule.angular_update(h) * factors(h)[0]
-            pred_norm_sum += rule.weight_norm(h, unit_grad_sq, numel)
-    angle_rows = angle_sum / steps
-    norm_rows = norm_sum / steps
-    pa, pn = pred_angle_sum / steps, pred_norm_sum / steps
-    return SimResult(
-        angle=float(angle_rows.mean()),
-        predicted_angle=pa,
-        angle_ratio=float(angle_rows.mean()) / pa,
-        angle_ratio_se=float(angle_rows.std() / math.sqrt(rows)) / pa,
-        norm=float(norm_rows.mean()),
-        predicted_norm=pn,
-        norm_ratio=float(norm_rows.mean()) / pn,
-        norm_ratio_se=float(norm_rows.std() / math.sqrt(rows)) / pn,
-        steps=steps,
-        rows=rows,
-        cols=cols,
-        norm_sq_trace=torch.stack(norm_trace).tolist(),
-        angle_trace=torch.stack(angle_trace).tolist(),
-        update_kappa=pull_sum / update_sq_sum if update_sq_sum > 0.0 else math.nan,
-    )
+            sums.add(setting, setting.hyper(step), angle, norm_sq, before, w)
+    return sums.result(steps, rows, cols, norm_trace, angle_trace)
 
 
 def relaxation_time(trace: Sequence[float], target: float, start: int, low: float = 0.01, high: float = 0.3) -> float:
