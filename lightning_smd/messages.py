@@ -239,8 +239,8 @@ _ALL = (
     Message(
         "SMD045",
         "no heatmap without matplotlib",
-        "matplotlib is not installed, so the SMD heatmap is not drawn (everything else is logged): pip install matplotlib, "
-        "or pass log_heatmap=False.",
+        "matplotlib is not installed, so the SMD heatmap is not drawn for the loggers that take images (W&B, TensorBoard, "
+        "MLflow; everything else is logged): pip install matplotlib, or pass log_heatmap=False.",
     ),
     Message(
         "SMD046",

@@ -184,16 +184,25 @@ def test_both_progress_bars_show_the_aggregates(tmp_path, bar):
     assert shown["smd eq"] == "0/3" and shown["smd Δ/Δ*"] != "-"
 
 
-def test_without_matplotlib_one_warning_and_everything_else(tmp_path, monkeypatch):
-    import lightning_smd.frontends.callback as callback_module
+@pytest.mark.parametrize("image_logger", [False, True], ids=["csv-only", "with-tensorboard"])
+def test_without_matplotlib_one_warning_only_where_a_logger_takes_images(tmp_path, monkeypatch, image_logger):
+    """Without matplotlib the run and its summary are complete; [SMD045] is said once where a logger takes the
+    heatmap image (TensorBoard here), and not at all with a CSVLogger only (the quickstart): nothing is lost there."""
+    import pytorch_lightning as pl
+
     import lightning_smd.engine.session as session_module
+    import lightning_smd.frontends.callback as callback_module
 
     monkeypatch.setattr(session_module, "heatmap_figure", lambda *a, **k: None)  # what it returns without matplotlib
     monkeypatch.setattr(callback_module, "_has_matplotlib", lambda: False)
+    loggers = [pl.loggers.CSVLogger(str(tmp_path), name="", version="")]
+    if image_logger:
+        loggers.append(pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=""))
     torch.manual_seed(0)
-    fit = fit_smd(tmp_path, Module(PlainConvNet(), optimizer=sgd(momentum=0.9)), 12, heatmap_every_n_logs=1)
-    # three log steps each try to draw: one warning, issued once, and the run and its summary are complete
-    assert sum("[SMD045]" in w for w in fit.smd.warnings) == 1 and sum("[SMD045]" in w for w in fit.warnings) == 1
+    fit = fit_smd(tmp_path, Module(PlainConvNet(), optimizer=sgd(momentum=0.9)), 12, trainer_kw={"logger": loggers}, heatmap_every_n_logs=1)
+    # three log steps each try to draw: one warning, issued once, with an image logger; none without
+    expected = 1 if image_logger else 0
+    assert sum("[SMD045]" in w for w in fit.smd.warnings) == expected and sum("[SMD045]" in w for w in fit.warnings) == expected
     assert fit.smd.summary()["steps"] == 12 and fit.smd.summary()["complete"]
 
 

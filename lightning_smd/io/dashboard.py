@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RatioHistory", "heatmap_figure", "render_rgb", "worst_units", "worst_metrics", "PER_LAYER_CHOICES", "per_layer_mode", "progress_text"]
+from lightning_smd.analysis.keys import NAMESPACE, progress_key, worst_key
+
+__all = ["RatioHistory", "heatmap_figure", "render_rgb", "worst_units", "worst_metrics", "PER_LAYER_CHOICES", "per_layer_mode", "progress_text"]
 
 #: What ``log_per_layer`` may be: every per-layer series, only the ratio Δ/Δ*, or none.
 PER_LAYER_CHOICES = ("all", "ratio", "none")
@@ -46,6 +48,7 @@ class RatioHistory:
         self.columns: list[np.ndarray] = []
 
     def append(self, step: int, ratios: np.ndarray) -> None:
+        """Add the column of log step ``step`` (a step not after the last one replaces the last column)."""
         if self.steps and step <= self.steps[-1]:
             self.steps[-1], self.columns[-1] = step, np.array(ratios, dtype=float)
             return
@@ -72,18 +75,19 @@ def worst_units(ratios: np.ndarray, applicable: np.ndarray, k: int) -> list[int]
     return [int(u) for u in order[:k] if distance[u] >= 0.0]
 
 
-def worst_metrics(ratios: np.ndarray, applicable: np.ndarray, k: int, prefix: str = "smd/") -> dict[str, float]:
-    """``smd/worst/<i>/angular_update_ratio`` for i = 1..k, the i-th furthest unit's smoothed Δ/Δ* (nan when
-    fewer units have a ratio): a few series whatever the model's size. Which layers they are is in the
-    heatmap and the summary."""
+def worst_metrics(ratios: np.ndarray, applicable: np.ndarray, k: int, namespace: str = NAMESPACE) -> dict[str, float]:
+    """``smd/worst/<i>/angular_update_ratio`` (:func:`~lightning_smd.analysis.keys.worst_key`) for i = 1..k, the
+    i-th furthest unit's smoothed Δ/Δ* (nan when fewer units have a ratio): a few series whatever the model's size.
+    Which layers they are is in the heatmap and the summary."""
     units = worst_units(ratios, applicable, k)
-    return {f"{prefix}worst/{i + 1}/angular_update_ratio": (float(ratios[units[i]]) if i < len(units) else math.nan) for i in range(k)}
+    return {worst_key(i + 1, namespace): (float(ratios[units[i]]) if i < len(units) else math.nan) for i in range(k)}
 
 
-def progress_text(median_ratio: float, in_equilibrium: int, judged: int) -> dict[str, str]:
-    """The two aggregates for the progress bar (strings: the bars print them as they are)."""
+def progress_text(median_ratio: float, in_equilibrium: int, judged: int, namespace: str = NAMESPACE) -> dict[str, str]:
+    """The two aggregates for the progress bar, ``smd Δ/Δ*`` and ``smd eq`` (strings: the bars print them as they
+    are)."""
     ratio = "-" if not math.isfinite(median_ratio) else f"{median_ratio:.2f}"
-    return {"smd Δ/Δ*": ratio, "smd eq": f"{in_equilibrium}/{judged}"}
+    return {progress_key("Δ/Δ*", namespace): ratio, progress_key("eq", namespace): f"{in_equilibrium}/{judged}"}
 
 
 def heatmap_figure(

@@ -8,7 +8,7 @@ in use.
 - Weights & Biases: ``define_metric`` so that every ``smd/*`` series is plotted against
   ``trainer/global_step``; at the end, the verdict and per-layer ratios in the run summary, a per-layer
   table (``smd/layers``) and a measured-vs-predicted scatter chart (``smd/measured_vs_predicted``).
-- MLflow and every other logger: metric keys only use ``[A-Za-z0-9_./ -]`` (see :func:`metric_name`).
+- MLflow and every other logger: metric keys only use ``[A-Za-z0-9_./ -]`` (see :func:`lightning_smd.analysis.keys.metric_name`).
 
 Every key starts with the callback's *namespace*: ``smd`` — or ``smd-<label>`` for each further
 ``SMDCallback`` of one Trainer (:func:`renamed`), so that two callbacks never write the same series.
@@ -22,19 +22,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_smd.analysis.diagnostics import layer_metric_keys, metric_name
+from lightning_smd.analysis.keys import HEATMAP_KEY, NAMESPACE, WORST, key, layer_key, layer_metric_keys, renamed
 
-__all__ = ["setup_loggers", "finish_loggers", "tensorboard_layout", "renamed", "NAMESPACE"]
+__all__ = ["setup_loggers", "finish_loggers", "log_heatmap", "takes_images", "tensorboard_layout", "renamed", "NAMESPACE", "HEATMAP_KEY"]
 
-#: The namespace of the keys of a Trainer's only (or first) SMDCallback.
-NAMESPACE = "smd"
-
-
-def renamed(key: str, namespace: str = NAMESPACE) -> str:
-    """``key`` (``smd/...``) in ``namespace`` (``smd-strict/...``)."""
-    if namespace == NAMESPACE or not key.startswith(NAMESPACE + "/"):
-        return key
-    return namespace + key[len(NAMESPACE) :]
+#: The loggers :func:`log_heatmap` hands an image to (by class name, subclasses included).
+IMAGE_LOGGERS = ("WandbLogger", "TensorBoardLogger", "MLFlowLogger")
 
 
 def _kind(logger: Any) -> str:
@@ -45,11 +38,18 @@ def _kind(logger: Any) -> str:
     return type(logger).__name__
 
 
-def _prefixed(logger: Any, key: str, namespace: str = NAMESPACE) -> str:
-    key = renamed(key, namespace)
+def takes_images(loggers: Sequence[Any]) -> bool:
+    """Whether any of ``loggers`` takes the heatmap image (W&B, TensorBoard, MLflow: see :func:`log_heatmap`);
+    with none of them (a CSVLogger only) the heatmap need not be drawn, and a missing matplotlib is no loss."""
+    return any(_kind(logger) in IMAGE_LOGGERS for logger in loggers)
+
+
+def _prefixed(logger: Any, name: str, namespace: str = NAMESPACE) -> str:
+    """``name`` (a key in ``smd/...``) as ``logger`` stores it: in ``namespace``, after the logger's own prefix."""
+    name = renamed(name, namespace)
     prefix = getattr(logger, "_prefix", "") or ""
     join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-    return f"{prefix}{join}{key}" if prefix else key
+    return f"{prefix}{join}{name}" if prefix else name
 
 
 def tensorboard_layout(
@@ -61,15 +61,15 @@ def tensorboard_layout(
     worst layers' ratios, and every layer's ratio in one chart. With ``per_layer="all"`` two closed categories
     follow, one chart per layer each: measured vs predicted angular update, and weight norm vs its prediction.
     """
-    tag = lambda key: re.escape(_prefixed(logger, key, namespace))  # noqa: E731 - chart tags are regular expressions
+    tag = lambda name: re.escape(_prefixed(logger, name, namespace))  # noqa: E731 - chart tags are regular expressions
     overview = {
-        "median ratio to prediction": [tag("smd/angular_update_ratio")],
-        "share of layers in equilibrium": [tag("smd/equilibrium_fraction")],
+        "median ratio to prediction": [tag(key("angular_update_ratio"))],
+        "share of layers in equilibrium": [tag(key("equilibrium_fraction"))],
     }
-    if worst_k:
-        overview["worst layers: ratio to prediction"] = [tag("smd/worst/") + r"\d+/angular_update_ratio"]
+    if worst_k:  # key(..., "") ends in "/": the tag is that prefix and a pattern
+        overview["worst layers: ratio to prediction"] = [tag(key(WORST, "")) + r"\d+/angular_update_ratio"]
     if per_layer != "none" and unit_names:
-        overview["every layer: ratio to prediction"] = [tag("smd/") + r"(?!worst/)[^/]+/angular_update_ratio"]
+        overview["every layer: ratio to prediction"] = [tag(key("")) + f"(?!{WORST}/)" + r"[^/]+/angular_update_ratio"]
     title = "SMD" if namespace == NAMESPACE else namespace.upper()
     layout = [(title, False, overview)]
     if per_layer == "all" and unit_names:
@@ -126,12 +126,9 @@ def setup_loggers(loggers: Sequence[Any], unit_names: Sequence[str], per_layer: 
                 run = logger.experiment
                 if hasattr(run, "define_metric"):
                     run.define_metric("trainer/global_step")
-                    run.define_metric(_prefixed(logger, "smd/*", namespace), step_metric="trainer/global_step")
+                    run.define_metric(_prefixed(logger, key("*"), namespace), step_metric="trainer/global_step")
         except Exception as err:  # noqa: BLE001 - a logger's failure must not stop training
             warn("SMD041", what="set up the SMD charts", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")
-
-
-HEATMAP_KEY = "smd/heatmap"
 
 
 def log_heatmap(loggers: Sequence[Any], image: Any, step: int, warn: Any, namespace: str = NAMESPACE) -> list[str]:
@@ -177,6 +174,7 @@ TABLE_COLUMNS = [
 
 
 def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    """The summary's layer rows as the W&B table's rows (:data:`TABLE_COLUMNS`, the interval split in two)."""
     rows = []
     for r in summary.get("layers", []):
         ci = r.get("steady_ratio_ci") or [None, None]
@@ -211,18 +209,18 @@ def finish_loggers(loggers: Sequence[Any], summary: dict[str, Any], warn: Any, n
             import wandb
 
             run = logger.experiment
-            run.summary[_prefixed(logger, "smd/verdict", namespace)] = str(summary.get("verdict"))
-            run.summary[_prefixed(logger, "smd/reason", namespace)] = summary.get("reason")
-            run.summary[_prefixed(logger, "smd/steps", namespace)] = summary.get("steps")
+            run.summary[_prefixed(logger, key("verdict"), namespace)] = str(summary.get("verdict"))
+            run.summary[_prefixed(logger, key("reason"), namespace)] = summary.get("reason")
+            run.summary[_prefixed(logger, key("steps"), namespace)] = summary.get("steps")
             for r in summary.get("layers", []):
                 if r.get("ratio") is not None:
-                    run.summary[_prefixed(logger, f"smd/{metric_name(r['name'])}/final_ratio", namespace)] = r["ratio"]
+                    run.summary[_prefixed(logger, layer_key(r["name"], "final_ratio"), namespace)] = r["ratio"]
                 if r.get("steady_ratio") is not None:
-                    run.summary[_prefixed(logger, f"smd/{metric_name(r['name'])}/steady_ratio", namespace)] = r["steady_ratio"]
+                    run.summary[_prefixed(logger, layer_key(r["name"], "steady_ratio"), namespace)] = r["steady_ratio"]
             table = wandb.Table(columns=TABLE_COLUMNS, data=summary_rows(summary))
             chart = wandb.plot.scatter(table, "predicted_angular_update", "angular_update", title="SMD: measured vs predicted angular update")
             step = summary.get("global_step", summary.get("steps", 0))
-            keys = [_prefixed(logger, k, namespace) for k in ("smd/layers", "smd/measured_vs_predicted")]
+            keys = [_prefixed(logger, key(k), namespace) for k in ("layers", "measured_vs_predicted")]
             run.log({keys[0]: table, keys[1]: chart, "trainer/global_step": step})
         except Exception as err:  # noqa: BLE001
             warn("SMD041", what="write the SMD summary table", logger=type(logger).__name__, error=f"{type(err).__name__}: {err}")

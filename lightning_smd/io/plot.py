@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_smd.io.loggers import NAMESPACE
+from lightning_smd.analysis.keys import NAMESPACE, WORST, key, label_of, metric_name, namespace_for, namespace_of, split_layer_key
 from lightning_smd.io.report import summary_filename
 
 __all__ = ["load_series", "plot_run", "heatmap_run", "newest_file"]
@@ -85,7 +85,7 @@ def _from_csv(path: str) -> Series:
             return {}
         width = len(header)
         step_col = header.index("step")
-        cols = [i for i, key in enumerate(header) if _namespace_of(key)]
+        cols = [i for i, name in enumerate(header) if namespace_of(name)]
         steps: list[np.ndarray] = []
         values: list[list[np.ndarray]] = [[] for _ in cols]
         while True:
@@ -125,25 +125,19 @@ def _from_tensorboard(path: str) -> Series:
         acc = EventAccumulator(d, size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            if _namespace_of(tag):
+            if namespace_of(tag):
                 events = acc.Scalars(tag)
                 out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=np.float64))
     return out
 
 
-def _namespace_of(key: str) -> str | None:
-    """``smd`` or ``smd-<label>`` for a key an SMDCallback logged (``smd/...``, ``smd-strict/...``), else None."""
-    first, sep, _ = key.partition("/")
-    return first if sep and (first == NAMESPACE or first.startswith(NAMESPACE + "-")) else None
-
-
 def _one_namespace(path: str, series: Series, name: str | None) -> tuple[Series, str | None]:
     """The series of one SMDCallback, keys as ``smd/...``, and its label: the one called ``name``, else the
     unlabelled one (the Trainer's first), else the only one logged."""
-    spaces = sorted({_namespace_of(k) for k in series} - {None})
-    labels = [ns[len(NAMESPACE) + 1 :] for ns in spaces if ns != NAMESPACE]
+    spaces = sorted({namespace_of(k) for k in series} - {None})
+    labels = [label_of(ns) for ns in spaces if ns != NAMESPACE]
     if name is not None:
-        wanted = f"{NAMESPACE}-{name}"
+        wanted = namespace_for(name)
         if wanted not in spaces:
             logged = ", ".join(f"{ns}/*" for ns in spaces)
             raise ValueError(f"{path}: no {wanted}/* metrics (no SMDCallback(name={name!r}) logged here); logged: {logged}")
@@ -153,9 +147,8 @@ def _one_namespace(path: str, series: Series, name: str | None) -> tuple[Series,
         wanted = spaces[0]
     else:
         raise ValueError(f"{path}: several SMDCallbacks logged here ({', '.join(labels)}): choose one with --name")
-    label = None if wanted == NAMESPACE else wanted[len(NAMESPACE) + 1 :]
     prefix = wanted + "/"
-    return {NAMESPACE + "/" + k[len(prefix) :]: v for k, v in series.items() if k.startswith(prefix)}, label
+    return {key(k[len(prefix) :]): v for k, v in series.items() if k.startswith(prefix)}, label_of(wanted)
 
 
 def load_series(path: str, name: str | None = None) -> tuple[Series, dict[str, Any] | None]:
@@ -183,19 +176,16 @@ def load_series(path: str, name: str | None = None) -> tuple[Series, dict[str, A
     return series, summary
 
 
-def _layers(series: Series) -> list[str]:
-    names = []
-    for key in series:
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "angular_update":
-            names.append(parts[1])
-    return names
+def _layers(series: Series, metric: str = "angular_update") -> list[str]:
+    """The layers (as their keys name them) with a ``smd/<layer>/<metric>`` series, in the series' order."""
+    return [parts[0] for parts in map(split_layer_key, series) if parts is not None and parts[1] == metric]
 
 
-def _final(series: Series, key: str) -> float:
-    if key not in series or not len(series[key][1]):
+def _final(series: Series, name: str) -> float:
+    """The last finite value of the series ``name``, or nan."""
+    if name not in series or not len(series[name][1]):
         return math.nan
-    values = series[key][1]
+    values = series[name][1]
     finite = values[np.isfinite(values)]
     return float(finite[-1]) if len(finite) else math.nan
 
@@ -207,7 +197,7 @@ _MAX_LR_LINES = 12
 def _lr_changes(series: Series, layer: str) -> list[int]:
     """Steps where the learning rate (``effective_lr · |w|²``) changed by more than 1e-6 relative; empty when it
     changed at more than ``_MAX_LR_LINES`` steps (a schedule that moves every step is not a set of events)."""
-    e, n = series.get(f"smd/{layer}/effective_lr"), series.get(f"smd/{layer}/weight_norm")
+    e, n = series.get(key(layer, "effective_lr")), series.get(key(layer, "weight_norm"))
     if e is None or n is None or len(e[0]) != len(n[0]) or len(e[0]) < 2:
         return []
     lr = e[1] * n[1] ** 2
@@ -242,11 +232,8 @@ def _thin(steps: np.ndarray, values: np.ndarray, limit: int = _MAX_POINTS) -> tu
     return steps[keep], values[keep]
 
 
-def plot_run(
-    path: str, output: str, layers: int | None = 6, names: Sequence[str] | None = None, dpi: int = 120, name: str | None = None
-) -> str:
-    """Draw the figure for the run under ``path`` into ``output`` (PNG, PDF or SVG by extension); ``name``: which
-    SMDCallback's series, when the run had several (see :func:`load_series`)."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, no window); ValueError saying how to install it."""
     try:
         import matplotlib
 
@@ -254,92 +241,125 @@ def plot_run(
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ValueError('plotting needs matplotlib: pip install "lightning-smd[plot]" (or pip install matplotlib)') from err
-    series, summary = load_series(path, name)
-    tol = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
-    first_eq = {r["name"]: r.get("first_equilibrium_step") for r in (summary or {}).get("layers", [])}
-    from lightning_smd.analysis.diagnostics import metric_name
+    return plt
 
-    first_eq = {metric_name(k): v for k, v in first_eq.items()}
-    all_layers = _layers(series)
+
+def _chosen_layers(series: Series, all_layers: list[str], layers: int | None, names: Sequence[str] | None) -> list[str]:
+    """The layers to draw a row for: those in ``names`` that were logged, else the ``layers`` (None: all) furthest
+    from their prediction by the final ratio (layers without a finite one last)."""
     if names:
-        chosen = [metric_name(n) for n in names if metric_name(n) in all_layers]
-    else:
-        worst = sorted(
-            all_layers,
-            key=lambda n: (
-                -abs(_final(series, f"smd/{n}/angular_update_ratio") - 1.0)
-                if math.isfinite(_final(series, f"smd/{n}/angular_update_ratio"))
-                else -math.inf
-            ),
-        )
-        chosen = worst if layers is None else worst[:layers]
-    rows = 1 + len(chosen)
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 2.4 * rows), squeeze=False)
-    verdict = (summary or {}).get("verdict")
-    title = "Spherical Motion Dynamics: measured vs predicted" + (f" ({name})" if name else "") + (f" — verdict: {verdict}" if verdict else "")
-    fig.suptitle(title, fontsize=12)
-    ax_r, ax_f = axes[0]
+        return [metric_name(n) for n in names if metric_name(n) in all_layers]
+
+    def distance(layer: str) -> float:
+        final = _final(series, key(layer, "angular_update_ratio"))
+        return -abs(final - 1.0) if math.isfinite(final) else -math.inf
+
+    worst = sorted(all_layers, key=distance)
+    return worst if layers is None else worst[:layers]
+
+
+def _draw_aggregates(axes: Any, series: Series, all_layers: Sequence[str], tol: float) -> None:
+    """The first row: the median ratio with the equilibrium band (left), the share of layers in equilibrium (right)."""
+    ax_r, ax_f = axes
     aggregate = panel_ratio(series, all_layers)
-    if aggregate is not None or "smd/angular_update_ratio" in series:
+    if aggregate is not None or key("angular_update_ratio") in series:
         # the median of what the panels below show (Δ (EMA) / Δ* (EMA)); runs logged before Δ* (EMA) existed: the
         # logged median of the smoothed per-step ratio
-        s, v = aggregate if aggregate is not None else series["smd/angular_update_ratio"]
+        s, v = aggregate if aggregate is not None else series[key("angular_update_ratio")]
         label = "median over layers of Δ (EMA) / Δ* (EMA)" if aggregate is not None else "median Δ/Δ* over layers"
         ax_r.plot(*_thin(s, v), color="C0", lw=1.5, label=label)
         ax_r.axhspan(1 - tol, 1 + tol, color="C2", alpha=0.15, label=f"equilibrium band ±{tol:.0%}")
         ax_r.axhline(1.0, color="C2", lw=0.8)
         ax_r.set_ylabel("Δ / Δ*")
         ax_r.legend(loc="best", fontsize=7)
-    if "smd/equilibrium_fraction" in series:
-        s, v = series["smd/equilibrium_fraction"]
+    if key("equilibrium_fraction") in series:
+        s, v = series[key("equilibrium_fraction")]
         ax_f.plot(*_thin(s, v), color="C3", lw=1.5)
         ax_f.set_ylim(-0.05, 1.05)
         ax_f.set_ylabel("share in equilibrium")
     ax_r.set_title("all layers", fontsize=9, loc="left")
+
+
+def _draw_prediction(ax: Any, series: Series, layer: str, tol: float) -> None:
+    """The layer's prediction Δ* (its EMA, as Δ is smoothed, where logged) with the ``1 ± tol`` band around it, and
+    the prediction of the latest step as a dotted line beside the EMA."""
+    smoothed = key(layer, "smoothed_predicted_angular_update")
+    latest = key(layer, "predicted_angular_update")
+    band = smoothed if smoothed in series else latest
+    if band in series:
+        s, p = series[band]
+        ok = np.isfinite(p) & (p > 0)
+        if ok.any():
+            label = "predicted Δ* (EMA, as Δ)" if band == smoothed else "predicted Δ*"
+            s, p = _thin(s[ok], p[ok])
+            ax.plot(s, p, color="k", lw=1.0, ls="--", label=label)
+            ax.fill_between(s, p * (1 - tol), p * (1 + tol), color="C2", alpha=0.2, lw=0, label=f"±{tol:.0%}")
+    if band == smoothed and latest in series:
+        s, p = series[latest]
+        ok = np.isfinite(p) & (p > 0)
+        if ok.any():
+            ax.plot(*_thin(s[ok], p[ok]), color="0.5", lw=0.8, ls=":", label="Δ* of the latest step")
+
+
+def _equilibrium_step(series: Series, layer: str, from_summary: int | None) -> int | None:
+    """The step the layer first reached equilibrium: the summary's, else the first logged ``in_equilibrium``."""
+    if from_summary is None and key(layer, "in_equilibrium") in series:
+        s, e = series[key(layer, "in_equilibrium")]
+        hit = np.nonzero(e > 0.5)[0]
+        return int(s[hit[0]]) if len(hit) else None
+    return from_summary
+
+
+def _draw_angular_update(ax: Any, series: Series, layer: str, tol: float, eq_step: int | None) -> None:
+    """A layer's left panel: measured Δ against the prediction, the equilibrium step and learning-rate changes."""
+    if key(layer, "angular_update") in series:
+        s, v = series[key(layer, "angular_update")]
+        ax.plot(*_thin(s, v), color="C0", lw=1.5, label="measured Δ (EMA)")
+    _draw_prediction(ax, series, layer, tol)
+    positive = [series[k][1] for k in (key(layer, "angular_update"), key(layer, "predicted_angular_update")) if k in series]
+    if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
+        ax.set_yscale("log")
+    if eq_step is not None:
+        ax.axvline(eq_step, color="C2", lw=1.2, label=f"first steady window from step {eq_step}")
+    for k, step in enumerate(_lr_changes(series, layer)):
+        ax.axvline(step, color="0.5", lw=0.8, ls=":", label="learning-rate change" if k == 0 else None)
+    ax.set_ylabel("angular update (rad)")
+    ax.set_title(layer, fontsize=9, loc="left")
+    ax.legend(loc="best", fontsize=7)
+
+
+def _draw_weight_norm(ax: Any, series: Series, layer: str) -> None:
+    """A layer's right panel: the weight norm and its predicted equilibrium value."""
+    if key(layer, "weight_norm") in series:
+        s, v = series[key(layer, "weight_norm")]
+        ax.plot(*_thin(s, v), color="C1", lw=1.5, label="‖w‖")
+    if key(layer, "predicted_weight_norm") in series:
+        s, v = series[key(layer, "predicted_weight_norm")]
+        ax.plot(*_thin(s, v), color="k", lw=1.0, ls="--", label="predicted ‖w*‖")
+    ax.set_ylabel("weight norm")
+    ax.legend(loc="best", fontsize=7)
+
+
+def plot_run(path: str, output: str, layers: int | None = 6, names: Sequence[str] | None = None, dpi: int = 120, name: str | None = None) -> str:
+    """Draw the figure for the run under ``path`` into ``output`` (PNG, PDF or SVG by extension); ``name``: which
+    SMDCallback's series, when the run had several (see :func:`load_series`)."""
+    plt = _pyplot()
+    series, summary = load_series(path, name)
+    tol = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
+    first_eq = {r["name"]: r.get("first_equilibrium_step") for r in (summary or {}).get("layers", [])}
+    first_eq = {metric_name(k): v for k, v in first_eq.items()}
+    all_layers = _layers(series)
+    chosen = _chosen_layers(series, all_layers, layers, names)
+    rows = 1 + len(chosen)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 2.4 * rows), squeeze=False)
+    verdict = (summary or {}).get("verdict")
+    title = "Spherical Motion Dynamics: measured vs predicted" + (f" ({name})" if name else "") + (f" — verdict: {verdict}" if verdict else "")
+    fig.suptitle(title, fontsize=12)
+    _draw_aggregates(axes[0], series, all_layers, tol)
     for row, layer in enumerate(chosen, start=1):
         ax_d, ax_n = axes[row]
-        base = f"smd/{layer}/"
-        if base + "angular_update" in series:
-            s, v = series[base + "angular_update"]
-            ax_d.plot(*_thin(s, v), color="C0", lw=1.5, label="measured Δ (EMA)")
-        smoothed = base + "smoothed_predicted_angular_update"
-        band = smoothed if smoothed in series else base + "predicted_angular_update"
-        if band in series:
-            s, p = series[band]
-            ok = np.isfinite(p) & (p > 0)
-            if ok.any():
-                label = "predicted Δ* (EMA, as Δ)" if band == smoothed else "predicted Δ*"
-                s, p = _thin(s[ok], p[ok])
-                ax_d.plot(s, p, color="k", lw=1.0, ls="--", label=label)
-                ax_d.fill_between(s, p * (1 - tol), p * (1 + tol), color="C2", alpha=0.2, lw=0, label=f"±{tol:.0%}")
-        if band == smoothed and base + "predicted_angular_update" in series:
-            s, p = series[base + "predicted_angular_update"]
-            ok = np.isfinite(p) & (p > 0)
-            if ok.any():
-                ax_d.plot(*_thin(s[ok], p[ok]), color="0.5", lw=0.8, ls=":", label="Δ* of the latest step")
-        positive = [series[k][1] for k in (base + "angular_update", base + "predicted_angular_update") if k in series]
-        if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
-            ax_d.set_yscale("log")
-        eq_step = first_eq.get(layer)
-        if eq_step is None and base + "in_equilibrium" in series:
-            s, e = series[base + "in_equilibrium"]
-            hit = np.nonzero(e > 0.5)[0]
-            eq_step = int(s[hit[0]]) if len(hit) else None
-        if eq_step is not None:
-            ax_d.axvline(eq_step, color="C2", lw=1.2, label=f"first steady window from step {eq_step}")
-        for k, step in enumerate(_lr_changes(series, layer)):
-            ax_d.axvline(step, color="0.5", lw=0.8, ls=":", label="learning-rate change" if k == 0 else None)
-        ax_d.set_ylabel("angular update (rad)")
-        ax_d.set_title(layer, fontsize=9, loc="left")
-        ax_d.legend(loc="best", fontsize=7)
-        if base + "weight_norm" in series:
-            s, v = series[base + "weight_norm"]
-            ax_n.plot(*_thin(s, v), color="C1", lw=1.5, label="‖w‖")
-        if base + "predicted_weight_norm" in series:
-            s, v = series[base + "predicted_weight_norm"]
-            ax_n.plot(*_thin(s, v), color="k", lw=1.0, ls="--", label="predicted ‖w*‖")
-        ax_n.set_ylabel("weight norm")
-        ax_n.legend(loc="best", fontsize=7)
+        _draw_angular_update(ax_d, series, layer, tol, _equilibrium_step(series, layer, first_eq.get(layer)))
+        _draw_weight_norm(ax_n, series, layer)
     for ax in axes[-1]:
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -353,7 +373,7 @@ def panel_ratio(series: Series, layers: Sequence[str]) -> tuple[np.ndarray, np.n
     or None when the run did not log Δ* (EMA)."""
     per_layer = []
     for name in layers:
-        d, p = series.get(f"smd/{name}/angular_update"), series.get(f"smd/{name}/smoothed_predicted_angular_update")
+        d, p = series.get(key(name, "angular_update")), series.get(key(name, "smoothed_predicted_angular_update"))
         if d is None or p is None or len(d[0]) != len(p[0]) or not np.array_equal(d[0], p[0]):
             continue
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -373,10 +393,9 @@ def heatmap_run(path: str, output: str, dpi: int = 120, name: str | None = None)
     """The layer × step heatmap of the logged smoothed Δ/Δ* (``smd/<layer>/angular_update_ratio``), layers in
     network order (the summary's, when found), written to ``output``; returns ``output``."""
     from lightning_smd.io.dashboard import heatmap_figure
-    from lightning_smd.analysis.diagnostics import metric_name
 
     series, summary = load_series(path, name)
-    logged = [k.split("/")[1] for k in series if k.count("/") == 2 and k.endswith("/angular_update_ratio") and not k.startswith("smd/worst/")]
+    logged = [layer for layer in _layers(series, "angular_update_ratio") if layer != WORST]
     if summary and summary.get("layers"):
         order = [metric_name(str(r.get("name"))) for r in summary["layers"]]
         names = [n for n in order if n in logged] + [n for n in logged if n not in order]
@@ -384,10 +403,10 @@ def heatmap_run(path: str, output: str, dpi: int = 120, name: str | None = None)
         names = logged
     if not names:
         raise ValueError(f"{path}: no per-layer smd/<layer>/angular_update_ratio series (log_per_layer='none'?)")
-    steps = np.unique(np.concatenate([series[f"smd/{n}/angular_update_ratio"][0] for n in names]).astype(np.int64))
+    steps = np.unique(np.concatenate([series[key(n, "angular_update_ratio")][0] for n in names]).astype(np.int64))
     matrix = np.full((len(names), len(steps)), np.nan)
     for row, n in enumerate(names):
-        s, v = series[f"smd/{n}/angular_update_ratio"]
+        s, v = series[key(n, "angular_update_ratio")]
         matrix[row, np.searchsorted(steps, s.astype(np.int64))] = v
     tolerance = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
     fig = heatmap_figure(steps, matrix, names, tolerance)

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_smd.analysis.keys import HEATMAP_KEY, key, layer_metric_keys, worst_key
 from lightning_smd.io.dashboard import per_layer_mode
-from lightning_smd.analysis.diagnostics import layer_metric_keys
 
 __all__ = ["workspace_panels", "build_workspace", "save_workspace"]
 
+#: The x axis of every line plot: the step the Lightning loggers log at.
 STEP = "trainer/global_step"
-HEATMAP_KEY = "smd/heatmap"
 
 
 def workspace_panels(unit_names: Sequence[str], per_layer: bool | str = "auto", worst_k: int = 3) -> list[tuple[str, bool, list[dict[str, Any]]]]:
@@ -30,11 +30,11 @@ def workspace_panels(unit_names: Sequence[str], per_layer: bool | str = "auto", 
     "title": ..., "keys": [...]}`` — the metric keys are exactly those the callback logs with these options."""
     mode = per_layer_mode(per_layer, len(unit_names))
     overview: list[dict[str, Any]] = [
-        {"kind": "line", "title": "median Δ/Δ* (1 = equilibrium)", "keys": ["smd/angular_update_ratio"]},
-        {"kind": "line", "title": "share of layers in equilibrium", "keys": ["smd/equilibrium_fraction"]},
+        {"kind": "line", "title": "median Δ/Δ* (1 = equilibrium)", "keys": [key("angular_update_ratio")]},
+        {"kind": "line", "title": "share of layers in equilibrium", "keys": [key("equilibrium_fraction")]},
     ]
     if worst_k:
-        overview.append({"kind": "line", "title": "worst layers: Δ/Δ*", "keys": [f"smd/worst/{i + 1}/angular_update_ratio" for i in range(worst_k)]})
+        overview.append({"kind": "line", "title": "worst layers: Δ/Δ*", "keys": [worst_key(i + 1) for i in range(worst_k)]})
     if mode != "none" and unit_names:
         overview.append({"kind": "line", "title": "every layer: Δ/Δ*", "keys": [layer_metric_keys(n)["angular_update_ratio"] for n in unit_names]})
     overview.append({"kind": "media", "title": "layer × step heatmap of Δ/Δ*", "keys": [HEATMAP_KEY]})
