@@ -78,7 +78,7 @@ def test_plain_ddp_issues_no_collective_for_the_statistics(tmp_path):
 
 
 def test_unsupported_strategies_are_named_at_fit_start():
-    from lightning_smd.frontends.callback import _unsupported_strategy
+    from lightning_smd.frontends.trainer import unsupported_strategy as _unsupported_strategy
 
     class DeepSpeedStrategy:
         pass

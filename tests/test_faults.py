@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from helpers import HEALTHY_STEPS, Module, SmallConvNet, fit_smd, healthy_module, loader, sgd, teacher_loader, trainer
-from lightning_smd import EquilibriumNotReachedError, SMDCallback
+from helpers import HEALTHY_STEPS, Module, PlainConvNet, SmallConvNet, fit_smd, healthy_module, loader, sgd, teacher_loader, trainer
+from lightning_smd import EquilibriumNotReachedError, SMDCallback, SMDWarning
 
 
 class WriteNaN(pl.Callback):
@@ -49,25 +51,24 @@ class InfLossAt(Module):
 # ---------------------------------------------------------------------------------------------
 # 1. A diverged run
 # ---------------------------------------------------------------------------------------------
-def test_a_nan_written_into_a_weight_late_in_a_healthy_run_fails_the_gate_whatever_min_fraction(tmp_path):
-    """The healthy cell (equilibrium from about step 800, docs/verdict_reliability.md) with a NaN written into one
-    weight at step 1500. Before the fix the smoothing skipped the NaN samples and the last finite ratios kept every
-    layer in equilibrium: verdict 'equilibrium', no warning, and the gate passed."""
-    pl.seed_everything(0)
+def _check_nan_written_at(tmp_path, model, steps, at, **fit_kw):
+    """Train under the raise gate at ``min_fraction=1e-6`` with a NaN written into conv2's weight before the forward
+    pass of step ``at + 1``: the gate fails, and nothing reads as in equilibrium from that step on."""
     smd = SMDCallback(verbose=False, on_no_equilibrium="raise", min_fraction=1e-6)
     with pytest.raises(EquilibriumNotReachedError) as err:
-        fit_smd(tmp_path, healthy_module(), HEALTHY_STEPS, data=teacher_loader(0), smd=smd, callbacks=[WriteNaN(1500)])
+        fit_smd(tmp_path, model, steps, smd=smd, callbacks=[WriteNaN(at)], **fit_kw)
     summary = err.value.summary
+    step = at + 1  # the first step measured from the NaN weight
     assert summary["verdict"] == "diverged"
-    assert summary["diverged_at_step"] == 1501  # the first step measured from the NaN weight
+    assert summary["diverged_at_step"] == step
     assert summary["reason"].startswith("training diverged: the weights of 3 layers at once")
-    assert "step 1501" in summary["reason"]
+    assert f"step {step}" in summary["reason"]
     for row in summary["layers"]:
-        assert row["state"] == "diverged" and row["diverged_at_step"] == 1501 and not row["in_equilibrium"]
+        assert row["state"] == "diverged" and row["diverged_at_step"] == step and not row["in_equilibrium"]
         assert row["ratio"] is None and row["steady_ratio"] is None and row["weight_norm"] is None  # nothing stale
         assert row["not_in_equilibrium_because"].startswith("diverged")
     assert summary["diagnoses"]["diverged"] == [r["name"] for r in summary["layers"]]
-    assert any("[SMD025]" in w and "step 1501" in w for w in summary["warnings"])
+    assert any("[SMD025]" in w and f"step {step}" in w for w in summary["warnings"])
     on_disk = json.loads((tmp_path / "smd_summary.json").read_text())
     assert on_disk["verdict"] == "diverged" and on_disk["complete"] is True
     # the logged per-layer ratio is nan from the divergence on, not the last finite value
@@ -76,6 +77,46 @@ def test_a_nan_written_into_a_weight_late_in_a_healthy_run_fails_the_gate_whatev
     col = header.index("smd/net.conv1.weight/angular_update_ratio")
     last = rows[-1].split(",")
     assert last[col] in ("", "nan")
+
+
+def test_a_nan_written_into_a_weight_fails_the_gate_whatever_min_fraction(tmp_path):
+    """The fast twin of the healthy-run test below, end to end: a NaN written at step 10 of 20."""
+    pl.seed_everything(0)
+    _check_nan_written_at(tmp_path, Module(SmallConvNet()), 20, 10)
+
+
+def test_a_nan_after_equilibrium_ends_it_whatever_min_fraction():
+    """The fast twin of the healthy-run test below, on synthetic batches (tests/test_steady.py's ``feed``): three
+    layers steady on the prediction, in equilibrium at min_fraction 1e-6, then weights that are NaN from step 201 on.
+    The verdict is 'diverged' at step 201, and no figure keeps its last finite value."""
+    from test_steady import feed, units
+
+    from lightning_smd.analysis import Diagnostics, DiagnosticsConfig
+
+    d = Diagnostics(units(3), DiagnosticsConfig(min_fraction=1e-6))
+    feed(d, np.ones((200, 3)), lr=np.full(200, 0.1), chunk=200)  # τ_r = 10 steps: steady after the 200-step minimum
+    assert d.verdict()[0] == "equilibrium" and d.counted.all()
+    nan = np.full((5, 3), np.nan)
+    feed(d, nan, nan, lr=np.full(5, 0.1), first=201, chunk=5)
+    verdict, reason = d.verdict()
+    assert verdict == "diverged" and reason.startswith("training diverged: the weights of 3 layers at once (w0, w1, w2)")
+    assert "at optimizer step 201" in reason
+    summary = d.summary()
+    assert summary["diverged_at_step"] == 201 and summary["angular_update_ratio"] is None and summary["equilibrium_fraction"] == 0.0
+    for row in summary["layers"]:
+        assert row["state"] == "diverged" and row["diverged_at_step"] == 201 and not row["in_equilibrium"]
+        assert row["ratio"] is None and row["steady_ratio"] is None and row["weight_norm"] is None
+    metrics = d.metrics()
+    assert all(math.isnan(metrics[f"smd/w{i}/{key}"]) for i in range(3) for key in ("angular_update_ratio", "steady_ratio"))
+
+
+@pytest.mark.slow  # the healthy cell's 1,600 steps; the two tests above are its fast twins
+def test_a_nan_written_into_a_weight_late_in_a_healthy_run_fails_the_gate_whatever_min_fraction(tmp_path):
+    """The healthy cell (equilibrium from about step 800, docs/verdict_reliability.md) with a NaN written into one
+    weight at step 1500. Before the fix the smoothing skipped the NaN samples and the last finite ratios kept every
+    layer in equilibrium: verdict 'equilibrium', no warning, and the gate passed."""
+    pl.seed_everything(0)
+    _check_nan_written_at(tmp_path, healthy_module(), HEALTHY_STEPS, 1500, data=teacher_loader(0))
 
 
 def test_an_infinite_loss_in_a_short_run_reads_diverged_with_its_step(tmp_path):
@@ -133,13 +174,20 @@ def test_a_diverged_run_is_told_by_the_plain_pytorch_monitor_too():
 # ---------------------------------------------------------------------------------------------
 # 3. The gate in debug runs
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("debug", [{"fast_dev_run": True}, {"fast_dev_run": 3}, {"limit_train_batches": 0}], ids=["fdr", "fdr3", "ltb0"])
-def test_the_raise_gate_stands_down_in_a_debug_run_and_says_so(tmp_path, debug):
+@pytest.mark.parametrize(
+    "debug, steps, verdict",
+    [({"fast_dev_run": True}, 1, "not_reached"), ({"fast_dev_run": 3}, 3, "not_reached"), ({"limit_train_batches": 0}, 0, "not_applicable")],
+    ids=["fdr", "fdr3", "ltb0"],
+)
+def test_the_raise_gate_stands_down_in_a_debug_run_and_says_so(tmp_path, debug, steps, verdict):
     """Before the fix every fast_dev_run raised EquilibriumNotReachedError (one step is never in equilibrium), and
-    limit_train_batches=0 wrote no summary at all."""
+    limit_train_batches=0 wrote no summary at all (Lightning skips on_train_end): now it is written at fit end,
+    'not_applicable' (no step measured)."""
     fit = fit_smd(tmp_path, Module(SmallConvNet()), 20, on_no_equilibrium="raise", trainer_kw=debug)
     summary = fit.smd.summary()
-    assert summary["verdict"] in ("not_reached", "not_applicable")
+    assert summary["verdict"] == verdict and summary["steps"] == steps and summary["complete"] is True, summary["reason"]
+    if not steps:
+        assert summary["reason"] == "no optimizer step was measured"
     assert summary["gate"].startswith("stood down: ") and next(iter(debug)) in summary["gate"]
     assert sum("[SMD027]" in w for w in fit.warnings) == 1
     assert not any("[SMD003]" in w for w in fit.warnings)  # "the run is too short" is no news in a debug run
@@ -218,7 +266,9 @@ def test_two_callbacks_with_different_criteria_keep_two_summaries_and_two_sets_o
     lenient, strict = SMDCallback(verbose=False), SMDCallback(verbose=False, tolerance=0.05, require_agreement=True)
     named = SMDCallback(verbose=False, name="gate", min_fraction=0.5)
     t = trainer(tmp_path, [lenient, strict, named], max_steps=20)
-    t.fit(Module(SmallConvNet()), loader())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t.fit(Module(SmallConvNet()), loader())
     assert strict.namespace == "smd-tolerance-0.05_require_agreement-True" and named.namespace == "smd-gate"
     files = sorted(p.name for p in tmp_path.glob("smd_summary*.json"))
     assert files == ["smd_summary-gate.json", "smd_summary-tolerance-0.05_require_agreement-True.json", "smd_summary.json"]
@@ -228,16 +278,33 @@ def test_two_callbacks_with_different_criteria_keep_two_summaries_and_two_sets_o
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     for ns in ("smd", strict.namespace, "smd-gate"):
         assert f"{ns}/net.conv1.weight/angular_update_ratio" in header
-    # each shown warning says which callback it comes from
-    assert "smd-gate" in t.callback_metrics.keys().__repr__() or "smd-gate/angular_update_ratio" in t.callback_metrics
+    for ns in ("smd", strict.namespace, "smd-gate"):
+        assert f"{ns}/angular_update_ratio" in t.callback_metrics
+    # each shown warning says which callback it comes from: the default one's bare, the others' after their label
+    shown = [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
+    for cb in (lenient, strict, named):
+        prefix = "" if cb is lenient else f"SMDCallback '{cb.namespace[4:]}': "
+        own = [m[len(prefix) :] for m in shown if m.startswith(prefix) and not (cb is lenient and m.startswith("SMDCallback '"))]
+        # SMD003 (run too short) and SMD034 (no equilibrium), each once per callback, and the summary keeps them unprefixed
+        assert [m[-8:] for m in own] == ["[SMD003]", "[SMD034]"], shown
+        assert own[0] in cb.summary()["warnings"]
 
 
 @pytest.mark.parametrize("twice", ["equal options", "same object"])
-def test_true_duplicates_are_refused_with_our_message(tmp_path, twice):
+def test_true_duplicates_are_refused_when_the_trainer_is_built(tmp_path, twice):
+    """Two SMDCallbacks with equal options share one ``state_key``: Lightning itself refuses them when the Trainer is
+    built (its checkpoint could not tell their states apart), before anything is measured."""
     a = SMDCallback(verbose=False)
     callbacks = [a, SMDCallback(verbose=False)] if twice == "equal options" else [a, a]
-    with pytest.raises(ValueError, match="two SMDCallbacks with the same options"):
+    with pytest.raises(RuntimeError, match="more than one stateful callback"):
         trainer(tmp_path, callbacks)
+
+
+def test_a_duplicate_appended_after_the_trainer_was_built_is_refused_with_our_message_at_fit_start(tmp_path):
+    t = trainer(tmp_path, [SMDCallback(verbose=False)])
+    t.callbacks.append(SMDCallback(verbose=False))
+    with pytest.raises(ValueError, match="two SMDCallbacks with the same options"):
+        t.fit(Module(SmallConvNet()), loader())
 
 
 def test_two_callbacks_with_one_name_are_refused_at_fit_start(tmp_path):
@@ -247,19 +314,42 @@ def test_two_callbacks_with_one_name_are_refused_at_fit_start(tmp_path):
 
 
 def test_each_callback_resumes_its_own_state_from_one_checkpoint(tmp_path):
-    a, b = SMDCallback(verbose=False), SMDCallback(verbose=False, tolerance=0.2)
-    t = trainer(tmp_path, [a, b], max_steps=20)
-    model = Module(SmallConvNet())
-    t.fit(model, loader())
+    """Two callbacks whose states differ (``a``: 3 layers, 50-step smoothing; ``b``: conv1 left out, 5-step smoothing):
+    15 steps, one checkpoint, 15 more give each the figures of an uninterrupted 30-step run, which a swapped, shared
+    or restarted state would not (fixed data: one epoch of 15 batches, as in
+    tests/test_detect_callback.py::test_resume_continues_as_if_never_interrupted)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_smd.demo import NoisyTemplates
+
+    stream = iter(NoisyTemplates(batch_size=32, size=8))
+    batches = [next(stream) for _ in range(15)]
+    data = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])), batch_size=32)
+
+    def run(root, epochs, ckpt=None):
+        torch.manual_seed(0)
+        a, b = SMDCallback(verbose=False), SMDCallback(verbose=False, ema_steps=5, exclude=["net.conv1.weight"])
+        t = trainer(root, [a, b], max_steps=-1, max_epochs=epochs)
+        t.fit(Module(PlainConvNet(), optimizer=sgd(lr=0.2, weight_decay=0.01)), data, ckpt_path=ckpt)
+        return a, b, t
+
+    straight = run(tmp_path / "straight", 2)[:2]
+    first_a, first_b, t = run(tmp_path / "first", 1)
     t.save_checkpoint(str(tmp_path / "c.ckpt"))
     states = torch.load(str(tmp_path / "c.ckpt"), weights_only=False)["callbacks"]
-    assert {a.state_key, b.state_key} <= set(states)
-    a2, b2 = SMDCallback(verbose=False), SMDCallback(verbose=False, tolerance=0.2)
-    t2 = trainer(tmp_path / "r", [a2, b2], max_steps=30)
-    t2.fit(Module(SmallConvNet()), loader(), ckpt_path=str(tmp_path / "c.ckpt"))
-    for cb in (a2, b2):
-        summary = cb.summary()
-        assert summary["steps"] == 30 and {r["first_measured_step"] for r in summary["layers"]} == {1}  # resumed, not restarted
+    assert {first_a.state_key, first_b.state_key} <= set(states) and first_a.state_key != first_b.state_key
+    resumed = run(tmp_path / "resumed", 2, ckpt=str(tmp_path / "c.ckpt"))[:2]
+    names = (["net.conv1.weight", "net.conv2.weight", "net.conv3.weight"], ["net.conv2.weight", "net.conv3.weight"])
+    for s_cb, r_cb, layers in zip(straight, resumed, names):
+        s, r = s_cb.summary(), r_cb.summary()
+        assert s["steps"] == r["steps"] == 30 and [row["name"] for row in r["layers"]] == layers
+        for ls, lr in zip(s["layers"], r["layers"]):
+            assert lr["first_measured_step"] == 1  # resumed, not restarted
+            for key in ("angular_update", "ratio", "weight_norm", "predicted_weight_norm", "effective_lr"):
+                assert lr[key] == pytest.approx(ls[key], rel=1e-9, abs=1e-12), (r_cb.namespace, lr["name"], key)
+    # the two states are not alike: the same layer's smoothed figure differs between the callbacks
+    a_conv2, b_conv2 = (cb.summary()["layers"][i] for cb, i in zip(resumed, (1, 0)))
+    assert abs(a_conv2["angular_update"] / b_conv2["angular_update"] - 1) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,10 +363,19 @@ def test_a_learning_rate_of_zero_is_not_reported_as_missing_weight_decay(tmp_pat
 
 
 def test_a_schedule_ending_at_zero_says_so_and_the_stop_gate_names_it(tmp_path):
+    """lr 0.1 for 10 steps, then 0, in a run planned for 400 (long enough that the gate has no other reason to stop):
+    the "stop" gate stops at the first log step a full interval after the change (step 15) naming the learning
+    rate, and the reason blames it too, not the weight decay (5e-3)."""
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step < 10 else 0.0)  # noqa: E731
-    fit = fit_smd(tmp_path, Module(SmallConvNet(), scheduler=sched), 40)
-    assert "learning rate of 0" in fit.smd.summary()["reason"]
-    assert "no weight decay" not in fit.smd.summary()["reason"]
+    torch.manual_seed(0)
+    fit = fit_smd(tmp_path, Module(SmallConvNet(), scheduler=sched), 400, on_no_equilibrium="stop")
+    summary = fit.smd.summary()
+    assert fit.trainer.global_step == summary["steps"] == 15
+    names = "net.conv1.weight, net.conv2.weight, net.conv3.weight"
+    assert summary["stopped_early"] == f"3 of 3 normalized layers have a learning rate of 0, so they do not move ({names})"
+    stops = [w for w in fit.warnings if w.startswith("Stopping training")]
+    assert len(stops) == 1 and summary["stopped_early"] in stops[0], fit.warnings
+    assert "learning rate of 0" in summary["reason"] and "no weight decay" not in summary["reason"]
 
 
 def test_an_optimizer_without_the_normalized_weights_gets_one_consistent_message(tmp_path):

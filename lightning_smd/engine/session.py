@@ -26,7 +26,10 @@ import torch
 
 from lightning_smd.io.dashboard import RatioHistory, heatmap_figure, per_layer_mode, progress_text, worst_metrics
 from lightning_smd.analysis.units import not_scale_invariant
+from lightning_smd.analysis.keys import NAMESPACE, layer_key, split_layer_key
+from lightning_smd.analysis.reasons import off_prediction_causes
 from lightning_smd.engine.detect import (
+    FROZEN,
     NOT_ORTHOGONAL_WARNING,
     ORTHOGONALITY_TOLERANCE,
     Detection,
@@ -44,14 +47,13 @@ from lightning_smd.analysis.diagnostics import (
     Verdict,
     diffusion_exponent,
     diverged_layers,
-    metric_name,
 )
 from lightning_smd.engine.measure import DistanceTracker, StepRecorder
 from lightning_smd.messages import SMDWarning, render
 from lightning_smd.io.report import write_summary
 from lightning_smd.analysis.theory import group_hyper, rule_for
 
-__all__ = ["Session", "SessionView", "GATE_MODES"]
+__all__ = ["Session", "GATE_MODES"]
 
 #: What ``on_no_equilibrium`` may be.
 GATE_MODES = ("warn", "stop", "raise")
@@ -89,10 +91,7 @@ class Session:
         worst_k: int = 3,
         emit: Callable[[str, str], None] = emit_warning,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if on_no_equilibrium not in GATE_MODES:
-            raise ValueError(f"on_no_equilibrium must be 'warn', 'stop' or 'raise', got {on_no_equilibrium!r}")
+        # (the front ends check every option, with lightning_smd.options, before they build a session)
         self.config = config
         self.every_n_steps = every_n_steps
         self.use_momentum_buffer = use_momentum_buffer
@@ -100,8 +99,6 @@ class Session:
         self.keep_history = keep_history
         self.track_distance = track_distance
         self.on_no_equilibrium = on_no_equilibrium
-        if isinstance(worst_k, bool) or not isinstance(worst_k, int) or worst_k < 0:
-            raise ValueError(f"worst_k must be an integer >= 0, got {worst_k!r}")
         self.worst_k = worst_k
         self.emit = emit
         self.history = RatioHistory(0)
@@ -179,7 +176,7 @@ class Session:
         self.history = RatioHistory(len(units))
         self.distance = None
         if self.track_distance:
-            if any(slot.sharded for slot in recorder.slots):
+            if recorder.sharded:
                 self.warn("SMD009")
             else:
                 self.distance = DistanceTracker([[named[p] for p in u.params] for u in units])
@@ -211,23 +208,20 @@ class Session:
             return
         zero_wd: dict[tuple[int, int], list[str]] = {}
         taus: list[tuple[float, float, str, str]] = []
-        for slot in self.recorder.slots:
-            rule = slot.rule
+        for oi, optimizer, rule, u, g in self.recorder.unit_groups():
             if not rule.known:
                 continue
-            for u_local, u in enumerate(slot.units):
-                g = slot.groups[int(slot.unit_group[u_local])]
-                h = group_hyper(rule, slot.optimizer, slot.optimizer.param_groups[g])
-                if not h.get("weight_decay", 0.0) > 0.0:
-                    zero_wd.setdefault((slot.index, g), []).append(units[u].name)
-                    continue
-                tau = rule.relaxation_time(h)
-                if math.isfinite(tau) and not rule.unit_dependent(h):  # a unit-dependent τ needs the measured L
-                    taus.append((judging_steps(rule.norm_time_constant(h), self.config.window), tau, units[u].name, rule.describe(h)))
-        unknown = sorted({type(s.optimizer).__name__ for s in self.recorder.slots if not s.rule.known})
+            h = group_hyper(rule, optimizer, optimizer.param_groups[g])
+            if not h.get("weight_decay", 0.0) > 0.0:
+                zero_wd.setdefault((oi, g), []).append(units[u].name)
+                continue
+            tau = rule.relaxation_time(h)
+            if math.isfinite(tau) and not rule.unit_dependent(h):  # a unit-dependent τ needs the measured L
+                taus.append((judging_steps(rule.norm_time_constant(h), self.config.window), tau, units[u].name, rule.describe(h)))
+        unknown = sorted({type(opt).__name__ for opt, rule, _ in self.recorder.param_groups() if not rule.known})
         if unknown:
             self.warn("SMD004", optimizers=", ".join(unknown))
-        caveats = {c for s in self.recorder.slots for g in s.groups if (c := s.rule.caveat(group_hyper(s.rule, s.optimizer, s.optimizer.param_groups[g])))}
+        caveats = {c for opt, rule, g in self.recorder.param_groups() if (c := rule.caveat(group_hyper(rule, opt, opt.param_groups[g])))}
         for caveat in sorted(caveats):
             self.warn("SMD007", caveat=caveat)
         for (oi, g), names in zero_wd.items():
@@ -270,7 +264,7 @@ class Session:
         if all(u.verification is None for u in units) and any(grads[p] is not None for u in units for p in u.params):
             return None  # no usable gradient on this step (overflowed under fp16 loss scaling): try the next one
         self.verify_pending = False
-        self.diagnostics.units = units
+        self.diagnostics.set_units(units)
         self.detection.units = units
         self.detection.rejected_verification = rejected
         for u in units:
@@ -315,14 +309,22 @@ class Session:
         assert self.recorder is not None and self.diagnostics is not None
         for batch in self.recorder.drain():
             self.diagnostics.update(batch)
-        for slot in self.recorder.slots:
-            if slot.error is not None:
-                self.warn("SMD024", once=f"failed:{slot.index}", index=slot.index, optimizer=type(slot.optimizer).__name__, error=slot.error)
+        for index, optimizer, error in self.recorder.failures():
+            self.warn("SMD024", once=f"failed:{index}", index=index, optimizer=type(optimizer).__name__, error=error)
         self._events(planned_steps)
         d = self.diagnostics
         if d.units and d.steps.max(initial=0) > 0:
             self.history.append(int(d.steps.max()), d.ratio.value())
         return self._update_distance()
+
+    def drain_without_collective(self) -> None:
+        """Fold the recorded steps into the diagnostics when that needs no collective (no weight is sharded), as a
+        run ending by an exception needs: the exception may have reached this rank alone. A sharded recorder keeps
+        its steps, and the diagnostics what was already reduced."""
+        if self.recorder is None or self.diagnostics is None or self.recorder.sharded:
+            return
+        for batch in self.recorder.drain():
+            self.diagnostics.update(batch)
 
     def _events(self, planned_steps: int | None) -> None:
         """The diagnostics' new events as warnings, each kind once."""
@@ -376,20 +378,20 @@ class Session:
         mode = per_layer_mode(per_layer, len(d.units))
         metrics = d.metrics(per_layer=mode != "none")
         if mode == "ratio":
-            metrics = {k: v for k, v in metrics.items() if k.count("/") < 2 or k.endswith("/angular_update_ratio")}
+            metrics = {k: v for k, v in metrics.items() if (layer := split_layer_key(k)) is None or layer[1] == "angular_update_ratio"}
         elif mode == "all" and self.distance is not None:
             for u, unit in enumerate(d.units):
-                metrics[f"smd/{metric_name(unit.name)}/angular_distance"] = (distances or {}).get(u, math.nan)
+                metrics[layer_key(unit.name, "angular_distance")] = (distances or {}).get(u, math.nan)
         if self.worst_k:
             metrics.update(worst_metrics(d.ratio.value(), d.applicable, self.worst_k))
         return metrics
 
-    def progress(self) -> dict[str, str]:
-        """The two aggregates as progress-bar entries."""
+    def progress(self, namespace: str = NAMESPACE) -> dict[str, str]:
+        """The two aggregates as progress-bar entries (``smd Δ/Δ*``, ``smd eq``; ``namespace`` instead of ``smd``)."""
         assert self.diagnostics is not None
         d = self.diagnostics
         app = d.applicable
-        return progress_text(d.median_ratio(), int(d.counted[app].sum()), int(app.sum()))
+        return progress_text(d.median_ratio(), int(d.counted[app].sum()), int(app.sum()), namespace)
 
     def heatmap(self, title: str | None = None) -> Any:
         """The layer × log-step heatmap of the smoothed Δ/Δ* so far (a matplotlib figure), or None without
@@ -455,7 +457,7 @@ class Session:
             return ", ".join(rows) + (" ..." if len(layers) > 6 else "")
 
         rejected = self.detection.rejected if self.detection else {}
-        thawed = [n for n, why in rejected.items() if why.startswith("frozen") and n in self._named and self._named[n].requires_grad]
+        thawed = [n for n, why in rejected.items() if why == FROZEN and n in self._named and self._named[n].requires_grad]
         if thawed:
             self.warn("SMD017", count=len(thawed), names=", ".join(thawed[:5]) + (" ..." if len(thawed) > 5 else ""))
         never = diag.get("never_in_equilibrium", [])
@@ -528,7 +530,7 @@ class Session:
         out["detection_method"] = det.method if det else None
         out["not_tracked_verification"] = dict(det.rejected_verification) if det else {}
         if global_step is None:
-            global_step = max((s.steps_taken for s in recorder.slots), default=0) if recorder else 0
+            global_step = recorder.global_step if recorder else 0
         out["global_step"] = int(global_step)
         return out
 
@@ -567,7 +569,7 @@ class Session:
         return {
             "version": 2,
             "diagnostics": self.diagnostics.state_dict(),
-            "slots": [[slot.index, str(slot.device), slot.steps_taken] for slot in self.recorder.slots],
+            "slots": self.recorder.step_counts(),
             "warnings": list(self.warnings),
             "warned": sorted(self._warned),
             "verified": not self.verify_pending,
@@ -582,16 +584,14 @@ class Session:
         except (KeyError, ValueError) as err:
             self.warn("SMD043", error=err)
             return
-        steps = {(int(i), str(d)): int(n) for i, d, n in state.get("slots", [])}
-        for slot in self.recorder.slots:
-            slot.steps_taken = steps.get((slot.index, str(slot.device)), slot.steps_taken)
+        self.recorder.load_step_counts(state.get("slots", []))
         if state.get("verified"):
             known = {row[0]: row for row in state.get("units", [])}
             units = [
                 replace(u, granularity=known[u.name][1], group_size=known[u.name][2], verification=known[u.name][3]) if u.name in known else u
                 for u in self.diagnostics.units
             ]
-            self.diagnostics.units = units
+            self.diagnostics.set_units(units)
             if self.detection is not None:
                 self.detection.units = units
             self.verify_pending = False
@@ -604,32 +604,6 @@ class Session:
             self.recorder.close()
         if self.distance is not None:
             self.distance.close()
-
-
-class SessionView:
-    """What a front end's session holds, under the names the front ends have always had."""
-
-    session: Session
-
-    @property
-    def detection(self) -> Detection | None:
-        return self.session.detection
-
-    @property
-    def recorder(self) -> StepRecorder | None:
-        return self.session.recorder
-
-    @property
-    def diagnostics(self) -> Diagnostics | None:
-        return self.session.diagnostics
-
-    @property
-    def distance(self) -> DistanceTracker | None:
-        return self.session.distance
-
-    @property
-    def warnings(self) -> list[str]:
-        return self.session.warnings
 
 
 def eval_mode_batch_norms(model: torch.nn.Module) -> list[str]:
@@ -664,33 +638,9 @@ def judging_steps(ratio_time_constant: float, window: int) -> float:
     return 2.0 * max(float(window), WINDOW_RELAXATION_TIMES[0] * ratio_time_constant)
 
 
-def off_prediction_causes(d: Diagnostics, units: list[int]) -> str:
-    """The likely causes of steady layers off the prediction that can be told from the run."""
-    causes = []
-    rules = {d.rules[u].name for u in units if d.rules[u] is not None}
-    small = [d.units[u] for u in units if d.units[u].numel <= 1024]
-    if rules & {"AdamW", "Adam", "RAdam", "NAdam"}:
-        causes.append(
-            "Adam's per-coordinate normalization gives the update a radial part and an anisotropy that the isotropic theory "
-            "ignores; it is largest for small layers"
-            + (f" ({', '.join(f'{u.name}: {u.numel} weights' for u in small[:3])})" if small else "")
-        )
-    if "Lion" in rules:
-        causes.append("Lion's sign update is more correlated from step to step than gradient noise alone makes it, and has a radial part")
-    unverified = [d.units[u] for u in units if (d.units[u].verification or 0.0) > 1e-3]
-    if unverified:
-        causes.append(
-            "the gradient is not orthogonal to the weight on the first batch ("
-            + ", ".join(f"{u.name}: |cos(g, w)| = {u.verification:.1e}" for u in unverified[:3])
-            + "): BatchNorm's eps or a path around the normalization makes the layer only partly scale-invariant"
-        )
-    causes.append("dead filters (filters without gradient do not rotate and pull the layer's angle down; per_filter=True logs the RMS over filters)")
-    return "; ".join(causes) + "."
-
-
 def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:
     rule = rule_for(optimizer)
-    slot = next((s for s in recorder.slots if s.index == index), None)
+    measurement, steps = recorder.measurement(index)
     groups = []
     for g in optimizer.param_groups:
         h = group_hyper(rule, optimizer, g)
@@ -700,8 +650,8 @@ def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepR
         "class": type(optimizer).__name__,
         "rule": rule.name,
         "param_groups": groups,
-        "measurement": None if slot is None else ("momentum_buffer" if slot.momentum_path else "snapshot"),
-        "steps": 0 if slot is None else slot.steps_taken,
+        "measurement": measurement,
+        "steps": steps,
     }
 
 

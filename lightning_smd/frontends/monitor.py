@@ -28,12 +28,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lightning_smd.engine.detect import find_normalized_weights
-from lightning_smd.options import OptionError, check_bool, check_choice, check_int, check_patterns
-from lightning_smd.analysis.diagnostics import DiagnosticsConfig, Verdict
-from lightning_smd.io.report import TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
-from lightning_smd.engine.session import GATE_MODES, Session, SessionView, eval_mode_batch_norms
 from lightning_smd.analysis.theory import unwrap_optimizer
+from lightning_smd.engine.detect import find_normalized_weights
+from lightning_smd.engine.session import eval_mode_batch_norms
+from lightning_smd.frontends.shared import FrontEnd, LossSum, Options, adopt_detection, end_gate, log_step
+from lightning_smd.options import OptionError, check_int
 
 __all__ = ["SMDMonitor"]
 
@@ -52,7 +51,7 @@ def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class SMDMonitor(SessionView):
+class SMDMonitor(FrontEnd):
     """Spherical Motion Dynamics monitoring without Lightning's Trainer.
 
     Args:
@@ -104,7 +103,8 @@ class SMDMonitor(SessionView):
         keep_history: bool = False,
         track_distance: bool = False,
     ) -> None:
-        # every option checked before anything is hooked: a ValueError names the option, the value and what is accepted
+        given = dict(locals())
+        # every option checked before anything is hooked: an OptionError names the option, the value and what is accepted
         if not isinstance(model, torch.nn.Module):
             raise OptionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         opts = [optimizers] if not isinstance(optimizers, (list, tuple)) else list(optimizers)
@@ -112,68 +112,32 @@ class SMDMonitor(SessionView):
         if not unwrapped or any(not hasattr(o, "param_groups") or isinstance(o, type) for o in unwrapped):
             shown = next((o for o in unwrapped if not hasattr(o, "param_groups") or isinstance(o, type)), optimizers)
             raise OptionError(f"optimizers must be a torch.optim.Optimizer (built on the model's parameters) or a non-empty list of them, got {shown!r}")
-        include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)  # a str is one pattern
-        log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1)  # type: ignore[assignment]
-        max_steps = check_int("max_steps", max_steps, 1, allow_none=True, hint=" (None: unknown)")
-        every_n_steps = check_int("every_n_steps", every_n_steps, 1)  # type: ignore[assignment]
-        check_choice("on_no_equilibrium", on_no_equilibrium, GATE_MODES)
-        for flag, value in (
-            ("use_momentum_buffer", use_momentum_buffer),
-            ("per_filter", per_filter),
-            ("keep_history", keep_history),
-            ("track_distance", track_distance),
-        ):
-            check_bool(flag, value)
-        self.model = _inner_model(model)
-        self.optimizers = unwrapped
-        self.config = DiagnosticsConfig(
-            tolerance=tolerance,
-            window=window,
-            ema_steps=ema_steps,
-            min_fraction=min_fraction,
-            require_agreement=require_agreement,
-            max_deviation=max_deviation,
-            drift_limit=drift_limit,
-            significance=significance,
-        )
-        self.session = Session(
-            self.config,
-            every_n_steps=every_n_steps,
-            use_momentum_buffer=use_momentum_buffer,
-            per_filter=per_filter,
-            keep_history=keep_history,
-            track_distance=track_distance,
-            on_no_equilibrium=on_no_equilibrium,
-        )
-        self.log_every_n_steps = int(log_every_n_steps)
-        self.every_n_steps = every_n_steps
-        self.max_steps = max_steps
-        self.on_no_equilibrium = on_no_equilibrium
+        options = Options.check(given)  # the criteria and how to measure: as SMDCallback's
+        self.log_every_n_steps: int = check_int("log_every_n_steps", log_every_n_steps, 1)  # type: ignore[assignment]
+        self.max_steps = check_int("max_steps", max_steps, 1, allow_none=True, hint=" (None: unknown)")
+        self.model, self.optimizers = _inner_model(model), unwrapped
+        self.config, self.every_n_steps, self.on_no_equilibrium = options.config, options.every_n_steps, options.on_no_equilibrium
+        self.session = options.session()
         self.should_stop = False
         """With ``on_no_equilibrium="stop"``: True once equilibrium is clearly impossible in ``max_steps``."""
-        detection = find_normalized_weights(self.model, example_input, include, exclude)
-        self.session.detection = detection
-        for code, fields in detection.pattern_warnings():  # include/exclude patterns that match no parameter
-            self.session.warn(code, **fields)
-        if detection.error:
-            self.session.warn("SMD006", error=detection.error)
+        self.summary_file: str | None = None
+        """Where :meth:`close` wrote the summary JSON, or None."""
+        self._closed = False
+        self._loss = LossSum()
+        detection = find_normalized_weights(self.model, example_input, options.include, options.exclude)
+        adopt_detection(self.session, detection)
         named = dict(self.model.named_parameters())
         self.session.attach(
             named,
             self.optimizers,
             detection.units,
-            capacity=self.log_every_n_steps // self.every_n_steps + 2,
-            planned_steps=max_steps,
+            capacity=options.capacity(self.log_every_n_steps),
+            planned_steps=self.max_steps,
             model_name=type(self.model).__name__,
         )
         # The numerical check, before the first step changes the weights. A global pre-hook runs before the
         # optimizers' own hooks, so the check may rebuild the recorder (and its hooks) from inside it.
         self._verify_hook = register_optimizer_step_pre_hook(_VerifyHook(self, named)) if self.session.verify_pending else None
-        self._closed = False
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_count = 0
-        self.summary_file: str | None = None
-        """Where :meth:`close` wrote the summary JSON, or None."""
 
     @property
     def units(self) -> list[str]:
@@ -188,23 +152,15 @@ class SMDMonitor(SessionView):
         """Give the monitor the training loss of a step (summed on its device, no synchronization; read at the
         next :meth:`update`). Optional: it grounds the vanishing-gradient-noise diagnosis in the loss actually
         approaching zero, as the callback does with the loss ``training_step`` returns."""
-        value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        self._loss_sum = value if self._loss_sum is None or self._loss_sum.device != value.device else self._loss_sum + value
-        self._loss_count += 1
+        self._loss.add(loss)
 
     def update(self) -> dict[int, float]:
         """Move the steps recorded on the device to the host (one synchronization) and fold them into the
-        diagnostics. :meth:`metrics` and :meth:`summary` call it."""
+        diagnostics; with ``on_no_equilibrium="stop"``, set :attr:`should_stop` when equilibrium has become
+        impossible. :meth:`metrics` and :meth:`summary` call it."""
         self._release_verify_hook()
-        if self._loss_sum is not None and self._loss_count:
-            self.session.observe_loss(float(self._loss_sum) / self._loss_count)
-            self._loss_sum, self._loss_count = None, 0
-        distances = self.session.drain(self.max_steps)
-        if self.on_no_equilibrium == "stop" and self.session.stop_reason is None:
-            reason = self.session.impossible(self.max_steps, self.log_every_n_steps)
-            if reason is not None:
-                self.session.stop(reason)
-                self.should_stop = True
+        distances, stop = log_step(self.session, self._loss, self.max_steps, self.log_every_n_steps)
+        self.should_stop = self.should_stop or stop
         return distances
 
     def metrics(self, per_layer: bool | str = True) -> dict[str, float]:
@@ -224,11 +180,6 @@ class SMDMonitor(SessionView):
         ``monitor.heatmap().savefig("smd.png")``), or None without matplotlib or before the first log."""
         return self.session.heatmap()
 
-    def format_summary(self, max_rows: int | None = TABLE_ROWS) -> str:
-        """The per-layer table of measured against predicted values, and the verdict (see
-        ``SMDCallback.format_summary``)."""
-        return format_summary_table(self.summary(), max_rows)
-
     def close(self, summary_path: str | os.PathLike | None = None) -> dict[str, Any]:
         """Remove the optimizer hooks, free the device buffers, issue the end-of-run warnings, optionally write
         the summary JSON (atomically); returns the final summary. With ``on_no_equilibrium="raise"``, raises
@@ -242,11 +193,7 @@ class SMDMonitor(SessionView):
         self.session.close()
         if summary_path is not None:
             self.summary_file = self.session.write(str(summary_path), summary)
-        if self.session.gate_failed(summary):
-            if self.on_no_equilibrium == "raise":
-                raise EquilibriumNotReachedError(f"SMD verdict '{summary.get('verdict')}': {summary.get('reason', '')}", summary)
-            if summary.get("verdict") == Verdict.NOT_REACHED and self.on_no_equilibrium == "warn":
-                self.session.warn("SMD034", reason=summary.get("reason", ""))
+        end_gate(self.session, summary, summary_file=self.summary_file)
         return summary
 
     def _release_verify_hook(self) -> None:
