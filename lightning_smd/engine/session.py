@@ -19,37 +19,19 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from lightning_smd.io.dashboard import RatioHistory, heatmap_figure, per_layer_mode, progress_text, worst_metrics
-from lightning_smd.analysis.units import not_scale_invariant
+from lightning_smd.analysis.forecast import cannot_reach
 from lightning_smd.analysis.keys import NAMESPACE, layer_key, split_layer_key
-from lightning_smd.analysis.reasons import off_prediction_causes
-from lightning_smd.engine.detect import (
-    FROZEN,
-    NOT_ORTHOGONAL_WARNING,
-    ORTHOGONALITY_TOLERANCE,
-    Detection,
-    NormalizedWeight,
-    verify_orthogonality,
-)
-from lightning_smd.analysis.diagnostics import (
-    WINDOW_RELAXATION_TIMES,
-    Diagnostics,
-    DiagnosticsConfig,
-    Diverged,
-    NormSpike,
-    Reequilibrating,
-    VanishingNoise,
-    Verdict,
-    diffusion_exponent,
-    diverged_layers,
-)
+from lightning_smd.engine.alerts import Alerts, end_warnings, event_warnings, setup_warnings, slowest_unit, verification_warnings
+from lightning_smd.engine.detect import Detection, NormalizedWeight, verify_orthogonality
+from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig, Verdict, diffusion_exponent
 from lightning_smd.engine.measure import DistanceTracker, StepRecorder
-from lightning_smd.messages import SMDWarning, render
+from lightning_smd.messages import SMDWarning
 from lightning_smd.io.report import write_summary
 from lightning_smd.analysis.theory import group_hyper, rule_for
 
@@ -58,13 +40,21 @@ __all__ = ["Session", "GATE_MODES"]
 #: What ``on_no_equilibrium`` may be.
 GATE_MODES = ("warn", "stop", "raise")
 
-#: Normalizations whose eps can make the gradient of a normalized weight slightly non-orthogonal to it.
-_EPS_NORMS = ("batch", "instance", "group", "layer", "rms")
-
 
 def emit_warning(message: str, code: str) -> None:
     """The default way a session's warning reaches the user: a :class:`SMDWarning`."""
     warnings.warn(SMDWarning(message, code), stacklevel=4)
+
+
+@dataclass
+class Attached:
+    """What :meth:`Session.attach` was handed for the current fit, kept to rebuild the recorder and for the summary."""
+
+    named: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the tracked parameters by name
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    capacity: int = 1  # steps the device buffers hold
+    shard_group: Any = None
+    unoptimized: list[str] = field(default_factory=list)  # detected normalized weights no optimizer updates (SMD005)
 
 
 class Session:
@@ -100,7 +90,8 @@ class Session:
         self.track_distance = track_distance
         self.on_no_equilibrium = on_no_equilibrium
         self.worst_k = worst_k
-        self.emit = emit
+        #: the warnings issued in this run (see :attr:`warnings`)
+        self.alerts = Alerts(emit)
         self.history = RatioHistory(0)
         #: ``(steps, layer, relaxation time)``: the slowest layer can be judged after this many steps of
         #: unchanged settings (None when no τ is known before training, e.g. coupled L2 or an unknown rule)
@@ -109,39 +100,29 @@ class Session:
         self.recorder: StepRecorder | None = None
         self.diagnostics: Diagnostics | None = None
         self.distance: DistanceTracker | None = None
-        self.warnings: list[str] = []
-        self._warned: set[str] = set()
         self.stop_reason: str | None = None
         self.verify_pending = False
         self._verify_tries = 0
-        self._failed: set[int] = set()
-        self._named: Mapping[str, torch.Tensor] = {}
-        self._optimizers: list[torch.optim.Optimizer] = []
-        self._capacity = 1
-        self._shard_group: Any = None
+        self.attached = Attached()
         #: this run's identity in its summary (tells two writers of one log directory apart)
         self.run_id = uuid.uuid4().hex[:12]
         self.started = time.time()
         #: BatchNorm modules in eval mode while training (names), as the front end saw them before the first step
         self.eval_norms: list[str] = []
-        self._unoptimized: list[str] = []  # detected normalized weights no optimizer updates (SMD005)
-        self._loss_not_finite: float | None = None  # the mean loss of the interval being drained, when not finite
 
     # ------------------------------------------------------------------------------------------
     # Warnings
     # ------------------------------------------------------------------------------------------
-    def warn(self, code: str, *, once: str | None = None, **fields: Any) -> None:
-        """Issue warning ``code`` (see :mod:`lightning_smd.messages`) unless the same text, or another warning
-        with the same ``once`` key, was issued in this run."""
-        if once is not None:
-            if once in self._warned:
-                return
-            self._warned.add(once)
-        message = render(code, **fields)
-        if message in self.warnings:
-            return
-        self.warnings.append(message)
-        self.emit(message, code)
+    @property
+    def warn(self) -> Callable[..., None]:
+        """``warn(code, *, once=None, **fields)``: :meth:`Alerts.warn` itself (no frame of its own between the caller
+        and ``emit``, whose ``stacklevel`` counts on it)."""
+        return self.alerts.warn
+
+    @property
+    def warnings(self) -> list[str]:
+        """Every warning issued in this run, in order (also the summary's ``warnings``)."""
+        return self.alerts.issued
 
     # ------------------------------------------------------------------------------------------
     # Set-up
@@ -161,10 +142,10 @@ class Session:
         """Create the recorder and the diagnostics for ``units`` (those whose parameters are all in ``named``)
         and issue the set-up warnings — or, with ``resume``, continue from a :meth:`state_dict`."""
         self.close()
-        self._named, self._optimizers, self._capacity, self._shard_group = named, list(optimizers), capacity, shard_group
+        self.attached = Attached(named, list(optimizers), capacity, shard_group)
         units = [u for u in units if all(p in named for p in u.params)]
         recorder = self._recorder(units)
-        self._unoptimized = [units[i].name for i in recorder.unoptimized]
+        self.attached.unoptimized = [units[i].name for i in recorder.unoptimized]
         if recorder.unoptimized:
             dropped = set(recorder.unoptimized)
             self.warn("SMD005", count=len(dropped), names=", ".join(units[i].name for i in recorder.unoptimized))
@@ -187,57 +168,28 @@ class Session:
             self._check_setup(units, model_name, planned_steps)
 
     def _recorder(self, units: Sequence[NormalizedWeight]) -> StepRecorder:
+        a = self.attached
         return StepRecorder(
-            [[self._named[p] for p in u.params] for u in units],
-            self._optimizers,
-            capacity=self._capacity,
+            [[a.named[p] for p in u.params] for u in units],
+            a.optimizers,
+            capacity=a.capacity,
             use_momentum_buffer=self.use_momentum_buffer,
             unit_filters=[filter_spec(u) for u in units] if self.per_filter else None,
-            shard_group=self._shard_group,
+            shard_group=a.shard_group,
             every_n_steps=self.every_n_steps,
         )
 
     def _check_setup(self, units: list[NormalizedWeight], model_name: str, planned_steps: int | None) -> None:
-        """The fit-start warnings: nothing to track, no weight decay, no rule, caveats, a run too short."""
+        """The fit-start warnings (:func:`~lightning_smd.engine.alerts.setup_warnings`) and :attr:`judgeable_after`."""
         assert self.recorder is not None
-        if not units:
-            if self._unoptimized:
-                return  # SMD005 said why: the normalized weights exist, but no optimizer updates them
-            rejected = "; ".join(f"{k}: {v}" for k, v in list((self.detection.rejected if self.detection else {}).items())[:3])
-            self.warn("SMD001", model=model_name, detail=f" ({rejected})" if rejected else "")
-            return
-        zero_wd: dict[tuple[int, int], list[str]] = {}
-        taus: list[tuple[float, float, str, str]] = []
-        for oi, optimizer, rule, u, g in self.recorder.unit_groups():
-            if not rule.known:
-                continue
-            h = group_hyper(rule, optimizer, optimizer.param_groups[g])
-            if not h.get("weight_decay", 0.0) > 0.0:
-                zero_wd.setdefault((oi, g), []).append(units[u].name)
-                continue
-            tau = rule.relaxation_time(h)
-            if math.isfinite(tau) and not rule.unit_dependent(h):  # a unit-dependent τ needs the measured L
-                taus.append((judging_steps(rule.norm_time_constant(h), self.config.window), tau, units[u].name, rule.describe(h)))
-        unknown = sorted({type(opt).__name__ for opt, rule, _ in self.recorder.param_groups() if not rule.known})
-        if unknown:
-            self.warn("SMD004", optimizers=", ".join(unknown))
-        caveats = {c for opt, rule, g in self.recorder.param_groups() if (c := rule.caveat(group_hyper(rule, opt, opt.param_groups[g])))}
-        for caveat in sorted(caveats):
-            self.warn("SMD007", caveat=caveat)
-        for (oi, g), names in zero_wd.items():
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            self.warn("SMD002", count=len(names), names=shown, group=g, optimizer=oi)
-        if taus:
-            needed, tau, name, desc = max(taus)
-            self.judgeable_after = (math.ceil(needed), name, tau)
-        if taus and planned_steps is not None:
-            needed, tau, name, desc = max(taus)
-            if planned_steps < needed:
-                self.warn("SMD003", planned=planned_steps, name=name, tau=tau, settings=desc, needed=math.ceil(needed), window=self.config.window)
+        slowest = slowest_unit(self.recorder, units, self.config.window)
+        if slowest is not None:
+            self.judgeable_after = (math.ceil(slowest[0]), slowest[2], slowest[1])
+        rejected = self.detection.rejected if self.detection else {}
+        for code, fields in setup_warnings(self.recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps):
+            self.warn(code, **fields)
 
-    def verify(
-        self, named: Mapping[str, torch.Tensor], gather: Callable[[Any], Any] = lambda t: t
-    ) -> list[NormalizedWeight] | None:
+    def verify(self, named: Mapping[str, torch.Tensor], gather: Callable[[Any], Any] = lambda t: t) -> list[NormalizedWeight] | None:
         """The numerical check of scale invariance, right before the first optimizer step (one host
         synchronization, once per run): ``|cos(g, w)|`` of every tracked and every rejected candidate weight.
         ``gather`` turns a shard into its whole tensor (a collective: every rank calls it in the same order).
@@ -267,26 +219,8 @@ class Session:
         self.diagnostics.set_units(units)
         self.detection.units = units
         self.detection.rejected_verification = rejected
-        for u in units:
-            if not_scale_invariant(u) is not None:  # named by include=, clearly not invariant: out of the verdict
-                self.warn("SMD015", name=u.name, cos=u.verification, limit=ORTHOGONALITY_TOLERANCE)
-                continue
-            if u.verification is not None and u.verification > NOT_ORTHOGONAL_WARNING and u.found_by != "include":
-                eps = any(k in u.norm.lower() for k in _EPS_NORMS) and u.verification < 0.1
-                if self.eval_norms and "batch" in u.norm.lower():
-                    # BatchNorm in eval mode normalizes with its running statistics: not scale-invariant, and that
-                    # is the cause, not a loss term or a hook
-                    shown = ", ".join(self.eval_norms[:3]) + (" ..." if len(self.eval_norms) > 3 else "")
-                    self.warn("SMD016", name=u.name, cos=u.verification, modules=shown, limit=ORTHOGONALITY_TOLERANCE)
-                    continue
-                self.warn(
-                    "SMD010" if eps else "SMD011",
-                    name=u.name,
-                    through=u.norm or u.layer,
-                    cos=u.verification,
-                    granularity=u.granularity,
-                    limit=ORTHOGONALITY_TOLERANCE,
-                )
+        for code, fields in verification_warnings(units, self.eval_norms):
+            self.warn(code, **fields)
         return units
 
     def skip_verification(self) -> None:
@@ -301,7 +235,7 @@ class Session:
         if self.diagnostics is not None:
             self.diagnostics.observe_loss(mean_loss)
             if not math.isfinite(mean_loss):
-                self._loss_not_finite = float(mean_loss)
+                self.alerts.loss_not_finite = float(mean_loss)
 
     def drain(self, planned_steps: int | None = None) -> dict[int, float]:
         """Move the recorded steps to the host (one synchronization), fold them into the diagnostics, turn
@@ -327,38 +261,10 @@ class Session:
             self.diagnostics.update(batch)
 
     def _events(self, planned_steps: int | None) -> None:
-        """The diagnostics' new events as warnings, each kind once."""
+        """The diagnostics' new events as warnings, each kind once (:func:`~lightning_smd.engine.alerts.event_warnings`)."""
         assert self.diagnostics is not None
-        d = self.diagnostics
-        names = [u.name for u in d.units]
-        events = d.take_events()
-        diverged = [e for e in events if isinstance(e, Diverged)]
-        if diverged:
-            step = min(e.step for e in diverged)
-            first = [names[e.unit] for e in diverged if e.step == step]
-            self.warn("SMD025", once="diverged", layers=diverged_layers(first), step=step)
-        loss, self._loss_not_finite = self._loss_not_finite, None
-        if loss is not None and not d.diverged.any():
-            self.warn("SMD026", once="loss_not_finite", loss=loss, step=int(d.steps.max(initial=0)))
-        vanishing = [e for e in events if isinstance(e, VanishingNoise)]
-        if vanishing:
-            first = vanishing[0]
-            layers = ", ".join(sorted({names[e.unit] for e in vanishing})[:5])
-            loss = (
-                f"the training loss fell from {d.loss_peak:.3g} to {d.loss_now:.3g}, "
-                if math.isfinite(d.loss_now)
-                else "(training loss not seen) "
-            )
-            self.warn("SMD020", once="vanishing", step=first.step, layers=layers, loss=loss, peak=first.peak, now=first.now, ratio=first.ratio)
-        spike = next((e for e in events if isinstance(e, NormSpike)), None)
-        if spike is not None:
-            self.warn("SMD021", once="spike", step=spike.step, name=names[spike.unit], ratio=spike.ratio)
-        for e in (x for x in events if isinstance(x, Reequilibrating)):
-            remaining = None if planned_steps is None else planned_steps - e.step
-            if remaining is not None and math.isfinite(e.expected_steps) and e.expected_steps > remaining:
-                self.warn(
-                    "SMD022", once="late_decay", step=e.step, before=e.before, after=e.after, name=names[e.unit], expected=e.expected_steps, remaining=remaining
-                )
+        for code, fields in event_warnings(self.diagnostics, planned_steps, self.alerts):
+            self.warn(code, **fields)
 
     def _update_distance(self) -> dict[int, float]:
         if self.distance is None or self.diagnostics is None:
@@ -405,35 +311,7 @@ class Session:
     def impossible(self, planned_steps: int | None, interval: int) -> str | None:
         """Why the run can clearly not end in equilibrium in ``planned_steps``, or None (the ``"stop"`` gate)."""
         assert self.diagnostics is not None
-        d = self.diagnostics
-        if d.diverged.any():
-            return d.divergence_text()
-        app = d.applicable
-        n_app = int(app.sum())
-        if n_app == 0:
-            return None
-        required = math.ceil(self.config.min_fraction * n_app - 1e-9)
-        if (d.steps - d.origin < interval)[app].any():
-            return None  # the settings are still changing (a warm-up, a schedule): the future is unknown
-        needed = d.steps_needed()
-        no_decay = [d.units[u].name for u in range(len(d.units)) if app[u] and d.predicted[u] == 0.0]
-        still = [d.units[u].name for u in range(len(d.units)) if app[u] and d.predicted[u] == 0.0 and (d.hyper[u] or {}).get("lr") == 0.0]
-        done = int(d.steps.max(initial=0))
-        remaining = math.inf if planned_steps is None else planned_steps - done
-        possible = [u for u in range(len(d.units)) if app[u] and not (needed[u] > 2.0 * remaining)]
-        if len(possible) >= required:
-            return None
-        if no_decay and len(no_decay) > n_app - required:
-            if len(still) == len(no_decay):
-                return f"{len(still)} of {n_app} normalized layers have a learning rate of 0, so they do not move ({', '.join(still[:3])})"
-            return (
-                f"{len(no_decay)} of {n_app} normalized layers have no weight decay or no learning rate, so they have no "
-                f"equilibrium ({', '.join(no_decay[:3])})"
-            )
-        return (
-            f"only {len(possible)} of {n_app} layers can reach equilibrium in the {remaining} remaining steps "
-            f"(at least {required} needed; the others need more than twice that, by their relaxation times)"
-        )
+        return cannot_reach(self.diagnostics, planned_steps, interval)
 
     def stop(self, reason: str) -> None:
         """Record that the run is being stopped by the ``"stop"`` gate."""
@@ -444,39 +322,11 @@ class Session:
     # End
     # ------------------------------------------------------------------------------------------
     def end_warnings(self) -> None:
-        """The end-of-run warnings: layers off or far off the prediction, never in equilibrium, caught
-        re-equilibrating."""
+        """The end-of-run warnings (:func:`~lightning_smd.engine.alerts.end_warnings`), once the run is over."""
         assert self.diagnostics is not None
-        d = self.diagnostics
-        diag = d.diagnoses()
-        names = [u.name for u in d.units]
-        lo, hi = d.ratio_interval()
-
-        def shown(layers: list[str]) -> str:
-            rows = [f"{n} ({d.steady_ratio[u]:.3f} [{lo[u]:.3f}, {hi[u]:.3f}])" for n in layers[:6] for u in [names.index(n)]]
-            return ", ".join(rows) + (" ..." if len(layers) > 6 else "")
-
         rejected = self.detection.rejected if self.detection else {}
-        thawed = [n for n, why in rejected.items() if why == FROZEN and n in self._named and self._named[n].requires_grad]
-        if thawed:
-            self.warn("SMD017", count=len(thawed), names=", ".join(thawed[:5]) + (" ..." if len(thawed) > 5 else ""))
-        never = diag.get("never_in_equilibrium", [])
-        if never:
-            self.warn("SMD032", count=len(never), layers=", ".join(never[:8]) + (" ..." if len(never) > 8 else ""))
-        off = diag.get("off_prediction", [])
-        if off:
-            counted = (
-                "They do not count as in equilibrium (require_agreement=True)."
-                if self.config.require_agreement
-                else "They count as in equilibrium, off the prediction (require_agreement=True makes them fail the gate)."
-            )
-            causes = off_prediction_causes(d, [names.index(n) for n in off])
-            self.warn("SMD030", count=len(off), tolerance=self.config.tolerance, layers=shown(off), counted=counted, causes=causes)
-        far = diag.get("steady_far_off", [])
-        if far:
-            self.warn("SMD031", count=len(far), max_deviation=self.config.max_deviation, layers=shown(far))
-        if diag.get("re_equilibrating") and "late_decay" not in self._warned:
-            self.warn("SMD033", count=len(diag["re_equilibrating"]))
+        for code, fields in end_warnings(self.diagnostics, self.config, rejected, self.attached.named, self.alerts):
+            self.warn(code, **fields)
 
     def summary(self, *, complete: bool = False, error: str | None = None, global_step: int | None = None) -> dict[str, Any]:
         """The run summary (``smd_summary.json``) as of now."""
@@ -495,10 +345,11 @@ class Session:
             }
         else:
             out = self.diagnostics.summary()
-            if not self.diagnostics.units and self._unoptimized:
-                shown = ", ".join(self._unoptimized[:3]) + (" ..." if len(self._unoptimized) > 3 else "")
+            unoptimized = self.attached.unoptimized
+            if not self.diagnostics.units and unoptimized:
+                shown = ", ".join(unoptimized[:3]) + (" ..." if len(unoptimized) > 3 else "")
                 out["reason"] = (
-                    f"the model has {len(self._unoptimized)} normalized weight(s) ({shown}), but no optimizer updates them "
+                    f"the model has {len(unoptimized)} normalized weight(s) ({shown}), but no optimizer updates them "
                     "(or several share one): nothing is measured"
                 )
         out["complete"] = complete
@@ -509,7 +360,7 @@ class Session:
         if error:
             out["error"] = error
         recorder = self.recorder
-        out["optimizers"] = [optimizer_info(i, opt, recorder) for i, opt in enumerate(self._optimizers)] if recorder else []
+        out["optimizers"] = [optimizer_info(i, opt, recorder) for i, opt in enumerate(self.attached.optimizers)] if recorder else []
         out["extra_memory_bytes"] = (recorder.extra_bytes if recorder else 0) + (self.distance.extra_bytes if self.distance else 0)
         out["every_n_steps"] = self.every_n_steps
         out["on_no_equilibrium"] = self.on_no_equilibrium
@@ -571,7 +422,7 @@ class Session:
             "diagnostics": self.diagnostics.state_dict(),
             "slots": self.recorder.step_counts(),
             "warnings": list(self.warnings),
-            "warned": sorted(self._warned),
+            "warned": sorted(self.alerts.keys),
             "verified": not self.verify_pending,
             "units": [[u.name, u.granularity, u.group_size, u.verification] for u in self.diagnostics.units],
         }
@@ -595,8 +446,7 @@ class Session:
             if self.detection is not None:
                 self.detection.units = units
             self.verify_pending = False
-        self.warnings = list(state.get("warnings", []))
-        self._warned = set(state.get("warned", []))
+        self.alerts.load(state.get("warnings", []), state.get("warned", []))
 
     def close(self) -> None:
         """Remove the optimizer hooks and free the device buffers (the results stay readable)."""
@@ -631,11 +481,6 @@ def _other_writer(path: str, run_id: str, started: float) -> str | None:
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def judging_steps(ratio_time_constant: float, window: int) -> float:
-    """Steps of unchanged settings before a layer can be judged (twice the shortest window)."""
-    return 2.0 * max(float(window), WINDOW_RELAXATION_TIMES[0] * ratio_time_constant)
 
 
 def optimizer_info(index: int, optimizer: torch.optim.Optimizer, recorder: StepRecorder) -> dict[str, Any]:

@@ -1,0 +1,212 @@
+"""The warnings of a :class:`~lightning_smd.engine.session.Session`: :class:`Alerts` keeps what a run has said
+(each text once, each ``once`` key once) and hands every new warning to the front end's ``emit``; the functions
+below decide what to say at each point of a run — at set-up, after the verification, at a log step (the
+diagnostics' events) and at the end. They yield ``(code, fields)`` for ``Session.warn(code, **fields)`` (a
+``once`` key among the fields), so the session issues each one from its own frame, as the front ends expect."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lightning_smd.analysis.diagnostics import (
+    WINDOW_RELAXATION_TIMES,
+    Diagnostics,
+    DiagnosticsConfig,
+    Diverged,
+    NormSpike,
+    Reequilibrating,
+    VanishingNoise,
+    diverged_layers,
+)
+from lightning_smd.analysis.reasons import off_prediction_causes
+from lightning_smd.analysis.theory import group_hyper
+from lightning_smd.analysis.units import not_scale_invariant
+from lightning_smd.engine.detect import FROZEN, NOT_ORTHOGONAL_WARNING, ORTHOGONALITY_TOLERANCE, NormalizedWeight
+from lightning_smd.messages import render
+
+if TYPE_CHECKING:
+    from lightning_smd.engine.measure import StepRecorder
+
+__all__ = ["Alerts", "setup_warnings", "slowest_unit", "verification_warnings", "event_warnings", "end_warnings"]
+
+#: One warning to issue: its code and the fields of its message (``once`` among them where it is issued once per run).
+Found = tuple[str, dict[str, Any]]
+
+#: Normalizations whose eps can make the gradient of a normalized weight slightly non-orthogonal to it.
+_EPS_NORMS = ("batch", "instance", "group", "layer", "rms")
+
+
+class Alerts:
+    """The warnings one run has issued: every text once, and at most one warning per ``once`` key.
+
+    Args:
+        emit: called with ``(message, code)`` for each new warning (the front end decides where it goes).
+    """
+
+    def __init__(self, emit: Callable[[str, str], None]) -> None:
+        self.emit = emit
+        #: the texts issued so far, in order (the summary's ``warnings``)
+        self.issued: list[str] = []
+        #: the ``once`` keys used so far
+        self.keys: set[str] = set()
+        #: the mean loss of the interval being drained, when not finite (SMD026 at the next drain)
+        self.loss_not_finite: float | None = None
+
+    def warn(self, code: str, *, once: str | None = None, **fields: Any) -> None:
+        """Issue warning ``code`` (see :mod:`lightning_smd.messages`) unless the same text, or another warning
+        with the same ``once`` key, was issued in this run."""
+        if once is not None:
+            if once in self.keys:
+                return
+            self.keys.add(once)
+        message = render(code, **fields)
+        if message in self.issued:
+            return
+        self.issued.append(message)
+        self.emit(message, code)
+
+    def load(self, issued: Sequence[str], keys: Sequence[str]) -> None:
+        """Continue from a checkpoint's warnings and ``once`` keys (those warnings are not issued again)."""
+        self.issued = list(issued)
+        self.keys = set(keys)
+
+
+def judging_steps(ratio_time_constant: float, window: int) -> float:
+    """Steps of unchanged settings before a layer can be judged (twice the shortest window)."""
+    return 2.0 * max(float(window), WINDOW_RELAXATION_TIMES[0] * ratio_time_constant)
+
+
+def slowest_unit(recorder: StepRecorder, units: Sequence[NormalizedWeight], window: int) -> tuple[float, float, str, str] | None:
+    """``(steps to judge it, relaxation time, name, settings)`` of the unit slowest to judge among those whose τ is
+    known before training (a known rule, weight decay, a τ that needs no measured ``L``), or None."""
+    taus: list[tuple[float, float, str, str]] = []
+    for _, optimizer, rule, u, g in recorder.unit_groups():
+        if not rule.known:
+            continue
+        h = group_hyper(rule, optimizer, optimizer.param_groups[g])
+        if not h.get("weight_decay", 0.0) > 0.0:
+            continue
+        tau = rule.relaxation_time(h)
+        if math.isfinite(tau) and not rule.unit_dependent(h):  # a unit-dependent τ needs the measured L
+            taus.append((judging_steps(rule.norm_time_constant(h), window), tau, units[u].name, rule.describe(h)))
+    return max(taus) if taus else None
+
+
+def setup_warnings(
+    recorder: StepRecorder,
+    units: Sequence[NormalizedWeight],
+    config: DiagnosticsConfig,
+    unoptimized: Sequence[str],
+    rejected: Mapping[str, str],
+    model_name: str,
+    planned_steps: int | None,
+) -> Iterator[Found]:
+    """The fit-start warnings: nothing to track, an unknown optimizer, caveats, no weight decay, a run too short
+    to judge the slowest unit (``rejected``: the candidates detection turned down, with why)."""
+    if not units:
+        if unoptimized:
+            return  # SMD005 said why: the normalized weights exist, but no optimizer updates them
+        shown = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3])
+        yield "SMD001", {"model": model_name, "detail": f" ({shown})" if shown else ""}
+        return
+    zero_wd: dict[tuple[int, int], list[str]] = {}
+    for oi, optimizer, rule, u, g in recorder.unit_groups():
+        if rule.known and not group_hyper(rule, optimizer, optimizer.param_groups[g]).get("weight_decay", 0.0) > 0.0:
+            zero_wd.setdefault((oi, g), []).append(units[u].name)
+    unknown = sorted({type(opt).__name__ for opt, rule, _ in recorder.param_groups() if not rule.known})
+    if unknown:
+        yield "SMD004", {"optimizers": ", ".join(unknown)}
+    caveats = {c for opt, rule, g in recorder.param_groups() if (c := rule.caveat(group_hyper(rule, opt, opt.param_groups[g])))}
+    for caveat in sorted(caveats):
+        yield "SMD007", {"caveat": caveat}
+    for (oi, g), names in zero_wd.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        yield "SMD002", {"count": len(names), "names": shown, "group": g, "optimizer": oi}
+    slowest = slowest_unit(recorder, units, config.window)
+    if slowest is not None and planned_steps is not None:
+        needed, tau, name, desc = slowest
+        if planned_steps < needed:
+            yield "SMD003", {"planned": planned_steps, "name": name, "tau": tau, "settings": desc, "needed": math.ceil(needed), "window": config.window}
+
+
+def verification_warnings(units: Sequence[NormalizedWeight], eval_norms: Sequence[str]) -> Iterator[Found]:
+    """What the numerical check of invariance found: a weight named by ``include=`` that is clearly not invariant,
+    BatchNorm left in eval mode (``eval_norms``), a gradient not orthogonal to its weight (eps or another cause)."""
+    for u in units:
+        if not_scale_invariant(u) is not None:  # named by include=, clearly not invariant: out of the verdict
+            yield "SMD015", {"name": u.name, "cos": u.verification, "limit": ORTHOGONALITY_TOLERANCE}
+            continue
+        if u.verification is not None and u.verification > NOT_ORTHOGONAL_WARNING and u.found_by != "include":
+            eps = any(k in u.norm.lower() for k in _EPS_NORMS) and u.verification < 0.1
+            if eval_norms and "batch" in u.norm.lower():
+                # BatchNorm in eval mode normalizes with its running statistics: not scale-invariant, and that
+                # is the cause, not a loss term or a hook
+                shown = ", ".join(eval_norms[:3]) + (" ..." if len(eval_norms) > 3 else "")
+                yield "SMD016", {"name": u.name, "cos": u.verification, "modules": shown, "limit": ORTHOGONALITY_TOLERANCE}
+                continue
+            fields = {"name": u.name, "through": u.norm or u.layer, "cos": u.verification, "granularity": u.granularity}
+            yield ("SMD010" if eps else "SMD011"), {**fields, "limit": ORTHOGONALITY_TOLERANCE}
+
+
+def event_warnings(d: Diagnostics, planned_steps: int | None, alerts: Alerts) -> Iterator[Found]:
+    """The diagnostics' new events as warnings, each kind once (and SMD026 for a non-finite loss that
+    ``alerts`` holds, unless the run diverged)."""
+    names = [u.name for u in d.units]
+    events = d.take_events()
+    diverged = [e for e in events if isinstance(e, Diverged)]
+    if diverged:
+        step = min(e.step for e in diverged)
+        first = [names[e.unit] for e in diverged if e.step == step]
+        yield "SMD025", {"once": "diverged", "layers": diverged_layers(first), "step": step}
+    loss, alerts.loss_not_finite = alerts.loss_not_finite, None
+    if loss is not None and not d.diverged.any():
+        yield "SMD026", {"once": "loss_not_finite", "loss": loss, "step": int(d.steps.max(initial=0))}
+    vanishing = [e for e in events if isinstance(e, VanishingNoise)]
+    if vanishing:
+        v = vanishing[0]
+        layers = ", ".join(sorted({names[e.unit] for e in vanishing})[:5])
+        fell = f"the training loss fell from {d.loss_peak:.3g} to {d.loss_now:.3g}, " if math.isfinite(d.loss_now) else "(training loss not seen) "
+        yield "SMD020", {"once": "vanishing", "step": v.step, "layers": layers, "loss": fell, "peak": v.peak, "now": v.now, "ratio": v.ratio}
+    spike = next((e for e in events if isinstance(e, NormSpike)), None)
+    if spike is not None:
+        yield "SMD021", {"once": "spike", "step": spike.step, "name": names[spike.unit], "ratio": spike.ratio}
+    for e in (x for x in events if isinstance(x, Reequilibrating)):
+        remaining = None if planned_steps is None else planned_steps - e.step
+        if remaining is not None and math.isfinite(e.expected_steps) and e.expected_steps > remaining:
+            fields = {"step": e.step, "before": e.before, "after": e.after, "name": names[e.unit]}
+            yield "SMD022", {"once": "late_decay", **fields, "expected": e.expected_steps, "remaining": remaining}
+
+
+def end_warnings(d: Diagnostics, config: DiagnosticsConfig, rejected: Mapping[str, str], named: Mapping[str, Any], alerts: Alerts) -> Iterator[Found]:
+    """The end-of-run warnings: frozen weights thawed during the run (``rejected`` as frozen, in ``named`` now
+    trainable), layers never in equilibrium, off or far off the prediction, caught re-equilibrating."""
+    diag = d.diagnoses()
+    names = [u.name for u in d.units]
+    lo, hi = d.ratio_interval()
+
+    def shown(layers: list[str]) -> str:
+        rows = [f"{n} ({d.steady_ratio[u]:.3f} [{lo[u]:.3f}, {hi[u]:.3f}])" for n in layers[:6] for u in [names.index(n)]]
+        return ", ".join(rows) + (" ..." if len(layers) > 6 else "")
+
+    thawed = [n for n, why in rejected.items() if why == FROZEN and n in named and named[n].requires_grad]
+    if thawed:
+        yield "SMD017", {"count": len(thawed), "names": ", ".join(thawed[:5]) + (" ..." if len(thawed) > 5 else "")}
+    never = diag.get("never_in_equilibrium", [])
+    if never:
+        yield "SMD032", {"count": len(never), "layers": ", ".join(never[:8]) + (" ..." if len(never) > 8 else "")}
+    off = diag.get("off_prediction", [])
+    if off:
+        counted = (
+            "They do not count as in equilibrium (require_agreement=True)."
+            if config.require_agreement
+            else "They count as in equilibrium, off the prediction (require_agreement=True makes them fail the gate)."
+        )
+        causes = off_prediction_causes(d, [names.index(n) for n in off])
+        yield "SMD030", {"count": len(off), "tolerance": config.tolerance, "layers": shown(off), "counted": counted, "causes": causes}
+    far = diag.get("steady_far_off", [])
+    if far:
+        yield "SMD031", {"count": len(far), "max_deviation": config.max_deviation, "layers": shown(far)}
+    if diag.get("re_equilibrating") and "late_decay" not in alerts.keys:
+        yield "SMD033", {"count": len(diag["re_equilibrating"])}
