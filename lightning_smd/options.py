@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_number",
     "check_patterns",
     "check_path",
+    "check_name",
 ]
 
 
@@ -113,3 +115,15 @@ def check_path(name: str, value: Any) -> Any:
     if isinstance(value, (str, os.PathLike)) and os.fspath(value) not in ("", b""):
         return value
     raise OptionError(f"{name} must be a path (a non-empty str or os.PathLike), True or None (the default place) or False (none), got {value!r}")
+
+
+#: What a front end's ``name`` may hold: safe in metric keys of every logger and in file names.
+_LABEL = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def check_name(name: Any) -> str | None:
+    """``name`` if it is None or a label of letters, digits, ``_``, ``.`` and ``-`` (up to 64): an SMDCallback's
+    label, which goes into its metric keys (``smd-<name>/…``) and its summary's file name."""
+    if name is not None and (not isinstance(name, str) or not _LABEL.fullmatch(name)):
+        raise OptionError(f"name must be a short label of letters, digits, '_', '.' and '-', got {name!r}")
+    return name

@@ -17,25 +17,25 @@ import inspect
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_smd.analysis.keys import NAMESPACE, renamed
-from lightning_smd.analysis.states import Verdict
+from lightning_smd.analysis.keys import namespace_for, renamed
 from lightning_smd.engine.detect import DataFlowRecorder, Detection, NormalizedWeight, format_detection_table
 from lightning_smd.engine.session import Session, eval_mode_batch_norms
-from lightning_smd.frontends.instances import check_name, distinct_options, instance_label
-from lightning_smd.frontends.shared import FrontEnd, LossSum, Options, adopt_detection, end_gate, log_step
-from lightning_smd.frontends.trainer import debug_run, describe, every_rank, fsdp1_group, log_dir, logger_step, optimizer_steps, planned_steps
-from lightning_smd.frontends.trainer import publish, rank_zero_emitter, save_wandb_workspace, unsupported_strategy
+from lightning_smd.frontends.instances import distinct_options, instance_label
+from lightning_smd.frontends.shared import FrontEnd, Options, adopt_detection, documents_shared_options, end_gate, log_step
+from lightning_smd.frontends.trainer import FitState, close_loggers, debug_run, describe, every_rank, fsdp1_group, is_log_step, log_interval, logger_step
+from lightning_smd.frontends.trainer import optimizer_steps, planned_steps, prepare_loggers, print_plan, publish, rank_zero_emitter, summary_target
+from lightning_smd.frontends.trainer import stood_down, unsupported_strategy
 from lightning_smd.frontends.weights import FirstBatch, at_fit_start, at_setup, from_flow, full_tensor, named_parameters
 from lightning_smd.io.dashboard import per_layer_mode, render_rgb
-from lightning_smd.io.loggers import finish_loggers, log_heatmap, setup_loggers, takes_images
-from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_summary_table, print_summary_table, summary_filename
+from lightning_smd.io.loggers import log_heatmap, takes_images
+from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_summary_table, print_summary_table
 from lightning_smd.messages import SMDWarning, render
-from lightning_smd.options import check_bool, check_int, check_path
+from lightning_smd.options import check_bool, check_int, check_name, check_path
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -62,28 +62,7 @@ def _callback_bases() -> tuple[type, ...]:
 _CALLBACK_BASES = _callback_bases()
 
 
-@dataclass
-class _Fit:
-    """What one fit holds besides its session: made anew at every fit start."""
-
-    label: str | None = None
-    """None for a Trainer's only (or first, default) SMDCallback, else what tells it from the others."""
-    loss: LossSum = field(default_factory=LossSum)
-    first: FirstBatch = field(default_factory=FirstBatch)
-    summary: dict[str, Any] | None = None
-    summary_file: str | None = None
-    last_logged_step: int = -1
-    logs: int = 0
-    heatmap_step: int = -1
-    loggers_ready: bool = False
-    rebased: bool = False
-    finished: bool = False
-
-    @property
-    def namespace(self) -> str:
-        return NAMESPACE if self.label is None else f"{NAMESPACE}-{self.label}"
-
-
+@documents_shared_options
 class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
     """Measure the Spherical Motion Dynamics of every normalized weight and check its equilibrium.
 
@@ -92,17 +71,10 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
     prediction nor its norm drifts by more than ``drift_limit`` per relaxation time (to a stated confidence) — and its
     steady ratio ``Δ/Δ*`` is not far off the prediction (see the README, "What in equilibrium means").
 
+    The options it takes as :class:`~lightning_smd.SMDMonitor` does (the criteria, the weights to track, how to
+    measure) follow its own in the Args.
+
     Args:
-        tolerance: a steady layer whose steady ``Δ/Δ*`` is (with confidence) outside ``1 ± tolerance`` is *off the
-            prediction* (in equilibrium unless ``require_agreement``; a warning says so); a prediction that moves by
-            more than this is a change of the hyper-parameters.
-        window, ema_steps, min_fraction, require_agreement, max_deviation, drift_limit, significance: the other
-            criteria of the verdict, each documented on :class:`~lightning_smd.DiagnosticsConfig`: the judged window
-            (steps), the smoothing (steps), the share of layers in equilibrium the verdict needs, the strict gate,
-            the ratio beyond which a layer is in another regime, the largest drift per relaxation time (``None``:
-            ``tolerance``) and the false-alarm rate of the drift test.
-        include: parameter-name globs to track in addition to the detected ones.
-        exclude: parameter-name globs never to track.
         log_every_n_steps: log interval in optimizer steps; default: the Trainer's ``log_every_n_steps``.
         log_per_layer: which per-layer series go to the loggers: ``"all"`` (or ``True``), ``"ratio"`` (only
             ``smd/<layer>/angular_update_ratio``), ``"none"`` (or ``False``); ``"auto"`` (default): all up to 16
@@ -121,26 +93,11 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
             ``False`` writes none.
         verbose: print the table of tracked weights at fit start and the result table at the end
             (rank zero only).
-        keep_history: keep every step's values in memory (``callback.diagnostics.unit_history(name)``).
-        use_momentum_buffer: for PyTorch SGD with heavy-ball momentum, take the update from the momentum
-            buffer (exact, no weight copy); ``False`` keeps a snapshot of the weights as for other
-            optimizers.
-        per_filter: also measure every filter (or group) of the weights whose filters are scale-invariant
-            on their own, and log the RMS over filters of their angular updates
-            (``smd/<name>/filter_angular_update_rms``; each filter has the same predicted Δ*). Costs a few
-            extra launches per tracked tensor and step.
         on_no_equilibrium: what to do when the run does not reach equilibrium. ``"warn"`` (default): a
             warning at the end. ``"raise"``: raise :class:`EquilibriumNotReachedError` at the end of fit
             (after the summary is written) so that the script — and a CI job — fails. ``"stop"``: stop
             training as soon as equilibrium is clearly impossible in the planned steps (no weight decay,
             or fewer steps left than half the predicted need). Every rank takes the same decision.
-        track_distance: from the first log step at which a layer is in equilibrium, keep a copy of it and
-            log the angular distance travelled since (``smd/<name>/angular_distance``) and the exponent
-            ``c`` of ``distance ∝ t^c`` in the summary (one extra copy of the tracked weights).
-        every_n_steps: measure only every n-th optimizer step (for very large models). A sampled step is
-            still measured over that single step (the weights are taken right before it), so the angular
-            update keeps its meaning and its prediction; the moving averages and the window keep counting
-            steps. Unsampled steps cost nothing measurable.
         name: a label for this instance, for a Trainer with several ``SMDCallback`` s (e.g. a lenient and a strict
             gate): its metrics go under ``smd-<name>/…`` and its summary to ``smd_summary-<name>.json``. Without
             it, the first instance with default settings keeps ``smd/…`` and each other one is labelled by the
@@ -192,7 +149,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         self.log_every_n_steps, self.log_per_layer, self.heatmap_every_n_logs = log_every_n_steps, log_per_layer, heatmap_every_n_logs
         self.summary_path, self.name = summary_path, name
         self.session: Session = options.session()  # replaced at every fit start
-        self._fit = _Fit()
+        self._fit = FitState()
         self._resume_state: dict[str, Any] | None = None  # a checkpoint's state, restored before fit start attaches
         self._setup_detection: Detection | None = None  # analysed in setup(), before the strategy wraps the model
         # the options given that differ from the defaults: what tells this instance from another (a str pattern is a list)
@@ -212,7 +169,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
     def namespace(self) -> str:
         """The first part of every key this instance logs: ``smd``, or ``smd-<label>`` when the Trainer has
         several SMDCallbacks (see ``name``)."""
-        return self._fit.namespace
+        return namespace_for(self._fit.label)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue measuring after a resume, as plain Python types."""
@@ -243,7 +200,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         self._close()
         peers = [cb for cb in trainer.callbacks if isinstance(cb, SMDCallback)]
         me = next((i for i, cb in enumerate(peers) if cb is self), None)
-        self._fit = _Fit(label=None if me is None else instance_label([cb._distinct for cb in peers], me))
+        self._fit = FitState(label=None if me is None else instance_label([cb._distinct for cb in peers], me))
         self.session = self.options.session(emit=rank_zero_emitter(trainer, self._fit.label))
         unsupported = unsupported_strategy(trainer)
         if unsupported:
@@ -276,13 +233,8 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         )
         if resume:
             self._fit.last_logged_step = int(resume.get("last_logged_step", -1))
-        elif self.verbose and trainer.is_global_zero and self.session.judgeable_after:
-            steps, name, tau = self.session.judgeable_after
-            planned = planned_steps(trainer)
-            print(
-                f"SMDCallback: equilibrium can be judged after about {steps} steps of unchanged settings (slowest layer "
-                f"{name}, relaxation time {tau:.0f} steps); planned: {planned if planned is not None else 'unknown'} steps"
-            )
+        elif self.verbose:
+            print_plan(trainer, self.session.judgeable_after)
 
     # ------------------------------------------------------------------------------------------
     # First batch: deferred detection and the numerical check of invariance
@@ -342,17 +294,11 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._fit.loss.add(loss)
-        if self.recorder.pending and self._is_log_step(trainer):
+        if self.recorder.pending and is_log_step(trainer, self._interval(trainer)):
             self._flush(trainer, logger_step(trainer))
 
-    def _is_log_step(self, trainer: pl.Trainer) -> bool:
-        should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
-        if callable(should_accumulate) and should_accumulate():
-            return False
-        return (logger_step(trainer) + 1) % self._interval(trainer) == 0 or bool(trainer.should_stop)
-
     def _interval(self, trainer: pl.Trainer) -> int:
-        return int(self.log_every_n_steps or max(int(trainer.log_every_n_steps or 1), 1))
+        return log_interval(trainer, self.log_every_n_steps)
 
     def _flush(self, trainer: pl.Trainer, step: int) -> None:
         """Drain the device buffers (one host synchronization), update the diagnostics, apply the "stop" gate, log."""
@@ -363,14 +309,11 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
             trainer.should_stop = True
         if step <= fit.last_logged_step:
             return
-        metrics = {renamed(k, fit.namespace): v for k, v in session.metrics(self.log_per_layer, distances).items()}
+        metrics = {renamed(k, self.namespace): v for k, v in session.metrics(self.log_per_layer, distances).items()}
         if not fit.loggers_ready:
             fit.loggers_ready = True
-            if trainer.is_global_zero:
-                names = [u.name for u in self.diagnostics.units]
-                mode = per_layer_mode(self.log_per_layer, len(names))
-                setup_loggers(trainer.loggers, names, mode, session.worst_k, session.warn, fit.namespace)
-        publish(trainer, metrics, session.progress(fit.namespace), step, fit.namespace, session.warn)
+            prepare_loggers(trainer, session, self.log_per_layer, self.namespace)
+        publish(trainer, metrics, session.progress(self.namespace), step, self.namespace, session.warn)
         fit.last_logged_step = step
         fit.logs += 1
         if self.heatmap_every_n_logs and fit.logs % self.heatmap_every_n_logs == 0:
@@ -386,7 +329,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
             if len(self.session.history) and not _has_matplotlib():
                 self.session.warn("SMD045")
             return
-        log_heatmap(trainer.loggers, render_rgb(figure), step, self.session.warn, self._fit.namespace)
+        log_heatmap(trainer.loggers, render_rgb(figure), step, self.session.warn, self.namespace)
 
     # ------------------------------------------------------------------------------------------
     # End
@@ -399,11 +342,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         self.session.end_warnings()
         self._log_heatmap(trainer, max(logger_step(trainer) - 1, self._fit.last_logged_step))
         self._finish(trainer, complete=True)
-        if trainer.is_global_zero:
-            finish_loggers(trainer.loggers, self.summary(), self.session.warn, self._fit.namespace)
-            if self.wandb_workspace:
-                names = [u.name for u in self.diagnostics.units]
-                save_wandb_workspace(trainer, names, self.log_per_layer, self.session.worst_k, self.session.warn)
+        close_loggers(trainer, self.session, self.summary(), self.namespace, self.log_per_layer, workspace=self.wandb_workspace)
         if self.verbose and trainer.is_global_zero:
             print_summary_table(self.summary(), TABLE_ROWS)
             if self._fit.summary_file:
@@ -442,16 +381,12 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
 
     def _finish(self, trainer: pl.Trainer, complete: bool, error: str | None = None) -> None:
         summary = self.session.summary(complete=complete, error=error, global_step=int(trainer.global_step))
-        debug = debug_run(trainer)
-        # a debug run tests the pipeline, not the dynamics: too short to be judged, it does not fail the gate (a
-        # diverged one still does: a NaN in a debug run is a real fault)
-        summary["gate"] = f"stood down: {debug}" if debug and summary.get("verdict") != Verdict.DIVERGED else None
+        summary["gate"] = stood_down(trainer, summary.get("verdict"))
         summary["name"] = self._fit.label  # None for a Trainer's only (or first, default) SMDCallback
         self._fit.summary, self._fit.finished = summary, complete
         if self.summary_path is False or not trainer.is_global_zero:
             return
-        path = str(self.summary_path) if self.summary_path not in (None, True) else os.path.join(log_dir(trainer), summary_filename(self._fit.label))
-        written = self.session.write(path, summary)
+        written = self.session.write(summary_target(trainer, self.summary_path, self._fit.label), summary)
         if written:
             self._fit.summary_file = written
         else:

@@ -11,25 +11,14 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning_smd.options import OptionError
+__all__ = ["distinct_options", "instance_label"]
 
-__all__ = ["check_name", "distinct_options", "instance_label"]
-
-#: What a ``name`` (and an automatic label) may hold: safe in metric keys of every logger and in file names.
-_LABEL = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 #: Longest automatic label (from the options that set an instance apart); longer ones become ``2``, ``3``, …
 _LABEL_CHARS = 40
 #: Options that change how results are shown or where they go, not what is measured or judged: they do not label.
 _PRESENTATION = frozenset(
     {"verbose", "keep_history", "log_heatmap", "heatmap_every_n_logs", "wandb_workspace", "log_per_layer", "worst_k", "log_every_n_steps", "summary_path"}
 )
-
-
-def check_name(name: Any) -> str | None:
-    """``name`` if it is None or a label of letters, digits, ``_``, ``.`` and ``-`` (up to 64)."""
-    if name is not None and (not isinstance(name, str) or not _LABEL.fullmatch(name)):
-        raise OptionError(f"name must be a short label of letters, digits, '_', '.' and '-', got {name!r}")
-    return name
 
 
 def distinct_options(given: dict[str, Any], constructor: Callable[..., Any]) -> dict[str, Any]:

@@ -26,33 +26,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lightning_smd.analysis.theory import unwrap_optimizer
 from lightning_smd.engine.detect import find_normalized_weights
-from lightning_smd.engine.session import eval_mode_batch_norms
-from lightning_smd.frontends.shared import FrontEnd, LossSum, Options, adopt_detection, end_gate, log_step
-from lightning_smd.options import OptionError, check_int
+from lightning_smd.frontends.loop import checked_optimizers, hook_verification, inner_model
+from lightning_smd.frontends.shared import FrontEnd, LossSum, Options, adopt_detection, documents_shared_options, end_gate, log_step
+from lightning_smd.options import check_int
 
 __all__ = ["SMDMonitor"]
 
 
-def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module behind Fabric's ``_FabricModule`` and (Distributed)DataParallel."""
-    for _ in range(4):
-        inner = getattr(model, "_original_module", None)  # lightning Fabric
-        if isinstance(inner, torch.nn.Module):
-            model = inner
-            continue
-        if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-            continue
-        break
-    return model
-
-
+@documents_shared_options
 class SMDMonitor(FrontEnd):
     """Spherical Motion Dynamics monitoring without Lightning's Trainer.
+
+    A model without a normalized weight gets a warning (code ``SMD001``) and a ``not_applicable`` verdict, as
+    with the callback. The first optimizer step runs the numerical check of invariance (one host
+    synchronization) before the step changes the weights. The options it takes as
+    :class:`~lightning_smd.SMDCallback` does (the criteria, the weights to track, how to measure) follow its own in
+    the Args.
 
     Args:
         model: the model (a Fabric-wrapped or DDP-wrapped module is unwrapped).
@@ -61,9 +52,6 @@ class SMDMonitor(FrontEnd):
         example_input: optional input batch: detection then also runs the numerical invariance check (one
             forward/backward on it; parameters, buffers and gradients are restored) and can analyse models
             torch.fx cannot trace.
-        tolerance, window, ema_steps, min_fraction, require_agreement, max_deviation, drift_limit, significance: the
-            equilibrium criteria (see ``SMDCallback``).
-        include, exclude: parameter-name globs to add to / remove from the detected weights.
         log_every_n_steps: the interval :meth:`should_log` answers for (steps buffered on the device).
         max_steps: the planned number of optimizer steps, if known: enables the warnings that compare it with
             what equilibrium needs, and the ``"stop"`` gate.
@@ -71,11 +59,6 @@ class SMDMonitor(FrontEnd):
             ``"raise"`` raises :class:`~lightning_smd.EquilibriumNotReachedError` from :meth:`close` (after the
             summary is written); ``"stop"`` sets :attr:`should_stop` once equilibrium is clearly impossible in
             ``max_steps`` (your loop checks it).
-        use_momentum_buffer, per_filter, every_n_steps, keep_history, track_distance: as for ``SMDCallback``.
-
-    A model without a normalized weight gets a warning (code ``SMD001``) and a ``not_applicable`` verdict, as
-    with the callback. The first optimizer step runs the numerical check of invariance (one host
-    synchronization) before the step changes the weights.
     """
 
     def __init__(
@@ -105,17 +88,11 @@ class SMDMonitor(FrontEnd):
     ) -> None:
         given = dict(locals())
         # every option checked before anything is hooked: an OptionError names the option, the value and what is accepted
-        if not isinstance(model, torch.nn.Module):
-            raise OptionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        opts = [optimizers] if not isinstance(optimizers, (list, tuple)) else list(optimizers)
-        unwrapped = [unwrap_optimizer(o) for o in opts]
-        if not unwrapped or any(not hasattr(o, "param_groups") or isinstance(o, type) for o in unwrapped):
-            shown = next((o for o in unwrapped if not hasattr(o, "param_groups") or isinstance(o, type)), optimizers)
-            raise OptionError(f"optimizers must be a torch.optim.Optimizer (built on the model's parameters) or a non-empty list of them, got {shown!r}")
+        module, unwrapped = inner_model(model), checked_optimizers(optimizers)
         options = Options.check(given)  # the criteria and how to measure: as SMDCallback's
         self.log_every_n_steps: int = check_int("log_every_n_steps", log_every_n_steps, 1)  # type: ignore[assignment]
         self.max_steps = check_int("max_steps", max_steps, 1, allow_none=True, hint=" (None: unknown)")
-        self.model, self.optimizers = _inner_model(model), unwrapped
+        self.model, self.optimizers = module, unwrapped
         self.config, self.every_n_steps, self.on_no_equilibrium = options.config, options.every_n_steps, options.on_no_equilibrium
         self.session = options.session()
         self.should_stop = False
@@ -135,9 +112,7 @@ class SMDMonitor(FrontEnd):
             planned_steps=self.max_steps,
             model_name=type(self.model).__name__,
         )
-        # The numerical check, before the first step changes the weights. A global pre-hook runs before the
-        # optimizers' own hooks, so the check may rebuild the recorder (and its hooks) from inside it.
-        self._verify_hook = register_optimizer_step_pre_hook(_VerifyHook(self, named)) if self.session.verify_pending else None
+        self._verify_hook = hook_verification(self, named)  # the numerical check, before the first step changes the weights
 
     @property
     def units(self) -> list[str]:
@@ -207,18 +182,3 @@ class SMDMonitor(FrontEnd):
     def __exit__(self, *exc: Any) -> None:
         if not self._closed:
             self.close()
-
-
-class _VerifyHook:
-    """The numerical check of invariance before the first step of one of the monitor's optimizers (a global
-    optimizer pre-hook; removed at the next :meth:`SMDMonitor.update`, never from inside itself)."""
-
-    def __init__(self, monitor: SMDMonitor, named: dict[str, torch.Tensor]) -> None:
-        self.monitor = monitor
-        self.named = named
-
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        session = self.monitor.session
-        if session.verify_pending and any(optimizer is o for o in self.monitor.optimizers):
-            session.eval_norms = eval_mode_batch_norms(self.monitor.model)
-            session.verify(self.named)

@@ -5,6 +5,8 @@ with them is here, as in Lightning's ``ThroughputMonitor`` over Fabric's ``Throu
 
 - :class:`FrontEnd`: the base of both: the session's parts under the names the front ends have always had, and the
   summary as a table;
+- :data:`SHARED_OPTIONS_DOC`: the documentation of the options both take, written once and appended to each one's
+  docstring (:func:`documents_shared_options`);
 - :class:`Options`: the options both take (the equilibrium criteria, the weights to track, how to measure),
   checked, and the :class:`~lightning_smd.engine.session.Session` they make;
 - :func:`adopt_detection`: a detection handed to the session with its warnings;
@@ -18,6 +20,8 @@ makes a collective (``reduce_boolean_decision``) and the monitor leaves the iden
 
 from __future__ import annotations
 
+import inspect
+import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +36,51 @@ from lightning_smd.engine.session import GATE_MODES, Session, emit_warning
 from lightning_smd.io.report import TABLE_ROWS, EquilibriumNotReachedError, format_summary_table
 from lightning_smd.options import check_bool, check_choice, check_int, check_patterns
 
-__all__ = ["FrontEnd", "Options", "CRITERIA", "LossSum", "adopt_detection", "log_step", "end_gate"]
+__all__ = ["FrontEnd", "Options", "CRITERIA", "SHARED_OPTIONS_DOC", "documents_shared_options", "LossSum", "adopt_detection", "log_step", "end_gate"]
 
 #: The front ends' options that are the equilibrium criteria (:class:`DiagnosticsConfig`'s fields of the same name).
 CRITERIA = ("tolerance", "window", "ema_steps", "min_fraction", "require_agreement", "max_deviation", "drift_limit", "significance")
 #: The front ends' options that are True or False.
 _FLAGS = ("use_momentum_buffer", "per_filter", "keep_history", "track_distance")
+
+
+#: The Args entries of the options both front ends take with the same meaning (see :class:`Options`); each front end
+#: documents its other options, ``on_no_equilibrium`` included (when the gate acts differs), in its own docstring.
+SHARED_OPTIONS_DOC = """\
+tolerance: a steady layer whose steady ``Δ/Δ*`` is (with confidence) outside ``1 ± tolerance`` is *off the
+    prediction* (in equilibrium unless ``require_agreement``; a warning says so); a prediction that moves by
+    more than this is a change of the hyper-parameters.
+window, ema_steps, min_fraction, require_agreement, max_deviation, drift_limit, significance: the other
+    criteria of the verdict, each documented on :class:`~lightning_smd.DiagnosticsConfig`: the judged window
+    (steps), the smoothing (steps), the share of layers in equilibrium the verdict needs, the strict gate,
+    the ratio beyond which a layer is in another regime, the largest drift per relaxation time (``None``:
+    ``tolerance``) and the false-alarm rate of the drift test.
+include: parameter-name globs to track in addition to the detected ones.
+exclude: parameter-name globs never to track.
+keep_history: keep every step's values in memory (``.diagnostics.unit_history(name)``).
+use_momentum_buffer: for PyTorch SGD with heavy-ball momentum, take the update from the momentum
+    buffer (exact, no weight copy); ``False`` keeps a snapshot of the weights as for other
+    optimizers.
+per_filter: also measure every filter (or group) of the weights whose filters are scale-invariant
+    on their own, and log the RMS over filters of their angular updates
+    (``smd/<name>/filter_angular_update_rms``; each filter has the same predicted Δ*). Costs a few
+    extra launches per tracked tensor and step.
+track_distance: from the first log step at which a layer is in equilibrium, keep a copy of it and
+    log the angular distance travelled since (``smd/<name>/angular_distance``) and the exponent
+    ``c`` of ``distance ∝ t^c`` in the summary (one extra copy of the tracked weights).
+every_n_steps: measure only every n-th optimizer step (for very large models). A sampled step is
+    still measured over that single step (the weights are taken right before it), so the angular
+    update keeps its meaning and its prediction; the moving averages and the window keep counting
+    steps. Unsampled steps cost nothing measurable.
+"""
+
+
+def documents_shared_options(cls: type) -> type:
+    """Class decorator for a front end whose docstring ends with its Args: appends :data:`SHARED_OPTIONS_DOC` to
+    them, so that ``help()`` and the API docs show every option of each front end, written once."""
+    if cls.__doc__:  # (None under python -OO)
+        cls.__doc__ = inspect.cleandoc(cls.__doc__) + "\n" + textwrap.indent(SHARED_OPTIONS_DOC, "    ")
+    return cls
 
 
 def _alone(decision: bool) -> bool:
