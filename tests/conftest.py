@@ -4,6 +4,8 @@
   ``tmp_path``; ``run_python``: run a script in a fresh interpreter (``helpers.run_python``).
 - Tiers: tests marked ``slow`` (long fits, the examples, the benchmarks, multi-process runs) are left out
   by ``pytest -m "not slow"``, the tier to run while developing; CI runs everything.
+- Threads: the suite's fits are tiny; torch runs them on one intra-op thread (:func:`pytest_configure`), as the
+  benchmarks behind the tests' margins do, unless ``OMP_NUM_THREADS`` says otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from helpers import fit_smd, run_python  # noqa: E402
+
+
+def pytest_configure(config):
+    """One intra-op thread for the in-process fits (unless ``OMP_NUM_THREADS`` is set): two OpenMP threads on a 2-core
+    machine that other processes share spin against each other, and a 36-step fit of the small test network took
+    30 s with two threads against 0.9 s with one."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -225,9 +225,11 @@ def run_python(
     args: Sequence[str], *, cwd: Any = ROOT, env: dict[str, str] | None = None, timeout: float = 280, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run ``python *args`` (a script and its arguments, or ``-c CODE``) in a fresh interpreter with W&B
-    offline; ``check`` asserts exit status 0 and shows the ends of both streams otherwise. The timeout stays
-    under the suite's per-test limit so that a hang is reported with its output."""
-    full_env = dict(os.environ, WANDB_MODE="offline", **(env or {}))
+    offline and, unless ``OMP_NUM_THREADS`` is set, one intra-op thread (as the suite's own fits, tests/conftest.py);
+    ``check`` asserts exit status 0 and shows the ends of both streams otherwise. The timeout stays under the
+    suite's per-test limit so that a hang is reported with its output."""
+    full_env = dict({"OMP_NUM_THREADS": "1"}, **os.environ)
+    full_env.update(WANDB_MODE="offline", **(env or {}))
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=str(cwd), env=full_env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])

@@ -18,7 +18,10 @@ from lightning_smd.analysis.states import Agreement, UnitState
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "diagnostics_state_v2.json")
 #: Keys of the checkpoint that belong to the facade or to a part's non-field state.
-NON_FIELD_KEYS = {"schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", "delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth"}
+NON_FIELD_KEYS = {
+    *("schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes"),
+    *("delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth"),
+}
 
 
 def _json(obj):

@@ -99,8 +99,15 @@ def test_frozen_weights_are_not_tracked():
 
 
 def test_shared_weight_is_tracked_once():
+    """One conv used twice, each time before its own BatchNorm: one unit, per filter; with a batch, the numerical check
+    agrees (|cos(g, w)| per filter 5e-8–1.5e-7 over seeds 0–2: float32 rounding, against the 1e-2 of SMD010)."""
     units, _ = tracked(Shared())
-    assert list(units) == ["conv.weight"]
+    assert list(units) == ["conv.weight"] and units["conv.weight"].granularity == "filter"
+    torch.manual_seed(0)
+    units, det = tracked(Shared(), example_input=torch.randn(4, 3, 8, 8))
+    assert list(units) == ["conv.weight"] and units["conv.weight"].granularity == "filter"
+    assert units["conv.weight"].verification < 1e-5
+    assert set(det.rejected) == {"fc.weight"}
 
 
 def test_include_and_exclude_overrides():

@@ -166,6 +166,26 @@ def _wandb_records(run_dir):
     return out
 
 
+def _finished_wandb_records(run_dir):
+    """The records of a finished offline W&B run: wandb-core may still be writing the run file right after finish()
+    on a loaded machine, so read until the exit record is there (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while True:
+        records = _wandb_records(run_dir)
+        if "exit" in [r.WhichOneof("record_type") for r in records] or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _wandb_history(records):
+    """The history rows of a W&B run's records, as ``{key: value}``."""
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
 def test_wandb_offline_history_summary_and_table(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -175,20 +195,9 @@ def test_wandb_offline_history_summary_and_table(tmp_path, monkeypatch):
     smd = _fit(tmp_path, logger, steps=12)
     run_dir = logger.experiment.dir.rsplit("/files", 1)[0]
     logger.experiment.finish()
-    # wandb-core may still be writing the run file right after finish() on a loaded machine: read until the
-    # exit record is there
-    deadline = time.monotonic() + 60
-    while True:
-        records = _wandb_records(run_dir)
-        kinds = [r.WhichOneof("record_type") for r in records]
-        if "exit" in kinds or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    history = []
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            history.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item})
-    smd_rows = [h for h in history if "smd/angular_update_ratio" in h]
+    records = _finished_wandb_records(run_dir)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    smd_rows = [h for h in _wandb_history(records) if "smd/angular_update_ratio" in h]
     assert [h["trainer/global_step"] for h in smd_rows] == [4, 9, 11], sorted(set(kinds))
     assert _expected_keys(smd) <= set(smd_rows[0])
     defined = {r.metric.glob_name or r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
@@ -236,13 +245,23 @@ class Refusing(pl.loggers.CSVLogger):
 
 
 def test_a_logger_that_refuses_a_metric_gets_a_warning_not_a_crash(tmp_path):
+    """A logger that raises on every SMD log step (4, 9, 11): one warning for the run, training goes on, the other
+    logger gets every row and the summary is written."""
     torch.manual_seed(0)
     smd = SMDCallback(verbose=False)
-    with pytest.warns(UserWarning, match="Refusing refused the SMD metrics"):
-        trainer(tmp_path, [smd], max_steps=12, logger=Refusing(str(tmp_path), name="", version="")).fit(
+    other = pl.loggers.CSVLogger(str(tmp_path), name="other", version=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [smd], max_steps=12, logger=[Refusing(str(tmp_path), name="", version=""), other]).fit(
             Module(SmallConvNet(), optimizer=sgd(momentum=0.9)), loader()
         )
+    refused = [str(w.message) for w in record if "Refusing refused the SMD metrics" in str(w.message)]
+    assert len(refused) == 1 and "[SMD040]" in refused[0], refused
+    assert [w for w in smd.summary()["warnings"] if "[SMD040]" in w] == refused
     assert smd.summary()["steps"] == 12
+    with open(os.path.join(other.log_dir, "metrics.csv")) as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh) if r["smd/angular_update_ratio"]] == [4, 9, 11]
+    assert json.load(open(smd.summary_file))["steps"] == 12
 
 
 def _png_in(path):
@@ -265,8 +284,12 @@ def test_heatmap_image_reaches_wandb_tensorboard_and_mlflow(tmp_path, monkeypatc
     mlflow = pl.loggers.MLFlowLogger(experiment_name="smd", tracking_uri=f"file:{tmp_path / 'mlruns'}")
     wb = pl.loggers.WandbLogger(project="smd-test", save_dir=str(tmp_path), offline=True)
     smd = _fit(tmp_path, [tb, mlflow, wb], steps=12, heatmap_every_n_logs=2, wandb_workspace=True)
-    # log steps 4, 9 and the final flush at 11: live images at the 2nd log step, and one at the end
+    # log steps 4, 9 and the final flush at 11, in each logger's scalars; live images at the 2nd log step, and one at
+    # the end
     acc = _tb_events(tb.log_dir)
+    assert [e.step for e in acc.Scalars("smd/angular_update_ratio")] == [4, 9, 11]
+    with open(glob.glob(str(tmp_path / "mlruns" / "*" / mlflow.run_id / "metrics" / "smd" / "angular_update_ratio"))[0]) as fh:
+        assert [int(line.split()[2]) for line in fh.read().splitlines()] == [4, 9, 11]  # (timestamp, value, step) rows
     assert [e.step for e in acc.Images("smd/heatmap")] == [9, 11]
     image = acc.Images("smd/heatmap")[-1]
     assert image.width > 300 and image.height > 100 and image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
@@ -275,6 +298,8 @@ def test_heatmap_image_reaches_wandb_tensorboard_and_mlflow(tmp_path, monkeypatc
     assert all(_png_in(f) for f in figures)
     run_dir = wb.experiment.dir.rsplit("/files", 1)[0]
     wb.experiment.finish()
+    history = _wandb_history(_finished_wandb_records(run_dir))
+    assert [h["trainer/global_step"] for h in history if "smd/angular_update_ratio" in h] == [4, 9, 11]
     images = glob.glob(os.path.join(run_dir, "files", "media", "images", "smd", "heatmap_*.png"))
     assert len(images) == 2 and all(_png_in(f) for f in images)
     assert not [w for w in smd.summary()["warnings"] if "SMD041" in w]

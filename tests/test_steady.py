@@ -19,6 +19,7 @@ from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig, V
 from lightning_smd.engine.measure import StepBatch
 from lightning_smd.analysis.steady import BlockSeries, drift_within, t_quantile
 from lightning_smd.analysis.theory import AdamWRule
+from lightning_smd.analysis.tracking import window_range
 
 RULE = AdamWRule()
 TAU = 100  # τ_r = 1/(2·0.01·0.5)
@@ -167,23 +168,72 @@ def test_stationary_ar1_around_0_92_is_steady_and_off_the_prediction():
     assert worst < 0.05
 
 
-@pytest.mark.parametrize(
-    "level, expected", [(0.95 - 1e-6, "off_prediction"), (0.95 + 1e-6, "agrees"), (1.05 - 1e-6, "agrees"), (1.05 + 1e-6, "off_prediction")]
-)
-def test_agreement_boundary_from_both_sides(level, expected):
-    """A noise-free steady ratio: the interval is the point, off the prediction exactly outside 1 ± tolerance."""
-    d = Diagnostics(units(1), DiagnosticsConfig(tolerance=0.05))
-    feed(d, np.full(1000, level))
-    assert d.steady[0] and d.agreement[0] == expected
+def _failures(cases, check) -> list[str]:
+    """``check(u, case)`` for unit ``u`` of each case (a message when it fails); the failures, named by their case."""
+    return [f"{case}: {problem}" for u, case in enumerate(cases) if (problem := check(u, case))]
 
 
-@pytest.mark.parametrize("level, far", [(0.7 - 1e-6, True), (0.7 + 1e-6, False), (1.3 + 1e-6, True), (1.3 - 1e-6, False)])
-def test_far_off_boundary_from_both_sides(level, far):
-    d = Diagnostics(units(1))
-    feed(d, np.full(1000, level))
-    assert d.steady[0]
-    assert (d.agreement[0] == "far_off") is far and bool(d.counted[0]) is not far
-    assert d.state[0] == ("steady_far_off" if far else "equilibrium")
+def test_agreement_boundary_from_both_sides():
+    """A noise-free steady ratio: the interval is the point, off the prediction exactly outside 1 ± tolerance. (One
+    unit per level, judged side by side: a unit's judgement reads only its own series.)"""
+    cases = [(0.95 - 1e-6, "off_prediction"), (0.95 + 1e-6, "agrees"), (1.05 - 1e-6, "agrees"), (1.05 + 1e-6, "off_prediction")]
+    d = Diagnostics(units(len(cases)), DiagnosticsConfig(tolerance=0.05))
+    feed(d, np.array([level for level, _ in cases]) * np.ones((1000, 1)))
+
+    def check(u, case):
+        ok = d.steady[u] and d.agreement[u] == case[1]
+        return None if ok else f"steady {bool(d.steady[u])}, agreement {d.agreement[u]}"
+
+    assert not _failures(cases, check)
+
+
+def test_far_off_boundary_from_both_sides():
+    """Far off exactly beyond 1 ± max_deviation (0.3): steady, but not counted. (One unit per level.)"""
+    cases = [(0.7 - 1e-6, True), (0.7 + 1e-6, False), (1.3 + 1e-6, True), (1.3 - 1e-6, False)]
+    d = Diagnostics(units(len(cases)))
+    feed(d, np.array([level for level, _ in cases]) * np.ones((1000, 1)))
+
+    def check(u, case):
+        far = case[1]
+        ok = d.steady[u] and (d.agreement[u] == "far_off") is far and bool(d.counted[u]) is not far
+        ok = ok and d.state[u] == ("steady_far_off" if far else "equilibrium")
+        return None if ok else f"steady {bool(d.steady[u])}, agreement {d.agreement[u]}, counted {bool(d.counted[u])}, state {d.state[u]}"
+
+    assert not _failures(cases, check)
+
+
+def test_min_fraction_boundary_from_both_sides():
+    """The verdict counts a share of the layers against ``min_fraction``: ``k`` of 10 noise-free layers steady on the
+    prediction (counted), the others steady far off it (not counted). At the boundary the share counts (9/10 at
+    0.9); one layer fewer, or a ``min_fraction`` a hair above the share, does not. The rule's 1e-9 slack is for a
+    ``min_fraction·n`` that lands a rounding error above an integer: 9/10 counts at the float after 0.9 (a bare
+    ``ceil`` would ask for 10). lr = 0.1 makes τ_r = 10 steps: 200 steps settle every layer."""
+    above_09 = math.nextafter(0.9, 1.0)
+    assert above_09 * 10 > 9  # the case the slack is for
+    cases = [  # (layers counted of 10, min_fraction, verdict)
+        (9, 0.9, "equilibrium"),  # at the boundary
+        (8, 0.9, "not_reached"),  # the share below
+        (10, 0.9, "equilibrium"),  # the share above
+        (9, 0.9 + 1e-6, "not_reached"),  # min_fraction just above the share
+        (9, 0.9 - 1e-6, "equilibrium"),  # min_fraction just below the share
+        (9, above_09, "equilibrium"),  # a rounding error above: the slack
+        (10, 1.0, "equilibrium"),
+        (9, 1.0, "not_reached"),
+    ]
+    fed: dict[int, dict] = {}
+    failures = []
+    for counted, min_fraction, expected in cases:
+        if counted not in fed:  # one feed per share; each min_fraction judges a copy of it
+            d = Diagnostics(units(10))
+            feed(d, np.where(np.arange(10) < counted, 1.0, 0.5) * np.ones((200, 1)), lr=np.full(200, 0.1), chunk=200)
+            assert d.steady.all() and int(d.counted.sum()) == counted, d.why_not
+            fed[counted] = d.state_dict()
+        d = Diagnostics(units(10), DiagnosticsConfig(min_fraction=min_fraction))
+        d.load_state_dict(fed[counted])
+        verdict, reason = d.verdict()
+        if verdict != expected or not reason.startswith(f"{'' if expected == 'equilibrium' else 'only '}{counted}/10 tracked layers"):
+            failures.append(f"{counted}/10 at min_fraction={min_fraction!r}: {verdict} ({reason})")
+    assert not failures, failures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,22 +335,27 @@ def test_geometric_decay_is_not_steady_and_diagnosed_as_vanishing_noise():
     assert d.diagnoses()["vanishing_gradient_noise"] == ["w0"] and d.events and isinstance(d.events[0], VanishingNoise)
 
 
-@pytest.mark.parametrize("factor, vanishing", [(0.999, True), (1.001, False)])
 @pytest.mark.parametrize("with_loss", [True, False], ids=["loss-gone", "loss-unknown"])
-def test_vanishing_boundary_from_both_sides(factor, vanishing, with_loss):
+def test_vanishing_boundary_from_both_sides(with_loss):
     """L steps from 1 down to factor/20 (with a training loss that fell tenfold) or factor/100 (loss unknown)
     while Δ/Δ* sits at 0.75 (< 1 − 2·tolerance): vanishing exactly below the boundary (the moving average has
-    converged to 1e-12 by the end)."""
+    converged to 1e-12 by the end). One unit per factor (0.999: vanishing, 1.001: not), under the same loss."""
+    cases = [(0.999, True), (1.001, False)]
     t = np.arange(1, 3001)
     boundary = 20.0 if with_loss else 100.0
-    L = np.where(t <= 500, 1.0, factor / boundary)
+    L = np.where(t[:, None] <= 500, 1.0, np.array([[factor / boundary for factor, _ in cases]]))
     loss = np.where(t <= 500, 2.3, 0.01) if with_loss else None
-    d = Diagnostics(units(1))
-    feed(d, np.where(t <= 500, 1.0, 0.75), grad=L, loss=loss)
-    assert bool(d.vanishing_since[0] >= 0) is vanishing
-    assert bool(d.steady[0]) is not vanishing
-    if not vanishing:  # steady at 0.75: off the prediction, not far off
-        assert d.agreement[0] == "off_prediction" and d.counted[0]
+    d = Diagnostics(units(len(cases)))
+    feed(d, np.where(t <= 500, 1.0, 0.75)[:, None] * np.ones(len(cases)), grad=L, loss=loss)
+
+    def check(u, case):
+        vanishing = case[1]
+        ok = bool(d.vanishing_since[u] >= 0) is vanishing and bool(d.steady[u]) is not vanishing
+        if not vanishing:  # steady at 0.75: off the prediction, not far off
+            ok = ok and d.agreement[u] == "off_prediction" and bool(d.counted[u])
+        return None if ok else f"vanishing since {d.vanishing_since[u]}, steady {bool(d.steady[u])}, agreement {d.agreement[u]}"
+
+    assert not _failures(cases, check)
 
 
 @pytest.mark.parametrize("loss_after", [0.9, 0.229, 0.231], ids=["persistent-noise", "below-a-tenth", "above-a-tenth"])
@@ -355,7 +410,6 @@ def test_judgement_survives_a_checkpoint_round_trip():
     np.testing.assert_array_equal(a.steady, b.steady)
     np.testing.assert_allclose(a.drift, b.drift, rtol=1e-12)
     assert a.summary()["layers"] == b.summary()["layers"]
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,4 +522,4 @@ def test_a_unit_dependent_relaxation_time_widens_the_kept_window():
     )
     tau = d.tau_ratio[0]
     assert math.isfinite(tau) and tau > 0
-    assert d.series.max_window[0] >= d._window_range(tau)[1]
+    assert d.series.max_window[0] >= window_range(d.config, tau)[1]
