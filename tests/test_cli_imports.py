@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import run_python
+from test_cli_check import _layer as layer_row
 
 #: The console script ``lightning-smd`` (``lightning_smd.io.cli:main``), with the arguments after ``-c``.
 ENTRY = "import sys; from lightning_smd.io.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -14,25 +15,12 @@ HEAVY = {"torch", "pytorch_lightning", "lightning", "lightning_fabric"}
 
 
 def _layer(name, ci, steady=True):
-    """A layer row as the summary writes it."""
+    """A layer row as the summary writes it (``test_cli_check``'s, with the columns ``report --all`` shows)."""
     mid = sum(ci) / 2
-    return {
-        "name": name,
-        "angular_update": 0.01 * mid,
-        "predicted_angular_update": 0.01,
-        "smoothed_predicted_angular_update": 0.01,
-        "ratio": mid,
-        "steady": steady,
-        "steady_ratio": mid,
-        "steady_ratio_ci": list(ci),
-        "drift": 0.001,
-        "weight_norm": 1.0,
-        "predicted_weight_norm": 1.0,
-        "first_equilibrium_step": 400 if steady else None,
-        "in_equilibrium": steady,
-        "state": "equilibrium" if steady else "approaching",
-        "agreement": "agrees",
-    }
+    row = layer_row(name, ci, steady)
+    row.update(smoothed_predicted_angular_update=0.01, ratio=mid, drift=0.001, weight_norm=1.0, predicted_weight_norm=1.0)
+    row["first_equilibrium_step"] = 400 if steady else None
+    return row
 
 
 @pytest.fixture(scope="module")
