@@ -160,11 +160,13 @@ class Diagnostics:
         if "_units" in self.__dict__ and [u.name for u in units] != self.names:
             raise ValueError(f"set_units: the units must be the same weights, in the same order ({self.names}); got {[u.name for u in units]}")
         self._units = units
+        self._names = [u.name for u in units]  # read at every step (the spike watcher): made once
         self._numel = np.array([float(u.numel) for u in units])
 
     @property
     def names(self) -> list[str]:
-        return [u.name for u in self._units]
+        """The tracked units' names, in order."""
+        return self._names
 
     @property
     def window_samples(self) -> int:
@@ -393,7 +395,7 @@ class Diagnostics:
     # fields under their keys (those of the checkpoints written before the parts existed)
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "names": self.names, "stride": self.stride, "series": plain(self.series.state_dict())}
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "names": list(self._names), "stride": self.stride, "series": plain(self.series.state_dict())}
         for attr in _PARTS:
             out.update(getattr(self, attr).state_dict())
         return out
