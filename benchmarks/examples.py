@@ -7,8 +7,9 @@
 Each run is a fresh interpreter in its own temporary directory (``SMD_EXAMPLE_FAST=1`` for the CI size), timed
 from start to exit: imports, detection, training, the summary. Per run it prints the verdict, how many layers
 ended in equilibrium, the worst drift margin (the largest of ``|drift|`` and ``t·se`` of Δ/Δ* and of the norm,
-over the layers, as a share of the limit: below 1 passes) and the range of the steady Δ/Δ*. Then one line per
-example and size over the seeds.
+over the layers, as a share of the limit: below 1 passes), the range of the steady Δ/Δ* and of the weight norm over
+the norm predicted from the measured gradient statistics (``‖w‖ / predicted ‖w‖``, both smoothed over the last 50
+steps, as in the table the examples print). Then one line per example and size over the seeds.
 
 The CI gate (``examples/ci_gate``) is a pytest file with its own seed and one size; it runs once per size.
 """
@@ -53,12 +54,14 @@ def margins(summary: dict) -> dict:
         return max(values) / limit if all(v == v for v in values) else float("inf")  # nan: not judged
 
     steady = [layer["steady_ratio"] for layer in layers if layer.get("steady_ratio") is not None]
+    norm = [layer["weight_norm"] / layer["predicted_weight_norm"] for layer in layers if layer.get("weight_norm") and layer.get("predicted_weight_norm")]
     return {
         "verdict": summary["verdict"],
         "steps": summary["steps"],
         "in_equilibrium": f"{sum(bool(layer['in_equilibrium']) for layer in layers)}/{len(layers)}",
         "worst_drift": max((worst(layer) for layer in layers), default=float("nan")),
         "steady": (min(steady), max(steady)) if steady else None,
+        "norm": (min(norm), max(norm)) if norm else None,
     }
 
 
@@ -100,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     args = parser.parse_args(argv)
     print(f"examples with {args.python}, {os.cpu_count()} CPUs; sizes {args.sizes}, seeds {args.seeds}\n")
-    print("| example | size | seed | steps | verdict | layers in equilibrium | worst drift / limit | steady Δ/Δ* | time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| example | size | seed | steps | verdict | layers in equilibrium | worst drift / limit | steady Δ/Δ* | ‖w‖ / predicted ‖w‖ | time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     table: dict[tuple[str, str], list[dict]] = {}
     for name in args.only:
         for size in args.sizes:
@@ -109,18 +112,18 @@ def main(argv: list[str] | None = None) -> None:
                 r = run_example(args.python, name, size, seed, args.timeout)
                 table.setdefault((name, size), []).append(r)
                 if "error" in r:
-                    print(f"| {name} | {size} | {seed} | - | ERROR | - | - | - | {r['seconds']:.0f} |\n{r['error']}")
+                    print(f"| {name} | {size} | {seed} | - | ERROR | - | - | - | - | {r['seconds']:.0f} |\n{r['error']}")
                 elif "steps" not in r:
-                    print(f"| {name} | {size} | {seed} | - | {r['verdict']} | - | - | - | {r['seconds']:.0f} |")
+                    print(f"| {name} | {size} | {seed} | - | {r['verdict']} | - | - | - | - | {r['seconds']:.0f} |")
                 else:
                     print(
                         f"| {name} | {size} | {seed} | {r['steps']} | {r['verdict']} | {r['in_equilibrium']} | {r['worst_drift']:.2f} "
-                        f"| {_fmt_steady(r['steady'])} | {r['seconds']:.0f} |",
+                        f"| {_fmt_steady(r['steady'])} | {_fmt_steady(r['norm'])} | {r['seconds']:.0f} |",
                         flush=True,
                     )
     print("\nOver the seeds:")
-    print("| example | size | runs | verdicts | worst drift / limit | steady Δ/Δ* | time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| example | size | runs | verdicts | worst drift / limit | steady Δ/Δ* | ‖w‖ / predicted ‖w‖ | time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for (name, size), rs in table.items():
         ok = [r for r in rs if "error" not in r]
         verdicts = ", ".join(f"{v} {sum(r['verdict'] == v for r in ok)}" for v in sorted({r["verdict"] for r in ok}))
@@ -128,10 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         worst = max((r["worst_drift"] for r in ok if "worst_drift" in r), default=float("nan"))
         steady = [r["steady"] for r in ok if r.get("steady")]
         lo_hi = (min(s[0] for s in steady), max(s[1] for s in steady)) if steady else None
+        norms = [r["norm"] for r in ok if r.get("norm")]
+        norm = (min(n[0] for n in norms), max(n[1] for n in norms)) if norms else None
         times = [r["seconds"] for r in rs]
         print(
             f"| {name} | {size} | {len(rs)} | {verdicts}{f', errors {errors}' if errors else ''} | {worst:.2f} | {_fmt_steady(lo_hi)} "
-            f"| {min(times):.0f}–{max(times):.0f} |"
+            f"| {_fmt_steady(norm)} | {min(times):.0f}–{max(times):.0f} |"
         )
 
 
