@@ -137,6 +137,23 @@ _ALL = (
     ),
     # --- during training ---------------------------------------------------------------------------
     Message(
+        "SMD018",
+        "schedule not read ahead",
+        "The learning-rate schedule of optimizer {optimizer} cannot be read ahead ({reason}); its changes are judged as "
+        "they come, each one restarting the settling clock.",
+    ),
+    Message(
+        "SMD019",
+        "no equilibrium before the schedule moves on",
+        "{name} is forecast never to reach equilibrium in this schedule: it needs about {needed} steps to get there "
+        "(relaxation time {tau:.0f} steps at the peak settings){decay}. {fix}",
+    ),
+    Message(
+        "SMD028",
+        "settings left the plan",
+        "The settings left the schedule read at fit start ({why}): from here on the changes are judged as they come.",
+    ),
+    Message(
         "SMD020",
         "vanishing gradient noise",
         "Vanishing gradient noise from step {step} ({layers}): {loss}the gradient statistic L fell from {peak:.3g} to "

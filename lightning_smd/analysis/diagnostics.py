@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,10 @@ from lightning_smd.analysis.batch import StepBatch
 from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES, DiagnosticsConfig
 from lightning_smd.analysis.events import Diverged, Divergence, Event, NormSpike, Reequilibrating, Spikes, VanishingNoise, VanishingWatch
 from lightning_smd.analysis.fields import PerUnit, check_distinct, plain, unplain
+from lightning_smd.analysis.events import LeftPlan
+from lightning_smd.analysis.following import PLAN_RTOL, Following
+from lightning_smd.analysis.theory import Rule
+from lightning_smd.analysis.trajectory import Plan
 from lightning_smd.analysis.forecast import predicted_time_to_equilibrium, steps_needed
 from lightning_smd.analysis.judgement import JudgeInputs, Judgement, Record, judge
 from lightning_smd.analysis.keys import LAYER_METRICS, layer_metric_keys, metric_name
@@ -68,6 +73,7 @@ __all__ = [
     "NormSpike",
     "Reequilibrating",
     "Diverged",
+    "LeftPlan",
     "Event",
     "STATES",
     "SCHEMA_VERSION",
@@ -88,8 +94,12 @@ _PARTS: dict[str, type[PerUnit]] = {
     "divergence": Divergence,
     "spike_watch": Spikes,
     "vanishing": VanishingWatch,
+    "following": Following,
 }
-check_distinct(_PARTS.values(), reserved=("schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", *EMAS))
+check_distinct(
+    _PARTS.values(),
+    reserved=("schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", "trajectory_ratio", "trajectory_update", *EMAS),
+)
 #: Reads the facade forwards to its parts: every declared field, and the parts' other per-run attributes.
 _FORWARD: dict[str, str] = {f.name: attr for attr, part in _PARTS.items() for f in part.FIELDS}
 _FORWARD.update({name: "measurements" for name in (*EMAS, "rules", "per_filter")})
@@ -127,6 +137,7 @@ class Diagnostics:
         self.divergence = Divergence(n)
         self.spike_watch = Spikes(n, self.config.spike_factor)
         self.vanishing = VanishingWatch(n, self.config)
+        self.following = Following(n, self.config.tolerance, self.config.ema_steps, self.stride)
         # the steady-state samples, and passive window means for the balance of the update (decoupled decay only):
         # ⟨w,ηu⟩/‖w‖², its square, ‖ηu‖²/‖w‖², Δ², (‖w_{t+1}‖² − ‖w_t‖²)/‖w_t‖²
         self.series = BlockSeries(n, extras=5)
@@ -185,8 +196,8 @@ class Diagnostics:
             self.measurements.first_batch(idx, batch)
         for r in range(k):
             step = int(batch.steps[r])
-            pred, ratio, exponent = self._predict(batch, idx, r, n_groups)
-            smoothed = self._observe(batch, idx, r, ratio, exponent)
+            pred, ratio, judged_ratio, exponent, log_ref = self._predict(batch, idx, r, n_groups)
+            smoothed = self._observe(batch, idx, r, ratio, judged_ratio, exponent, log_ref)
             if hist_pred is not None and hist_ratio is not None:
                 hist_pred[r] = pred
                 hist_ratio[r] = smoothed
@@ -198,6 +209,7 @@ class Diagnostics:
         if k:
             self.measurements.last_of_batch(idx, batch)
             self._set_reasons(idx, batch, batch.hyper[-1])
+            self._refresh_forecast(batch, idx)
             self.judge(commit=False)
             if self.keep_history:
                 self.history.append(_history_entry(batch, hist_pred, hist_ratio))
@@ -222,9 +234,27 @@ class Diagnostics:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             pred = settings_pred * f_delta
             ratio = np.where(pred > 0, delta / pred, np.nan)
+        plan = self._plan(batch, step, hyper, n_groups)
+        judged_ratio, log_ref, tracked = ratio, None, (settings_pred, scale, preds)
+        if plan is not None:
+            power = np.array([p.power for p in preds])[group]
+            fresh = ~(self.following.model_k[idx] > 0)
+            if fresh.any():  # first met: its equilibrium from this step's statistics, refined at every drain
+                self.following.refresh_k(plan, idx[fresh], group[fresh], self._equilibrium_q(batch.rule, hyper, group[fresh], idx[fresh], power[fresh]), step)
+            trajectory = self.following.step(plan, idx, group, step, batch.norm_sq_before[r], pred, power)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                judged_ratio = np.where(trajectory > 0, delta / trajectory, np.nan)
+                log_ref = np.log(self.following.model_q[idx]) / power  # ‖ŵ‖ after the step
+            self.following.ratio.update(idx, judged_ratio)
+            self._observe_update(batch, r, idx, hyper, group, np.array([p.decay for p in preds])[group])
+            # the target moves continuously: no change of settings restarts the samples, and the windows follow the
+            # fastest relaxation the plan reaches
+            reference = [replace(p, tau_ratio=float(np.nanmin(plan.tau[g]))) for g, p in enumerate(preds)]
+            tracked = (np.ones(len(idx)), np.ones(len(idx)), reference)
+            preds = reference
         rec = self.record
         before = UnitsBefore(m.tau_ratio, rec.committed_state, rec.committed_ratio, rec.first_equilibrium)
-        for e in self.changes.track(idx, settings_pred, scale, f_tau, preds, batch, hyper, step, before, self.series):
+        for e in self.changes.track(idx, tracked[0], tracked[1], f_tau, tracked[2], batch, hyper, step, before, self.series):
             self.judgement.state[e.unit] = rec.committed_state[e.unit] = UnitState.REEQUILIBRATING
             self.events.append(e)
         m.steps[idx] = step
@@ -239,9 +269,70 @@ class Diagnostics:
             longest = window_range(self.config, m.tau_ratio[idx])[1]
             self.series.max_window[idx] = np.maximum(self.series.max_window[idx], longest)
         m.decay[idx] = np.array([p.decay for p in preds])[group]
-        return pred, ratio, np.array([p.grad_exponent for p in preds])[group]
+        return pred, ratio, judged_ratio, np.array([p.grad_exponent for p in preds])[group], log_ref
 
-    def _observe(self, batch: StepBatch, idx: np.ndarray, r: int, ratio: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    def _equilibrium_q(self, rule: Rule, hyper: Sequence[dict[str, float]], group: np.ndarray, idx: np.ndarray, power: np.ndarray) -> np.ndarray:
+        """Each unit's equilibrium norm variable ``‖w*‖^p`` under ``hyper`` from its smoothed statistics: the measured
+        update's mean square where the rule has a norm from it (AdamW), else the gradient statistic ``L``."""
+        L = self.measurements.unit_grad.value(idx)
+        f = self.following
+        # the measured update of a lagging second moment carries the normalized gradient's ĝ² = 1/(q·v) of the moment:
+        # the equilibrium is that of ĝ² = 1 (the model's state says how far from it)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            g2 = np.where((f.model_step[idx] >= 0) & (f.model_v[idx] > 0), 1.0 / (f.model_q[idx] * f.model_v[idx]), 1.0)
+        U = f.update.value(idx) / np.where(np.isfinite(g2) & (g2 > 0), g2, 1.0)
+        out = np.full(len(idx), np.nan)
+        for j, u in enumerate(idx.tolist()):
+            h = hyper[int(group[j])]
+            norm = rule.weight_norm_from_update(h, float(U[j])) if np.isfinite(U[j]) else math.nan
+            if not math.isfinite(norm):
+                norm = rule.weight_norm(h, float(L[j]), self._units[u].numel)
+            out[j] = norm ** power[j]
+        return out
+
+    def _refresh_forecast(self, batch: StepBatch, idx: np.ndarray) -> None:
+        """At each drain: the units' equilibrium factors from the smoothed statistics, and the forecast from there."""
+        plan = self.following.plans.get(batch.optimizer_index)
+        step = int(batch.steps[-1])
+        if plan is None or not self.following.on_trajectory[idx].any() or step > plan.last_step:
+            return
+        group = batch.unit_group
+        power = plan.power[group]
+        hyper = [plan.hyper_at(g, step) for g in range(plan.lr.shape[0])]
+        self.following.refresh_k(plan, idx, group, self._equilibrium_q(batch.rule, hyper, group, idx, power), step)
+        self.following.forecast(plan, idx, group, step)
+
+    def _plan(self, batch: StepBatch, step: int, hyper: Sequence[dict[str, float]], n_groups: int) -> Plan | None:
+        """The plan this step of ``batch`` follows (``None``: judge changes as they come); a step whose settings left
+        the plan ends the following for its optimizer."""
+        plan = self.following.plans.get(batch.optimizer_index)
+        if plan is None or not plan.first_step <= step <= plan.last_step:
+            return None
+        i = plan.index(step)
+        for g in range(min(n_groups, plan.lr.shape[0])):
+            for key, planned in (("lr", plan.lr[g, i]), ("weight_decay", plan.weight_decay[g, i])):
+                actual = float(hyper[g].get(key, math.nan))
+                if not abs(actual - planned) <= PLAN_RTOL * max(abs(actual), abs(planned)):
+                    why = f"{key} of param group {g} was {actual:.4g} at step {step}, the schedule read at fit start planned {planned:.4g}"
+                    self.following.drop(batch.optimizer_index, step, why)
+                    self.events.append(LeftPlan(batch.optimizer_index, step, why))
+                    return None
+        return plan
+
+    def _observe_update(self, batch: StepBatch, r: int, idx: np.ndarray, hyper: Sequence[dict[str, float]], group: np.ndarray, e: np.ndarray) -> None:
+        """The mean square of a decoupled update ``‖u‖² = ‖ηu‖²/η²`` (AdamW's equilibrium norm follows it)."""
+        if batch.norm_sq_change is None or not np.isfinite(e).any():
+            return
+        lr = np.array([float(hyper[int(g)].get("lr", math.nan)) for g in group])
+        a, q = batch.norm_sq_before[r], batch.update_sq[r]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = 0.5 * (batch.norm_sq_change[r] - q)  # ⟨w, δw⟩
+            u_sq = (q + 2.0 * e * c + e * e * a) / (lr * lr)
+        self.following.update.update(idx, np.where(np.isfinite(e) & (lr > 0), u_sq, np.nan))
+
+    def _observe(
+        self, batch: StepBatch, idx: np.ndarray, r: int, ratio: np.ndarray, judged_ratio: np.ndarray, exponent: np.ndarray, log_ref: np.ndarray | None
+    ) -> np.ndarray:
         """Step ``r`` of ``batch``, after :meth:`_predict`: the moving averages, the steady-state samples, the band
         timer and the event watchers; returns the smoothed Δ/Δ*."""
         m, step, delta = self.measurements, int(batch.steps[r]), batch.angular_update[r]
@@ -254,14 +345,22 @@ class Diagnostics:
         # the norm relative to its predicted equilibrium (up to a constant of the hyper-parameters): SGD's
         # equilibrium norm follows the gradient statistic L, which learning may still lower slowly
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_norm = 0.5 * np.log(batch.norm_sq_after[r]) - np.where(exponent != 0.0, exponent * np.log(m.unit_grad.value(idx)), 0.0)
-        self.series.add(idx, float(step), ratio, log_norm, _balance_samples(batch, r, m.decay[idx]))
+            if log_ref is None:
+                log_norm = 0.5 * np.log(batch.norm_sq_after[r]) - np.where(exponent != 0.0, exponent * np.log(m.unit_grad.value(idx)), 0.0)
+            else:  # against the trajectory's norm
+                log_norm = 0.5 * np.log(batch.norm_sq_after[r]) - log_ref
+        self.series.add(idx, float(step), judged_ratio, log_norm, _balance_samples(batch, r, m.decay[idx]))
         smoothed = m.ratio.value(idx)
+        if log_ref is not None:
+            self.following.observe_band(idx, smoothed, step)
+            smoothed_judged = self.following.ratio.value(idx)  # Δ/Δ* falls in a decay by design; Δ/Δ̂ does not
+        else:
+            smoothed_judged = smoothed
         self.changes.band(idx, smoothed, step, self.record.committed_state)
         self.events.extend(self.spike_watch.observe(idx, ratio, step, self.record.first_equilibrium[idx] >= 0, self.names))
         warm = m.unit_grad.weight[idx] > 0.5  # past the first ~ema_steps/2 steps
         settled = step - self.changes.origin[idx] >= 2.0 * window_range(self.config, m.tau_ratio[idx])[0]
-        self.events.extend(self.vanishing.observe(idx, m.unit_grad.value(idx), warm, smoothed, settled, step))
+        self.events.extend(self.vanishing.observe(idx, m.unit_grad.value(idx), warm, smoothed_judged, settled, step))
         return smoothed
 
     def _set_reasons(self, idx: np.ndarray, batch: StepBatch, hyper: list) -> None:
@@ -283,10 +382,12 @@ class Diagnostics:
         inputs = JudgeInputs(
             m.steps, self.changes.origin, m.tau_ratio, m.norm_power, m.decay, m.predicted, self.applicable,
             self.vanishing.vanishing_since >= 0, self.divergence.diverged, self.record.committed_state, self.stride,
+            self.following.reach(),
         )  # fmt: skip
         judged = judge(inputs, self.series, self.config)
         if commit:
             self.record.commit(judged, m.steps)
+            self.following.tracked_until[judged.counted] = m.steps[judged.counted]
         self.judgement.set(judged)
 
     def observe_loss(self, mean_loss: float) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from lightning_smd.analysis.config import DiagnosticsConfig
 from lightning_smd.analysis.fields import Field, PerUnit, num, plain, unplain
 
-__all__ = ["VanishingNoise", "NormSpike", "Reequilibrating", "Diverged", "Event", "Divergence", "Spikes", "VanishingWatch"]
+__all__ = ["VanishingNoise", "NormSpike", "Reequilibrating", "Diverged", "LeftPlan", "Event", "Divergence", "Spikes", "VanishingWatch"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,16 @@ class Diverged:
     """``‖w‖²`` at that step: nan or inf."""
 
 
-Event = VanishingNoise | NormSpike | Reequilibrating | Diverged
+@dataclass(frozen=True)
+class LeftPlan:
+    """The settings of optimizer ``optimizer`` left the schedule read at fit start at ``step`` (``why``)."""
+
+    optimizer: int
+    step: int
+    why: str
+
+
+Event = VanishingNoise | NormSpike | Reequilibrating | Diverged | LeftPlan
 
 
 class Divergence(PerUnit):

@@ -63,6 +63,9 @@ def cannot_reach(d: Diagnostics, planned_steps: int | None, interval: int) -> st
     if n_app == 0:
         return None
     needed_count = required(n_app, d.config.min_fraction)
+    f = d.following
+    if f.on_trajectory[app].any():
+        return _cannot_follow(d, app, needed_count, planned_steps)
     if (d.steps - d.origin < interval)[app].any():
         return None
     needed = steps_needed(d)
@@ -83,4 +86,27 @@ def cannot_reach(d: Diagnostics, planned_steps: int | None, interval: int) -> st
     return (
         f"only {len(possible)} of {n_app} layers can reach equilibrium in the {remaining} remaining steps "
         f"(at least {needed_count} needed; the others need more than twice that, by their relaxation times)"
+    )
+
+
+def _cannot_follow(d: Diagnostics, app: np.ndarray, needed_count: int, planned_steps: int | None) -> str | None:
+    """:func:`cannot_reach` under a followed schedule: from the forecast (once made from the first steps' statistics).
+    A layer can still make it when it was counted, when the forecast has it reach equilibrium, or when even the peak
+    settings kept from now on would need no more than twice the steps left (the same allowance as without a plan)."""
+    f = d.following
+    units = np.nonzero(app)[0]
+    if (f.start_forecast_made_at[units] < 0).any():
+        return None
+    step = int(d.steps.max(initial=0))
+    remaining = math.inf if planned_steps is None else planned_steps - step
+    possible = 0
+    for u in units.tolist():
+        need = f.constant_equilibrium[u] - step if f.constant_equilibrium[u] >= 0 else math.inf
+        if d.first_equilibrium[u] >= 0 or f.forecast_equilibrium[u] >= 0 or need <= 2.0 * remaining:
+            possible += 1
+    if possible >= needed_count:
+        return None
+    return (
+        f"only {possible} of {len(units)} layers are forecast to reach equilibrium in the {remaining} remaining steps of the "
+        f"planned schedule (at least {needed_count} needed; the others need more than twice that even at the peak settings)"
     )

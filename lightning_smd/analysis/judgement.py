@@ -48,6 +48,9 @@ class JudgeInputs:
     previous: Sequence[str]
     """The committed states."""
     stride: int
+    reach: np.ndarray | None = None
+    """Under a planned schedule, the units whose trajectory has them in equilibrium now (in the band, or past the
+    freeze-out after having been in it): a steady unit outside it is still approaching. ``None``: all."""
 
 
 @dataclass
@@ -193,6 +196,8 @@ def judge(x: JudgeInputs, series: BlockSeries, config: DiagnosticsConfig) -> Jud
     steady = w.judged & w.settled & enough & within_x & within_w & ~vanishing & ~x.diverged
     lo, hi = fit.mean_x - q * fit.se_mean_x, fit.mean_x + q * fit.se_mean_x
     far, off, counted = classify(steady, lo, hi, config.tolerance, config.max_deviation, config.require_agreement)
+    if x.reach is not None:
+        counted = counted & x.reach
     mean, se_mean = fit.mean_x, fit.se_mean_x
     if x.diverged.any():  # the window's finite samples predate the divergence: they describe nothing now
         d_x, se_x, d_w, se_w, mean, se_mean = (np.where(x.diverged, np.nan, v) for v in (d_x, se_x, d_w, se_w, mean, se_mean))

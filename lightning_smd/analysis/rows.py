@@ -11,6 +11,7 @@ import numpy as np
 from lightning_smd.analysis import keys
 from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES
 from lightning_smd.analysis.fields import num
+from lightning_smd.analysis.following import plain_schedule
 from lightning_smd.analysis.forecast import predicted_time_to_equilibrium
 from lightning_smd.analysis.reasons import verdict, why_not
 from lightning_smd.analysis.states import Agreement, UnitState
@@ -145,7 +146,48 @@ def _course(d: Diagnostics, u: int, smoothed: dict[str, np.ndarray]) -> dict[str
         "unit_grad_sq": num(d.unit_grad.value(np.array([u]))[0]),
         "unit_grad_sq_peak": num(d.unit_grad_peak[u]),
         "reason": d.reasons[u],
+        **(_following(d, u) if d.following.schedule else {}),
     }
+
+
+def _following(d: Diagnostics, u: int) -> dict[str, Any]:
+    """The moving equilibrium of a planned schedule: forecast next to observed (``None`` without a followed plan)."""
+    f = d.following
+
+    def step(v: Any) -> int | None:
+        return int(v) if v >= 0 else None
+
+    on = bool(f.on_trajectory[u])
+    ratio = float(d.ratio.value(np.array([u]))[0])
+    below = on and np.isfinite(ratio) and ratio < 1.0 - d.config.tolerance
+    return {
+        "forecast_equilibrium_step": step(f.forecast_equilibrium[u]) if on else None,
+        "observed_equilibrium_step": step(f.observed_equilibrium[u]) if on else None,
+        "forecast_freeze_out_step": step(f.forecast_freeze_out[u]) if on else None,
+        "freeze_out_step": step(f.last_in_band[u]) if below and f.observed_equilibrium[u] >= 0 else None,
+        "tracked_until_step": step(f.tracked_until[u]) if on else None,
+        "trajectory_ratio": num(f.ratio.value(np.array([u]))[0]) if on else None,
+        "expected_ratio": num(f.expected_ratio[u]) if on else None,
+        "trajectory_angular_update": num(f.trajectory[u]) if on else None,
+    }
+
+
+def forecast(d: Diagnostics) -> list[dict[str, Any]]:
+    """The forecast made at fit start (once the first steps' gradient statistics were measured), per followed layer."""
+    f = d.following
+    out = []
+    for u in np.nonzero(f.on_trajectory & (f.start_forecast_made_at >= 0))[0].tolist():
+        out.append(
+            {
+                "name": d.names[u],
+                "made_at_step": int(f.start_forecast_made_at[u]),
+                "equilibrium_step": int(f.start_forecast_equilibrium[u]) if f.start_forecast_equilibrium[u] >= 0 else None,
+                "freeze_out_step": int(f.start_forecast_freeze_out[u]) if f.start_forecast_freeze_out[u] >= 0 else None,
+                "equilibrium_step_at_constant_settings": int(f.constant_equilibrium[u]) if f.constant_equilibrium[u] >= 0 else None,
+                "first_decay_step": int(f.first_decay[u]) if f.first_decay[u] >= 0 else None,
+            }
+        )
+    return out
 
 
 def layer_rows(d: Diagnostics) -> list[dict[str, Any]]:
@@ -212,5 +254,6 @@ def summary(d: Diagnostics) -> dict[str, Any]:
         "diagnoses": diagnoses(d),
         "spikes": list(d.spikes),
         "training_loss": {"last": num(d.loss_now), "peak": num(d.loss_peak)},
+        **({"schedule": plain_schedule(d.following.schedule), "forecast": forecast(d)} if d.following.schedule else {}),
         "layers": layer_rows(d),
     }

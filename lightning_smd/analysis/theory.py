@@ -427,6 +427,16 @@ class Rule:
     def relaxation_time(self, h: Hyper) -> float:
         return math.nan
 
+    def second_moment_lag(self, h: Hyper) -> float:
+        """β2 of a second-moment estimate that normalizes the update and lags the gradient's scale (Adam's ``v``), or
+        0 where the update does not follow the gradient's scale that way (SGD: it scales with it; Lion: a sign)."""
+        return 0.0
+
+    def weight_norm_from_update(self, h: Hyper, update_sq: float) -> float:
+        """The equilibrium norm from the measured mean square ``‖u‖²`` of the update (``‖ηu‖²/η²``), where the rule
+        has it (decoupled AdamW); ``nan`` elsewhere (the norm then comes from :meth:`weight_norm`)."""
+        return math.nan
+
     def reason(self, h: Hyper) -> str | None:
         """Why there is no prediction for these hyper-parameters (``None`` when there is one)."""
         return None
@@ -611,6 +621,25 @@ class AdamWRule(Rule):
             return adam_l2_equilibrium(self._coupled_lr(h), h["weight_decay"], self._taps(h), unit_grad_sq, numel)[1]
         return math.sqrt(self._equilibrium(h)[1] * numel)
 
+    def second_moment_lag(self, h: Hyper) -> float:
+        b2 = _beta(h, 2)
+        return b2 if not self._coupled(h) and 0.0 < b2 < 1.0 else 0.0
+
+    def weight_norm_from_update(self, h: Hyper, update_sq: float) -> float:
+        """``‖w*‖² = η²‖u‖²·(1 + (1 − e)κ)/(2e − e²)``: the balance of a decoupled decay ``e = ηλ`` against an update of
+        mean square ``‖u‖²`` with the inward pull ``κ`` of Adam's momentum (:func:`momentum_inward_pull`;
+        ``docs/theory.md`` §5, the identity of :func:`~lightning_smd.analysis.judgement.update_balance`). With
+        white unit-variance normalized gradients ``‖u‖² = C(1−β1)/(1+β1)`` and this is [Kosson]'s ``sqrt(ηC/(2λ))``;
+        measured, it also holds when Adam's normalization does not give every coordinate a unit update (a thin
+        layer, ε, heavy tails): what makes the hyper-parameter-only norm 2× off on a transformer."""
+        if self._coupled(h) or self.nesterov or not (update_sq > 0.0 and math.isfinite(update_sq)):
+            return math.nan
+        lr, e = self._lr(h), self._lr(h) * h["weight_decay"]
+        if not (lr > 0.0 and 0.0 < e < 1.0):
+            return math.nan
+        kappa = momentum_inward_pull(_beta(h, 1), e)
+        return math.sqrt(lr * lr * update_sq * (1.0 + (1.0 - e) * kappa) / (2.0 * e - e * e))
+
     def relaxation_time(self, h: Hyper) -> float:
         if self._coupled(h):
             return adam_l2_equilibrium(self._coupled_lr(h), h["weight_decay"], self._taps(h))[2]
@@ -658,9 +687,8 @@ class AdamWRule(Rule):
         )
 
     def describe(self, h: Hyper) -> str:
-        return (
-            f"lr={_fmt(h['lr'])}, weight_decay={_fmt(h['weight_decay'])}, betas=({_fmt(_beta(h, 1))}, {_fmt(_beta(h, 2))})"
-            + ("" if h.get("decoupled", 1.0) else ", coupled L2")
+        return f"lr={_fmt(h['lr'])}, weight_decay={_fmt(h['weight_decay'])}, betas=({_fmt(_beta(h, 1))}, {_fmt(_beta(h, 2))})" + (
+            "" if h.get("decoupled", 1.0) else ", coupled L2"
         )
 
 
@@ -910,5 +938,3 @@ def _as_float(value: object) -> float:
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
-
-

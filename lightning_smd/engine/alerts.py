@@ -10,11 +10,14 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from lightning_smd.analysis.diagnostics import (
     WINDOW_RELAXATION_TIMES,
     Diagnostics,
     DiagnosticsConfig,
     Diverged,
+    LeftPlan,
     NormSpike,
     Reequilibrating,
     VanishingNoise,
@@ -172,11 +175,47 @@ def event_warnings(d: Diagnostics, planned_steps: int | None, alerts: Alerts) ->
     spike = next((e for e in events if isinstance(e, NormSpike)), None)
     if spike is not None:
         yield "SMD021", {"once": "spike", "step": spike.step, "name": names[spike.unit], "ratio": spike.ratio}
+    left = next((e for e in events if isinstance(e, LeftPlan)), None)
+    if left is not None:
+        yield "SMD028", {"once": f"left_plan:{left.optimizer}", "why": left.why}
+    yield from forecast_warnings(d)
     for e in (x for x in events if isinstance(x, Reequilibrating)):
         remaining = None if planned_steps is None else planned_steps - e.step
         if remaining is not None and math.isfinite(e.expected_steps) and e.expected_steps > remaining:
             fields = {"step": e.step, "before": e.before, "after": e.after, "name": names[e.unit]}
             yield "SMD022", {"once": "late_decay", **fields, "expected": e.expected_steps, "remaining": remaining}
+
+
+def forecast_warnings(d: Diagnostics) -> Iterator[Found]:
+    """SMD019 for each layer (at most 3) whose fit-start forecast never reaches equilibrium in the planned schedule:
+    the steps it needs at the peak settings, the decay that comes first, and the fix."""
+    f = d.following
+    never = np.nonzero(f.on_trajectory & (f.start_forecast_made_at >= 0) & (f.start_forecast_equilibrium < 0) & d.applicable)[0]
+    for u in never[:3].tolist():
+        made, needed_at = int(f.start_forecast_made_at[u]), int(f.constant_equilibrium[u])
+        needed = needed_at - made if needed_at >= 0 else None
+        decay = int(f.first_decay[u])
+        wd = (d.hyper[u] or {}).get("weight_decay", math.nan)
+        # the steps there are before the equilibrium starts moving down, or to the end; the relaxation speeds up with ηλ
+        plan = f.plans.get(int(d.optimizer[u]))
+        end = plan.last_step if plan is not None else made
+        available = (decay if decay > made else end) - made
+        parts = []
+        if needed is not None and available > 0 and math.isfinite(wd) and wd > 0:
+            parts.append(f"raise weight_decay to at least {wd * needed / available:.2g}")
+        if decay > made and needed_at > decay:
+            parts.append(f"move the decay past step {needed_at}")
+        if not parts:
+            parts.append("train longer at the peak settings, or raise weight_decay")
+        fix = "To reach it: " + ", or ".join(parts) + "."
+        yield "SMD019", {
+            "once": f"forecast:{d.names[u]}",
+            "name": d.names[u],
+            "needed": f"{needed:,}" if needed is not None else "more",
+            "tau": float(f.peak_tau[u]),
+            "decay": f"; the equilibrium starts to move down at step {decay}" if decay > made else "",
+            "fix": fix,
+        }
 
 
 def end_warnings(d: Diagnostics, config: DiagnosticsConfig, rejected: Mapping[str, str], named: Mapping[str, Any], alerts: Alerts) -> Iterator[Found]:

@@ -983,6 +983,12 @@ class StepRecorder:
             for u_local, u in enumerate(s.units):
                 yield s.index, s.optimizer, s.rule, u, s.groups[int(s.unit_group[u_local])]
 
+    def optimizer_groups(self) -> Iterator[tuple[int, torch.optim.Optimizer, Rule, dict[str, Any], list[int], int]]:
+        """``(optimizer index, optimizer, its rule, the rule's optimizer settings, the param-group indices a batch's
+        ``unit_group`` indexes, steps taken)`` of each recorded optimizer."""
+        for s in self.slots:
+            yield s.index, s.optimizer, s.rule, dict(s.settings), list(s.groups), s.steps_taken
+
     def param_groups(self) -> Iterator[tuple[torch.optim.Optimizer, Rule, int]]:
         """``(optimizer, its rule, param-group index)`` of each param group holding measured tensors."""
         for s in self.slots:

@@ -34,6 +34,7 @@ from lightning_smd.engine.measure import DistanceTracker, StepRecorder
 from lightning_smd.messages import SMDWarning
 from lightning_smd.io.report import write_summary
 from lightning_smd.analysis.theory import group_hyper, rule_for
+from lightning_smd.analysis.trajectory import plan_from_columns
 
 __all__ = ["Session", "GATE_MODES"]
 
@@ -109,6 +110,7 @@ class Session:
         self.started = time.time()
         #: BatchNorm modules in eval mode while training (names), as the front end saw them before the first step
         self.eval_norms: list[str] = []
+        self._too_short: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Warnings
@@ -187,6 +189,11 @@ class Session:
             self.judgeable_after = (math.ceil(slowest[0]), slowest[2], slowest[1])
         rejected = self.detection.rejected if self.detection else {}
         for code, fields in setup_warnings(self.recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps):
+            if code == "SMD003":
+                # judged on the first step's settings: held until the schedule is known (a warm-up's first learning
+                # rate is no measure of the run; a followed plan has its own forecast, SMD019)
+                self._too_short = fields
+                continue
             self.warn(code, **fields)
 
     def verify(self, named: Mapping[str, torch.Tensor], gather: Callable[[Any], Any] = lambda t: t) -> list[NormalizedWeight] | None:
@@ -223,6 +230,46 @@ class Session:
             self.warn(code, **fields)
         return units
 
+    def plan(self, reads: Sequence[Any]) -> None:
+        """Follow the planned schedules read ahead at fit start (:mod:`lightning_smd.engine.schedule`: one
+        ``PlannedSchedule`` or ``Unreadable`` per optimizer): where the plan moves the equilibrium, each unit is
+        judged against its trajectory (:mod:`lightning_smd.analysis.following`); where it cannot be read, the changes
+        are judged as they come (SMD018)."""
+        if self.recorder is None or self.diagnostics is None:
+            return
+        by_index = {r.optimizer_index: r for r in reads}
+        followed = False
+        for index, _optimizer, rule, settings, groups, taken in self.recorder.optimizer_groups():
+            read = by_index.get(index)
+            if read is None:
+                continue
+            following = self.diagnostics.following
+            reason = getattr(read, "reason", None)
+            if reason is not None:
+                following.set_plan(index, None, {"read": False, "reason": reason, "followed": False})
+                self.warn("SMD018", once=f"schedule:{index}", optimizer=index, reason=reason)
+                continue
+            if not rule.known:
+                following.set_plan(index, None, {"read": True, "source": read.source, "followed": False, "reason": "no rule for the optimizer"})
+                continue
+            columns = [read.columns[g] for g in groups if g < len(read.columns)]
+            # the read's start is the Trainer's count (restored on a resume); the recorder's is set at the first batch
+            first = int(getattr(read, "start_step", taken)) + 1
+            plan = plan_from_columns(rule, columns, first, read.source, read.truncated, settings)
+            followed = followed or plan.varies()
+            following.set_plan(
+                index,
+                plan if plan.varies() else None,
+                {"read": True, "source": read.source, "steps": plan.n_steps, "truncated": bool(read.truncated), "followed": plan.varies()},
+            )
+        self._warn_too_short(followed)
+
+    def _warn_too_short(self, followed: bool = False) -> None:
+        """The held SMD003, unless a followed schedule makes it moot."""
+        fields, self._too_short = self._too_short, None
+        if fields is not None and not followed:
+            self.warn("SMD003", **fields)
+
     def skip_verification(self) -> None:
         self.verify_pending = False
 
@@ -241,6 +288,7 @@ class Session:
         """Move the recorded steps to the host (one synchronization), fold them into the diagnostics, turn
         what happened into warnings; returns the angular distances (``track_distance``)."""
         assert self.recorder is not None and self.diagnostics is not None
+        self._warn_too_short()
         for batch in self.recorder.drain():
             self.diagnostics.update(batch)
         for index, optimizer, error in self.recorder.failures():

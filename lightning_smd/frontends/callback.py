@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_smd.analysis.keys import namespace_for, renamed
+from lightning_smd.analysis.theory import rule_for
 from lightning_smd.engine.detect import DataFlowRecorder, Detection, NormalizedWeight, format_detection_table
+from lightning_smd.engine.schedule import read_trainer_schedules
 from lightning_smd.engine.session import Session, eval_mode_batch_norms
 from lightning_smd.frontends.instances import distinct_options, instance_label
 from lightning_smd.frontends.shared import FrontEnd, Options, adopt_detection, documents_shared_options, end_gate, log_step
@@ -236,6 +238,18 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         elif self.verbose:
             print_plan(trainer, self.session.judgeable_after)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the schedulers' state is restored (resume) and the data set up (steps per epoch) only now
+        keys = [rule_for(o).keys for o in trainer.optimizers]
+        self._fit.schedules = read_trainer_schedules(trainer, keys, None)
+        self._follow_schedules()
+
+    def _follow_schedules(self) -> None:
+        """Hand the schedules read ahead to the session once it is attached (at fit start, or after the first batch)."""
+        if self._fit.schedules is not None and self.session.recorder is not None:
+            self.session.plan(self._fit.schedules)
+            self._fit.schedules = None
+
     # ------------------------------------------------------------------------------------------
     # First batch: deferred detection and the numerical check of invariance
     # ------------------------------------------------------------------------------------------
@@ -279,6 +293,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         if det.error:
             self.session.warn("SMD006", error=det.error)
         self._attach(trainer, pl_module, det.units or (previous.units if previous else []))
+        self._follow_schedules()
         self._start_recorder(trainer)
         self._fit.rebased = True
 

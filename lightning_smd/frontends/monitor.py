@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from lightning_smd.engine.detect import find_normalized_weights
+from lightning_smd.engine.schedule import read_monitor_schedules
 from lightning_smd.frontends.loop import checked_optimizers, hook_verification, inner_model
 from lightning_smd.frontends.shared import FrontEnd, LossSum, Options, adopt_detection, documents_shared_options, end_gate, log_step
 from lightning_smd.options import check_int
@@ -53,6 +54,12 @@ class SMDMonitor(FrontEnd):
             forward/backward on it; parameters, buffers and gradients are restored) and can analyse models
             torch.fx cannot trace.
         log_every_n_steps: the interval :meth:`should_log` answers for (steps buffered on the device).
+        schedule: how the settings will move, read ahead at construction (without touching your scheduler) so that
+            each layer is judged against its trajectory through the schedule: a ``torch.optim.lr_scheduler`` that
+            your loop steps after every optimizer step (one per optimizer: a list), or a function of the step
+            ``t`` (0-based, the steps already taken) returning the learning rate of every param group, a list of
+            one per group, or a dict of param-group keys to values. ``None``: the settings stay as they are (a
+            learning rate your loop sets by hand is then judged change by change). Needs ``max_steps``.
         max_steps: the planned number of optimizer steps, if known: enables the warnings that compare it with
             what equilibrium needs, and the ``"stop"`` gate.
         on_no_equilibrium: ``"warn"`` (default) warns at :meth:`close` when the verdict is ``not_reached``;
@@ -79,6 +86,7 @@ class SMDMonitor(FrontEnd):
         exclude: Sequence[str] | None = None,
         log_every_n_steps: int = 50,
         max_steps: int | None = None,
+        schedule: Any = None,
         on_no_equilibrium: str = "warn",
         use_momentum_buffer: bool = True,
         per_filter: bool = False,
@@ -113,6 +121,8 @@ class SMDMonitor(FrontEnd):
             model_name=type(self.model).__name__,
         )
         self._verify_hook = hook_verification(self, named)  # the numerical check, before the first step changes the weights
+        if self.max_steps is not None or schedule is not None:
+            self.session.plan(read_monitor_schedules(self.optimizers, schedule, self.max_steps))
 
     @property
     def units(self) -> list[str]:

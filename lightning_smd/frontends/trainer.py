@@ -70,6 +70,9 @@ class FitState:
     loggers_ready: bool = False
     rebased: bool = False
     finished: bool = False
+    schedules: list[Any] | None = None
+    """The schedules read ahead at train start (one per optimizer), until the session follows them."""
+    forecast_shown: bool = False
 
 
 def logger_step(trainer: Trainer) -> int:

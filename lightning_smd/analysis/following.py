@@ -1,0 +1,201 @@
+"""Following the moving equilibrium: each unit's trajectory model run alongside the measurement, and its forecast.
+
+Under a planned schedule that moves the equilibrium (:class:`~lightning_smd.analysis.trajectory.Plan`), the judgement
+is against the trajectory ``Δ̂(t)`` instead of the instantaneous ``Δ*(t)``: the measured ``Δ/Δ̂`` must be steady and
+agree, the statistics of the constant-settings judgement applied to it. :class:`Following` keeps, per unit, the
+model's norm variable ``q̂`` (started from the measured norm at the first step and never reset to a measurement: it is
+a prediction), the unit's equilibrium factor ``K`` (refreshed at every drain from the smoothed gradient statistic, or
+for AdamW from the measured mean square of the update), and the forecast made from them; and what was observed: the
+first stay of the measured ``Δ/Δ*`` in the band and the step it left it for good.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from lightning_smd.analysis.ema import Ema
+from lightning_smd.analysis.fields import Field, PerUnit
+from lightning_smd.analysis.trajectory import Forecast, Plan, forecast_units
+
+__all__ = ["Following", "FORECAST_AFTER", "PLAN_RTOL"]
+
+#: Planned and actual learning rate or weight decay further apart than this (relative) end the following.
+PLAN_RTOL = 1e-2
+#: The first forecast kept as "made at fit start" is made once this many steps' gradient statistics are measured.
+FORECAST_AFTER = 50
+
+
+class Following(PerUnit):
+    """Per unit: the trajectory model's state, the latest forecast, the fit-start forecast, the observed band."""
+
+    FIELDS = (
+        Field("model_q", float, added=True, key="traj_q"),
+        Field("model_k", float, added=True, key="traj_k"),
+        Field("model_v", float, added=True, key="traj_v"),  # the model's lagging second moment (Adam), in units of 1/q
+        Field("model_step", int, -1, added=True, key="traj_step"),
+        Field("model_tau", float, added=True, key="traj_tau"),  # the norm variable's time constant at the last step
+        Field("expected_ratio", float, added=True),  # Δ̂/Δ* at the last step
+        Field("trajectory", float, added=True),  # Δ̂ at the last step
+        Field("forecast_equilibrium", int, -1, added=True),
+        Field("forecast_freeze_out", int, -1, added=True),
+        Field("forecast_final_ratio", float, added=True),
+        Field("forecast_made_at", int, -1, added=True),
+        Field("start_forecast_equilibrium", int, -1, added=True),
+        Field("start_forecast_freeze_out", int, -1, added=True),
+        Field("start_forecast_made_at", int, -1, added=True),
+        Field("constant_equilibrium", int, -1, added=True),
+        Field("first_decay", int, -1, added=True),
+        Field("peak_tau", float, added=True),
+        Field("band_since", int, -1, added=True),  # the start of the current stay of the smoothed Δ/Δ* in the band
+        Field("observed_equilibrium", int, -1, added=True),  # the start of the first stay lasting a relaxation time
+        Field("last_in_band", int, -1, added=True),
+        Field("on_trajectory", bool, False, added=True),  # judged against the trajectory
+        Field("model_reached", bool, False, added=True),
+        Field("model_last_inside", int, -1, added=True),  # the last step the trajectory was in the band
+        Field("tracked_until", int, -1, added=True),  # the last committed judgement that counted the unit  # the trajectory has been in the band
+    )
+
+    def __init__(self, n: int, tolerance: float, ema_steps: int, stride: int) -> None:
+        super().__init__(n)
+        self.tolerance = tolerance
+        self.ratio = Ema(n, ema_steps, stride)
+        """The smoothed Δ/Δ̂ (``nan`` where no trajectory is followed)."""
+        self.update = Ema(n, ema_steps, stride)
+        """The smoothed ‖u‖² of a decoupled update (``‖ηu‖²/η²``)."""
+        self.plans: dict[int, Plan] = {}
+        """The plan of each optimizer (by index) whose equilibrium moves."""
+        self.schedule: dict[int, dict[str, Any]] = {}
+        """Per optimizer, how the schedule was read (or why not) and whether it is followed."""
+
+    def set_plan(self, optimizer: int, plan: Plan | None, description: dict[str, Any]) -> None:
+        """Follow ``plan`` for the units of ``optimizer`` (``None``: judge the changes as they come)."""
+        if plan is not None and plan.varies():
+            self.plans[optimizer] = plan
+        else:
+            self.plans.pop(optimizer, None)
+        self.schedule[optimizer] = dict(description)
+
+    def drop(self, optimizer: int, step: int, why: str) -> None:
+        """The settings left the plan: judge the changes as they come from now on."""
+        if self.plans.pop(optimizer, None) is not None:
+            entry = self.schedule.setdefault(optimizer, {})
+            entry["followed"] = False
+            entry["left_plan_at"] = step
+            entry["why"] = why
+
+    # ------------------------------------------------------------------------------------------
+    def step(
+        self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, norm_sq_before: np.ndarray, delta_star: np.ndarray, power: np.ndarray
+    ) -> np.ndarray:
+        """Δ̂ of units ``idx`` at optimizer ``step`` (then the model advances past it). Units met for the first time
+        start from their measured norm; ``K`` must be set (:meth:`refresh_k`) — where it is not yet, the unit's
+        equilibrium at this step is taken as where it stands (Δ̂ = Δ*) until it is."""
+        i = plan.index(step)
+        new = self.model_step[idx] < 0
+        if new.any():
+            u = idx[new]
+            self.model_q[u] = norm_sq_before[new] ** (power[new] / 2.0)
+            self.model_v[u] = 1.0 / self.model_q[u]  # Adam's v starts matched to the first gradient
+            self.model_step[u] = step - 1
+        q, v, k = self.model_q[idx], self.model_v[idx], self.model_k[idx]
+        ratio = np.full(len(idx), np.nan)
+        for g in np.unique(group).tolist():
+            m = group == g
+            ratio[m] = plan.ratio(g, i, q[m], v[m], k[m])
+            q[m], v[m] = plan.advance(g, i, i + 1, q[m], v[m], k[m])
+        trajectory = delta_star * ratio
+        ok = np.isfinite(q) & (q > 0)
+        self.model_q[idx] = np.where(ok, q, self.model_q[idx])
+        self.model_v[idx] = np.where(ok, v, self.model_v[idx])
+        self.model_tau[idx] = plan.tau[group, i]
+        self.model_step[idx] = step
+        self.expected_ratio[idx] = ratio
+        with np.errstate(invalid="ignore"):
+            inside = np.abs(ratio - 1.0) <= self.tolerance
+        self.model_reached[idx] |= inside
+        self.model_last_inside[idx[inside]] = step
+        self.trajectory[idx] = trajectory
+        self.on_trajectory[idx] = True
+        return trajectory
+
+    def refresh_k(self, plan: Plan, idx: np.ndarray, group: np.ndarray, q_star_now: np.ndarray, step: int) -> None:
+        """Set each unit's equilibrium factor from its equilibrium norm variable ``q_star_now`` under the settings of
+        ``step`` (measured statistics); units without one keep theirs."""
+        i = plan.index(step)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = q_star_now / plan.scale[group, i]
+        ok = np.isfinite(k) & (k > 0)
+        self.model_k[idx[ok]] = k[ok]
+
+    def forecast(self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int) -> Forecast | None:
+        """Refresh the forecast of units ``idx`` from the model's state after ``step``."""
+        k = self.model_k[idx]
+        ok = np.isfinite(k) & (k > 0) & (self.model_step[idx] >= 0)
+        if not ok.any():
+            return None
+        units, g = idx[ok], group[ok]
+        f = forecast_units(plan, g, self.model_q[units], self.model_v[units], k[ok], step, self.tolerance)
+        # a forecast step already passed stays (a refresh from past it finds no first equilibrium, or no freeze-out
+        # ahead, but the one it forecast is what happened or not)
+        old_eq = self.forecast_equilibrium[units]
+        self.forecast_equilibrium[units] = np.where((old_eq >= 0) & (old_eq <= step), old_eq, f.first_equilibrium)
+        with np.errstate(invalid="ignore"):
+            frozen = self.model_reached[units] & (self.expected_ratio[units] < 1.0 - self.tolerance)  # below the band now
+        self.forecast_freeze_out[units] = np.where((f.freeze_out < 0) & frozen, self.model_last_inside[units], f.freeze_out)
+        self.forecast_final_ratio[units] = f.final_ratio
+        self.forecast_made_at[units] = step
+        first = self.start_forecast_made_at[units] < 0
+        if first.any() and step >= FORECAST_AFTER:
+            u = units[first]
+            self.start_forecast_equilibrium[u] = f.first_equilibrium[first]
+            self.start_forecast_freeze_out[u] = f.freeze_out[first]
+            self.start_forecast_made_at[u] = step
+            self.constant_equilibrium[u] = f.constant_first_equilibrium[first]
+            self.first_decay[u] = f.first_decay[first]
+            self.peak_tau[u] = f.peak_tau[first]
+        return f
+
+    def observe_band(self, idx: np.ndarray, smoothed_ratio: np.ndarray, step: int) -> None:
+        """The observed counterparts of the forecast, from the smoothed ``Δ/Δ*``: the first stay in the band lasting a
+        relaxation time (dated from its start) and the last step in the band."""
+        with np.errstate(invalid="ignore"):
+            inside = np.abs(smoothed_ratio - 1.0) <= self.tolerance
+        entering = inside & (self.band_since[idx] < 0)
+        self.band_since[idx[entering]] = step
+        self.band_since[idx[~inside]] = -1
+        self.last_in_band[idx[inside]] = step
+        since, tau = self.band_since[idx], self.model_tau[idx]
+        with np.errstate(invalid="ignore"):
+            long_enough = inside & (since >= 0) & ~(step - since + 1 < np.where(np.isfinite(tau), tau, math.inf))
+        new = long_enough & (self.observed_equilibrium[idx] < 0)
+        self.observed_equilibrium[idx[new]] = since[new]
+
+    def reach(self) -> np.ndarray | None:
+        """Per unit, whether the trajectory has the unit in equilibrium now: in the band, or past a freeze-out (below
+        the band, the expected lag of a decay); ``None`` when no unit follows a plan."""
+        if not self.on_trajectory.any():
+            return None
+        with np.errstate(invalid="ignore"):
+            inside = np.abs(self.expected_ratio - 1.0) <= self.tolerance
+            frozen = self.expected_ratio < 1.0 - self.tolerance
+        return ~self.on_trajectory | inside | (frozen & self.model_reached)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["trajectory_ratio"] = self.ratio.state_dict()
+        out["trajectory_update"] = self.update.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "trajectory_ratio" in state:
+            self.ratio.load_state_dict(state["trajectory_ratio"])
+            self.update.load_state_dict(state["trajectory_update"])
+
+
+def plain_schedule(schedule: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The schedule descriptions with string keys (a checkpoint's and a summary's)."""
+    return {str(k): dict(v) for k, v in sorted(schedule.items())}

@@ -1,0 +1,179 @@
+"""The moving equilibrium's trajectory (lightning_smd.analysis.trajectory) against its own recursion and against the
+real optimizers on the scale-invariant simulation (lightning_smd.engine.simulate) under schedules.
+
+The simulation is the theory's own setting (isotropic gradient noise, rows scale-invariant), so the check is of the
+trajectory model — the linear relaxation of ``q = ‖w‖^p`` towards the moving ``q*`` with the settings' time constant,
+and ``Δ = Δ*·sqrt(q*/q)`` — not of a network's statistics (benchmarks/schedule_forecast.py runs those).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_smd.analysis.theory import rule_for
+from lightning_smd.analysis.trajectory import MAX_KNOTS, forecast_units, knots, plan_from_columns
+from lightning_smd.engine.simulate import simulate
+
+T, WARM = 3000, 200
+
+
+def test_a_stretch_on_the_forecast_grid_is_close_to_stepping_every_entry():
+    """The forecast steps a grid (at most 1,024 points): holding the settings over a stretch moves Δ̂/Δ* by well under
+    the band's width, here through an AdamW warm-up + cosine of 100,000 steps, the lag of v included."""
+    rule, opt, cols = _group_columns(lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), 0.01, _schedules(100_000)["cosine"], n=100_000)
+    plan = plan_from_columns(rule, [cols], 1, "test")
+    K = np.array([rule.weight_norm(plan.hyper[0][0], 1.0, 256) ** 2 / rule.equilibrium_scale(plan.hyper[0][0])])
+    q0 = np.array([256.0])
+    every = np.arange(0, 100_000, 1)
+    fine = plan.path(0, 0, q0, 1.0 / q0, K, every)[:, 0]
+    grid = np.arange(0, 100_000, 98)
+    coarse = plan.path(0, 0, q0, 1.0 / q0, K, grid)[:, 0]
+    ok = np.isfinite(fine[grid]) & (plan.delta[0][grid] > 0)
+    assert np.max(np.abs(coarse[ok] / fine[grid][ok] - 1.0)) < 0.02
+
+
+def test_knots_keep_steps_exact_and_bound_a_smooth_schedule():
+    lr = np.repeat([0.1, 0.01, 0.001], [100, 50, 25])
+    assert knots({"lr": lr, "weight_decay": np.full(175, 1e-4)}).tolist() == [0, 100, 150]
+    assert knots({"lr": np.full(10, 0.3)}).tolist() == [0]
+    t = np.arange(200_000)
+    cosine = 0.5 * (1 + np.cos(np.pi * t / t[-1]))
+    k = knots({"lr": cosine})
+    assert 100 < len(k) <= MAX_KNOTS
+    # between knots the setting moves by less than the (doubled) tolerance: the rule sees every real change
+    held = cosine[k][np.searchsorted(k, t, side="right") - 1]
+    assert np.nanmax(np.abs(cosine - held)[cosine > 1e-3] / cosine[cosine > 1e-3]) < 0.05
+
+
+def _schedules(T=T):
+    def cosine(t):
+        return t / WARM if t <= WARM else 0.5 * (1 + math.cos(math.pi * (t - WARM) / (T - WARM)))
+
+    def linear(t):
+        return t / WARM if t <= WARM else (T - t) / (T - WARM)
+
+    def wsd(t):
+        return t / WARM if t <= WARM else (1.0 if t <= 0.8 * T else (T - t) / (0.2 * T))
+
+    def one_cycle(t):
+        up = 0.3 * T
+        return 0.04 + 0.96 * (0.5 * (1 - math.cos(math.pi * t / up)) if t <= up else 0.5 * (1 + math.cos(math.pi * (t - up) / (T - up))))
+
+    def step(t):
+        return 1.0 if t < 1500 else 0.1 if t < 2500 else 0.01
+
+    return {"cosine": cosine, "linear": linear, "wsd": wsd, "one_cycle": one_cycle, "step": step}
+
+
+def _optimizers():
+    import lion_pytorch
+
+    return {
+        "sgdm": (lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=1e-3), 0.2),
+        "adamw": (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), 0.01),
+        "lion": (lambda p: lion_pytorch.Lion(p, lr=1e-3, weight_decay=1.0), 1e-3),
+    }
+
+
+def _group_columns(make, lr0, factor, n=T):
+    opt = make([torch.nn.Parameter(torch.zeros(2, 2))])
+    rule = rule_for(opt)
+    cols = {"lr": np.array([lr0 * factor(t) for t in range(1, n + 1)])}
+    for key in rule.keys:
+        value = opt.param_groups[0].get(key)
+        if key == "lr" or value is None:
+            continue
+        if isinstance(value, tuple):
+            for i, x in enumerate(value):
+                cols[f"{key}.{i}"] = np.full(n, float(x))
+        else:
+            cols[key] = np.full(n, float(value))
+    return rule, opt, cols
+
+
+def _follow(optimizer, schedule, cols=256, seed=0, start_norm=None):
+    """The simulation's measured angle trace, the trajectory's Δ̂, Δ*, and the forecast made at step 50."""
+    make, lr0 = _optimizers()[optimizer]
+    factor = _schedules()[schedule]
+    rule, opt, columns = _group_columns(make, lr0, factor)
+    start_norm = start_norm or math.sqrt(cols)  # torch's default initialization's scale
+    res = simulate(make, steps=T, burn=0, rows=32, cols=cols, lr_factor=factor, start_norm=start_norm, seed=seed)
+    plan = plan_from_columns(rule, [columns], 1, "test", settings=rule.optimizer_settings(opt))
+    h = plan.hyper[0][0]
+    K = rule.weight_norm(h, cols - 1.0, cols - 1) ** plan.power[0] / rule.equilibrium_scale(h)
+    q0 = np.array([start_norm ** plan.power[0]])
+    v0 = 1.0 / q0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dhat = plan.delta[0] * plan.path(0, 0, q0, v0, np.array([K]), np.arange(T))[:, 0]
+    measured = np.array(res.angle_trace)
+    q, v = q0, v0
+    for i in range(50):
+        q, v = plan.advance(0, i, i + 1, q, v, np.array([K]))
+    forecast = forecast_units(plan, np.array([0]), q, v, np.array([K]), 50, 0.1)
+    return measured, dhat, plan, forecast
+
+
+@pytest.mark.parametrize("optimizer", ["sgdm", "adamw", "lion"])
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "one_cycle"])
+def test_the_measured_angle_follows_the_trajectory_through_the_annealing_tail(optimizer, schedule):
+    """Measured Δ over Δ̂ within ±5 % (median over steps) and ±10 % (90th percentile), the tail included, where Δ/Δ*
+    falls far below 1 by design. (Measured on this simulation, seed 0: medians 0.99–1.04, p90 of |Δ/Δ̂ − 1|
+    0.02–0.08; the margin is over the 32 rows' mean, whose noise is ~1 % per step.)"""
+    measured, dhat, plan, _ = _follow(optimizer, schedule)
+    ok = (plan.delta[0] > 0) & np.isfinite(dhat) & (np.arange(T) >= 20)  # Adam's first steps: its moments still fill
+    r = measured[ok] / dhat[ok]
+    assert abs(np.median(r) - 1.0) <= 0.05, np.median(r)
+    assert np.percentile(np.abs(r - 1.0), 90) <= 0.10, np.percentile(np.abs(r - 1.0), 90)
+    # the check has teeth: Δ* itself is far off at the end of a decay to (nearly) zero
+    tail = measured[-200:-1] / plan.delta[0][-200:-1]
+    if schedule in ("cosine", "one_cycle"):
+        assert np.median(tail) < 0.5
+
+
+def _observed_band(measured, plan, tolerance=0.1, smooth=50):
+    """First stay of the smoothed Δ/Δ* in the band lasting a relaxation time, and its last step in the band."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = measured / plan.delta[0]
+    kernel = np.ones(smooth) / smooth
+    sm = np.convolve(np.nan_to_num(ratio, nan=0.0), kernel, mode="same")
+    inside = np.abs(sm - 1.0) <= tolerance
+    first = None
+    run = 0
+    for t in range(T):
+        run = run + 1 if inside[t] else 0
+        if first is None and run >= min(plan.tau[0][t], T - t):
+            first = t - run + 2
+    last = int(np.nonzero(inside)[0][-1]) + 1 if inside.any() else None
+    return first, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "optimizer, schedule, start_norm",
+    [
+        *[("sgdm", s, None) for s in ("cosine", "linear", "wsd", "one_cycle", "step")],
+        ("adamw", "wsd", 6.0),
+        ("adamw", "step", 6.0),
+        ("adamw", "cosine", 6.0),  # never in the band: neither forecast nor observed
+        ("adamw", "cosine", None),  # from torch's initialization, 20× its equilibrium norm²: never either
+        ("lion", "one_cycle", 3.0),
+    ],
+)
+def test_the_forecast_made_at_step_50_puts_first_equilibrium_and_freeze_out_where_they_happen(optimizer, schedule, start_norm):
+    """First equilibrium within ±25 % and freeze-out within ±15 % of the observed ones (the smoothed Δ/Δ* in the band
+    for a relaxation time), forecast at step 50 from the model's state; a layer forecast never to get there does not.
+    (Seed 0, measured: SGDM within 6 % and 2 %, AdamW 16 % and 2 %, Lion 12 % and 3 %; cases where Δ/Δ* only grazes the
+    band's edge — Lion at its published form's 0.9 — are left out: there a 1 % error decides in or out.)"""
+    measured, _, plan, forecast = _follow(optimizer, schedule, start_norm=start_norm)
+    first, last = _observed_band(measured, plan)
+    f_first, f_freeze = int(forecast.first_equilibrium[0]), int(forecast.freeze_out[0])
+    if first is None:
+        assert f_first < 0, f_first
+        return
+    assert f_first > 0 and abs(f_first - first) <= 0.25 * first, (f_first, first)
+    assert last is not None and last < T - 10 and f_freeze > 0
+    assert abs(f_freeze - last) <= 0.15 * last, (f_freeze, last)
