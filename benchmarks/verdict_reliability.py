@@ -42,6 +42,15 @@ from multiprocessing import get_context
 from typing import Any
 
 CONDITIONS = ("healthy", "no_decay", "late_cut", "short", "memorize")
+#: Schedule cells (``--schedules``): healthy ones, every schedule family with τ ≤ 1/8 of the run, must end equilibrium;
+#: the unhealthy ones must not, the forecast saying why. Two of them pass every fixed rule (settling time, far-off
+#: limit, weight decay present) so that only the trajectory's statistics catch them: ``relaxing_30x`` and ``late_step``.
+SCHEDULE_HEALTHY = ("constant", "cosine", "linear", "wsd", "one_cycle", "step")
+SCHEDULE_UNHEALTHY = ("wd_small", "short_cosine", "early_decay", "relaxing_30x", "late_step")
+SCHEDULE_CONDITIONS = SCHEDULE_HEALTHY + SCHEDULE_UNHEALTHY
+#: Steps of a schedule cell: τ is 1/8 of the run for SGD with momentum, 1/12.8 for AdamW and Lion.
+SCHEDULE_STEPS = 1600
+WARM_UP = 100
 TASKS = ("thin", "head")
 #: optimizer -> (lr, weight decay of the normalized weights, τ_r of the ratio in steps, τ of the rule in steps)
 OPTIMIZERS: dict[str, tuple[float, float, int, int]] = {
@@ -58,7 +67,37 @@ QUICK_TASKS = {"sgd": "thin", "sgd_momentum": "head", "nesterov": "thin", "adamw
 
 
 def run_length(optimizer: str, condition: str) -> int:
-    return int(0.8 * OPTIMIZERS[optimizer][3]) if condition == "short" else STEPS
+    if condition == "short":
+        return int(0.8 * OPTIMIZERS[optimizer][3])
+    if condition == "short_cosine":
+        return int(1.5 * OPTIMIZERS[optimizer][3])  # a cosine run of 1.5τ
+    if condition == "relaxing_30x":
+        return 4 * OPTIMIZERS[optimizer][3]  # 4 relaxation times from 30× the equilibrium norm
+    return SCHEDULE_STEPS if condition in SCHEDULE_CONDITIONS else STEPS
+
+
+def lr_factor(condition: str, steps: int) -> Any:
+    """The learning-rate multiplier of a schedule cell as a function of the scheduler's step count (LambdaLR), or None
+    (constant; OneCycleLR is built by :func:`run_cell`)."""
+    w = WARM_UP
+
+    def warm(t: int) -> float:
+        return (t + 1) / w
+
+    if condition in ("cosine", "wd_small", "short_cosine"):
+        w = min(WARM_UP, steps // 10)
+        return lambda t: warm(t) if t < w else 0.5 * (1.0 + math.cos(math.pi * (t - w) / max(steps - w, 1)))
+    if condition == "linear":
+        return lambda t: warm(t) if t < w else max(0.0, (steps - t) / (steps - w))
+    if condition in ("wsd", "relaxing_30x"):
+        return lambda t: warm(t) if t < w else (1.0 if t < 0.8 * steps else max(0.0, (steps - t) / (0.2 * steps)))
+    if condition == "step":  # halved at half the run: 4τ left to re-equilibrate
+        return lambda t: 1.0 if t < steps // 2 else 0.5
+    if condition == "early_decay":  # ×0.3 from 60 steps on, again at 200 and 400: each before the layer settles
+        return lambda t: 0.3 ** sum(t >= c for c in (60, 200, 400))
+    if condition == "late_step":  # ×0.1 at 80 %: the new relaxation time is 10× longer than what is left
+        return lambda t: 1.0 if t < int(0.8 * steps) else 0.1
+    return None
 
 
 def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, Any]:
@@ -78,6 +117,9 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
     cut = steps // 4 if condition == "late_cut" else None
     if condition == "no_decay":
         wd = 0.0
+    if condition == "wd_small":
+        wd = wd / 10.0
+    factor = lr_factor(condition, steps)
 
     class Task(pl.LightningModule):
         def __init__(self) -> None:
@@ -103,16 +145,27 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
                 opt = Lion(groups, lr=lr)
             else:
                 opt = torch.optim.SGD(groups, lr=lr, momentum=0.0 if optimizer == "sgd" else 0.9, nesterov=optimizer == "nesterov")
-            if cut is None:
+            if condition == "one_cycle":
+                sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.3)
+            elif factor is not None:
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            elif cut is not None:
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 if step >= cut else 1.0)
+            else:
                 return opt
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 if step >= cut else 1.0)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     torch.manual_seed(seed)
     model = Task()
+    if condition == "relaxing_30x":
+        with torch.no_grad():
+            for group in decayed_groups(model.net, 1.0)[:1]:
+                for p in group["params"]:
+                    p.mul_(30.0)
     shape = model.net.input_shape
     data = TeacherStream(shape, seed=seed, memorize=64 if condition == "memorize" else 0, flip=0.0 if condition == "memorize" else 0.2)
-    smd = SMDCallback(on_no_equilibrium="raise", verbose=False, summary_path=False, log_every_n_steps=50)
+    scheduled = condition in SCHEDULE_CONDITIONS
+    smd = SMDCallback(on_no_equilibrium="raise", verbose=False, summary_path=False, log_every_n_steps=50, keep_history=scheduled)
     trainer = quiet_trainer(steps, [smd])
     start = time.perf_counter()
     raised = False
@@ -138,6 +191,7 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
                 "drift_margin": max(d) / limit if d else None,
                 "precision_margin": q * max(e) / limit if e and q is not None else None,
                 "why": r.get("not_in_equilibrium_because"),
+                **(_following(smd, r, s) if scheduled else {}),
             }
         )
     return {
@@ -156,12 +210,43 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
     }
 
 
+def _following(smd: Any, row: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """A scheduled run's layer: the forecast made at fit start next to what happened, and Δ/Δ̂ over the run (the
+    50-step moving averages of Δ and Δ̂, as the smoothed figures are logged)."""
+    import numpy as np
+
+    start = next((f for f in summary.get("forecast", []) if f["name"] == row["name"]), {})
+    h = smd.diagnostics.unit_history(row["name"])
+    kernel = np.ones(50) / 50.0
+    measured, trajectory = h["angular_update"], h["trajectory_angular_update"]
+    ok = np.isfinite(measured) & np.isfinite(trajectory)
+    stats: dict[str, Any] = {"ratio_median": None, "ratio_p90": None}
+    if ok.sum() > 100:
+        a, b = np.convolve(measured[ok], kernel, "valid"), np.convolve(trajectory[ok], kernel, "valid")
+        good = b > 0
+        r = a[good] / b[good]
+        stats = {"ratio_median": float(np.median(r)), "ratio_p90": float(np.percentile(np.abs(r - 1.0), 90))}
+    return {
+        "forecast_equilibrium": start.get("equilibrium_step"),
+        "observed_equilibrium": row.get("observed_equilibrium_step"),
+        "forecast_freeze_out": start.get("freeze_out_step"),
+        "observed_freeze_out": row.get("freeze_out_step"),
+        "trajectory_ratio": row.get("trajectory_ratio"),
+        **stats,
+    }
+
+
+def healthy(condition: str) -> bool:
+    return condition == "healthy" or condition in SCHEDULE_HEALTHY
+
+
 def cells(quick: bool, seeds: int, conditions: tuple[str, ...] = CONDITIONS, optimizers: tuple[str, ...] | None = None) -> list[tuple[str, str, str, int]]:
     out = []
+    scheduled = any(c in SCHEDULE_CONDITIONS for c in conditions)
     for optimizer in OPTIMIZERS:
         if optimizers and optimizer not in optimizers:
             continue
-        tasks = [QUICK_TASKS[optimizer]] if quick else list(TASKS)
+        tasks = [QUICK_TASKS[optimizer]] if quick or scheduled else list(TASKS)
         for task in tasks:
             for condition in conditions:
                 for seed in range(seeds):
@@ -175,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="one seed per cell, one task per optimizer")
     parser.add_argument("--json", default=None, help="write every run's record here")
-    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS), help="only these conditions")
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS + SCHEDULE_CONDITIONS, default=None, help="only these conditions")
+    parser.add_argument(
+        "--schedules", action="store_true", help="the schedule cells (SGD with momentum, AdamW, Lion; one task each) instead of the constant-settings ones"
+    )
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=None, help="only these optimizers")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--from-json", default=None, help="print the report of a sweep saved with --json, without running")
@@ -191,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("lion-pytorch is not installed: the Lion cells are skipped", file=sys.stderr)
         OPTIMIZERS.pop("lion", None)
-    todo = [(t, o, c, s + args.first_seed) for t, o, c, s in cells(args.quick, seeds, tuple(args.conditions), tuple(args.optimizers or ()))]
+    conditions = tuple(args.conditions or (SCHEDULE_CONDITIONS if args.schedules else CONDITIONS))
+    optimizers = tuple(args.optimizers or (("sgd_momentum", "adamw", "lion") if args.schedules else ()))
+    todo = [(t, o, c, s + args.first_seed) for t, o, c, s in cells(args.quick, seeds, conditions, optimizers)]
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(_run_tuple, todo, chunksize=1))
@@ -200,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     print(report(results, wall, args.workers, "quick" if args.quick else f"{seeds} seeds per cell"))
-    healthy_ok = all(r["verdict"] == "equilibrium" and not r["raised"] for r in results if r["condition"] == "healthy")
-    unhealthy_ok = all(r["verdict"] != "equilibrium" and r["raised"] for r in results if r["condition"] != "healthy")
+    healthy_ok = all(r["verdict"] == "equilibrium" and not r["raised"] for r in results if healthy(r["condition"]))
+    unhealthy_ok = all(r["verdict"] != "equilibrium" and r["raised"] for r in results if not healthy(r["condition"]))
     return 0 if healthy_ok and unhealthy_ok else 1
 
 
@@ -242,23 +332,23 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
     lines.append("")
     lines.append("| expected \\ verdict | equilibrium | not equilibrium |")
     lines.append("| --- | --- | --- |")
-    healthy = [r for r in results if r["condition"] == "healthy"]
-    unhealthy = [r for r in results if r["condition"] != "healthy"]
-    lines.append(f"| equilibrium (healthy) | {sum(r['verdict'] == 'equilibrium' for r in healthy)} | {sum(r['verdict'] != 'equilibrium' for r in healthy)} |")
+    healthy_runs = [r for r in results if healthy(r["condition"])]
+    unhealthy = [r for r in results if not healthy(r["condition"])]
+    n_eq = sum(r["verdict"] == "equilibrium" for r in healthy_runs)
+    lines.append(f"| equilibrium (healthy) | {n_eq} | {len(healthy_runs) - n_eq} |")
     lines.append(
-        f"| not equilibrium (unhealthy) | {sum(r['verdict'] == 'equilibrium' for r in unhealthy)} "
-        f"| {sum(r['verdict'] != 'equilibrium' for r in unhealthy)} |"
+        f"| not equilibrium (unhealthy) | {sum(r['verdict'] == 'equilibrium' for r in unhealthy)} | {sum(r['verdict'] != 'equilibrium' for r in unhealthy)} |"
     )
     gate = sum(r["raised"] == (r["verdict"] != "equilibrium") for r in results)
     lines.append("")
     lines.append(f"on_no_equilibrium='raise' raised exactly when the verdict was not 'equilibrium': {gate}/{len(results)} runs")
     warned: dict[str, int] = {}
-    for r in healthy:
+    for r in healthy_runs:
         for w in {w for w in r.get("warnings", []) if not w.startswith("No equilibrium reached")}:
             warned[w] = warned.get(w, 0) + 1
     lines.append(
-        f"Healthy runs with an SMD warning: {sum(1 for r in healthy if any(not w.startswith('No equilibrium') for w in r.get('warnings', [])))}/{len(healthy)}"
-        + ("" if not warned else " — " + "; ".join(f"{k}… ({v})" for k, v in sorted(warned.items())))
+        f"Healthy runs with an SMD warning: {sum(1 for r in healthy_runs if any(not w.startswith('No equilibrium') for w in r.get('warnings', [])))}"
+        f"/{len(healthy_runs)}" + ("" if not warned else " — " + "; ".join(f"{k}… ({v})" for k, v in sorted(warned.items())))
     )
     states: dict[str, dict[str, int]] = {}
     for r in unhealthy:
@@ -274,19 +364,58 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
             why.setdefault(r["condition"], {}).setdefault(key, 0)
             why[r["condition"]][key] += 1
     lines.append(
-        "Why their layers are not in equilibrium: "
-        + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())) for c, s in why.items())
+        "Why their layers are not in equilibrium: " + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())) for c, s in why.items())
     )
     drifting = [layer["drift_margin"] for r in unhealthy for layer in r["layers"] if (layer.get("why") or "").startswith("drifting")]
     if drifting:
         lines.append(f"Unhealthy layers failed on their drift: {len(drifting)}, the smallest |drift|/limit {min(drifting):.2f}")
-    hl = [layer for r in healthy for layer in r["layers"]]
+    hl = [layer for r in healthy_runs for layer in r["layers"]]
     dm = [layer["drift_margin"] for layer in hl if layer["drift_margin"] is not None]
     pm = [layer["precision_margin"] for layer in hl if layer["precision_margin"] is not None]
     if dm and pm:
         lines.append(f"Healthy layers ({len(hl)}): largest |drift|/limit {max(dm):.2f}, largest t·se/limit {max(pm):.2f} (steady when both ≤ 1)")
     lines.append(f"Mean seconds per run: {sum(r['seconds'] for r in results) / max(len(results), 1):.1f}")
+    lines.extend(forecast_report(results))
     return "\n".join(lines)
+
+
+def forecast_report(results: list[dict[str, Any]]) -> list[str]:
+    """The forecast made at fit start (after the first 50 steps' statistics) against what happened, per healthy
+    scheduled cell: relative errors of the first-equilibrium and freeze-out steps over runs and layers, and the
+    measured Δ over the trajectory Δ̂ (50-step moving averages) over layers and steps."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        if r["condition"] in SCHEDULE_HEALTHY:
+            groups.setdefault((r["optimizer"], r["condition"]), []).extend(r["layers"])
+    if not groups:
+        return []
+    out = [
+        "",
+        "Forecast at fit start against the run (healthy scheduled cells; errors relative to the observed step; Δ/Δ̂ of the 50-step moving averages):",
+        "",
+        "| optimizer | schedule | layers | first eq.: median / max error | freeze-out: median / max error "
+        "| Δ/Δ̂ median (range over layers) | p90 of |Δ/Δ̂ − 1| (worst layer) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def errors(layers: list[dict[str, Any]], forecast: str, observed: str) -> str:
+        e = [abs(x[forecast] - x[observed]) / x[observed] for x in layers if x.get(forecast) is not None and x.get(observed)]
+        missing = sum(1 for x in layers if (x.get(forecast) is None) != (x.get(observed) is None))
+        if not e:
+            return "-" + (f" ({missing} one-sided)" if missing else "")
+        e.sort()
+        return f"{e[len(e) // 2]:.1%} / {e[-1]:.1%}" + (f" ({missing} one-sided)" if missing else "")
+
+    for (opt, cond), layers in groups.items():
+        med = [x["ratio_median"] for x in layers if x.get("ratio_median") is not None]
+        p90 = [x["ratio_p90"] for x in layers if x.get("ratio_p90") is not None]
+        ratio = f"{sorted(med)[len(med) // 2]:.3f} ({min(med):.3f}–{max(med):.3f})" if med else "-"
+        worst = f"{max(p90):.3f}" if p90 else "-"
+        out.append(
+            f"| {opt} | {cond} | {len(layers)} | {errors(layers, 'forecast_equilibrium', 'observed_equilibrium')} | "
+            f"{errors(layers, 'forecast_freeze_out', 'observed_freeze_out')} | {ratio} | {worst} |"
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -154,6 +154,13 @@ _ALL = (
         "The settings left the schedule read at fit start ({why}): from here on the changes are judged as they come.",
     ),
     Message(
+        "SMD029",
+        "a planned decay too late to re-equilibrate",
+        "The schedule's last decay comes too late for {layers}: the forecast has them still re-equilibrating when the "
+        "run ends (Δ̂/Δ* {ratio:.2f} and rising), so they will be judged out of equilibrium. Decay earlier, or train "
+        "longer after the decay.",
+    ),
+    Message(
         "SMD020",
         "vanishing gradient noise",
         "Vanishing gradient noise from step {step} ({layers}): {loss}the gradient statistic L fell from {peak:.3g} to "

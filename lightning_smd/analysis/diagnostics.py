@@ -192,15 +192,18 @@ class Diagnostics:
         n_groups = int(batch.unit_group.max()) + 1 if len(batch.unit_group) else 0
         hist_pred = np.empty((k, len(idx))) if self.keep_history else None
         hist_ratio = np.empty((k, len(idx))) if self.keep_history else None
+        hist_traj = np.full((k, len(idx)), np.nan) if self.keep_history else None
         if k:
             self.measurements.first_batch(idx, batch)
         for r in range(k):
             step = int(batch.steps[r])
             pred, ratio, judged_ratio, exponent, log_ref = self._predict(batch, idx, r, n_groups)
             smoothed = self._observe(batch, idx, r, ratio, judged_ratio, exponent, log_ref)
-            if hist_pred is not None and hist_ratio is not None:
+            if hist_pred is not None and hist_ratio is not None and hist_traj is not None:
                 hist_pred[r] = pred
                 hist_ratio[r] = smoothed
+                if log_ref is not None:
+                    hist_traj[r] = self.following.trajectory[idx]
             if step % self.judge_every == 0:
                 # on a fixed grid of steps, so that what is recorded (states, first equilibrium, time in it) does not
                 # depend on when the recorder happens to be drained (log interval, checkpoint, resume)
@@ -212,7 +215,7 @@ class Diagnostics:
             self._refresh_forecast(batch, idx)
             self.judge(commit=False)
             if self.keep_history:
-                self.history.append(_history_entry(batch, hist_pred, hist_ratio))
+                self.history.append(_history_entry(batch, hist_pred, hist_ratio, hist_traj))
 
     def _predict(self, batch: StepBatch, idx: np.ndarray, r: int, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step ``r`` of ``batch``: divergence, the prediction and its changes, the stored settings; returns the
@@ -479,7 +482,10 @@ class Diagnostics:
     def unit_history(self, name: str) -> dict[str, np.ndarray]:
         """Every recorded step of one unit (needs ``keep_history=True``)."""
         u = self.names.index(name)
-        keys = ("steps", "angular_update", "predicted_angular_update", "ratio", "weight_norm", "grad_norm", "lr", "filter_angular_update_rms")
+        keys = (
+            "steps", "angular_update", "predicted_angular_update", "trajectory_angular_update", "ratio", "weight_norm", "grad_norm", "lr",
+            "filter_angular_update_rms",
+        )  # fmt: skip
         parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         for h in self.history:
             where = np.nonzero(h["units"] == u)[0]
@@ -536,7 +542,7 @@ def _balance_samples(batch: StepBatch, r: int, e: np.ndarray) -> np.ndarray | No
     return out
 
 
-def _history_entry(batch: StepBatch, hist_pred: np.ndarray | None, hist_ratio: np.ndarray | None) -> dict[str, Any]:
+def _history_entry(batch: StepBatch, hist_pred: np.ndarray | None, hist_ratio: np.ndarray | None, hist_traj: np.ndarray | None) -> dict[str, Any]:
     """One batch's raw values for :meth:`Diagnostics.unit_history`."""
     k, idx = len(batch.steps), batch.unit_index
     lr = np.array([[batch.hyper[r][int(g)].get("lr", math.nan) for g in batch.unit_group] for r in range(k)])
@@ -546,6 +552,7 @@ def _history_entry(batch: StepBatch, hist_pred: np.ndarray | None, hist_ratio: n
         "steps": batch.steps.copy(),
         "angular_update": batch.angular_update.copy(),
         "predicted_angular_update": hist_pred,
+        "trajectory_angular_update": hist_traj,
         "ratio": hist_ratio,
         "weight_norm": np.sqrt(batch.norm_sq_after),
         "grad_norm": np.sqrt(batch.grad_sq),

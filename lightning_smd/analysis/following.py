@@ -49,12 +49,14 @@ class Following(PerUnit):
         Field("constant_equilibrium", int, -1, added=True),
         Field("first_decay", int, -1, added=True),
         Field("peak_tau", float, added=True),
+        Field("ends_reequilibrating", bool, False, added=True),  # the fit-start forecast ends below the band, rising
         Field("band_since", int, -1, added=True),  # the start of the current stay of the smoothed Δ/Δ* in the band
         Field("observed_equilibrium", int, -1, added=True),  # the start of the first stay lasting a relaxation time
         Field("last_in_band", int, -1, added=True),
         Field("on_trajectory", bool, False, added=True),  # judged against the trajectory
         Field("model_reached", bool, False, added=True),
         Field("model_last_inside", int, -1, added=True),  # the last step the trajectory was in the band
+        Field("expected_falling", bool, False, added=True),  # Δ̂/Δ* falls at the last step: the schedule outruns the layer
         Field("tracked_until", int, -1, added=True),  # the last committed judgement that counted the unit  # the trajectory has been in the band
     )
 
@@ -102,10 +104,16 @@ class Following(PerUnit):
             self.model_step[u] = step - 1
         q, v, k = self.model_q[idx], self.model_v[idx], self.model_k[idx]
         ratio = np.full(len(idx), np.nan)
+        after = np.full(len(idx), np.nan)
         for g in np.unique(group).tolist():
             m = group == g
             ratio[m] = plan.ratio(g, i, q[m], v[m], k[m])
             q[m], v[m] = plan.advance(g, i, i + 1, q[m], v[m], k[m])
+            if i + 1 < plan.n_steps:
+                after[m] = plan.ratio(g, i + 1, q[m], v[m], k[m])
+        if i + 1 < plan.n_steps:  # (at the plan's last step there is no next one to compare with: the trend stays)
+            with np.errstate(invalid="ignore"):
+                self.expected_falling[idx] = after <= ratio
         trajectory = delta_star * ratio
         ok = np.isfinite(q) & (q > 0)
         self.model_q[idx] = np.where(ok, q, self.model_q[idx])
@@ -156,6 +164,7 @@ class Following(PerUnit):
             self.constant_equilibrium[u] = f.constant_first_equilibrium[first]
             self.first_decay[u] = f.first_decay[first]
             self.peak_tau[u] = f.peak_tau[first]
+            self.ends_reequilibrating[u] = f.ends_rising[first]
         return f
 
     def observe_band(self, idx: np.ndarray, smoothed_ratio: np.ndarray, step: int) -> None:
@@ -175,13 +184,27 @@ class Following(PerUnit):
 
     def reach(self) -> np.ndarray | None:
         """Per unit, whether the trajectory has the unit in equilibrium now: in the band, or past a freeze-out (below
-        the band, the expected lag of a decay); ``None`` when no unit follows a plan."""
+        the band after having been in it, and falling further: the schedule outruns the layer, the expected lag of an
+        annealing tail). Below the band and rising is a re-equilibration after a step down (not counted until back in
+        the band). ``None`` when no unit follows a plan."""
         if not self.on_trajectory.any():
             return None
         with np.errstate(invalid="ignore"):
             inside = np.abs(self.expected_ratio - 1.0) <= self.tolerance
             frozen = self.expected_ratio < 1.0 - self.tolerance
-        return ~self.on_trajectory | inside | (frozen & self.model_reached)
+        return ~self.on_trajectory | inside | (frozen & self.model_reached & self.expected_falling)
+
+    def not_reached_text(self, u: int, tolerance: float) -> str | None:
+        """Why a unit that follows its trajectory (steady against it) is not counted, or None."""
+        if not self.on_trajectory[u]:
+            return None
+        r = float(self.expected_ratio[u])
+        if not self.model_reached[u]:
+            when = f"; forecast for step {int(self.forecast_equilibrium[u])}" if self.forecast_equilibrium[u] >= 0 else "; the forecast never has it there"
+            return f"approaching: it follows its trajectory, which has not reached the equilibrium band yet (Δ̂/Δ* = {r:.2f}{when})"
+        if r < 1.0 - tolerance and not self.expected_falling[u]:
+            return f"re-equilibrating: the schedule moved the equilibrium away and the trajectory is still coming back (Δ̂/Δ* = {r:.2f}, rising)"
+        return f"away from the equilibrium band (Δ̂/Δ* = {r:.2f})"
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()

@@ -95,6 +95,10 @@ def _cannot_follow(d: Diagnostics, app: np.ndarray, needed_count: int, planned_s
     settings kept from now on would need no more than twice the steps left (the same allowance as without a plan)."""
     f = d.following
     units = np.nonzero(app)[0]
+    still = [d.units[u].name for u in units.tolist() if _stays_still(d, u)]
+    if still and len(still) > len(units) - needed_count:
+        shown = ", ".join(still[:3])
+        return f"{len(still)} of {len(units)} normalized layers have a learning rate of 0 for the rest of the planned schedule, so they do not move ({shown})"
     if (f.start_forecast_made_at[units] < 0).any():
         return None
     step = int(d.steps.max(initial=0))
@@ -110,3 +114,12 @@ def _cannot_follow(d: Diagnostics, app: np.ndarray, needed_count: int, planned_s
         f"only {possible} of {len(units)} layers are forecast to reach equilibrium in the {remaining} remaining steps of the "
         f"planned schedule (at least {needed_count} needed; the others need more than twice that even at the peak settings)"
     )
+
+
+def _stays_still(d: Diagnostics, u: int) -> bool:
+    """Unit ``u``'s learning rate is 0 now and stays 0 to the end of its plan."""
+    plan = d.following.plans.get(int(d.optimizer[u]))
+    if plan is None or (d.hyper[u] or {}).get("lr") != 0.0:
+        return False
+    i = plan.index(int(d.steps[u]))
+    return bool((plan.lr[:, i:] == 0.0).all())

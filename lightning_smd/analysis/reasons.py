@@ -59,7 +59,7 @@ def _steady_or_not(d: Diagnostics, u: int, f: dict[str, bool]) -> str:
         return f"steady at {d.steady_ratio[u]:.3f} of the prediction: further off than ±{cfg.max_deviation:.0%}"
     if f["off"]:
         return f"steady at {d.steady_ratio[u]:.3f} of the prediction: off by more than ±{cfg.tolerance:.0%} (require_agreement)"
-    return "not judged"
+    return d.following.not_reached_text(u, cfg.tolerance) or "not judged"
 
 
 def criteria_text(cfg: DiagnosticsConfig) -> str:
@@ -89,12 +89,26 @@ def verdict(d: Diagnostics) -> tuple[Verdict, str]:
     names = d.names
     off = [names[u] for u in range(len(names)) if app[u] and d.agreement[u] == Agreement.OFF_PREDICTION]
     off_text = f"; off the prediction (steady, but Δ/Δ* outside ±{cfg.tolerance:.0%}): {', '.join(off[:5])}{' ...' if len(off) > 5 else ''}" if off else ""
+    criteria = criteria_text(cfg) + _schedule_text(d, app)
     if reached(n_eq, n_app, cfg.min_fraction):
         return Verdict.EQUILIBRIUM, (
-            f"{n_eq}/{n_app} tracked layers ended in equilibrium ({criteria_text(cfg)}; at least {cfg.min_fraction:.0%} required){off_text}"
+            f"{n_eq}/{n_app} tracked layers ended in equilibrium ({criteria}; at least {cfg.min_fraction:.0%} required){off_text}"
         )
-    reason = f"only {n_eq}/{n_app} tracked layers ended in equilibrium; at least {cfg.min_fraction:.0%} required ({criteria_text(cfg)})"
+    reason = f"only {n_eq}/{n_app} tracked layers ended in equilibrium; at least {cfg.min_fraction:.0%} required ({criteria})"
     return Verdict.NOT_REACHED, reason + _not_counted_text(d, app) + off_text
+
+
+def _schedule_text(d: Diagnostics, app: np.ndarray) -> str:
+    """What the criteria mean under a followed schedule (empty without one)."""
+    f = d.following
+    n = int((f.on_trajectory & app).sum())
+    if not n:
+        return ""
+    return (
+        f"; under the planned schedule, {n} layer(s) judged against their trajectory Δ̂ instead of Δ*: Δ/Δ̂ steady and "
+        "agreeing, once the trajectory reached the equilibrium band, and counted after the freeze-out while the schedule "
+        "outruns them"
+    )
 
 
 def _not_counted_text(d: Diagnostics, app: np.ndarray) -> str:
@@ -114,6 +128,13 @@ def _not_counted_text(d: Diagnostics, app: np.ndarray) -> str:
     }
     reason = ""
     for state, members in groups.items():
+        following = [u for u in members if d.following.on_trajectory[u] and d.steady[u]]
+        if following and state in (UnitState.APPROACHING, UnitState.DEPARTED):
+            words = sorted({(d.following.not_reached_text(u, cfg.tolerance) or "").split(":")[0] for u in following})
+            reason += f"; {len(following)} follow their trajectory but are not in the equilibrium band ({', '.join(words)})"
+            members = [u for u in members if u not in following]
+            if not members:
+                continue
         if state == UnitState.NO_EQUILIBRIUM:
             still = [u for u in members if lr_is_zero(d.hyper[u])]
             if len(members) > len(still):

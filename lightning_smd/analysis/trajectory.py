@@ -252,6 +252,8 @@ class Forecast:
     """The first planned step where the settings start moving the equilibrium down (Δ* falls by the tolerance)."""
     peak_tau: np.ndarray
     """The norm variable's time constant at the peak settings ahead."""
+    ends_rising: np.ndarray
+    """The trajectory ends below the band and rising: still re-equilibrating after a step down when the plan ends."""
 
     def rows(self) -> list[dict[str, Any]]:
         return [
@@ -280,10 +282,11 @@ def forecast_units(
     constant = np.full(n_units, -1, dtype=np.int64)
     decay_at = np.full(n_units, -1, dtype=np.int64)
     peak_tau = np.full(n_units, np.nan)
+    rising = np.zeros(n_units, dtype=bool)
     i0 = min(max(step + 1 - plan.first_step, 0), plan.n_steps)
     n = plan.n_steps
     if i0 >= n:
-        return Forecast(step, first, frozen, final, constant, decay_at, peak_tau)
+        return Forecast(step, first, frozen, final, constant, decay_at, peak_tau, rising)
     stride = max(1, -(-(n - i0) // points))
     at = np.arange(i0, n, stride)
     if at[-1] != n - 1:
@@ -295,6 +298,9 @@ def forecast_units(
             inside = np.abs(r - 1.0) <= tolerance
         tau = plan.tau[g, at]
         final[m] = r[-1]
+        if len(at) > 1:
+            with np.errstate(invalid="ignore"):
+                rising[m] = (r[-1] < 1.0 - tolerance) & (r[-1] > r[-2])
         for j, u in enumerate(m.tolist()):
             first[u], frozen[u] = _band_events(inside[:, j], at, tau, plan.first_step)
         # were the peak settings kept from now on: the time to the band from q_now (q relaxes linearly to q*)
@@ -308,7 +314,7 @@ def forecast_units(
             constant[u] = step + 1 + int(math.ceil(t)) if math.isfinite(t) else -1
         down = np.nonzero(ahead < (1.0 - tolerance) * np.maximum.accumulate(ahead))[0]
         decay_at[m] = plan.first_step + i0 + int(down[0]) if down.size else -1
-    return Forecast(step, first, frozen, final, constant, decay_at, peak_tau)
+    return Forecast(step, first, frozen, final, constant, decay_at, peak_tau, rising)
 
 
 def _band_events(inside: np.ndarray, at: np.ndarray, tau: np.ndarray, first_step: int) -> tuple[int, int]:

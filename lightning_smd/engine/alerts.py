@@ -187,6 +187,16 @@ def event_warnings(d: Diagnostics, planned_steps: int | None, alerts: Alerts) ->
 
 
 def forecast_warnings(d: Diagnostics) -> Iterator[Found]:
+    yield from _never_warnings(d)
+    f = d.following
+    late = np.nonzero(f.on_trajectory & (f.start_forecast_made_at >= 0) & (f.start_forecast_equilibrium >= 0) & f.ends_reequilibrating & d.applicable)[0]
+    if late.size:
+        names = ", ".join(d.names[u] for u in late[:5].tolist()) + (" ..." if late.size > 5 else "")
+        ratio = float(np.nanmin(f.forecast_final_ratio[late]))
+        yield "SMD029", {"once": "forecast_late_decay", "layers": names, "ratio": ratio}
+
+
+def _never_warnings(d: Diagnostics) -> Iterator[Found]:
     """SMD019 for each layer (at most 3) whose fit-start forecast never reaches equilibrium in the planned schedule:
     the steps it needs at the peak settings, the decay that comes first, and the fix."""
     f = d.following
