@@ -16,6 +16,8 @@ Variants:
 - ``none``: no monitoring;
 - ``smd_sgdm``: ``SMDCallback()``, every step; SGD with heavy-ball momentum (update from the momentum
   buffer, no weight copy);
+- ``smd_cosine``: as ``smd_sgdm`` under a warm-up + cosine schedule, read ahead and followed (each layer's
+  trajectory per step, the forecast refreshed at every log step): the cost of judging a schedule;
 - ``smd_snapshot``: ``SMDCallback(use_momentum_buffer=False)``, every step (one copy of the tracked
   weights: the path of every other optimizer);
 - ``smd_every_10``: ``SMDCallback(every_n_steps=10, use_momentum_buffer=False)``;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -49,7 +52,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from detection import Block  # noqa: E402  (the residual block of the detection benchmark)
 
-VARIANTS = ["none", "smd_sgdm", "smd_snapshot", "smd_every_10", "naive_item", "full_clone", "wandb_watch_1", "wandb_watch_100"]
+VARIANTS = ["none", "smd_sgdm", "smd_cosine", "smd_snapshot", "smd_every_10", "naive_item", "full_clone", "wandb_watch_1", "wandb_watch_100"]
 
 
 class Bottleneck(nn.Module):
@@ -135,7 +138,12 @@ def child(args: argparse.Namespace) -> dict:
             return F.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            if args.child != "smd_cosine":
+                return opt
+            n, warm = args.steps, max(args.steps // 10, 1)
+            cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / (n - warm))))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     class NaiveItem(pl.Callback):
         """The obvious implementation: per tensor, norm and angle as Python floats after every step."""
@@ -186,7 +194,7 @@ def child(args: argparse.Namespace) -> dict:
     smd = None
     if v.startswith("smd"):
         kw: dict = {"verbose": False, "summary_path": False}
-        if v != "smd_sgdm":
+        if v not in ("smd_sgdm", "smd_cosine"):
             kw["use_momentum_buffer"] = False
         if v.startswith("smd_every_"):
             kw["every_n_steps"] = int(v.rsplit("_", 1)[1])

@@ -1,6 +1,7 @@
 """Both Lightning namespaces, LightningCLI from YAML, the plain-PyTorch loop API, Fabric, the plot command."""
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -135,7 +136,7 @@ LightningCLI(CLIModel, CLIData, args=["fit", "--trainer.callbacks+=lightning_smd
     assert proc.returncode != 0 and "tolerance" in proc.stderr
 
 
-def _loop(model, opt, steps, monitor=None):
+def _loop(model, opt, steps, monitor=None, scheduler=None):
     data = iter(loader())
     logged = []
     for step in range(steps):
@@ -144,6 +145,8 @@ def _loop(model, opt, steps, monitor=None):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         if monitor is not None:
             monitor.observe_loss(loss)
         if monitor is not None and monitor.should_log(step):
@@ -290,3 +293,37 @@ def test_plot_command_draws_a_png(tmp_path):
     changes = _lr_changes(series, "net.conv1.weight")
     assert summary is not None and len(changes) == 1 and 19 <= changes[0] <= 22  # StepLR halves the lr after 20 steps
     assert main(["plot", str(tmp_path / "nothing-here"), "-o", str(out)]) == 2
+
+
+def _warmup_cosine(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / 10 if t < 10 else 0.5 * (1 + math.cos(math.pi * (t - 10) / 50)))
+
+
+def test_callback_and_monitor_follow_the_same_schedule(tmp_path):
+    """A warm-up + cosine schedule read ahead by both front ends: the callback from the Trainer's scheduler config,
+    the monitor from ``schedule=`` (the scheduler the loop steps, or the same schedule as a function of the step):
+    the same summary, trajectory and forecast included."""
+    torch.manual_seed(0)
+    smd = SMDCallback(verbose=False, summary_path=tmp_path / "callback.json")
+    model = Module(PlainConvNet(), optimizer=sgd(momentum=0.9), scheduler=_warmup_cosine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path / "fit", [smd], max_steps=60, log_every_n_steps=10).fit(model, loader())
+    runs = [json.load(open(tmp_path / "callback.json"))]
+    for given in ("scheduler", "function"):
+        torch.manual_seed(0)
+        net = Module(PlainConvNet(), optimizer=sgd(momentum=0.9))
+        opt = net.configure_optimizers()
+        sched = _warmup_cosine(opt)
+        schedule = sched if given == "scheduler" else (lambda t, s=sched: 0.1 * s.lr_lambdas[0](t))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monitor = SMDMonitor(net, opt, log_every_n_steps=10, max_steps=60, schedule=schedule)
+            _loop(net, opt, 60, monitor, scheduler=sched)
+            monitor.close(summary_path=tmp_path / f"{given}.json")
+        runs.append(json.load(open(tmp_path / f"{given}.json")))
+    for run in runs:
+        run.pop("run_id"), run.pop("started_at"), run["schedule"]["0"].pop("source")
+    assert runs[0]["schedule"]["0"]["followed"] and runs[0]["layers"][0]["trajectory_angular_update"] is not None
+    # (a function's plan holds float lrs computed as the scheduler does: the same to the last bit here)
+    assert runs[0] == runs[1] == runs[2]

@@ -380,3 +380,43 @@ def test_flat_group_follows_replaced_storage_and_missing_gradients():
         assert batch.angular_update[0, j] == pytest.approx(ref, rel=1e-6)
     assert np.isnan(batch.angular_update[0, 2]) and np.isnan(batch.grad_sq[0, 2])
     rec.close()
+
+
+_S = torch.optim.lr_scheduler
+#: One of each schedule family the callback reads ahead and follows (30-step runs).
+SCHEDULE_FAMILIES = {
+    "warmup_cosine": lambda o: _S.LambdaLR(o, lambda t: (t + 1) / 5 if t < 5 else 0.5 * (1 + math.cos(math.pi * (t - 5) / 25))),
+    "linear_to_zero": lambda o: _S.LinearLR(o, start_factor=1.0, end_factor=0.0, total_iters=30),
+    "wsd": lambda o: _S.LambdaLR(o, lambda t: 1.0 if t < 24 else (30 - t) / 6),
+    "one_cycle": lambda o: _S.OneCycleLR(o, max_lr=0.1, total_steps=30),
+    "sequential": lambda o: _S.SequentialLR(o, [_S.LinearLR(o, 0.1, total_iters=5), _S.CosineAnnealingLR(o, 25)], milestones=[5]),
+    "chained": lambda o: _S.ChainedScheduler([_S.ExponentialLR(o, 0.97), _S.StepLR(o, 10, 0.5)]),
+    "warm_restarts": lambda o: _S.CosineAnnealingWarmRestarts(o, T_0=10),
+    "step": lambda o: _S.MultiStepLR(o, [10, 20], 0.3),
+}
+
+
+@pytest.mark.parametrize("family", list(SCHEDULE_FAMILIES))
+@pytest.mark.parametrize("optimizer", [sgd(momentum=0.9), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)], ids=["sgdm", "adamw"])
+def test_callback_is_an_observer_under_every_schedule_family(tmp_path, family, optimizer):
+    """The schedule is read ahead (a copy stepped on a shadow) and followed: weights, optimizer state and the
+    scheduler's state end bit for bit as without the callback, and the plan was followed (not left)."""
+    ends = []
+    for with_cb in (False, True):
+        torch.manual_seed(0)
+        model = Module(SmallConvNet(), optimizer=optimizer, scheduler=SCHEDULE_FAMILIES[family])
+        smd = SMDCallback(verbose=False)
+        with warnings_ignored():
+            fitted = trainer(tmp_path / str(with_cb), [smd] if with_cb else [], max_steps=30)
+            fitted.fit(model, loader())
+        ends.append((_state(model), fitted.optimizers[0].state_dict(), fitted.lr_scheduler_configs[0].scheduler.state_dict()))
+    (w0, o0, s0), (w1, o1, s1) = ends
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert o0["param_groups"] == o1["param_groups"]
+    for i, st in o0["state"].items():
+        for name, value in st.items():
+            assert torch.equal(value, o1["state"][i][name]) if isinstance(value, torch.Tensor) else value == o1["state"][i][name], (i, name)
+    assert repr(s0) == repr(s1)
+    schedule = smd.summary()["schedule"]["0"]
+    assert schedule["read"] and schedule["followed"], schedule

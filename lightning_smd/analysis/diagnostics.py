@@ -432,6 +432,12 @@ class Diagnostics:
             return math.nan
         return float(self.judgement.counted[app].mean())
 
+    def judged_ratio(self) -> np.ndarray:
+        """Per unit, the smoothed ratio it is judged on: ``Δ/Δ̂`` where it follows a planned schedule's trajectory,
+        ``Δ/Δ*`` elsewhere (the heatmap's)."""
+        f = self.following
+        return np.where(f.on_trajectory, f.ratio.value(), self.measurements.ratio.value())
+
     def median_ratio(self) -> float:
         r = self.measurements.ratio.value()[self.applicable]
         r = r[np.isfinite(r)]

@@ -58,6 +58,10 @@ def layer_columns(d: Diagnostics) -> dict[str, np.ndarray]:
         "drift": d.drift,
     }
     columns = {m: values[m] for m in keys.LAYER_METRICS}
+    if d.following.on_trajectory.any():  # a schedule followed from the first step: the keys stay the same for the run
+        f = d.following
+        columns["trajectory_angular_update"] = np.where(f.on_trajectory, f.trajectory, np.nan)
+        columns["trajectory_ratio"] = np.where(f.on_trajectory, f.ratio.value(), np.nan)
     if d.per_filter:
         columns["filter_angular_update_rms"] = d.filter_delta.value()
     return columns
@@ -164,7 +168,7 @@ def _following(d: Diagnostics, u: int) -> dict[str, Any]:
         "forecast_equilibrium_step": step(f.forecast_equilibrium[u]) if on else None,
         "observed_equilibrium_step": step(f.observed_equilibrium[u]) if on else None,
         "forecast_freeze_out_step": step(f.forecast_freeze_out[u]) if on else None,
-        "freeze_out_step": step(f.last_in_band[u]) if below and f.observed_equilibrium[u] >= 0 else None,
+        "freeze_out_step": step(f.last_in_band[u]) if below else None,
         "tracked_until_step": step(f.tracked_until[u]) if on else None,
         "trajectory_ratio": num(f.ratio.value(np.array([u]))[0]) if on else None,
         "expected_ratio": num(f.expected_ratio[u]) if on else None,

@@ -296,7 +296,7 @@ class Session:
         self._events(planned_steps)
         d = self.diagnostics
         if d.units and d.steps.max(initial=0) > 0:
-            self.history.append(int(d.steps.max()), d.ratio.value())
+            self.history.append(int(d.steps.max()), d.judged_ratio())
         return self._update_distance()
 
     def drain_without_collective(self) -> None:

@@ -35,7 +35,9 @@ from lightning_smd.frontends.trainer import stood_down, unsupported_strategy
 from lightning_smd.frontends.weights import FirstBatch, at_fit_start, at_setup, from_flow, full_tensor, named_parameters
 from lightning_smd.io.dashboard import per_layer_mode, render_rgb
 from lightning_smd.io.loggers import log_heatmap, takes_images
-from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_summary_table, print_summary_table
+from lightning_smd.analysis.following import plain_schedule
+from lightning_smd.analysis.rows import forecast as forecast_rows
+from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_forecast_table, format_summary_table, print_summary_table
 from lightning_smd.messages import SMDWarning, render
 from lightning_smd.options import check_bool, check_int, check_name, check_path
 
@@ -322,6 +324,11 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         distances, stop = log_step(session, fit.loss, planned_steps(trainer), self._interval(trainer), debug=debug, agree=every_rank(trainer))
         if stop:
             trainer.should_stop = True
+        if self.verbose and not fit.forecast_shown and trainer.is_global_zero and session.diagnostics is not None:
+            forecast = forecast_rows(session.diagnostics)
+            if forecast:
+                fit.forecast_shown = True
+                print(format_forecast_table(forecast, plain_schedule(session.diagnostics.following.schedule)))
         if step <= fit.last_logged_step:
             return
         metrics = {renamed(k, self.namespace): v for k, v in session.metrics(self.log_per_layer, distances).items()}

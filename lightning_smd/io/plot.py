@@ -14,6 +14,9 @@ the aggregates:
   draws none);
 - right: the weight norm and its predicted equilibrium value.
 
+Under a schedule read ahead, the left panel also draws the layer's trajectory ``Δ̂`` (what it is judged against:
+the moving equilibrium with the layer's lag), and the heatmap shows ``Δ/Δ̂``.
+
 Needs matplotlib (``pip install "lightning-smd[plot]"``).
 """
 
@@ -316,6 +319,11 @@ def _draw_angular_update(ax: Any, series: Series, layer: str, tol: float, eq_ste
         s, v = series[key(layer, "angular_update")]
         ax.plot(*_thin(s, v), color="C0", lw=1.5, label="measured Δ (EMA)")
     _draw_prediction(ax, series, layer, tol)
+    if key(layer, "trajectory_angular_update") in series:  # a schedule followed: the trajectory it is judged against
+        s, v = series[key(layer, "trajectory_angular_update")]
+        ok = np.isfinite(v) & (v > 0)
+        if ok.any():
+            ax.plot(*_thin(s[ok], v[ok]), color="C3", lw=1.2, label="trajectory Δ̂ (forecast through the schedule)")
     positive = [series[k][1] for k in (key(layer, "angular_update"), key(layer, "predicted_angular_update")) if k in series]
     if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
         ax.set_yscale("log")
@@ -390,8 +398,9 @@ def panel_ratio(series: Series, layers: Sequence[str]) -> tuple[np.ndarray, np.n
 
 
 def heatmap_run(path: str, output: str, dpi: int = 120, name: str | None = None) -> str:
-    """The layer × step heatmap of the logged smoothed Δ/Δ* (``smd/<layer>/angular_update_ratio``), layers in
-    network order (the summary's, when found), written to ``output``; returns ``output``."""
+    """The layer × step heatmap of the logged smoothed Δ/Δ* (``smd/<layer>/angular_update_ratio``; Δ/Δ̂,
+    ``trajectory_ratio``, for a layer that follows a schedule), layers in network order (the summary's, when found),
+    written to ``output``; returns ``output``."""
     from lightning_smd.io.dashboard import heatmap_figure
 
     series, summary = load_series(path, name)
@@ -406,7 +415,8 @@ def heatmap_run(path: str, output: str, dpi: int = 120, name: str | None = None)
     steps = np.unique(np.concatenate([series[key(n, "angular_update_ratio")][0] for n in names]).astype(np.int64))
     matrix = np.full((len(names), len(steps)), np.nan)
     for row, n in enumerate(names):
-        s, v = series[key(n, "angular_update_ratio")]
+        # a layer judged against its trajectory through a schedule: Δ/Δ̂ (Δ/Δ* falls in an annealing tail by design)
+        s, v = series[key(n, "trajectory_ratio")] if key(n, "trajectory_ratio") in series else series[key(n, "angular_update_ratio")]
         matrix[row, np.searchsorted(steps, s.astype(np.int64))] = v
     tolerance = float((summary or {}).get("criteria", {}).get("tolerance", 0.1))
     fig = heatmap_figure(steps, matrix, names, tolerance)

@@ -202,3 +202,19 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return str(obj)
+
+
+def format_forecast_table(forecast: list[dict[str, Any]], schedule: dict[str, Any]) -> str:
+    """The forecast made at fit start, one row per followed layer: when it reaches equilibrium, when the schedule
+    outruns it (freeze-out), and when it would with the peak settings kept (what a decay cuts short)."""
+
+    def step(v: Any) -> str:
+        return "never" if v is None else f"{v:,}"
+
+    sources = "; ".join(f"optimizer {k}: {v.get('source') or v.get('reason')}" for k, v in schedule.items() if v.get("followed"))
+    head = ("layer", "reaches equilibrium", "freeze-out", "at constant peak settings")
+    rows = [(f["name"], step(f["equilibrium_step"]), step(f["freeze_out_step"]), step(f["equilibrium_step_at_constant_settings"])) for f in forecast]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = [f"SMD forecast at step {forecast[0]['made_at_step'] if forecast else 0} ({sources}):"]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
+    return "\n".join(lines)
