@@ -91,8 +91,8 @@ def lr_factor(condition: str, steps: int) -> Any:
         return lambda t: warm(t) if t < w else max(0.0, (steps - t) / (steps - w))
     if condition in ("wsd", "relaxing_30x"):
         return lambda t: warm(t) if t < w else (1.0 if t < 0.8 * steps else max(0.0, (steps - t) / (0.2 * steps)))
-    if condition == "step":  # halved at half the run: 4τ left to re-equilibrate
-        return lambda t: 1.0 if t < steps // 2 else 0.5
+    if condition == "step":  # halved at 35 % of the run: the new settling time fits in what is left
+        return lambda t: 1.0 if t < int(0.35 * steps) else 0.5
     if condition == "early_decay":  # ×0.3 from 60 steps on, again at 200 and 400: each before the layer settles
         return lambda t: 0.3 ** sum(t >= c for c in (60, 200, 400))
     if condition == "late_step":  # ×0.1 at 80 %: the new relaxation time is 10× longer than what is left

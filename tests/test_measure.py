@@ -383,6 +383,10 @@ def test_flat_group_follows_replaced_storage_and_missing_gradients():
 
 
 _S = torch.optim.lr_scheduler
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
 #: One of each schedule family the callback reads ahead and follows (30-step runs).
 SCHEDULE_FAMILIES = {
     "warmup_cosine": lambda o: _S.LambdaLR(o, lambda t: (t + 1) / 5 if t < 5 else 0.5 * (1 + math.cos(math.pi * (t - 5) / 25))),
@@ -396,8 +400,16 @@ SCHEDULE_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(SCHEDULE_FAMILIES))
-@pytest.mark.parametrize("optimizer", [sgd(momentum=0.9), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)], ids=["sgdm", "adamw"])
+@pytest.mark.parametrize(
+    "family, optimizer",
+    # every family with SGD with momentum (its update read from the momentum buffer), and with AdamW (a snapshot of the
+    # weights) in the slow tier but for OneCycle, which also cycles AdamW's betas
+    [pytest.param(f, sgd(momentum=0.9), id=f"{f}-sgdm") for f in SCHEDULE_FAMILIES]
+    + [
+        pytest.param(f, _adamw, id=f"{f}-adamw", marks=() if f == "one_cycle" else pytest.mark.slow)
+        for f in SCHEDULE_FAMILIES
+    ],
+)
 def test_callback_is_an_observer_under_every_schedule_family(tmp_path, family, optimizer):
     """The schedule is read ahead (a copy stepped on a shadow) and followed: weights, optimizer state and the
     scheduler's state end bit for bit as without the callback, and the plan was followed (not left)."""
@@ -419,4 +431,5 @@ def test_callback_is_an_observer_under_every_schedule_family(tmp_path, family, o
             assert torch.equal(value, o1["state"][i][name]) if isinstance(value, torch.Tensor) else value == o1["state"][i][name], (i, name)
     assert repr(s0) == repr(s1)
     schedule = smd.summary()["schedule"]["0"]
-    assert schedule["read"] and schedule["followed"], schedule
+    # a few changes (two steps; this 30-step WSD's 6 decay steps) are judged change by change, the rest followed
+    assert schedule["read"] and schedule["followed"] == (family not in ("step", "wsd")), schedule

@@ -74,7 +74,7 @@ class Following(PerUnit):
 
     def set_plan(self, optimizer: int, plan: Plan | None, description: dict[str, Any]) -> None:
         """Follow ``plan`` for the units of ``optimizer`` (``None``: judge the changes as they come)."""
-        if plan is not None and plan.varies():
+        if plan is not None and plan.followed():
             self.plans[optimizer] = plan
         else:
             self.plans.pop(optimizer, None)

@@ -46,6 +46,8 @@ __all__ = ["Plan", "plan_from_columns", "Forecast", "forecast_units", "knots"]
 KNOT_RTOL = 2e-3
 #: At most this many distinct settings are evaluated by the rule (the knot tolerance doubles until it fits).
 MAX_KNOTS = 4096
+#: A plan whose settings change at no more steps than this (in every param group) is judged change by change.
+FEW_CHANGES = 10
 
 
 def knots(columns: Mapping[str, np.ndarray], rtol: float = KNOT_RTOL, limit: int = MAX_KNOTS) -> np.ndarray:
@@ -149,6 +151,15 @@ class Plan:
     def varies(self) -> bool:
         """The settings move over the plan (by more than the knot tolerance)."""
         return any(len(k) > 1 for k in self.knot_index)
+
+    def stepwise(self) -> bool:
+        """The settings change at a few steps only (at most :data:`FEW_CHANGES` in every group: step decays, a short
+        warm-up): judged change by change, each re-equilibration timed, as without a plan."""
+        return all(len(k) - 1 <= FEW_CHANGES for k in self.knot_index)
+
+    def followed(self) -> bool:
+        """Judge against the trajectory: the settings move, and more often than a few step changes."""
+        return self.varies() and not self.stepwise()
 
     def hyper_at(self, group: int, step: int) -> dict[str, float]:
         """The rule's hyper-parameters planned for ``step``."""

@@ -256,12 +256,11 @@ class Session:
             # the read's start is the Trainer's count (restored on a resume); the recorder's is set at the first batch
             first = int(getattr(read, "start_step", taken)) + 1
             plan = plan_from_columns(rule, columns, first, read.source, read.truncated, settings)
-            followed = followed or plan.varies()
-            following.set_plan(
-                index,
-                plan if plan.varies() else None,
-                {"read": True, "source": read.source, "steps": plan.n_steps, "truncated": bool(read.truncated), "followed": plan.varies()},
-            )
+            followed = followed or plan.followed()
+            entry = {"read": True, "source": read.source, "steps": plan.n_steps, "truncated": bool(read.truncated), "followed": plan.followed()}
+            if plan.varies() and not plan.followed():
+                entry["why"] = "the settings change at a few steps only: each change is judged as it comes, its re-equilibration timed"
+            following.set_plan(index, plan if plan.followed() else None, entry)
         self._warn_too_short(followed)
 
     def _warn_too_short(self, followed: bool = False) -> None:
