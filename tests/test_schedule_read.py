@@ -663,6 +663,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a subprocess with timm on its path (~7 s)
 def test_timm_schedulers_stepped_by_the_documented_lr_scheduler_step(tmp_path):
     zoo = ROOT / ".zoo-deps"
     if not (zoo / "timm").is_dir():
