@@ -50,9 +50,7 @@ from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES, DiagnosticsCo
 from lightning_smd.analysis.events import Diverged, Divergence, Event, NormSpike, Reequilibrating, Spikes, VanishingNoise, VanishingWatch
 from lightning_smd.analysis.fields import PerUnit, check_distinct, plain, unplain
 from lightning_smd.analysis.events import LeftPlan
-from lightning_smd.analysis.following import PLAN_RTOL, Following
-from lightning_smd.analysis.theory import Rule
-from lightning_smd.analysis.trajectory import Plan
+from lightning_smd.analysis.following import Following
 from lightning_smd.analysis.forecast import predicted_time_to_equilibrium, steps_needed
 from lightning_smd.analysis.judgement import JudgeInputs, Judgement, Record, judge
 from lightning_smd.analysis.keys import LAYER_METRICS, layer_metric_keys, metric_name
@@ -237,22 +235,17 @@ class Diagnostics:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             pred = settings_pred * f_delta
             ratio = np.where(pred > 0, delta / pred, np.nan)
-        plan = self._plan(batch, step, hyper, n_groups)
+        plan, left = self.following.plan_for(batch.optimizer_index, step, hyper, n_groups)
+        if left is not None:
+            self.events.append(left)
         judged_ratio, log_ref, tracked = ratio, None, (settings_pred, scale, preds)
         if plan is not None:
             power = np.array([p.power for p in preds])[group]
-            fresh = ~(self.following.model_k[idx] > 0)
-            if fresh.any():  # first met: its equilibrium from this step's statistics, refined at every drain
-                self.following.refresh_k(plan, idx[fresh], group[fresh], self._equilibrium_q(batch.rule, hyper, group[fresh], idx[fresh], power[fresh]), step)
-            trajectory = self.following.step(plan, idx, group, step, batch.norm_sq_before[r], pred, power)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                judged_ratio = np.where(trajectory > 0, delta / trajectory, np.nan)
-                log_ref = np.log(self.following.model_q[idx]) / power  # ‖ŵ‖ after the step
-            self.following.ratio.update(idx, judged_ratio)
-            self._observe_update(batch, r, idx, hyper, group, np.array([p.decay for p in preds])[group])
+            decay = np.array([p.decay for p in preds])[group]
+            judged_ratio, log_ref = self.following.follow(plan, batch, r, hyper, pred, power, decay, m.unit_grad.value(idx), self._numel[idx])
             # the target moves continuously: no change of settings restarts the samples, and the windows follow the
             # fastest relaxation the plan reaches
-            reference = [replace(p, tau_ratio=float(np.nanmin(plan.tau[g]))) for g, p in enumerate(preds)]
+            reference = [replace(p, tau_ratio=float(plan.tau_ref[g])) for g, p in enumerate(preds)]
             tracked = (np.ones(len(idx)), np.ones(len(idx)), reference)
             preds = reference
         rec = self.record
@@ -274,64 +267,9 @@ class Diagnostics:
         m.decay[idx] = np.array([p.decay for p in preds])[group]
         return pred, ratio, judged_ratio, np.array([p.grad_exponent for p in preds])[group], log_ref
 
-    def _equilibrium_q(self, rule: Rule, hyper: Sequence[dict[str, float]], group: np.ndarray, idx: np.ndarray, power: np.ndarray) -> np.ndarray:
-        """Each unit's equilibrium norm variable ``‖w*‖^p`` under ``hyper`` from its smoothed statistics: the measured
-        update's mean square where the rule has a norm from it (AdamW), else the gradient statistic ``L``."""
-        L = self.measurements.unit_grad.value(idx)
-        f = self.following
-        # the measured update of a lagging second moment carries the normalized gradient's ĝ² = 1/(q·v) of the moment:
-        # the equilibrium is that of ĝ² = 1 (the model's state says how far from it)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            g2 = np.where((f.model_step[idx] >= 0) & (f.model_v[idx] > 0), 1.0 / (f.model_q[idx] * f.model_v[idx]), 1.0)
-        U = f.update.value(idx) / np.where(np.isfinite(g2) & (g2 > 0), g2, 1.0)
-        out = np.full(len(idx), np.nan)
-        for j, u in enumerate(idx.tolist()):
-            h = hyper[int(group[j])]
-            norm = rule.weight_norm_from_update(h, float(U[j])) if np.isfinite(U[j]) else math.nan
-            if not math.isfinite(norm):
-                norm = rule.weight_norm(h, float(L[j]), self._units[u].numel)
-            out[j] = norm ** power[j]
-        return out
-
     def _refresh_forecast(self, batch: StepBatch, idx: np.ndarray) -> None:
-        """At each drain: the units' equilibrium factors from the smoothed statistics, and the forecast from there."""
-        plan = self.following.plans.get(batch.optimizer_index)
-        step = int(batch.steps[-1])
-        if plan is None or not self.following.on_trajectory[idx].any() or step > plan.last_step:
-            return
-        group = batch.unit_group
-        power = plan.power[group]
-        hyper = [plan.hyper_at(g, step) for g in range(plan.lr.shape[0])]
-        self.following.refresh_k(plan, idx, group, self._equilibrium_q(batch.rule, hyper, group, idx, power), step)
-        self.following.forecast(plan, idx, group, step)
-
-    def _plan(self, batch: StepBatch, step: int, hyper: Sequence[dict[str, float]], n_groups: int) -> Plan | None:
-        """The plan this step of ``batch`` follows (``None``: judge changes as they come); a step whose settings left
-        the plan ends the following for its optimizer."""
-        plan = self.following.plans.get(batch.optimizer_index)
-        if plan is None or not plan.first_step <= step <= plan.last_step:
-            return None
-        i = plan.index(step)
-        for g in range(min(n_groups, plan.lr.shape[0])):
-            for key, planned in (("lr", plan.lr[g, i]), ("weight_decay", plan.weight_decay[g, i])):
-                actual = float(hyper[g].get(key, math.nan))
-                if not abs(actual - planned) <= PLAN_RTOL * max(abs(actual), abs(planned)):
-                    why = f"{key} of param group {g} was {actual:.4g} at step {step}, the schedule read at fit start planned {planned:.4g}"
-                    self.following.drop(batch.optimizer_index, step, why)
-                    self.events.append(LeftPlan(batch.optimizer_index, step, why))
-                    return None
-        return plan
-
-    def _observe_update(self, batch: StepBatch, r: int, idx: np.ndarray, hyper: Sequence[dict[str, float]], group: np.ndarray, e: np.ndarray) -> None:
-        """The mean square of a decoupled update ``‖u‖² = ‖ηu‖²/η²`` (AdamW's equilibrium norm follows it)."""
-        if batch.norm_sq_change is None or not np.isfinite(e).any():
-            return
-        lr = np.array([float(hyper[int(g)].get("lr", math.nan)) for g in group])
-        a, q = batch.norm_sq_before[r], batch.update_sq[r]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c = 0.5 * (batch.norm_sq_change[r] - q)  # ⟨w, δw⟩
-            u_sq = (q + 2.0 * e * c + e * e * a) / (lr * lr)
-        self.following.update.update(idx, np.where(np.isfinite(e) & (lr > 0), u_sq, np.nan))
+        """At each drain: the followed units' equilibrium factors from the smoothed statistics, and their forecast."""
+        self.following.refresh(batch, idx, self.measurements.unit_grad.value(idx), self._numel[idx])
 
     def _observe(
         self, batch: StepBatch, idx: np.ndarray, r: int, ratio: np.ndarray, judged_ratio: np.ndarray, exponent: np.ndarray, log_ref: np.ndarray | None

@@ -16,8 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from collections.abc import Sequence
+
 from lightning_smd.analysis.ema import Ema
+from lightning_smd.analysis.events import LeftPlan
 from lightning_smd.analysis.fields import Field, PerUnit
+from lightning_smd.analysis.theory import Rule
 from lightning_smd.analysis.trajectory import Forecast, Plan, forecast_units
 
 __all__ = ["Following", "FORECAST_AFTER", "PLAN_RTOL"]
@@ -89,6 +93,86 @@ class Following(PerUnit):
             entry["why"] = why
 
     # ------------------------------------------------------------------------------------------
+    def plan_for(self, optimizer: int, step: int, hyper: Sequence[dict[str, float]], n_groups: int) -> tuple[Plan | None, LeftPlan | None]:
+        """The plan optimizer ``optimizer``'s ``step`` follows (``None``: judge changes as they come); settings that left
+        the plan (learning rate or weight decay further than :data:`PLAN_RTOL` from it) end the following, returned as
+        the event that says so."""
+        plan = self.plans.get(optimizer)
+        if plan is None or not plan.first_step <= step <= plan.last_step:
+            return None, None
+        i = plan.index(step)
+        for g in range(min(n_groups, plan.lr.shape[0])):
+            for key, planned in (("lr", plan.lr[g, i]), ("weight_decay", plan.weight_decay[g, i])):
+                actual = float(hyper[g].get(key, math.nan))
+                if not abs(actual - planned) <= PLAN_RTOL * max(abs(actual), abs(planned)):
+                    why = f"{key} of param group {g} was {actual:.4g} at step {step}, the schedule read at fit start planned {planned:.4g}"
+                    self.drop(optimizer, step, why)
+                    return None, LeftPlan(optimizer, step, why)
+        return plan, None
+
+    def follow(
+        self, plan: Plan, batch: Any, r: int, hyper: Sequence[dict[str, float]], delta_star: np.ndarray, power: np.ndarray, decay: np.ndarray,
+        L: np.ndarray, numel: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Step ``r`` of ``batch`` along the trajectory: returns each unit's ``Δ/Δ̂`` and ``log ‖ŵ‖`` after the step.
+        A unit met for the first time gets its equilibrium factor from this step's statistics (refined at every
+        drain, :meth:`refresh`)."""
+        idx, group, step = batch.unit_index, batch.unit_group, int(batch.steps[r])
+        fresh = ~(self.model_k[idx] > 0)
+        if fresh.any():
+            q_star = self._equilibrium_q(batch.rule, hyper, group[fresh], idx[fresh], power[fresh], L[fresh], numel[fresh])
+            self.refresh_k(plan, idx[fresh], group[fresh], q_star, step)
+        trajectory = self.step(plan, idx, group, step, batch.norm_sq_before[r], delta_star, power)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            judged = np.where(trajectory > 0, batch.angular_update[r] / trajectory, np.nan)
+            log_ref = np.log(self.model_q[idx]) / power
+        self.ratio.update(idx, judged)
+        self._observe_update(batch, r, hyper, decay)
+        return judged, log_ref
+
+    def refresh(self, batch: Any, idx: np.ndarray, L: np.ndarray, numel: np.ndarray) -> None:
+        """At a drain: the equilibrium factors of ``batch``'s units (``idx``) from their smoothed statistics ``L``, and
+        their forecast from the model's state."""
+        plan = self.plans.get(batch.optimizer_index)
+        step = int(batch.steps[-1])
+        if plan is None or not self.on_trajectory[idx].any() or step > plan.last_step:
+            return
+        group = batch.unit_group
+        power = plan.power[group]
+        hyper = [plan.hyper_at(g, step) for g in range(plan.lr.shape[0])]
+        self.refresh_k(plan, idx, group, self._equilibrium_q(batch.rule, hyper, group, idx, power, L, numel), step)
+        self.forecast(plan, idx, group, step)
+
+    def _equilibrium_q(
+        self, rule: Rule, hyper: Sequence[dict[str, float]], group: np.ndarray, idx: np.ndarray, power: np.ndarray, L: np.ndarray, numel: np.ndarray
+    ) -> np.ndarray:
+        """Each unit's equilibrium norm variable ``‖w*‖^p`` under ``hyper``: from the measured update's mean square
+        where the rule has a norm from it (AdamW), else from the gradient statistic ``L`` and the size ``numel``."""
+        # the measured update of a lagging second moment carries the normalized gradient's ĝ² = 1/(q·v) of the moment:
+        # the equilibrium is that of ĝ² = 1 (the model's state says how far from it)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            g2 = np.where((self.model_step[idx] >= 0) & (self.model_v[idx] > 0), 1.0 / (self.model_q[idx] * self.model_v[idx]), 1.0)
+        U = self.update.value(idx) / np.where(np.isfinite(g2) & (g2 > 0), g2, 1.0)
+        out = np.full(len(idx), np.nan)
+        for j in range(len(idx)):
+            h = hyper[int(group[j])]
+            norm = rule.weight_norm_from_update(h, float(U[j])) if np.isfinite(U[j]) else math.nan
+            if not math.isfinite(norm):
+                norm = rule.weight_norm(h, float(L[j]), int(numel[j]))
+            out[j] = norm ** power[j]
+        return out
+
+    def _observe_update(self, batch: Any, r: int, hyper: Sequence[dict[str, float]], e: np.ndarray) -> None:
+        """The mean square of a decoupled update ``‖u‖² = ‖ηu‖²/η²`` (AdamW's equilibrium norm follows it)."""
+        if batch.norm_sq_change is None or not np.isfinite(e).any():
+            return
+        lr = np.array([float(hyper[int(g)].get("lr", math.nan)) for g in batch.unit_group])
+        a, q = batch.norm_sq_before[r], batch.update_sq[r]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = 0.5 * (batch.norm_sq_change[r] - q)  # ⟨w, δw⟩
+            u_sq = (q + 2.0 * e * c + e * e * a) / (lr * lr)
+        self.update.update(batch.unit_index, np.where(np.isfinite(e) & (lr > 0), u_sq, np.nan))
+
     def step(
         self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, norm_sq_before: np.ndarray, delta_star: np.ndarray, power: np.ndarray
     ) -> np.ndarray:

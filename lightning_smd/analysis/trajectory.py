@@ -32,6 +32,7 @@ ahead from the schedulers) and go through the optimizer's :class:`~lightning_smd
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,7 @@ class Plan:
     knot_index: list[np.ndarray]
     lag: np.ndarray
     """β2 of a second moment that lags the gradient's scale, per group (0: none)."""
+    tau_ref: np.ndarray = field(init=False)
     log_a: np.ndarray = field(init=False)
     """``Σ_{s<i} log ρ_s`` per group, ``[groups, n + 1]`` (``ρ^k`` over any stretch of entries)."""
 
@@ -135,6 +137,10 @@ class Plan:
         with np.errstate(divide="ignore", invalid="ignore"):
             log_rho = np.where(np.isfinite(self.tau) & (self.tau > 0), -1.0 / self.tau, 0.0)
         self.log_a[:, 1:] = np.cumsum(log_rho, axis=1)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a group without any finite τ: nan
+            self.tau_ref = np.nanmin(np.where(np.isfinite(self.tau) & (self.tau > 0), self.tau, np.nan), axis=1) if n else np.full(g, np.nan)
+        """Per group, the fastest relaxation the plan reaches (the judged windows' time constant under the plan)."""
 
     @property
     def n_steps(self) -> int:
