@@ -431,48 +431,21 @@ def read_schedule(
     t0 = time.perf_counter()
     optimizer = _unwrap(optimizer)
     n_planned = _finite_int(n_steps)
-    entries: list[tuple[Any, str, int, SchedulerCall]] = []
-    for entry in schedulers:
-        scheduler, interval, frequency = entry[0], entry[1], entry[2]
-        call = entry[3] if len(entry) > 3 and entry[3] is not None else SchedulerCall()
-        entries.append((scheduler, str(interval), int(frequency), call))
+    entries = [(e[0], str(e[1]), int(e[2]), e[3] if len(e) > 3 and e[3] is not None else SchedulerCall()) for e in schedulers]
 
     def unreadable(what: str) -> Unreadable:
         return Unreadable(optimizer_index, f"{what}; {_FALLBACK}.")
 
-    for scheduler, interval, frequency, _ in entries:
-        if _is_plateau(scheduler):
-            return unreadable(f"{_name(scheduler)} reacts to a monitored metric and cannot be read ahead")
-        if interval not in ("step", "epoch"):
-            return unreadable(f"{_name(scheduler)} has interval {interval!r} (not 'step' or 'epoch') and cannot be read ahead")
-        if frequency < 1:
-            return unreadable(f"{_name(scheduler)} has frequency {frequency} (< 1) and cannot be read ahead")
-        strangers = [s for s in _nested(scheduler) if hasattr(s, "optimizer") and _unwrap(s.optimizer) is not optimizer]
-        if strangers:
-            return unreadable(f"{_name(strangers[0])} belongs to another optimizer than optimizer {optimizer_index} and cannot be read ahead with it")
-    if n_planned is None:
-        return unreadable("the number of planned optimizer steps is unknown (set max_epochs or max_steps), so the schedule cannot be read ahead")
     accumulate = max(int(accumulate_grad_batches), 1)
     epoch_batches = batches_per_epoch if batches_per_epoch is not None else (steps_per_epoch * accumulate if steps_per_epoch is not None else None)
     epoch_batches = _finite_int(epoch_batches)
-    if epoch_batches is not None and epoch_batches < 1:
-        return unreadable(f"an epoch of {epoch_batches} batches cannot be planned")
-    if epoch_batches is None and any(interval == "epoch" for _, interval, _, _ in entries):
-        name = next(_name(s) for s, interval, _, _ in entries if interval == "epoch")
-        return unreadable(f"{name} steps at epoch ends and the epoch length is unknown (an iterable without a length), so it cannot be read ahead")
-
+    why = _why_unreadable(entries, optimizer, optimizer_index, n_planned, epoch_batches)
+    if why is not None:
+        return unreadable(why)
+    assert n_planned is not None
     n_read = max(min(n_planned, int(max_steps)), 0)
     if not entries:
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        recorder = _Recorder(groups, keys)
-        recorder.rows, recorder.counts = ([[_freeze(g[k]) for g, k in recorder.pairs]], [n_read]) if n_read else ([], [])
-        columns, bools = recorder.columns(len(groups))
-        truncated = n_read < n_planned
-        source = "no scheduler: constant settings"
-        if truncated:
-            source += f", read for the first {n_read:,} of {_steps_text(n_planned)} (stopped by the {int(max_steps):,}-step cap)"
-        return PlannedSchedule(optimizer_index, int(start_step), columns, source, truncated, bools)
-
+        return _constant_plan(optimizer, keys, n_read, n_planned, max_steps, optimizer_index, start_step)
     try:
         shadow, copies = _copy_onto_shadow(optimizer, [s for s, _, _, _ in entries], shared)
     except Exception as exc:  # noqa: BLE001 - any failure of a user object's copy makes the plan unreadable
@@ -480,21 +453,80 @@ def read_schedule(
     stray = [s for c in copies for s in _nested(c) if hasattr(s, "optimizer") and s.optimizer is not shadow]
     if stray:
         return unreadable(f"{_name(stray[0])} holds its optimizer in a way the read-ahead cannot redirect, so it cannot be read ahead")
-
-    # (copy, frequency, its bound step method, the counter offset or None): the loop below is the hot path
-    step_entries = [(c, f, getattr(c, call.method), call.offset) for c, (_, interval, f, call) in zip(copies, entries, strict=True) if interval == "step"]
-    epoch_entries = [(c, f, getattr(c, call.method), call.offset) for c, (_, interval, f, call) in zip(copies, entries, strict=True) if interval == "epoch"]
     recorder = _Recorder(shadow.param_groups, keys)
-    snapshot, same = recorder.snapshot, recorder.same
-    deadline = t0 + float(max_seconds)
-    batch = int(start_batch) % epoch_batches if epoch_batches else int(start_batch)
-    epoch = int(start_epoch)
-    step0 = int(start_step)
-    ends = epoch_batches if epoch_batches is not None else math.inf
-    done = n_read
-    stopped_by = ""
-    current = None
+    walk = _Walk(copies, entries, accumulate, epoch_batches, int(start_batch), int(start_epoch), int(start_step))
     try:
+        done, stopped_by = walk.run(recorder, n_read, t0 + float(max_seconds), max_seconds)
+        columns, bools = recorder.columns(len(shadow.param_groups))
+    except Exception as exc:  # noqa: BLE001 - a scheduler that fails on the shadow makes the plan unreadable
+        where = f" after optimizer step {int(start_step) + recorder.length}" if recorder.counts else ""
+        culprit = _name(walk.current) if walk.current is not None else _describe(entries, accumulate, False)
+        return unreadable(f"{culprit} raised {type(exc).__name__} ({exc}) when stepped ahead{where}, so the schedule cannot be read ahead")
+    what = _describe(entries, accumulate, _by_hook)
+    return _planned(optimizer_index, start_step, columns, bools, what, (done, n_read, n_planned), max_steps, stopped_by)
+
+
+def _why_unreadable(
+    entries: Sequence[tuple[Any, str, int, SchedulerCall]], optimizer: Any, optimizer_index: int, n_planned: int | None, epoch_batches: int | None
+) -> str | None:
+    """Why these schedulers cannot be read ahead for ``optimizer`` (``None``: they can)."""
+    for scheduler, interval, frequency, _ in entries:
+        if _is_plateau(scheduler):
+            return f"{_name(scheduler)} reacts to a monitored metric and cannot be read ahead"
+        if interval not in ("step", "epoch"):
+            return f"{_name(scheduler)} has interval {interval!r} (not 'step' or 'epoch') and cannot be read ahead"
+        if frequency < 1:
+            return f"{_name(scheduler)} has frequency {frequency} (< 1) and cannot be read ahead"
+        strangers = [s for s in _nested(scheduler) if hasattr(s, "optimizer") and _unwrap(s.optimizer) is not optimizer]
+        if strangers:
+            return f"{_name(strangers[0])} belongs to another optimizer than optimizer {optimizer_index} and cannot be read ahead with it"
+    if n_planned is None:
+        return "the number of planned optimizer steps is unknown (set max_epochs or max_steps), so the schedule cannot be read ahead"
+    if epoch_batches is not None and epoch_batches < 1:
+        return f"an epoch of {epoch_batches} batches cannot be planned"
+    if epoch_batches is None and any(interval == "epoch" for _, interval, _, _ in entries):
+        name = next(_name(s) for s, interval, _, _ in entries if interval == "epoch")
+        return f"{name} steps at epoch ends and the epoch length is unknown (an iterable without a length), so it cannot be read ahead"
+    return None
+
+
+def _constant_plan(optimizer: Any, keys: Sequence[str], n_read: int, n_planned: int, max_steps: int, optimizer_index: int, start_step: int) -> PlannedSchedule:
+    """No scheduler: the settings as they are, for every planned step."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    recorder = _Recorder(groups, keys)
+    recorder.rows, recorder.counts = ([[_freeze(g[k]) for g, k in recorder.pairs]], [n_read]) if n_read else ([], [])
+    columns, bools = recorder.columns(len(groups))
+    truncated = n_read < n_planned
+    source = "no scheduler: constant settings"
+    if truncated:
+        source += f", read for the first {n_read:,} of {_steps_text(n_planned)} (stopped by the {int(max_steps):,}-step cap)"
+    return PlannedSchedule(optimizer_index, int(start_step), columns, source, truncated, bools)
+
+
+class _Walk:
+    """Steps the copies as Lightning steps the real schedulers, optimizer step after optimizer step (the hot path of
+    the read); :attr:`current` names the scheduler stepped last (the culprit when one raises)."""
+
+    def __init__(
+        self, copies: Sequence[Any], entries: Sequence[tuple[Any, str, int, SchedulerCall]], accumulate: int, epoch_batches: int | None,
+        start_batch: int, start_epoch: int, start_step: int,
+    ) -> None:  # fmt: skip
+        # (copy, frequency, its bound step method, the counter offset or None)
+        pairs = list(zip(copies, entries, strict=True))
+        self.step_entries = [(c, f, getattr(c, call.method), call.offset) for c, (_, interval, f, call) in pairs if interval == "step"]
+        self.epoch_entries = [(c, f, getattr(c, call.method), call.offset) for c, (_, interval, f, call) in pairs if interval == "epoch"]
+        self.accumulate, self.epoch_batches = accumulate, epoch_batches
+        self.batch = start_batch % epoch_batches if epoch_batches else start_batch
+        self.epoch, self.step0 = start_epoch, start_step
+        self.current: Any = None
+
+    def run(self, recorder: _Recorder, n_read: int, deadline: float, max_seconds: float) -> tuple[int, str]:
+        """Record ``n_read`` steps' settings (fewer past ``deadline``); returns the steps read and what stopped it."""
+        snapshot, same = recorder.snapshot, recorder.same
+        step_entries, epoch_entries = self.step_entries, self.epoch_entries
+        accumulate, epoch_batches, step0 = self.accumulate, self.epoch_batches, self.step0
+        ends = epoch_batches if epoch_batches is not None else math.inf
+        batch, epoch = self.batch, self.epoch
         if n_read:
             snapshot()
         for i in range(1, n_read):
@@ -504,16 +536,18 @@ def read_schedule(
             if last:
                 batch = epoch_batches
             stepped = False
-            for current, frequency, method, offset in step_entries:  # noqa: B007 - `current` names a failing scheduler
+            for copied, frequency, method, offset in step_entries:
                 if batch % frequency == 0:
+                    self.current = copied
                     if offset is None:
                         method()
                     else:
                         method(step0 + i + offset)
                     stepped = True
             if last:
-                for current, frequency, method, offset in epoch_entries:  # noqa: B007
+                for copied, frequency, method, offset in epoch_entries:
                     if (epoch + 1) % frequency == 0:
+                        self.current = copied
                         if offset is None:
                             method()
                         else:
@@ -526,15 +560,8 @@ def read_schedule(
             else:
                 same()
             if not i & 1023 and time.perf_counter() > deadline:
-                done, stopped_by = i + 1, f"the {max_seconds:g} s time cap"
-                break
-        columns, bools = recorder.columns(len(shadow.param_groups))
-    except Exception as exc:  # noqa: BLE001 - a scheduler that fails on the shadow makes the plan unreadable
-        where = f" after optimizer step {step0 + recorder.length}" if recorder.counts else ""
-        culprit = _name(current) if current is not None else _describe(entries, accumulate, False)
-        return unreadable(f"{culprit} raised {type(exc).__name__} ({exc}) when stepped ahead{where}, so the schedule cannot be read ahead")
-    what = _describe(entries, accumulate, _by_hook)
-    return _planned(optimizer_index, start_step, columns, bools, what, (done, n_read, n_planned), max_steps, stopped_by)
+                return i + 1, f"the {max_seconds:g} s time cap"
+        return n_read, ""
 
 
 # ----------------------------------------------------------------------------------------------
