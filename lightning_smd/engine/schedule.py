@@ -723,35 +723,17 @@ def read_trainer_schedules(
         if plateau is not None:
             results.append(unreadable(f"{_name(plateau.scheduler)} reacts to a monitored metric and cannot be read ahead"))
             continue
-        entries: list[tuple[Any, str, int, SchedulerCall]] = []
-        why = ""
-        for config in mine:  # read_schedule steps the step-interval ones first, as Lightning
-            call: SchedulerCall | str = SchedulerCall()
-            if overridden:
-                if not probe_lr_scheduler_step:
-                    why = "the LightningModule overrides lr_scheduler_step, so its schedulers cannot be read ahead"
-                    break
-                call = _probe(module, config.scheduler, config.interval, {"epoch": current_epoch, "step": global_step})
-                if isinstance(call, str):
-                    why = f"{call} ({_name(config.scheduler)})"
-                    break
-            entries.append((config.scheduler, config.interval, int(config.frequency), call))
-        if why:
+        entries = _trainer_entries(mine, module if overridden else None, probe_lr_scheduler_step, {"epoch": current_epoch, "step": global_step})
+        if isinstance(entries, str):
+            results.append(unreadable(entries))
+            continue
+        why = _epoch_positions_unknown(entries, batches, data_ready, reloads) or (
+            "the strategy accumulates gradients itself, so when the schedulers step cannot be told ahead"
+            if entries and handles_accumulation and accumulate > 1
+            else None
+        )
+        if why is not None:
             results.append(unreadable(why))
-            continue
-        # with frequency 1 a step-interval scheduler steps after every optimizer step, wherever the epoch ends
-        boundaries = any(interval == "epoch" or frequency > 1 for _, interval, frequency, _ in entries)
-        if boundaries and batches is None:
-            unknown = "it is an iterable without a length" if data_ready else "the training data is not set up yet (read the schedule in on_train_start)"
-            results.append(unreadable(f"the schedulers step at epoch or batch positions and the epoch length is unknown ({unknown})"))
-            continue
-        if boundaries and reloads:
-            results.append(
-                unreadable("the schedulers step at epoch or batch positions and the training data is reloaded during the fit (its length may change)")
-            )
-            continue
-        if entries and handles_accumulation and accumulate > 1:
-            results.append(unreadable("the strategy accumulates gradients itself, so when the schedulers step cannot be told ahead"))
             continue
         results.append(
             read_schedule(
@@ -772,6 +754,35 @@ def read_trainer_schedules(
             )
         )
     return results
+
+
+def _trainer_entries(configs: Sequence[Any], module: Any, probe: bool, counters: Mapping[str, int]) -> list[tuple[Any, str, int, SchedulerCall]] | str:
+    """The :func:`read_schedule` entries of one optimizer's scheduler configs, or why they cannot be read. ``module``:
+    the LightningModule when it overrides ``lr_scheduler_step`` (each scheduler's call is then probed, if ``probe``)."""
+    entries: list[tuple[Any, str, int, SchedulerCall]] = []
+    for config in configs:  # read_schedule steps the step-interval ones first, as Lightning
+        call: SchedulerCall | str = SchedulerCall()
+        if module is not None:
+            if not probe:
+                return "the LightningModule overrides lr_scheduler_step, so its schedulers cannot be read ahead"
+            call = _probe(module, config.scheduler, config.interval, counters)
+            if isinstance(call, str):
+                return f"{call} ({_name(config.scheduler)})"
+        entries.append((config.scheduler, config.interval, int(config.frequency), call))
+    return entries
+
+
+def _epoch_positions_unknown(entries: Sequence[tuple[Any, str, int, SchedulerCall]], batches: int | None, data_ready: bool, reloads: int) -> str | None:
+    """Why the epoch positions the schedulers step at cannot be told ahead (``None``: they can, or none matter: with
+    frequency 1 a step-interval scheduler steps after every optimizer step, wherever the epoch ends)."""
+    if not any(interval == "epoch" or frequency > 1 for _, interval, frequency, _ in entries):
+        return None
+    if batches is None:
+        unknown = "it is an iterable without a length" if data_ready else "the training data is not set up yet (read the schedule in on_train_start)"
+        return f"the schedulers step at epoch or batch positions and the epoch length is unknown ({unknown})"
+    if reloads:
+        return "the schedulers step at epoch or batch positions and the training data is reloaded during the fit (its length may change)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
