@@ -81,6 +81,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_smd.analysis.theory import Rule, rule_for
+from lightning_smd.analysis.trajectory import Plan, plan_from_columns
+
 __all__ = [
     "MAX_SECONDS",
     "MAX_STEPS",
@@ -785,6 +788,23 @@ def _epoch_positions_unknown(entries: Sequence[tuple[Any, str, int, SchedulerCal
     return None
 
 
+def plan_of(read: PlannedSchedule | Unreadable, rule: Rule, settings: Mapping[str, object], groups: Sequence[int]) -> tuple[Plan | None, dict[str, Any]]:
+    """The :class:`~lightning_smd.analysis.trajectory.Plan` to follow from one optimizer's read (``None``: judge its
+    changes as they come) and how the schedule was read, for the summary's ``schedule``. ``groups``: the param-group
+    indices the recorder's batches index. The plan starts after the read's ``start_step`` (the Trainer's count,
+    restored on a resume; the recorder's own is set only at the first batch)."""
+    if isinstance(read, Unreadable):
+        return None, {"read": False, "reason": read.reason, "followed": False}
+    if not rule.known:
+        return None, {"read": True, "source": read.source, "followed": False, "reason": "no rule for the optimizer"}
+    columns = [read.columns[g] for g in groups if g < len(read.columns)]
+    plan = plan_from_columns(rule, columns, int(read.start_step) + 1, read.source, read.truncated, settings)
+    entry: dict[str, Any] = {"read": True, "source": read.source, "steps": plan.n_steps, "truncated": bool(read.truncated), "followed": plan.followed()}
+    if plan.varies() and not plan.followed():
+        entry["why"] = "the settings change at a few steps only: each change is judged as it comes, its re-equilibration timed"
+    return (plan if plan.followed() else None), entry
+
+
 # ----------------------------------------------------------------------------------------------
 # A hand-written schedule
 # ----------------------------------------------------------------------------------------------
@@ -878,8 +898,6 @@ def read_monitor_schedules(optimizers: Sequence[Any], schedule: Any, n_steps: in
     """What :class:`~lightning_smd.SMDMonitor` follows: per optimizer, its scheduler (``schedule`` a scheduler or a list
     of one per optimizer, stepped after every optimizer step), a function of the step, or with ``None`` its settings
     as they are (constant)."""
-    from lightning_smd.analysis.theory import rule_for
-
     if schedule is None or callable(schedule) and not hasattr(schedule, "step"):
         given: list[Any] = [schedule] * len(optimizers)
     else:

@@ -34,7 +34,7 @@ from lightning_smd.engine.measure import DistanceTracker, StepRecorder
 from lightning_smd.messages import SMDWarning
 from lightning_smd.io.report import write_summary
 from lightning_smd.analysis.theory import group_hyper, rule_for
-from lightning_smd.analysis.trajectory import plan_from_columns
+from lightning_smd.engine.schedule import plan_of
 
 __all__ = ["Session", "GATE_MODES"]
 
@@ -239,28 +239,15 @@ class Session:
             return
         by_index = {r.optimizer_index: r for r in reads}
         followed = False
-        for index, _optimizer, rule, settings, groups, taken in self.recorder.optimizer_groups():
+        for index, _optimizer, rule, settings, groups, _taken in self.recorder.optimizer_groups():
             read = by_index.get(index)
             if read is None:
                 continue
-            following = self.diagnostics.following
-            reason = getattr(read, "reason", None)
-            if reason is not None:
-                following.set_plan(index, None, {"read": False, "reason": reason, "followed": False})
-                self.warn("SMD018", once=f"schedule:{index}", optimizer=index, reason=reason)
-                continue
-            if not rule.known:
-                following.set_plan(index, None, {"read": True, "source": read.source, "followed": False, "reason": "no rule for the optimizer"})
-                continue
-            columns = [read.columns[g] for g in groups if g < len(read.columns)]
-            # the read's start is the Trainer's count (restored on a resume); the recorder's is set at the first batch
-            first = int(getattr(read, "start_step", taken)) + 1
-            plan = plan_from_columns(rule, columns, first, read.source, read.truncated, settings)
-            followed = followed or plan.followed()
-            entry = {"read": True, "source": read.source, "steps": plan.n_steps, "truncated": bool(read.truncated), "followed": plan.followed()}
-            if plan.varies() and not plan.followed():
-                entry["why"] = "the settings change at a few steps only: each change is judged as it comes, its re-equilibration timed"
-            following.set_plan(index, plan if plan.followed() else None, entry)
+            plan, entry = plan_of(read, rule, settings, groups)
+            self.diagnostics.following.set_plan(index, plan, entry)
+            followed = followed or plan is not None
+            if not entry["read"]:
+                self.warn("SMD018", once=f"schedule:{index}", optimizer=index, reason=entry["reason"])
         self._warn_too_short(followed)
 
     def _warn_too_short(self, followed: bool = False) -> None:
