@@ -62,10 +62,11 @@ def test_a_checkpoint_written_before_the_split_loads_key_for_key_and_continues_t
     d = Diagnostics(units(3))
     d.load_state_dict(fixture["state"])
     # every key of the old layout is read and written back unchanged (no key lost); the keys added since are those of
-    # the trajectory that follows a planned schedule (lightning_smd.analysis.following), and only those
+    # the trajectory that follows a planned schedule (lightning_smd.analysis.following) and the last change that did
+    # not restart the samples (a followed plan's step), and only those
     state = _json(d.state_dict())
     assert {k: state[k] for k in fixture["state"]} == fixture["state"]
-    added = {f.checkpoint_key for f in Following.FIELDS} | {"trajectory_ratio", "trajectory_update"}
+    added = {f.checkpoint_key for f in Following.FIELDS} | {"trajectory_ratio", "trajectory_update", "last_change"}
     assert set(state) - set(fixture["state"]) == added
     ratio, lr, loss = _old_run_inputs()
     feed(d, ratio[700:], lr=lr[700:], first=701, loss=loss[700:])

@@ -56,7 +56,9 @@ def test_step_decay_reports_reequilibration_within_a_factor_three_of_the_predict
         assert event["observed_steps"] is not None
         ratio = event["observed_steps"] / event["expected_steps"]
         assert 1 / 3 <= ratio <= 3.0, (layer["name"], event)
+        # the decay was read ahead and followed: judged along the trajectory (the samples did not restart at it)
         assert layer["state"] == "equilibrium" and layer["steps_since_change"] == 1600
+    assert s["schedule"]["0"]["followed"] and s["schedule"]["0"]["changes"].startswith("a few steps"), s["schedule"]
     assert msgs == []
 
 

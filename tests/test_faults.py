@@ -372,7 +372,8 @@ def test_a_schedule_ending_at_zero_says_so_and_the_stop_gate_names_it(tmp_path):
     summary = fit.smd.summary()
     assert fit.trainer.global_step == summary["steps"] == 15
     names = "net.conv1.weight, net.conv2.weight, net.conv3.weight"
-    assert summary["stopped_early"] == f"3 of 3 normalized layers have a learning rate of 0, so they do not move ({names})"
+    # the schedule read ahead says the learning rate stays 0 to the end
+    assert summary["stopped_early"] == f"3 of 3 normalized layers have a learning rate of 0 for the rest of the planned schedule, so they do not move ({names})"
     stops = [w for w in fit.warnings if w.startswith("Stopping training")]
     assert len(stops) == 1 and summary["stopped_early"] in stops[0], fit.warnings
     assert "learning rate of 0" in summary["reason"] and "no weight decay" not in summary["reason"]

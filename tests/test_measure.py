@@ -431,5 +431,6 @@ def test_callback_is_an_observer_under_every_schedule_family(tmp_path, family, o
             assert torch.equal(value, o1["state"][i][name]) if isinstance(value, torch.Tensor) else value == o1["state"][i][name], (i, name)
     assert repr(s0) == repr(s1)
     schedule = smd.summary()["schedule"]["0"]
-    # a few changes (two steps; this 30-step WSD's 6 decay steps) are judged change by change, the rest followed
-    assert schedule["read"] and schedule["followed"] == (family not in ("step", "wsd")), schedule
+    # every family is followed; a few changes (two steps; this 30-step WSD's 6 decay steps) are also timed one by one
+    assert schedule["read"] and schedule["followed"], schedule
+    assert schedule["changes"] == ("a few steps (each re-equilibration timed)" if family in ("step", "wsd") else "continuous"), schedule

@@ -238,19 +238,21 @@ class Diagnostics:
         plan, left = self.following.plan_for(batch.optimizer_index, step, hyper, n_groups)
         if left is not None:
             self.events.append(left)
-        judged_ratio, log_ref, tracked = ratio, None, (settings_pred, scale, preds)
+        judged_ratio, log_ref, tracked, restart = ratio, None, (settings_pred, scale, preds), True
         if plan is not None:
             power = np.array([p.power for p in preds])[group]
             decay = np.array([p.decay for p in preds])[group]
             judged_ratio, log_ref = self.following.follow(plan, batch, r, hyper, pred, power, decay, m.unit_grad.value(idx), self._numel[idx])
-            # the target moves continuously: no change of settings restarts the samples, and the windows follow the
-            # fastest relaxation the plan reaches
+            # the target moves with the plan: no change of settings restarts the samples, and the windows follow the
+            # fastest relaxation the plan reaches; a plan of a few step changes still has each change timed as a
+            # re-equilibration (SMD022), a plan that moves at every step has no such changes
             reference = [replace(p, tau_ratio=float(plan.tau_ref[g])) for g, p in enumerate(preds)]
-            tracked = (np.ones(len(idx)), np.ones(len(idx)), reference)
+            tracked = (settings_pred, scale, reference) if plan.stepwise() else (np.ones(len(idx)), np.ones(len(idx)), reference)
+            restart = False
             preds = reference
         rec = self.record
         before = UnitsBefore(m.tau_ratio, rec.committed_state, rec.committed_ratio, rec.first_equilibrium)
-        for e in self.changes.track(idx, tracked[0], tracked[1], f_tau, tracked[2], batch, hyper, step, before, self.series):
+        for e in self.changes.track(idx, tracked[0], tracked[1], f_tau, tracked[2], batch, hyper, step, before, self.series, restart):
             self.judgement.state[e.unit] = rec.committed_state[e.unit] = UnitState.REEQUILIBRATING
             self.events.append(e)
         m.steps[idx] = step

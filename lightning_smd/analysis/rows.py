@@ -105,7 +105,7 @@ def _measured(d: Diagnostics, u: int, smoothed: dict[str, np.ndarray]) -> dict[s
 
 def _judged(d: Diagnostics, u: int, lo: np.ndarray, hi: np.ndarray) -> dict[str, Any]:
     """The latest judgement: steady, agreement, why not, the steady ratio and its interval, the drifts, the window."""
-    since = int(d.steps[u] - d.origin[u]) if d.origin[u] >= 0 else None
+    since = d.changes.since_change(u, int(d.steps[u]))
     return {
         "in_equilibrium": bool(d.counted[u]),
         "steady": bool(d.steady[u]),

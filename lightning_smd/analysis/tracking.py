@@ -30,6 +30,8 @@ __all__ = ["Prediction", "Predictor", "unit_factors", "window_range", "UnitsBefo
 
 #: Committed states in which a moved prediction is a re-equilibration even before the settling time has passed.
 _REACHED = (UnitState.EQUILIBRIUM, UnitState.REEQUILIBRATING, UnitState.DEPARTED, UnitState.OFF_PREDICTION)
+#: Committed states in which a re-entry into the band times the re-equilibration in progress.
+_TIMED = (UnitState.REEQUILIBRATING, UnitState.EQUILIBRIUM)
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,13 @@ class Changes(PerUnit):
         Field("ref_level", float, 1.0),
         Field("band_run", int, 0),
         Field("timing", bool, False, key="_timing"),
+        Field("last_change", int, -1, added=True),
     )
     # origin: the step before the first sample since the last change (or the start), -1 before any sample;
     # first_step: the first measured step (after a resume without the callback's state: the Trainer's step then);
-    # ref_level, band_run, timing: the band around the level before a change whose re-entry times the re-equilibration.
+    # ref_level, band_run, timing: the band around the level before a change whose re-entry times the re-equilibration;
+    # last_change: the step before the first one under the settings in force, where a change did not restart the
+    # samples (a followed plan's step change), else -1 (the origin says it).
 
     def __init__(self, n: int, config: DiagnosticsConfig, stride: int) -> None:
         super().__init__(n)
@@ -169,6 +174,7 @@ class Changes(PerUnit):
         step: int,
         before: UnitsBefore,
         series: BlockSeries,
+        restart: bool = True,
     ) -> list[Reequilibrating]:
         """Compare this step's predictions with the references; a prediction (Δ* or the equilibrium norm) that moved
         by more than the tolerance is a change: the unit's samples (``series``) restart, and a unit that had reached
@@ -176,7 +182,8 @@ class Changes(PerUnit):
 
         ``pred``, ``scale``: the settings' Δ* (before any per-unit factor: a unit's own gradient statistics drifting
         is not a change of settings) and equilibrium scale of the units ``idx``; ``f_tau`` scales the time constants
-        to each unit; ``before``: the units' standing before this step."""
+        to each unit; ``before``: the units' standing before this step. ``restart=False`` (a change the planned
+        trajectory already foresees): a change is timed as a re-equilibration, but the samples go on."""
         tol = self.config.tolerance
         ref, ref_scale = self.ref_pred[idx], self.ref_scale[idx]
         unset = self.origin[idx] < 0
@@ -199,6 +206,9 @@ class Changes(PerUnit):
             if unset[j] and self.first_step[u] < 0:
                 self.first_step[u] = step
             self.ref_pred[u], self.ref_scale[u], self.ref_hyper[u] = pred[j], scale[j], hyper[g]
+            if not (restart or unset[j]):
+                self.last_change[u] = step - self.stride
+                continue
             self.origin[u] = step - self.stride
             shortest, longest = window_range(self.config, preds[g].tau_ratio * float(f_tau[j]))
             block = max(1, int(shortest // (BLOCKS_PER_WINDOW * self.stride)))  # the shortest window holds 16 blocks
@@ -226,7 +236,8 @@ class Changes(PerUnit):
         for j in np.nonzero(done)[0]:
             u = int(idx[j])
             self.timing[u] = False
-            if committed[u] != UnitState.REEQUILIBRATING or not self.reequilibrations[u] or self.reequilibrations[u][-1]["observed_steps"] is not None:
+            # (under a followed plan the judgement may count the unit again before the band has timed it: back it is)
+            if committed[u] not in _TIMED or not self.reequilibrations[u] or self.reequilibrations[u][-1]["observed_steps"] is not None:
                 continue
             change = int(self.change_step[u])
             band_start = step - (int(self.band_run[u]) - 1) * self.stride
@@ -234,6 +245,12 @@ class Changes(PerUnit):
                 self.reequilibrations[u][-1]["observed_steps"] = band_start - change
             elif step - change + 1 >= self.config.window:  # stayed in band through the change
                 self.reequilibrations[u][-1]["observed_steps"] = 0
+
+    def since_change(self, u: int, last_step: int) -> int | None:
+        """Steps from the last change of settings (or the first measured step) to ``last_step`` (None: no sample yet)."""
+        if self.origin[u] < 0:
+            return None
+        return int(last_step - max(self.origin[u], self.last_change[u]))
 
     def measured_steps(self, u: int, last_step: int) -> int:
         """Steps from the first measured one to ``last_step`` (the Trainer's steps before a resume are not counted)."""

@@ -47,7 +47,8 @@ __all__ = ["Plan", "plan_from_columns", "Forecast", "forecast_units", "knots"]
 KNOT_RTOL = 2e-3
 #: At most this many distinct settings are evaluated by the rule (the knot tolerance doubles until it fits).
 MAX_KNOTS = 4096
-#: A plan whose settings change at no more steps than this (in every param group) is judged change by change.
+#: A plan whose settings change at no more steps than this (in every param group) has each change timed as a
+#: re-equilibration.
 FEW_CHANGES = 10
 
 
@@ -160,12 +161,12 @@ class Plan:
 
     def stepwise(self) -> bool:
         """The settings change at a few steps only (at most :data:`FEW_CHANGES` in every group: step decays, a short
-        warm-up): judged change by change, each re-equilibration timed, as without a plan."""
+        warm-up): each change is also timed as a re-equilibration (``SMD022``), as without a plan."""
         return all(len(k) - 1 <= FEW_CHANGES for k in self.knot_index)
 
     def followed(self) -> bool:
-        """Judge against the trajectory: the settings move, and more often than a few step changes."""
-        return self.varies() and not self.stepwise()
+        """Judge against the trajectory: the settings move."""
+        return self.varies()
 
     def hyper_at(self, group: int, step: int) -> dict[str, float]:
         """The rule's hyper-parameters planned for ``step``."""

@@ -800,8 +800,8 @@ def plan_of(read: PlannedSchedule | Unreadable, rule: Rule, settings: Mapping[st
     columns = [read.columns[g] for g in groups if g < len(read.columns)]
     plan = plan_from_columns(rule, columns, int(read.start_step) + 1, read.source, read.truncated, settings)
     entry: dict[str, Any] = {"read": True, "source": read.source, "steps": plan.n_steps, "truncated": bool(read.truncated), "followed": plan.followed()}
-    if plan.varies() and not plan.followed():
-        entry["why"] = "the settings change at a few steps only: each change is judged as it comes, its re-equilibration timed"
+    if plan.followed():
+        entry["changes"] = "a few steps (each re-equilibration timed)" if plan.stepwise() else "continuous"
     return (plan if plan.followed() else None), entry
 
 
