@@ -217,12 +217,15 @@ def child(args: argparse.Namespace) -> dict:
         # forward never does, and wandb.watch logs from a forward hook)
         wandb.watch(model.net, log="parameters", log_freq=int(v.rsplit("_", 1)[1]))
     data = DataLoader(NoisyTemplates(batch_size=args.batch, size=args.size, seed=0), batch_size=None)
+    loggers: list = [pl.loggers.CSVLogger(tmp, name="", version="")]
+    if args.image_logger:  # a logger that takes the heatmap image (every variant has it: its own cost is not SMD's)
+        loggers.append(pl.loggers.TensorBoardLogger(tmp, name="tb", version=""))
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
         precision=args.precision,
         max_steps=args.steps,
-        logger=pl.loggers.CSVLogger(tmp, name="", version=""),
+        logger=loggers,
         log_every_n_steps=args.log_every,
         callbacks=[*callbacks, Timer()],
         enable_checkpointing=False,
@@ -245,6 +248,9 @@ def child(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "smd_extra_bytes": (smd.summary().get("extra_memory_bytes") or 0) if smd is not None else 0,
         "tracked": len(smd.detection.units) if smd is not None and smd.detection is not None else 0,
+        # heatmaps drawn during the timed steps (the one at the end of fit is not in any step)
+        "heatmaps": smd._fit.heatmaps - 1 if smd is not None and smd._fit.heatmaps else 0,
+        "heatmap_seconds": smd._fit.heatmap_seconds - smd._fit.heatmap_last_seconds if smd is not None and smd._fit.heatmaps else 0.0,
     }
     if run_wandb is not None:
         run_wandb.finish()
@@ -264,6 +270,10 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10, help="the Trainer's log_every_n_steps (SMD drains and logs there)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
+    parser.add_argument(
+        "--no-image-logger", dest="image_logger", action="store_false",
+        help="CSV only (by default every variant also has a TensorBoard logger, which takes SMD's heatmap images)",
+    )  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -285,6 +295,7 @@ def main() -> None:
     passthrough = [
         f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--size={args.size}", f"--depth={args.depth}",
         f"--width={args.width}", f"--precision={args.precision}", f"--log-every={args.log_every}", f"--device={args.device}",
+        *([] if args.image_logger else ["--no-image-logger"]),
     ]  # fmt: skip
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     for r in range(args.repeats):
@@ -318,7 +329,13 @@ def main() -> None:
     print(
         "ms/step: mean over the steps after warm-up (log steps included), median over the runs; in SMD hooks: share of "
         "the step spent inside SMDCallback's hooks and the recorder's optimizer hooks, measured in the same steps"
+        + (" (the heatmaps drawn during training included)" if args.image_logger else "")
     )
+    for v in variants:
+        if v.startswith("smd") and args.image_logger:
+            drawn = statistics.median(x["heatmaps"] for x in results[v])
+            share = statistics.median(x["heatmap_seconds"] / (x["seconds_per_step"] * args.steps) for x in results[v])
+            print(f"{v}: {drawn:g} heatmap(s) drawn during training (median), {share:.2%} of its time (within the hooks' share)")
 
 
 if __name__ == "__main__":

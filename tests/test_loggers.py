@@ -283,7 +283,7 @@ def test_heatmap_image_reaches_wandb_tensorboard_and_mlflow(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow = pl.loggers.MLFlowLogger(experiment_name="smd", tracking_uri=f"file:{tmp_path / 'mlruns'}")
     wb = pl.loggers.WandbLogger(project="smd-test", save_dir=str(tmp_path), offline=True)
-    smd = _fit(tmp_path, [tb, mlflow, wb], steps=12, heatmap_every_n_logs=2, wandb_workspace=True)
+    smd = _fit(tmp_path, [tb, mlflow, wb], steps=12, heatmap_every_n_logs=2, heatmap_time_share=1.0, wandb_workspace=True)
     # log steps 4, 9 and the final flush at 11, in each logger's scalars; live images at the 2nd log step, and one at
     # the end
     acc = _tb_events(tb.log_dir)
@@ -308,6 +308,22 @@ def test_heatmap_image_reaches_wandb_tensorboard_and_mlflow(tmp_path, monkeypatc
         "The W&B workspace was not saved (the W&B run is offline); build and save it later with: lightning-smd "
         "wandb-workspace ENTITY/PROJECT --summary LOG_DIR --save. [SMD046]"
     ]
+
+
+@pytest.mark.parametrize("share, expected", [(1.0, [4, 9, 11]), (0.005, [11])], ids=["unbounded", "default"])
+def test_heatmap_drawings_during_training_stay_within_their_time_share(tmp_path, share, expected):
+    """``heatmap_time_share`` bounds the wall time of the heatmaps drawn during training: a drawing is made only while
+    the drawings so far and one more (the last one's cost, or ``HEATMAP_FIRST_SECONDS`` = 0.25 s before any) stay
+    within the share of the fit's wall time; the one at the end is always drawn. At the default 0.5 % the first
+    drawing needs 50 s of training: this fit of a few seconds draws at the end only."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    smd = _fit(tmp_path, tb, steps=12, heatmap_every_n_logs=1, heatmap_time_share=share)
+    acc = _tb_events(tb.log_dir)
+    assert [e.step for e in acc.Scalars("smd/angular_update_ratio")] == [4, 9, 11]
+    assert [e.step for e in acc.Images("smd/heatmap")] == expected
+    assert smd._fit.heatmap_seconds > 0.0
 
 
 def test_a_logger_that_refuses_an_image_gets_one_warning(tmp_path):

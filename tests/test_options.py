@@ -102,6 +102,8 @@ CALLBACK_ONLY = [
     ("log_heatmap", "no", "log_heatmap must be True or False, got 'no'"),
     ("heatmap_every_n_logs", -1, "heatmap_every_n_logs must be an integer >= 0 (0: only at the end), got -1"),
     ("heatmap_every_n_logs", 1.5, "heatmap_every_n_logs must be an integer >= 0 (0: only at the end), got 1.5"),
+    ("heatmap_time_share", 1.5, "heatmap_time_share must be a number in (0, 1], got 1.5"),
+    ("heatmap_time_share", 0, "heatmap_time_share must be a number in (0, 1], got 0"),
     ("wandb_workspace", "yes", "wandb_workspace must be True or False, got 'yes'"),
     ("summary_path", 123, "summary_path must be a path (a non-empty str or os.PathLike), True or None (the default place) or False (none), got 123"),
     ("summary_path", "", "summary_path must be a path (a non-empty str or os.PathLike), True or None (the default place) or False (none), got ''"),

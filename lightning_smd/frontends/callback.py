@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -39,7 +40,7 @@ from lightning_smd.analysis.following import plain_schedule
 from lightning_smd.analysis.rows import forecast as forecast_rows
 from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, EquilibriumNotReachedError, format_forecast_table, format_summary_table, print_summary_table
 from lightning_smd.messages import SMDWarning, render
-from lightning_smd.options import check_bool, check_int, check_name, check_path
+from lightning_smd.options import check_bool, check_int, check_name, check_number, check_path
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -64,6 +65,9 @@ def _callback_bases() -> tuple[type, ...]:
 
 
 _CALLBACK_BASES = _callback_bases()
+#: What the first heatmap drawing of a fit is taken to cost (seconds) before one is measured: a drawing with each
+#: image logger's PNG encoding measured 0.37 s at 53 layers (``benchmarks/dashboard.py``).
+HEATMAP_FIRST_SECONDS = 0.25
 
 
 @documents_shared_options
@@ -90,6 +94,11 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
             images (W&B, TensorBoard, MLflow) every ``heatmap_every_n_logs`` log steps (0: only at the end)
             and at the end of training. Needs matplotlib (without it: one warning, nothing else changes).
         heatmap_every_n_logs: see ``log_heatmap``.
+        heatmap_time_share: the heatmaps drawn during training may take at most this share of the fit's wall time
+            so far (drawing, and each image logger's PNG encoding): a drawing that would take it past that is left
+            out, and the next due one tried; the first is taken to cost ``HEATMAP_FIRST_SECONDS`` (0.25 s) until
+            one is measured, so at the default 0.5 % the first comes after about 50 s of training. The one at the
+            end is always drawn. ``1.0``: every ``heatmap_every_n_logs`` log steps, whatever it costs.
         wandb_workspace: at the end of fit, save a W&B workspace for this run's layers to the project of the
             Trainer's ``WandbLogger`` (needs ``wandb-workspaces`` and an online run; otherwise one warning with the
             command that does it later).
@@ -126,6 +135,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         worst_k: int = 3,
         log_heatmap: bool = True,
         heatmap_every_n_logs: int = 10,
+        heatmap_time_share: float = 0.005,
         wandb_workspace: bool = False,
         summary_path: str | os.PathLike | bool | None = None,
         verbose: bool = True,
@@ -143,6 +153,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         options = Options.check(given)  # the criteria and how to measure: as SMDMonitor's
         log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, hint=" (None: the Trainer's)")
         heatmap_every_n_logs = check_int("heatmap_every_n_logs", heatmap_every_n_logs, 0, hint=" (0: only at the end)")  # type: ignore[assignment]
+        heatmap_time_share = check_number("heatmap_time_share", heatmap_time_share, 0.0, 1.0, high_open=False)  # type: ignore[assignment]
         flags = [check_bool(k, given[k]) for k in ("log_heatmap", "wandb_workspace", "verbose")]
         per_layer_mode(log_per_layer, 0)  # validates
         summary_path = check_path("summary_path", summary_path)
@@ -151,6 +162,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         self.every_n_steps, self.on_no_equilibrium = options.every_n_steps, options.on_no_equilibrium
         self.log_heatmap, self.wandb_workspace, self.verbose = flags
         self.log_every_n_steps, self.log_per_layer, self.heatmap_every_n_logs = log_every_n_steps, log_per_layer, heatmap_every_n_logs
+        self.heatmap_time_share = heatmap_time_share
         self.summary_path, self.name = summary_path, name
         self.session: Session = options.session()  # replaced at every fit start
         self._fit = FitState()
@@ -242,6 +254,7 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the schedulers' state is restored (resume) and the data set up (steps per epoch) only now
+        self._fit.started_at = time.perf_counter()
         keys = [rule_for(o).keys for o in trainer.optimizers]
         self._fit.schedules = read_trainer_schedules(trainer, keys, None)
         self._follow_schedules()
@@ -338,20 +351,34 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         publish(trainer, metrics, session.progress(self.namespace), step, self.namespace, session.warn)
         fit.last_logged_step = step
         fit.logs += 1
-        if self.heatmap_every_n_logs and fit.logs % self.heatmap_every_n_logs == 0:
+        if self.heatmap_every_n_logs and fit.logs % self.heatmap_every_n_logs == 0 and self._heatmap_affordable():
             self._log_heatmap(trainer, step)
+
+    def _heatmap_affordable(self) -> bool:
+        """Whether one more drawing during training keeps the heatmaps within ``heatmap_time_share`` of the fit's
+        wall time so far (the next drawing is taken to cost what the last one did, the first
+        :data:`HEATMAP_FIRST_SECONDS`)."""
+        fit = self._fit
+        if self.heatmap_time_share >= 1.0 or fit.started_at is None:
+            return True
+        cost = fit.heatmap_last_seconds if fit.heatmap_last_seconds > 0.0 else HEATMAP_FIRST_SECONDS
+        return fit.heatmap_seconds + cost <= self.heatmap_time_share * (time.perf_counter() - fit.started_at)
 
     def _log_heatmap(self, trainer: pl.Trainer, step: int) -> None:
         """Draw the heatmap from the host-side history (log steps only) for the loggers that take images."""
         if not self.log_heatmap or not trainer.is_global_zero or not takes_images(trainer.loggers) or step == self._fit.heatmap_step:
             return
         self._fit.heatmap_step = step
+        start = time.perf_counter()
         figure = self.session.heatmap()
         if figure is None:
             if len(self.session.history) and not _has_matplotlib():
                 self.session.warn("SMD045")
             return
         log_heatmap(trainer.loggers, render_rgb(figure), step, self.session.warn, self.namespace)
+        self._fit.heatmap_last_seconds = time.perf_counter() - start
+        self._fit.heatmap_seconds += self._fit.heatmap_last_seconds
+        self._fit.heatmaps += 1
 
     # ------------------------------------------------------------------------------------------
     # End

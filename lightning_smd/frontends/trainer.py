@@ -67,6 +67,13 @@ class FitState:
     last_logged_step: int = -1
     logs: int = 0
     heatmap_step: int = -1
+    heatmap_seconds: float = 0.0
+    """Wall time spent drawing and logging heatmaps in this fit."""
+    heatmap_last_seconds: float = 0.0
+    heatmaps: int = 0
+    """Heatmaps drawn and logged in this fit."""
+    started_at: float | None = None
+    """``time.perf_counter()`` at train start (the heatmaps' time budget counts from it)."""
     loggers_ready: bool = False
     rebased: bool = False
     finished: bool = False
