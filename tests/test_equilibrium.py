@@ -39,10 +39,11 @@ def healthy_run(tmp_path_factory):
 
 def test_step_decay_reports_reequilibration_within_a_factor_three_of_the_prediction(tmp_path):
     """Plain SGD on the benchmark's HeadNet cell (lr 0.1, wd 0.025: τ = 200 steps, τ_r = 100), lr ÷2 at step 600: the
-    ratio relaxes with the new τ_r = 200 steps and every layer is steady again by the end. Measured over 10 seeds
-    (0–9 of this set-up, 30 layer-events): every run in equilibrium at the end, |drift| ≤ 0.19 and t·se ≤ 0.74 of
-    the limit; observed/expected re-equilibration 0.43–2.2 (the convolutions re-enter the band faster than the
-    theory says, fc1 slower: learning still lowers its L)."""
+    ratio relaxes with the new τ_r = 200 steps and every layer is steady again by the end. The decay is read ahead
+    and followed along the trajectory, and still timed as a re-equilibration. Measured over 10 seeds (0–9 of this
+    set-up: this fit with ``torch.manual_seed(seed)`` and ``teacher_loader(seed=seed)``, 30 layer-events): every
+    run in equilibrium at the end with no warning, steady Δ/Δ̂ 0.990–1.004, observed/expected re-equilibration
+    0.60–1.83 (the test's bounds are 1/3–3; fc1 is the slow one: learning still lowers its L)."""
     torch.manual_seed(0)
     decay = lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[600], gamma=0.5)  # noqa: E731
     smd, msgs, _ = _fit(tmp_path, healthy_module(weight_decay=0.025, momentum=0.0, scheduler=decay), 2200, data=teacher_loader())

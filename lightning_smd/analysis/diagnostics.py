@@ -271,7 +271,8 @@ class Diagnostics:
 
     def _refresh_forecast(self, batch: StepBatch, idx: np.ndarray) -> None:
         """At each drain: the followed units' equilibrium factors from the smoothed statistics, and their forecast."""
-        self.following.refresh(batch, idx, self.measurements.unit_grad.value(idx), self._numel[idx])
+        m = self.measurements
+        self.following.refresh(batch, idx, m.unit_grad.value(idx), self._numel[idx], m.ratio)
 
     def _observe(
         self, batch: StepBatch, idx: np.ndarray, r: int, ratio: np.ndarray, judged_ratio: np.ndarray, exponent: np.ndarray, log_ref: np.ndarray | None

@@ -67,6 +67,7 @@ class Following(PerUnit):
     def __init__(self, n: int, tolerance: float, ema_steps: int, stride: int) -> None:
         super().__init__(n)
         self.tolerance = tolerance
+        self.ratio_stride = max(int(stride), 1)
         self.ratio = Ema(n, ema_steps, stride)
         """The smoothed Δ/Δ̂ (``nan`` where no trajectory is followed)."""
         self.update = Ema(n, ema_steps, stride)
@@ -130,9 +131,10 @@ class Following(PerUnit):
         self._observe_update(batch, r, hyper, decay)
         return judged, log_ref
 
-    def refresh(self, batch: Any, idx: np.ndarray, L: np.ndarray, numel: np.ndarray) -> None:
+    def refresh(self, batch: Any, idx: np.ndarray, L: np.ndarray, numel: np.ndarray, smoothed: Ema | None = None) -> None:
         """At a drain: the equilibrium factors of ``batch``'s units (``idx``) from their smoothed statistics ``L``, and
-        their forecast from the model's state."""
+        their forecast from the model's state (``smoothed``: the moving average of ``Δ/Δ*`` the band events are
+        observed on)."""
         plan = self.plans.get(batch.optimizer_index)
         step = int(batch.steps[-1])
         if plan is None or not self.on_trajectory[idx].any() or step > plan.last_step:
@@ -141,7 +143,7 @@ class Following(PerUnit):
         power = plan.power[group]
         hyper = [plan.hyper_at(g, step) for g in range(plan.lr.shape[0])]
         self.refresh_k(plan, idx, group, self._equilibrium_q(batch.rule, hyper, group, idx, power, L, numel), step)
-        self.forecast(plan, idx, group, step)
+        self.forecast(plan, idx, group, step, smoothed)
 
     def _equilibrium_q(
         self, rule: Rule, hyper: Sequence[dict[str, float]], group: np.ndarray, idx: np.ndarray, power: np.ndarray, L: np.ndarray, numel: np.ndarray
@@ -222,14 +224,16 @@ class Following(PerUnit):
         ok = np.isfinite(k) & (k > 0)
         self.model_k[idx[ok]] = k[ok]
 
-    def forecast(self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int) -> Forecast | None:
-        """Refresh the forecast of units ``idx`` from the model's state after ``step``."""
+    def forecast(self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, smoothed: Ema | None = None) -> Forecast | None:
+        """Refresh the forecast of units ``idx`` from the model's state after ``step``; with ``smoothed`` (the moving
+        average of the measured ``Δ/Δ*``), its band events as that average will show them."""
         k = self.model_k[idx]
         ok = np.isfinite(k) & (k > 0) & (self.model_step[idx] >= 0)
         if not ok.any():
             return None
         units, g = idx[ok], group[ok]
-        f = forecast_units(plan, g, self.model_q[units], self.model_v[units], k[ok], step, self.tolerance)
+        state = (smoothed.acc[units], smoothed.weight[units], smoothed.beta ** (1.0 / self.ratio_stride)) if smoothed is not None else None
+        f = forecast_units(plan, g, self.model_q[units], self.model_v[units], k[ok], step, self.tolerance, smoothed=state)
         # a forecast step already passed stays (a refresh from past it finds no first equilibrium, or no freeze-out
         # ahead, but the one it forecast is what happened or not)
         old_eq = self.forecast_equilibrium[units]

@@ -289,10 +289,15 @@ def _opt(v: Any) -> int | None:
 
 
 def forecast_units(
-    plan: Plan, group: np.ndarray, q_now: np.ndarray, v_now: np.ndarray, K: np.ndarray, step: int, tolerance: float, points: int = 1024
-) -> Forecast:
+    plan: Plan, group: np.ndarray, q_now: np.ndarray, v_now: np.ndarray, K: np.ndarray, step: int, tolerance: float, points: int = 1024,
+    smoothed: tuple[np.ndarray, np.ndarray, float] | None = None,
+) -> Forecast:  # fmt: skip
     """The forecast of units in param groups ``group`` whose model state is ``(q_now, v_now)`` before optimizer step
-    ``step + 1`` and whose equilibrium factor is ``K``, evaluated on a grid of at most ``points`` steps."""
+    ``step + 1`` and whose equilibrium factor is ``K``, evaluated on a grid of at most ``points`` steps.
+
+    ``smoothed``: the state ``(accumulator, weight, per-step decay)`` of the moving average of the measured ``Δ/Δ*``
+    (:class:`~lightning_smd.analysis.ema.Ema`): the band events are then those of the forecast path as that average
+    will show it (what the observed first equilibrium and freeze-out are read from), not of the path itself."""
     n_units = len(group)
     first = np.full(n_units, -1, dtype=np.int64)
     frozen = np.full(n_units, -1, dtype=np.int64)
@@ -312,8 +317,9 @@ def forecast_units(
     for g in np.unique(group):
         m = np.nonzero(group == g)[0]
         r = plan.path(int(g), i0, q_now[m], v_now[m], K[m], at)  # before the step of each entry
+        seen = r if smoothed is None else _smooth_path(r, smoothed[0][m], smoothed[1][m], smoothed[2] ** stride)
         with np.errstate(invalid="ignore"):
-            inside = np.abs(r - 1.0) <= tolerance
+            inside = np.abs(seen - 1.0) <= tolerance
         tau = plan.tau[g, at]
         final[m] = r[-1]
         if len(at) > 1:
@@ -333,6 +339,29 @@ def forecast_units(
         down = np.nonzero(ahead < (1.0 - tolerance) * np.maximum.accumulate(ahead))[0]
         decay_at[m] = plan.first_step + i0 + int(down[0]) if down.size else -1
     return Forecast(step, first, frozen, final, constant, decay_at, peak_tau, rising)
+
+
+def _smooth_path(r: np.ndarray, acc: np.ndarray, weight: np.ndarray, beta: float) -> np.ndarray:
+    """``r`` (``[points, units]``) as a bias-corrected moving average with per-point decay ``beta`` shows it, from the
+    average's state ``(acc, weight)``: in closed form (``y_k = b^k y_0 + (1−b) Σ_j b^(k−j) x_j``), in chunks short enough
+    that ``b^−k`` stays finite. A unit without a state starts at its first point."""
+    out = np.empty_like(r)
+    acc = np.where(np.isfinite(acc), acc, 0.0)
+    weight = np.where(np.isfinite(weight), weight, 0.0)
+    if not 0.0 < beta < 1.0:
+        return r.copy()
+    chunk = max(1, min(len(r), int(300.0 / -math.log(beta))))
+    for a in range(0, len(r), chunk):
+        x = r[a : a + chunk]
+        k = np.arange(1, len(x) + 1, dtype=np.float64)[:, None]
+        bk = beta**k
+        with np.errstate(invalid="ignore", over="ignore"):
+            s = np.cumsum(np.nan_to_num(x, nan=0.0) * beta ** -k, axis=0)
+            acc_k = bk * (acc + (1.0 - beta) * s)
+            w_k = bk * weight + (1.0 - bk)
+            out[a : a + chunk] = np.where(np.isfinite(x), acc_k / w_k, np.nan)
+        acc, weight = acc_k[-1], w_k[-1]
+    return out
 
 
 def _band_events(inside: np.ndarray, at: np.ndarray, tau: np.ndarray, first_step: int) -> tuple[int, int]:
