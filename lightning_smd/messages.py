@@ -149,6 +149,14 @@ _ALL = (
         "(relaxation time {tau:.0f} steps at the peak settings){decay}. {fix}",
     ),
     Message(
+        "SMD035",
+        "fast start",
+        "The angular update of {layers} started far above its equilibrium: up to {ratio:.1f}× the equilibrium value at "
+        "the peak learning rate (the 20-step average; {name} at step {step}). Their weights start well inside their "
+        "equilibrium norm, and the first steps turn them that many times faster than they will turn at equilibrium. "
+        "{advice}",
+    ),
+    Message(
         "SMD028",
         "settings left the plan",
         "The settings left the schedule read at fit start ({why}): from here on the changes are judged as they come.",

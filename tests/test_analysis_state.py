@@ -13,6 +13,7 @@ from test_steady import ar1, feed, units
 
 from lightning_smd.analysis import Diagnostics
 from lightning_smd.analysis.following import Following
+from lightning_smd.analysis.warmup import EarlyWatch
 from lightning_smd.analysis.diagnostics import _PARTS
 from lightning_smd.analysis.fields import Field
 from lightning_smd.analysis.states import Agreement, UnitState
@@ -21,7 +22,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "data", "diagnostics_state_v2.
 #: Keys of the checkpoint that belong to the facade or to a part's non-field state.
 NON_FIELD_KEYS = {
     *("schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes"),
-    *("delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth", "trajectory_ratio", "trajectory_update"),
+    *("delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth", "trajectory_ratio", "trajectory_update", "early_delta"),
 }
 
 
@@ -62,11 +63,12 @@ def test_a_checkpoint_written_before_the_split_loads_key_for_key_and_continues_t
     d = Diagnostics(units(3))
     d.load_state_dict(fixture["state"])
     # every key of the old layout is read and written back unchanged (no key lost); the keys added since are those of
-    # the trajectory that follows a planned schedule (lightning_smd.analysis.following) and the last change that did
-    # not restart the samples (a followed plan's step), and only those
+    # the trajectory that follows a planned schedule (lightning_smd.analysis.following), the last change that did
+    # not restart the samples (a followed plan's step) and the warm-up check (lightning_smd.analysis.warmup), and only
+    # those
     state = _json(d.state_dict())
     assert {k: state[k] for k in fixture["state"]} == fixture["state"]
-    added = {f.checkpoint_key for f in Following.FIELDS} | {"trajectory_ratio", "trajectory_update", "last_change"}
+    added = {f.checkpoint_key for f in (*Following.FIELDS, *EarlyWatch.FIELDS)} | {"trajectory_ratio", "trajectory_update", "last_change", "early_delta"}
     assert set(state) - set(fixture["state"]) == added
     ratio, lr, loss = _old_run_inputs()
     feed(d, ratio[700:], lr=lr[700:], first=701, loss=loss[700:])

@@ -61,6 +61,7 @@ from lightning_smd.analysis.states import STATES, UnitState, Verdict
 from lightning_smd.analysis.steady import BlockSeries
 from lightning_smd.analysis.tracking import Changes, Predictor, UnitsBefore, unit_factors, window_range
 from lightning_smd.analysis.units import NormalizedWeight, not_scale_invariant
+from lightning_smd.analysis.warmup import EarlyWatch
 
 __all__ = [
     "DiagnosticsConfig",
@@ -93,10 +94,14 @@ _PARTS: dict[str, type[PerUnit]] = {
     "spike_watch": Spikes,
     "vanishing": VanishingWatch,
     "following": Following,
+    "early": EarlyWatch,
 }
 check_distinct(
     _PARTS.values(),
-    reserved=("schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", "trajectory_ratio", "trajectory_update", *EMAS),
+    reserved=(
+        "schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", "trajectory_ratio", "trajectory_update", "early_delta",
+        *EMAS,
+    ),  # fmt: skip
 )
 #: Reads the facade forwards to its parts: every declared field, and the parts' other per-run attributes.
 _FORWARD: dict[str, str] = {f.name: attr for attr, part in _PARTS.items() for f in part.FIELDS}
@@ -136,6 +141,8 @@ class Diagnostics:
         self.spike_watch = Spikes(n, self.config.spike_factor)
         self.vanishing = VanishingWatch(n, self.config)
         self.following = Following(n, self.config.tolerance, self.config.ema_steps, self.stride)
+        self.early = EarlyWatch(n, self.stride)
+        self._peak = np.full(n, np.nan)  # this step's Δ* at the peak settings, per unit of the batch (the warm-up check)
         # the steady-state samples, and passive window means for the balance of the update (decoupled decay only):
         # ⟨w,ηu⟩/‖w‖², its square, ‖ηu‖²/‖w‖², Δ², (‖w_{t+1}‖² − ‖w_t‖²)/‖w_t‖²
         self.series = BlockSeries(n, extras=5)
@@ -238,6 +245,7 @@ class Diagnostics:
         plan, left = self.following.plan_for(batch.optimizer_index, step, hyper, n_groups)
         if left is not None:
             self.events.append(left)
+        self._peak = self._peak_delta(batch.optimizer_index, plan, group, pred, f_delta)
         judged_ratio, log_ref, tracked, restart = ratio, None, (settings_pred, scale, preds), True
         if plan is not None:
             power = np.array([p.power for p in preds])[group]
@@ -268,6 +276,17 @@ class Diagnostics:
             self.series.max_window[idx] = np.maximum(self.series.max_window[idx], longest)
         m.decay[idx] = np.array([p.decay for p in preds])[group]
         return pred, ratio, judged_ratio, np.array([p.grad_exponent for p in preds])[group], log_ref
+
+    def _peak_delta(self, optimizer: int, plan: Any, group: np.ndarray, pred: np.ndarray, f_delta: np.ndarray) -> np.ndarray:
+        """Per unit, Δ* at the peak settings of the schedule read ahead (the warm-up check's reference): the plan's
+        largest where it is followed, today's where the plan read keeps the settings constant, nan where no plan was
+        read or the settings left it."""
+        if plan is not None:
+            return plan.peak_delta[group] * f_delta
+        entry = self.following.schedule.get(optimizer)
+        if entry and entry.get("read") and "left_plan_at" not in entry:
+            return pred
+        return np.full(len(group), np.nan)
 
     def _refresh_forecast(self, batch: StepBatch, idx: np.ndarray) -> None:
         """At each drain: the followed units' equilibrium factors from the smoothed statistics, and their forecast."""
@@ -301,6 +320,10 @@ class Diagnostics:
         else:
             smoothed_judged = smoothed
         self.changes.band(idx, smoothed, step, self.record.committed_state)
+        with np.errstate(invalid="ignore"):  # the start is over: settled along the trajectory, or back in the band
+            f = self.following
+            settled = np.where(f.on_trajectory[idx], f.observed_equilibrium[idx] >= 0, np.abs(smoothed - 1.0) <= self.config.tolerance)
+        self.early.observe(idx, batch.unit_group, delta, self._peak, settled, step)
         self.events.extend(self.spike_watch.observe(idx, ratio, step, self.record.first_equilibrium[idx] >= 0, self.names))
         warm = m.unit_grad.weight[idx] > 0.5  # past the first ~ema_steps/2 steps
         settled = step - self.changes.origin[idx] >= 2.0 * window_range(self.config, m.tau_ratio[idx])[0]

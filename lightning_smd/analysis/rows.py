@@ -165,6 +165,9 @@ def _following(d: Diagnostics, u: int) -> dict[str, Any]:
     ratio = float(d.ratio.value(np.array([u]))[0])
     below = on and np.isfinite(ratio) and ratio < 1.0 - d.config.tolerance
     return {
+        # the warm-up check (its reference, the peak settings' Δ*, comes from the schedule read)
+        "early_angular_update_ratio": num(d.early.early_ratio[u]),
+        "early_angular_update_step": step(d.early.early_ratio_step[u]),
         "forecast_equilibrium_step": step(f.forecast_equilibrium[u]) if on else None,
         "observed_equilibrium_step": step(f.observed_equilibrium[u]) if on else None,
         "forecast_freeze_out_step": step(f.forecast_freeze_out[u]) if on else None,
@@ -238,6 +241,7 @@ def diagnoses(d: Diagnostics) -> dict[str, Any]:
         "never_in_equilibrium": never if reached else [],
         "diverged": [names[u] for u in np.argsort(d.diverged_step, kind="stable") if d.diverged_step[u] >= 0],
         "departed": [names[u] for u in units if d.state[u] == UnitState.DEPARTED],
+        "fast_start": [names[u] for u in np.nonzero(d.early.fast(app & d.following.on_trajectory))[0].tolist()],
     }
     return {k: v for k, v in found.items() if v}
 

@@ -129,11 +129,16 @@ class Plan:
     lag: np.ndarray
     """β2 of a second moment that lags the gradient's scale, per group (0: none)."""
     tau_ref: np.ndarray = field(init=False)
+    peak_delta: np.ndarray = field(init=False)
+    """Per group, the largest Δ* of the plan (the peak settings' equilibrium angular update)."""
     log_a: np.ndarray = field(init=False)
     """``Σ_{s<i} log ρ_s`` per group, ``[groups, n + 1]`` (``ρ^k`` over any stretch of entries)."""
 
     def __post_init__(self) -> None:
         g, n = self.delta.shape
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a group without any finite Δ*: nan
+            self.peak_delta = np.nanmax(self.delta, axis=1) if n else np.full(g, np.nan)
         self.log_a = np.zeros((g, n + 1))
         with np.errstate(divide="ignore", invalid="ignore"):
             log_rho = np.where(np.isfinite(self.tau) & (self.tau > 0), -1.0 / self.tau, 0.0)

@@ -26,6 +26,7 @@ from lightning_smd.analysis.diagnostics import (
 from lightning_smd.analysis.reasons import off_prediction_causes
 from lightning_smd.analysis.theory import group_hyper
 from lightning_smd.analysis.units import not_scale_invariant
+from lightning_smd.analysis.warmup import warmup_advice
 from lightning_smd.engine.detect import FROZEN, NOT_ORTHOGONAL_WARNING, ORTHOGONALITY_TOLERANCE, NormalizedWeight
 from lightning_smd.messages import render
 
@@ -179,6 +180,7 @@ def event_warnings(d: Diagnostics, planned_steps: int | None, alerts: Alerts) ->
     if left is not None:
         yield "SMD028", {"once": f"left_plan:{left.optimizer}", "why": left.why}
     yield from forecast_warnings(d)
+    yield from fast_start_warnings(d)
     for e in (x for x in events if isinstance(x, Reequilibrating)):
         remaining = None if planned_steps is None else planned_steps - e.step
         if remaining is not None and math.isfinite(e.expected_steps) and e.expected_steps > remaining:
@@ -194,6 +196,34 @@ def forecast_warnings(d: Diagnostics) -> Iterator[Found]:
         names = ", ".join(d.names[u] for u in late[:5].tolist()) + (" ..." if late.size > 5 else "")
         ratio = float(np.nanmin(f.forecast_final_ratio[late]))
         yield "SMD029", {"once": "forecast_late_decay", "layers": names, "ratio": ratio}
+
+
+def fast_start_warnings(d: Diagnostics) -> Iterator[Found]:
+    """SMD035 (once) for the layers that follow a planned schedule whose averaged angular update started above
+    ``FAST_START`` × the peak ``Δ*`` and has since come down into the equilibrium band (the start is over: a layer that
+    never gets there has the verdict's own warnings). Constant settings keep the figures in the summary, unsaid: a
+    start without a warm-up is the common practice there, and the verdict does not depend on it."""
+    fast = np.nonzero(d.early.fast(d.applicable & d.following.on_trajectory))[0]
+    if not fast.size:
+        return
+    e = d.early
+    worst = int(fast[np.argmax(e.early_ratio[fast])])
+    optimizer = int(d.optimizer[worst])
+    plan = d.following.plans.get(optimizer)
+    group = int(e.early_group[worst])
+    if plan is not None and 0 <= group < plan.lr.shape[0]:
+        lr, tau = plan.lr[group], float(plan.tau[group, int(np.nanargmax(plan.delta[group]))])
+    else:
+        lr, tau = None, float(d.tau_ratio[worst])
+    names = ", ".join(d.names[u] for u in fast[:5].tolist()) + (" ..." if fast.size > 5 else "")
+    yield "SMD035", {
+        "once": "fast_start",
+        "layers": names,
+        "ratio": float(e.early_ratio[worst]),
+        "name": d.names[worst],
+        "step": int(e.early_ratio_step[worst]),
+        "advice": warmup_advice(lr, tau),
+    }
 
 
 def _never_warnings(d: Diagnostics) -> Iterator[Found]:

@@ -17,7 +17,10 @@ __all__ = ["distinct_options", "instance_label"]
 _LABEL_CHARS = 40
 #: Options that change how results are shown or where they go, not what is measured or judged: they do not label.
 _PRESENTATION = frozenset(
-    {"verbose", "keep_history", "log_heatmap", "heatmap_every_n_logs", "heatmap_time_share", "wandb_workspace", "log_per_layer", "worst_k", "log_every_n_steps", "summary_path"}
+    {
+        "verbose", "keep_history", "log_heatmap", "heatmap_every_n_logs", "heatmap_time_share", "wandb_workspace", "log_per_layer", "worst_k",
+        "log_every_n_steps", "summary_path",
+    }  # fmt: skip
 )
 
 
