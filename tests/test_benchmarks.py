@@ -60,3 +60,18 @@ def test_examples_script_prints_the_readme_quickstart_figures():
         low, high = (float(x) for x in cell.split("–"))
         assert 0.5 < low <= high < 1.5, row
     assert "| quickstart | fast | 1 |" in out  # the line over the seeds
+
+
+def test_learnable_script_prints_the_forecast_on_real_data():
+    """The char-level transformer on the standard library's source and the ResNet on scikit-learn's digits, 300 steps
+    each: both train (the loss falls), and the table has a row per task with its tracked layers."""
+    pytest.importorskip("sklearn")
+    out = _run(["benchmarks/learnable.py", "--fast"])
+    runs = {line.split(" seed ")[0]: line for line in out.splitlines() if " seed 0: 300 steps" in line}
+    assert set(runs) == {"chars", "digits"}, out
+    for line in runs.values():
+        start, end = (float(x) for x in line.split("loss ")[1].split(",")[0].split(" -> "))
+        assert end < start, line
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| chars") or line.startswith("| digits")}
+    # chars: the two blocks' query and key projections; digits: the stem, four residual convolutions and the projection
+    assert int(rows["chars"].split("|")[2]) == 4 and int(rows["digits"].split("|")[2]) == 6, rows
