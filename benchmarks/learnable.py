@@ -7,13 +7,14 @@ Two real data sets that need no network:
 
 - ``chars``: a character-level transformer (2 pre-LayerNorm blocks, QK-norm, d = 64, context 64) on the Python
   standard library's own source files (the first ~1 MB of ``.py`` files under ``os.__file__``'s folder, in name
-  order), AdamW lr 3e-3, weight decay 0.5 on the matrices, 200 warm-up steps then cosine to 0, 3,000 steps of 32
-  sequences. The tracked weights are the per-head query and key projections (QK-norm makes them scale-invariant).
+  order), AdamW lr 3e-3, weight decay 0.5 on the matrices (τ = 1/(2·lr·wd) ≈ 333 steps), 200 warm-up steps then
+  cosine to 0, 3,000 steps of 32 sequences. The tracked weights are the query and key projections (QK-norm makes
+  them scale-invariant, per head: each is tracked as one weight with per-head groups).
 - ``digits``: a ResNet-style network (a stem and two residual stages of BatchNorm'ed convolutions, 32 and 64
   channels) on scikit-learn's bundled 8x8 digits (1,797 images; random shifts by up to one pixel and 10 % of the
   labels drawn at random for each batch, so that the gradient noise persists), SGD with momentum 0.9, lr 0.1,
-  weight decay 5e-4·(lr 0.1 → τ = 1/(2·lr·wd)... see ``DIGITS``), 100 warm-up steps then cosine to 0, 3,000
-  steps of 64 images.
+  weight decay 5e-3 on the convolutions (τ = 100 steps), 100 warm-up steps then cosine to 0, 3,000 steps of 64
+  images.
 
 Per task and seed it prints the verdict and, per tracked layer, the forecast made at fit start (after the first 50
 steps' statistics) and the latest refreshed one against what was observed: the first-equilibrium step (the start of
