@@ -54,6 +54,7 @@ class Following(PerUnit):
         Field("first_decay", int, -1, added=True),
         Field("peak_tau", float, added=True),
         Field("ends_reequilibrating", bool, False, added=True),  # the fit-start forecast ends below the band, rising
+        Field("start_forecast_touches", bool, False, added=True),  # the fit-start forecast's trajectory enters the band
         Field("band_since", int, -1, added=True),  # the start of the current stay of the smoothed Δ/Δ* in the band
         Field("observed_equilibrium", int, -1, added=True),  # the start of the first stay lasting a relaxation time
         Field("last_in_band", int, -1, added=True),
@@ -240,7 +241,9 @@ class Following(PerUnit):
         self.forecast_equilibrium[units] = np.where((old_eq >= 0) & (old_eq <= step), old_eq, f.first_equilibrium)
         with np.errstate(invalid="ignore"):
             frozen = self.model_reached[units] & (self.expected_ratio[units] < 1.0 - self.tolerance)  # below the band now
-        self.forecast_freeze_out[units] = np.where((f.freeze_out < 0) & frozen, self.model_last_inside[units], f.freeze_out)
+        old_fz = self.forecast_freeze_out[units]
+        passed = (old_fz >= 0) & (old_fz <= step)  # a freeze-out forecast and now passed stays what was forecast
+        self.forecast_freeze_out[units] = np.where(passed, old_fz, np.where((f.freeze_out < 0) & frozen, self.model_last_inside[units], f.freeze_out))
         self.forecast_final_ratio[units] = f.final_ratio
         self.forecast_made_at[units] = step
         first = self.start_forecast_made_at[units] < 0
@@ -253,6 +256,7 @@ class Following(PerUnit):
             self.first_decay[u] = f.first_decay[first]
             self.peak_tau[u] = f.peak_tau[first]
             self.ends_reequilibrating[u] = f.ends_rising[first]
+            self.start_forecast_touches[u] = f.touches[first]
         return f
 
     def observe_band(self, idx: np.ndarray, smoothed_ratio: np.ndarray, step: int) -> None:

@@ -277,6 +277,9 @@ class Forecast:
     """The norm variable's time constant at the peak settings ahead."""
     ends_rising: np.ndarray
     """The trajectory ends below the band and rising: still re-equilibrating after a step down when the plan ends."""
+    touches: np.ndarray
+    """The trajectory itself (not its moving average) enters the band at some step ahead: what the judgement needs to
+    count the unit (a stay of a relaxation time is what the first equilibrium needs)."""
 
     def rows(self) -> list[dict[str, Any]]:
         return [
@@ -311,10 +314,11 @@ def forecast_units(
     decay_at = np.full(n_units, -1, dtype=np.int64)
     peak_tau = np.full(n_units, np.nan)
     rising = np.zeros(n_units, dtype=bool)
+    touches = np.zeros(n_units, dtype=bool)
     i0 = min(max(step + 1 - plan.first_step, 0), plan.n_steps)
     n = plan.n_steps
     if i0 >= n:
-        return Forecast(step, first, frozen, final, constant, decay_at, peak_tau, rising)
+        return Forecast(step, first, frozen, final, constant, decay_at, peak_tau, rising, touches)
     stride = max(1, -(-(n - i0) // points))
     at = np.arange(i0, n, stride)
     if at[-1] != n - 1:
@@ -325,6 +329,7 @@ def forecast_units(
         seen = r if smoothed is None else _smooth_path(r, smoothed[0][m], smoothed[1][m], smoothed[2] ** stride)
         with np.errstate(invalid="ignore"):
             inside = np.abs(seen - 1.0) <= tolerance
+            touches[m] = (np.abs(r - 1.0) <= tolerance).any(axis=0)
         tau = plan.tau[g, at]
         final[m] = r[-1]
         if len(at) > 1:
@@ -343,7 +348,7 @@ def forecast_units(
             constant[u] = step + 1 + int(math.ceil(t)) if math.isfinite(t) else -1
         down = np.nonzero(ahead < (1.0 - tolerance) * np.maximum.accumulate(ahead))[0]
         decay_at[m] = plan.first_step + i0 + int(down[0]) if down.size else -1
-    return Forecast(step, first, frozen, final, constant, decay_at, peak_tau, rising)
+    return Forecast(step, first, frozen, final, constant, decay_at, peak_tau, rising, touches)
 
 
 def _smooth_path(r: np.ndarray, acc: np.ndarray, weight: np.ndarray, beta: float) -> np.ndarray:

@@ -24,6 +24,7 @@ from lightning_smd.analysis.diagnostics import (
     diverged_layers,
 )
 from lightning_smd.analysis.reasons import off_prediction_causes
+from lightning_smd.analysis.tracking import window_range
 from lightning_smd.analysis.theory import group_hyper
 from lightning_smd.analysis.units import not_scale_invariant
 from lightning_smd.analysis.warmup import warmup_advice
@@ -226,11 +227,27 @@ def fast_start_warnings(d: Diagnostics) -> Iterator[Found]:
     }
 
 
+def _judgeable(d: Diagnostics) -> np.ndarray:
+    """Per unit, whether its planned run is long enough for the judgement's settling time (from its first measured
+    step to the plan's end, at least twice the shortest judged window of its relaxation time)."""
+    out = np.zeros(len(d.names), dtype=bool)
+    for u in range(len(d.names)):
+        plan = d.following.plans.get(int(d.optimizer[u]))
+        first = int(d.changes.first_step[u])
+        if plan is not None and first >= 0:
+            out[u] = plan.last_step - first + 1 >= 2.0 * window_range(d.config, float(d.tau_ratio[u]))[0]
+    return out
+
+
 def _never_warnings(d: Diagnostics) -> Iterator[Found]:
     """SMD019 for each layer (at most 3) whose fit-start forecast never reaches equilibrium in the planned schedule:
     the steps it needs at the peak settings, the decay that comes first, and the fix."""
     f = d.following
-    never = np.nonzero(f.on_trajectory & (f.start_forecast_made_at >= 0) & (f.start_forecast_equilibrium < 0) & d.applicable)[0]
+    # a trajectory that enters the band without staying there a relaxation time has no forecast first equilibrium, but
+    # the judgement counts the layer once it follows it there, in a run long enough to be judged: not said
+    started = f.on_trajectory & (f.start_forecast_made_at >= 0) & d.applicable
+    counted = f.start_forecast_touches & _judgeable(d)
+    never = np.nonzero(started & (f.start_forecast_equilibrium < 0) & ~counted)[0]
     for u in never[:3].tolist():
         made, needed_at = int(f.start_forecast_made_at[u]), int(f.constant_equilibrium[u])
         needed = needed_at - made if needed_at >= 0 else None
