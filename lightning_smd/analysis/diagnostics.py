@@ -99,7 +99,7 @@ _PARTS: dict[str, type[PerUnit]] = {
 check_distinct(
     _PARTS.values(),
     reserved=(
-        "schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", "trajectory_ratio", "trajectory_update", "early_delta",
+        "schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", "trajectory_ratio", "trajectory_update", "trajectory_smooth", "early_delta",
         *EMAS,
     ),  # fmt: skip
 )

@@ -73,6 +73,8 @@ class Following(PerUnit):
         """The smoothed Δ/Δ̂ (``nan`` where no trajectory is followed)."""
         self.update = Ema(n, ema_steps, stride)
         """The smoothed ‖u‖² of a decoupled update (``‖ηu‖²/η²``)."""
+        self.smooth = Ema(n, ema_steps, stride)
+        """The smoothed Δ̂, averaged as Δ is (over the steps with a measured Δ): what is logged next to Δ."""
         self.plans: dict[int, Plan] = {}
         """The plan of each optimizer (by index) whose equilibrium moves."""
         self.schedule: dict[int, dict[str, Any]] = {}
@@ -129,6 +131,7 @@ class Following(PerUnit):
             judged = np.where(trajectory > 0, batch.angular_update[r] / trajectory, np.nan)
             log_ref = np.log(self.model_q[idx]) / power
         self.ratio.update(idx, judged)
+        self.smooth.update(idx, np.where(np.isfinite(batch.angular_update[r]), trajectory, np.nan))
         self._observe_update(batch, r, hyper, decay)
         return judged, log_ref
 
@@ -302,6 +305,7 @@ class Following(PerUnit):
         out = super().state_dict()
         out["trajectory_ratio"] = self.ratio.state_dict()
         out["trajectory_update"] = self.update.state_dict()
+        out["trajectory_smooth"] = self.smooth.state_dict()
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -309,6 +313,8 @@ class Following(PerUnit):
         if "trajectory_ratio" in state:
             self.ratio.load_state_dict(state["trajectory_ratio"])
             self.update.load_state_dict(state["trajectory_update"])
+        if "trajectory_smooth" in state:
+            self.smooth.load_state_dict(state["trajectory_smooth"])
 
 
 def plain_schedule(schedule: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def layer_columns(d: Diagnostics) -> dict[str, np.ndarray]:
     columns = {m: values[m] for m in keys.LAYER_METRICS}
     if d.following.on_trajectory.any():  # a schedule followed from the first step: the keys stay the same for the run
         f = d.following
-        columns["trajectory_angular_update"] = np.where(f.on_trajectory, f.trajectory, np.nan)
+        columns["trajectory_angular_update"] = np.where(f.on_trajectory, f.smooth.value(), np.nan)  # (EMA, as Δ)
         columns["trajectory_ratio"] = np.where(f.on_trajectory, f.ratio.value(), np.nan)
     if d.per_filter:
         columns["filter_angular_update_rms"] = d.filter_delta.value()
@@ -175,7 +175,7 @@ def _following(d: Diagnostics, u: int) -> dict[str, Any]:
         "tracked_until_step": step(f.tracked_until[u]) if on else None,
         "trajectory_ratio": num(f.ratio.value(np.array([u]))[0]) if on else None,
         "expected_ratio": num(f.expected_ratio[u]) if on else None,
-        "trajectory_angular_update": num(f.trajectory[u]) if on else None,
+        "trajectory_angular_update": num(f.smooth.value(np.array([u]))[0]) if on else None,
     }
 
 

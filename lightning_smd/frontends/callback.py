@@ -249,8 +249,8 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         )
         if resume:
             self._fit.last_logged_step = int(resume.get("last_logged_step", -1))
-        elif self.verbose:
-            print_plan(trainer, self.session.judgeable_after)
+        else:
+            self._fit.plan_to_print = self.verbose  # at train start, once the schedule is read
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the schedulers' state is restored (resume) and the data set up (steps per epoch) only now
@@ -258,6 +258,13 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
         keys = [rule_for(o).keys for o in trainer.optimizers]
         self._fit.schedules = read_trainer_schedules(trainer, keys, None)
         self._follow_schedules()
+        if self._fit.plan_to_print:
+            self._fit.plan_to_print = False
+            # a followed schedule moves the settings from the first step: its forecast table says when (after the
+            # first log steps), not a settling time at the first step's settings
+            d = self.session.diagnostics
+            if d is None or not d.following.plans:
+                print_plan(trainer, self.session.judgeable_after)
 
     def _follow_schedules(self) -> None:
         """Hand the schedules read ahead to the session once it is attached (at fit start, or after the first batch)."""

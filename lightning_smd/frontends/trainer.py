@@ -80,6 +80,8 @@ class FitState:
     schedules: list[Any] | None = None
     """The schedules read ahead at train start (one per optimizer), until the session follows them."""
     forecast_shown: bool = False
+    plan_to_print: bool = False
+    """The fit-start line of ``print_plan`` is still to be printed (verbose, not a resume)."""
 
 
 def logger_step(trainer: Trainer) -> int:

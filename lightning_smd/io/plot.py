@@ -323,7 +323,7 @@ def _draw_angular_update(ax: Any, series: Series, layer: str, tol: float, eq_ste
         s, v = series[key(layer, "trajectory_angular_update")]
         ok = np.isfinite(v) & (v > 0)
         if ok.any():
-            ax.plot(*_thin(s[ok], v[ok]), color="C3", lw=1.2, label="trajectory Δ̂ (forecast through the schedule)")
+            ax.plot(*_thin(s[ok], v[ok]), color="C3", lw=1.2, label="trajectory Δ̂ (EMA, as Δ): the moving equilibrium")
     positive = [series[k][1] for k in (key(layer, "angular_update"), key(layer, "predicted_angular_update")) if k in series]
     if positive and all((x[np.isfinite(x)] > 0).all() for x in positive):
         ax.set_yscale("log")
