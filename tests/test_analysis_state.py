@@ -68,7 +68,8 @@ def test_a_checkpoint_written_before_the_split_loads_key_for_key_and_continues_t
     # those
     state = _json(d.state_dict())
     assert {k: state[k] for k in fixture["state"]} == fixture["state"]
-    added = {f.checkpoint_key for f in (*Following.FIELDS, *EarlyWatch.FIELDS)} | {"trajectory_ratio", "trajectory_update", "trajectory_smooth", "last_change", "early_delta"}
+    added = {f.checkpoint_key for f in (*Following.FIELDS, *EarlyWatch.FIELDS)}
+    added |= {"trajectory_ratio", "trajectory_update", "trajectory_smooth", "last_change", "early_delta"}
     assert set(state) - set(fixture["state"]) == added
     ratio, lr, loss = _old_run_inputs()
     feed(d, ratio[700:], lr=lr[700:], first=701, loss=loss[700:])

@@ -99,8 +99,8 @@ _PARTS: dict[str, type[PerUnit]] = {
 check_distinct(
     _PARTS.values(),
     reserved=(
-        "schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes", "trajectory_ratio", "trajectory_update", "trajectory_smooth", "early_delta",
-        *EMAS,
+        "schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes",
+        "trajectory_ratio", "trajectory_update", "trajectory_smooth", "early_delta", *EMAS,
     ),  # fmt: skip
 )
 #: Reads the facade forwards to its parts: every declared field, and the parts' other per-run attributes.
