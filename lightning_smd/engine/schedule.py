@@ -659,6 +659,57 @@ def _shared_objects(trainer: Any, module: Any) -> list[Any]:
     return out
 
 
+@dataclass(frozen=True)
+class _TrainerView:
+    """What a Lightning trainer says about when its schedulers step (read once, for every optimizer)."""
+
+    configs: list[Any]
+    module: Any
+    automatic: bool
+    global_step: int
+    current_epoch: int
+    accumulate: int
+    batches: int | None
+    data_ready: bool
+    start_batch: int
+    reloads: int
+    handles_accumulation: bool
+    shared: Any
+    overridden: bool
+
+    @classmethod
+    def of(cls, trainer: Any) -> _TrainerView:
+        module = getattr(trainer, "lightning_module", None)
+        data_ready = getattr(trainer, "train_dataloader", None) is not None
+        batches = _finite_int(getattr(trainer, "num_training_batches", None)) if data_ready else None
+        processed = _get(trainer, "fit_loop.epoch_loop.batch_progress.current.processed", 0)
+        return cls(
+            configs=list(getattr(trainer, "lr_scheduler_configs", None) or []),
+            module=module,
+            automatic=bool(getattr(module, "automatic_optimization", True)),
+            global_step=int(getattr(trainer, "global_step", 0) or 0),
+            current_epoch=int(getattr(trainer, "current_epoch", 0) or 0),
+            accumulate=int(getattr(trainer, "accumulate_grad_batches", 1) or 1),
+            batches=batches,
+            data_ready=data_ready,
+            start_batch=int(processed) % batches if batches else 0,
+            reloads=int(getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0),
+            handles_accumulation=bool(_get(trainer, "strategy.handles_gradient_accumulation", False)),
+            shared=_shared_objects(trainer, module),
+            overridden=module is not None and _overrides_lr_scheduler_step(module),
+        )
+
+    def planned_steps(self, trainer: Any, n_steps: int | None) -> tuple[int | None, str]:
+        """The optimizer steps to plan (``n_steps``, or the trainer's remaining ones), and why they are unknown."""
+        if n_steps is not None:
+            return n_steps, ""
+        if not self.data_ready:
+            return None, "the training data is not set up yet, so the number of planned steps is unknown (read the schedule in on_train_start)"
+        estimated = _finite_int(getattr(trainer, "estimated_stepping_batches", None))
+        steps = None if estimated is None else max(estimated - self.global_step, 0)
+        return steps, "the number of planned optimizer steps is unknown (set max_epochs or max_steps)"
+
+
 def read_trainer_schedules(
     trainer: Any,
     keys_per_optimizer: Sequence[Sequence[str]],
@@ -677,86 +728,43 @@ def read_trainer_schedules(
     ``trainer.global_step``. ``probe_lr_scheduler_step``: whether an overridden ``lr_scheduler_step`` may be probed
     (module docstring); False makes such schedules unreadable.
     """
-    optimizers = [_unwrap(o) for o in (getattr(trainer, "optimizers", None) or [])]
-    configs = list(getattr(trainer, "lr_scheduler_configs", None) or [])
-    module = getattr(trainer, "lightning_module", None)
-    automatic = bool(getattr(module, "automatic_optimization", True))
-    global_step = int(getattr(trainer, "global_step", 0) or 0)
-    current_epoch = int(getattr(trainer, "current_epoch", 0) or 0)
-    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-    batches = _finite_int(getattr(trainer, "num_training_batches", None))
-    data_ready = getattr(trainer, "train_dataloader", None) is not None
-    if n_steps is None:
-        if data_ready:
-            estimated = _finite_int(getattr(trainer, "estimated_stepping_batches", None))
-            n_steps = None if estimated is None else max(estimated - global_step, 0)
-        not_known = (
-            "the number of planned optimizer steps is unknown (set max_epochs or max_steps)"
-            if data_ready
-            else "the training data is not set up yet, so the number of planned steps is unknown (read the schedule in on_train_start)"
-        )
-    else:
-        not_known = ""
-    if not data_ready:
-        batches = None
-    processed = _get(trainer, "fit_loop.epoch_loop.batch_progress.current.processed", 0)
-    start_batch = int(processed) % batches if batches else 0
-    reloads = int(getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0)
-    handles_accumulation = bool(_get(trainer, "strategy.handles_gradient_accumulation", False))
-    shared = _shared_objects(trainer, module)
-    overridden = module is not None and _overrides_lr_scheduler_step(module)
-
+    view = _TrainerView.of(trainer)
+    n_steps, not_known = view.planned_steps(trainer, n_steps)
     results: list[PlannedSchedule | Unreadable] = []
-    for index, optimizer in enumerate(optimizers):
+    for index, optimizer in enumerate(_unwrap(o) for o in (getattr(trainer, "optimizers", None) or [])):
         keys = list(keys_per_optimizer[index]) if index < len(keys_per_optimizer) else ["lr", "weight_decay"]
-        mine = [c for c in configs if _unwrap(getattr(c.scheduler, "optimizer", None)) is optimizer]
-
-        def unreadable(what: str, index: int = index) -> Unreadable:
-            return Unreadable(index, f"{what}; {_FALLBACK}.")
-
-        if mine and not automatic:
-            results.append(
-                unreadable("under manual optimization the LightningModule steps its schedulers itself (Lightning does not): they cannot be read ahead")
-            )
-            continue
-        if n_steps is None:
-            results.append(unreadable(f"{not_known}, so the schedule cannot be read ahead"))
-            continue
-        plateau = next((c for c in mine if getattr(c, "reduce_on_plateau", False) or _is_plateau(c.scheduler)), None)
-        if plateau is not None:
-            results.append(unreadable(f"{_name(plateau.scheduler)} reacts to a monitored metric and cannot be read ahead"))
-            continue
-        entries = _trainer_entries(mine, module if overridden else None, probe_lr_scheduler_step, {"epoch": current_epoch, "step": global_step})
+        mine = [c for c in view.configs if _unwrap(getattr(c.scheduler, "optimizer", None)) is optimizer]
+        entries = _readable_entries(view, mine, n_steps, not_known, probe_lr_scheduler_step)
         if isinstance(entries, str):
-            results.append(unreadable(entries))
+            results.append(Unreadable(index, f"{entries}; {_FALLBACK}."))
             continue
-        why = _epoch_positions_unknown(entries, batches, data_ready, reloads) or (
-            "the strategy accumulates gradients itself, so when the schedulers step cannot be told ahead"
-            if entries and handles_accumulation and accumulate > 1
-            else None
-        )
-        if why is not None:
-            results.append(unreadable(why))
-            continue
+        assert n_steps is not None
         results.append(
             read_schedule(
-                optimizer,
-                entries,
-                keys,
-                n_steps,
-                start_step=global_step,
-                optimizer_index=index,
-                max_steps=max_steps,
-                max_seconds=max_seconds,
-                accumulate_grad_batches=accumulate,
-                batches_per_epoch=batches,
-                start_epoch=current_epoch,
-                start_batch=start_batch,
-                shared=shared,
-                _by_hook=overridden,
-            )
+                optimizer, entries, keys, n_steps, start_step=view.global_step, optimizer_index=index, max_steps=max_steps,
+                max_seconds=max_seconds, accumulate_grad_batches=view.accumulate, batches_per_epoch=view.batches,
+                start_epoch=view.current_epoch, start_batch=view.start_batch, shared=view.shared, _by_hook=view.overridden,
+            )  # fmt: skip
         )
     return results
+
+
+def _readable_entries(view: _TrainerView, mine: list[Any], n_steps: int | None, not_known: str, probe: bool) -> list[Any] | str:
+    """One optimizer's scheduler entries to step (``mine``: its configs), or why they cannot be read ahead."""
+    if mine and not view.automatic:
+        return "under manual optimization the LightningModule steps its schedulers itself (Lightning does not): they cannot be read ahead"
+    if n_steps is None:
+        return f"{not_known}, so the schedule cannot be read ahead"
+    plateau = next((c for c in mine if getattr(c, "reduce_on_plateau", False) or _is_plateau(c.scheduler)), None)
+    if plateau is not None:
+        return f"{_name(plateau.scheduler)} reacts to a monitored metric and cannot be read ahead"
+    entries = _trainer_entries(mine, view.module if view.overridden else None, probe, {"epoch": view.current_epoch, "step": view.global_step})
+    if isinstance(entries, str):
+        return entries
+    why = _epoch_positions_unknown(entries, view.batches, view.data_ready, view.reloads)
+    if why is None and entries and view.handles_accumulation and view.accumulate > 1:
+        why = "the strategy accumulates gradients itself, so when the schedulers step cannot be told ahead"
+    return why if why is not None else entries
 
 
 def _trainer_entries(configs: Sequence[Any], module: Any, probe: bool, counters: Mapping[str, int]) -> list[tuple[Any, str, int, SchedulerCall]] | str:
