@@ -47,7 +47,7 @@ CONDITIONS = ("healthy", "no_decay", "late_cut", "short", "memorize")
 #: the unhealthy ones must not, the forecast saying why. Two of them pass every fixed rule (settling time, far-off
 #: limit, weight decay present) so that only the trajectory's statistics catch them: ``relaxing_30x`` and ``late_step``.
 SCHEDULE_HEALTHY = ("constant", "cosine", "linear", "wsd", "one_cycle", "step")
-SCHEDULE_UNHEALTHY = ("wd_small", "short_cosine", "early_decay", "relaxing_30x", "late_step")
+SCHEDULE_UNHEALTHY = ("wd_small", "short_cosine", "early_decay", "relaxing_30x", "late_step", "wd_small_linear", "wd_small_wsd", "wd_small_one_cycle")
 SCHEDULE_CONDITIONS = SCHEDULE_HEALTHY + SCHEDULE_UNHEALTHY
 #: Steps of a schedule cell: τ is 1/8 of the run for SGD with momentum, 1/12.8 for AdamW and Lion.
 SCHEDULE_STEPS = 1600
@@ -93,9 +93,9 @@ def lr_factor(condition: str, steps: int) -> Any:
     if condition in ("cosine", "wd_small", "short_cosine"):
         w = min(WARM_UP, steps // 10)
         return lambda t: warm(t) if t < w else 0.5 * (1.0 + math.cos(math.pi * (t - w) / max(steps - w, 1)))
-    if condition == "linear":
+    if condition in ("linear", "wd_small_linear"):
         return lambda t: warm(t) if t < w else max(0.0, (steps - t) / (steps - w))
-    if condition in ("wsd", "relaxing_30x"):
+    if condition in ("wsd", "relaxing_30x", "wd_small_wsd"):
         return lambda t: warm(t) if t < w else (1.0 if t < 0.8 * steps else max(0.0, (steps - t) / (0.2 * steps)))
     if condition == "step":  # halved at 35 % of the run: the new settling time fits in what is left
         return lambda t: 1.0 if t < int(0.35 * steps) else 0.5
@@ -123,7 +123,7 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
     cut = steps // 4 if condition == "late_cut" else None
     if condition == "no_decay":
         wd = 0.0
-    if condition == "wd_small":
+    if condition.startswith("wd_small"):  # weight decay 10× too small, in a cosine, linear, WSD or OneCycle schedule
         wd = wd / 10.0
     factor = lr_factor(condition, steps)
 
@@ -151,7 +151,7 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
                 opt = Lion(groups, lr=lr)
             else:
                 opt = torch.optim.SGD(groups, lr=lr, momentum=0.0 if optimizer == "sgd" else 0.9, nesterov=optimizer == "nesterov")
-            if condition == "one_cycle":
+            if condition in ("one_cycle", "wd_small_one_cycle"):
                 sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.3)
             elif factor is not None:
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -172,7 +172,18 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
     data = TeacherStream(shape, seed=seed, memorize=64 if condition == "memorize" else 0, flip=0.0 if condition == "memorize" else 0.2)
     scheduled = condition in SCHEDULE_CONDITIONS
     smd = SMDCallback(on_no_equilibrium="raise", verbose=False, summary_path=False, log_every_n_steps=50, keep_history=scheduled)
-    trainer = quiet_trainer(steps, [smd])
+
+    class BeforeStepOne(pl.Callback):
+        """The warnings said before the first training step (what the schedule allows, read at fit start)."""
+
+        said: list[str] | None = None
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if self.said is None:
+                self.said = list(smd.warnings)
+
+    before = BeforeStepOne()
+    trainer = quiet_trainer(steps, [smd, before])
     start = time.perf_counter()
     raised = False
     try:
@@ -214,6 +225,7 @@ def run_cell(task: str, optimizer: str, condition: str, seed: int) -> dict[str, 
         "layers": layers,
         "warnings": [w.split(":")[0][:80] for w in smd.warnings],
         "codes": sorted({c for w in smd.warnings for c in re.findall(r"\[(SMD\d+)\]", w)}),
+        "codes_at_start": sorted({c for w in before.said or [] for c in re.findall(r"\[(SMD\d+)\]", w)}),
     }
 
 
@@ -393,6 +405,8 @@ def report(results: list[dict[str, Any]], wall: float, workers: int, mode: str) 
 #: The forecast's warnings about the schedule: a layer that will not settle before the schedule moves on (SMD019), a
 #: decay too late to re-equilibrate (SMD029); and the warm-up check (SMD035).
 FORECAST_CODES = ("SMD019", "SMD029")
+#: What the plan alone allows, said before step 1.
+PLAN_CODES = ("SMD036", "SMD037")
 
 
 def warning_report(results: list[dict[str, Any]]) -> list[str]:
@@ -406,18 +420,21 @@ def warning_report(results: list[dict[str, Any]]) -> list[str]:
         return []
     lines = [
         "",
-        "Warnings about the schedule (runs with the warning / runs; SMD019 or SMD029 from the forecast at step 50, SMD035 the warm-up check):",
+        "Warnings about the schedule (runs with the warning / runs): before step 1, SMD036 or SMD037 from the plan alone;",
+        "SMD019 or SMD029 from the forecast at step 50 (either: warned by the forecast); SMD035 the warm-up check:",
         "",
-        "| optimizer | condition | healthy | SMD019/SMD029 | SMD035 | early Δ / peak Δ*: largest layer (range over runs) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| optimizer | condition | healthy | before step 1 | SMD019/SMD029, or before step 1 | SMD035 | early Δ / peak Δ*: largest layer (range over runs) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (opt, cond), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], SCHEDULE_CONDITIONS.index(kv[0][1]))):
-        forecast = sum(any(c in r["codes"] for c in FORECAST_CODES) for r in runs)
+        at_start = sum(any(c in r.get("codes_at_start", ()) for c in PLAN_CODES) for r in runs)
+        forecast = sum(any(c in r["codes"] for c in FORECAST_CODES + PLAN_CODES) for r in runs)
         fast = sum("SMD035" in r["codes"] for r in runs)
         per_run = [[x for x in (layer.get("early_ratio") for layer in r["layers"]) if x is not None] for r in runs]
         early = [max(x) for x in per_run if x]
         span = f"{min(early):.2f}–{max(early):.2f}" if early else "-"
-        lines.append(f"| {opt} | {cond} | {'yes' if healthy(cond) else 'no'} | {forecast}/{len(runs)} | {fast}/{len(runs)} | {span} |")
+        started = f"{at_start}/{len(runs)}" if all("codes_at_start" in r for r in runs) else "-"
+        lines.append(f"| {opt} | {cond} | {'yes' if healthy(cond) else 'no'} | {started} | {forecast}/{len(runs)} | {fast}/{len(runs)} | {span} |")
     return lines
 
 

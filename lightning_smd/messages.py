@@ -149,6 +149,23 @@ _ALL = (
         "(relaxation time {tau:.0f} steps at the peak settings){decay}. {fix}",
     ),
     Message(
+        "SMD036",
+        "schedule too short to be judged",
+        "The schedule of optimizer {optimizer} plans {planned:,} steps, but {layers} can be judged only after {needed:,} "
+        "(4 norm relaxation times of {time_constant:.0f} steps, the fastest the plan reaches, at {settings}; and twice "
+        "window={window}), so the verdict will be 'not_reached' whatever the gradients: train for at least {needed:,} "
+        "steps (twice that leaves as long again to judge), or raise weight_decay to about {weight_decay:.2g} (×{factor:.1f}, "
+        "which halves the run's settling; every relaxation time scales with 1/(lr·weight_decay)).",
+    ),
+    Message(
+        "SMD037",
+        "a step down too late to come back from",
+        "The schedule of optimizer {optimizer} steps the equilibrium down ×{drop:.2f} at step {step:,}, {remaining:,} steps "
+        "before the end; even layers in equilibrium before it need about {needed:,} steps to come back into the band "
+        "(norm time constant {time_constant:.0f} steps after it), so {layers} will end re-equilibrating and be judged "
+        "'not_reached'. {fix}",
+    ),
+    Message(
         "SMD035",
         "fast start",
         "The angular update of {layers} started far above its equilibrium: up to {ratio:.1f}× the equilibrium value at "

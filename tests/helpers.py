@@ -234,3 +234,22 @@ def run_python(
     if check:
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
+
+
+def plan_columns(opt: torch.optim.Optimizer, rule: Any, lr: Any) -> dict[str, Any]:
+    """The planned columns of ``opt``'s first param group as the schedule read-ahead gives them: ``lr`` per step, every
+    other key the rule reads held at the group's value (a tuple key split as ``"betas.0"``)."""
+    import numpy as np
+
+    lr = np.asarray(lr, dtype=np.float64)
+    cols: dict[str, Any] = {"lr": lr}
+    for key in rule.keys:
+        value = opt.param_groups[0].get(key)
+        if key == "lr" or value is None:
+            continue
+        if isinstance(value, tuple):
+            for i, x in enumerate(value):
+                cols[f"{key}.{i}"] = np.full(len(lr), float(x))
+        else:
+            cols[key] = np.full(len(lr), float(value))
+    return cols

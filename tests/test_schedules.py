@@ -47,7 +47,7 @@ def test_a_warm_up_and_cosine_run_ends_in_equilibrium_judged_against_its_traject
     s = smd.summary()
     assert s["verdict"] == "equilibrium", s["reason"]
     assert s["schedule"]["0"]["followed"] and "LambdaLR" in s["schedule"]["0"]["source"]
-    assert not any("[SMD019]" in w or "[SMD029]" in w or "[SMD003]" in w for w in caught), caught
+    assert not any("[SMD019]" in w or "[SMD029]" in w or "[SMD003]" in w or "[SMD036]" in w or "[SMD037]" in w for w in caught), caught
     for layer in s["layers"]:
         assert layer["first_equilibrium_step"] is not None and layer["freeze_out_step"] is not None, layer
         assert layer["first_equilibrium_step"] < layer["freeze_out_step"] < HEALTHY_STEPS
@@ -90,13 +90,15 @@ def test_the_warm_up_check_says_a_fast_start_and_how_long_a_warm_up_would_cap_it
 
 
 def test_too_little_weight_decay_for_the_schedule_is_forecast_and_not_reached(tmp_path):
-    """Weight decay 10× too small for a warm-up + cosine of 1,600 steps (τ = 2,000 steps): SMD019 says so from the
-    first forecast (step 50) with the weight decay that would make it, and the run ends not_reached. Over the sweep's
-    10 seeds of this cell (wd_small): 10/10 not_reached with SMD019, no layer ever forecast to get there (0/30)."""
+    """Weight decay 10× too small for a warm-up + cosine of 1,600 steps (τ = 2,000 steps): SMD036 says so at fit start
+    (the plan alone is too short to be judged) with the weight decay that would make it, the first forecast (step 50)
+    does not say it again (SMD019), and the run ends not_reached. Over the sweep's 20 seeds of this cell (wd_small):
+    20/20 not_reached, warned before step 1, no layer ever forecast to get there."""
     smd, caught = _fit(tmp_path, healthy_module(weight_decay=2.5e-4, scheduler=warmup_cosine()))
     s = smd.summary()
     assert s["verdict"] == "not_reached"
-    forecast = [w for w in caught if "[SMD019]" in w]
-    assert forecast and "raise weight_decay to at least" in forecast[0], caught
+    said = [w for w in caught if "[SMD036]" in w]
+    assert said and "raise weight_decay to about" in said[0], caught
+    assert not any("[SMD019]" in w for w in caught)
     assert all(f["equilibrium_step"] is None for f in s["forecast"])
     assert all(layer["first_equilibrium_step"] is None for layer in s["layers"])

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import plan_columns
 
 from lightning_smd.analysis.theory import rule_for
 from lightning_smd.analysis.trajectory import MAX_KNOTS, forecast_units, knots, plan_from_columns
@@ -82,17 +83,7 @@ def _optimizers():
 def _group_columns(make, lr0, factor, n=T):
     opt = make([torch.nn.Parameter(torch.zeros(2, 2))])
     rule = rule_for(opt)
-    cols = {"lr": np.array([lr0 * factor(t) for t in range(1, n + 1)])}
-    for key in rule.keys:
-        value = opt.param_groups[0].get(key)
-        if key == "lr" or value is None:
-            continue
-        if isinstance(value, tuple):
-            for i, x in enumerate(value):
-                cols[f"{key}.{i}"] = np.full(n, float(x))
-        else:
-            cols[key] = np.full(n, float(value))
-    return rule, opt, cols
+    return rule, opt, plan_columns(opt, rule, [lr0 * factor(t) for t in range(1, n + 1)])
 
 
 def _follow(optimizer, schedule, cols=256, seed=0, start_norm=None):

@@ -79,6 +79,9 @@ class Following(PerUnit):
         """The plan of each optimizer (by index) whose equilibrium moves."""
         self.schedule: dict[int, dict[str, Any]] = {}
         """Per optimizer, how the schedule was read (or why not) and whether it is followed."""
+        self.said_at_start: dict[int, set[str]] = {}
+        """Per optimizer, the codes of what its plan allows said before step 1 (SMD036, SMD037: the fit-start forecast's
+        SMD019 and SMD029 are then not said again). Not checkpointed: a resumed fit was told at its start."""
 
     def set_plan(self, optimizer: int, plan: Plan | None, description: dict[str, Any]) -> None:
         """Follow ``plan`` for the units of ``optimizer`` (``None``: judge the changes as they come)."""

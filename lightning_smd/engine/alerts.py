@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lightning_smd.analysis.diagnostics import (
-    WINDOW_RELAXATION_TIMES,
     Diagnostics,
     DiagnosticsConfig,
     Diverged,
@@ -23,6 +22,7 @@ from lightning_smd.analysis.diagnostics import (
     VanishingNoise,
     diverged_layers,
 )
+from lightning_smd.analysis.preflight import GroupOutlook, judging_steps
 from lightning_smd.analysis.reasons import off_prediction_causes
 from lightning_smd.analysis.tracking import window_range
 from lightning_smd.analysis.theory import group_hyper
@@ -32,6 +32,7 @@ from lightning_smd.engine.detect import FROZEN, NOT_ORTHOGONAL_WARNING, ORTHOGON
 from lightning_smd.messages import render
 
 if TYPE_CHECKING:
+    from lightning_smd.analysis.trajectory import Plan
     from lightning_smd.engine.measure import StepRecorder
 
 __all__ = ["Alerts", "setup_warnings", "slowest_unit", "verification_warnings", "event_warnings", "end_warnings"]
@@ -76,11 +77,6 @@ class Alerts:
         """Continue from a checkpoint's warnings and ``once`` keys (those warnings are not issued again)."""
         self.issued = list(issued)
         self.keys = set(keys)
-
-
-def judging_steps(ratio_time_constant: float, window: int) -> float:
-    """Steps of unchanged settings before a layer can be judged (twice the shortest window)."""
-    return 2.0 * max(float(window), WINDOW_RELAXATION_TIMES[0] * ratio_time_constant)
 
 
 def slowest_unit(recorder: StepRecorder, units: Sequence[NormalizedWeight], window: int) -> tuple[float, float, str, str] | None:
@@ -192,7 +188,9 @@ def event_warnings(d: Diagnostics, planned_steps: int | None, alerts: Alerts) ->
 def forecast_warnings(d: Diagnostics) -> Iterator[Found]:
     yield from _never_warnings(d)
     f = d.following
-    late = np.nonzero(f.on_trajectory & (f.start_forecast_made_at >= 0) & (f.start_forecast_equilibrium >= 0) & f.ends_reequilibrating & d.applicable)[0]
+    said = np.array([_said(d, u, "SMD037") for u in range(len(d.names))], dtype=bool)
+    started = f.on_trajectory & (f.start_forecast_made_at >= 0) & (f.start_forecast_equilibrium >= 0) & d.applicable
+    late = np.nonzero(started & f.ends_reequilibrating & ~said)[0]
     if late.size:
         names = ", ".join(d.names[u] for u in late[:5].tolist()) + (" ..." if late.size > 5 else "")
         ratio = float(np.nanmin(f.forecast_final_ratio[late]))
@@ -227,6 +225,11 @@ def fast_start_warnings(d: Diagnostics) -> Iterator[Found]:
     }
 
 
+def _said(d: Diagnostics, u: int, code: str) -> bool:
+    """Whether ``code`` was said before step 1 of unit ``u``'s optimizer's plan."""
+    return code in d.following.said_at_start.get(int(d.optimizer[u]), ())
+
+
 def _judgeable(d: Diagnostics) -> np.ndarray:
     """Per unit, whether its planned run is long enough for the judgement's settling time (from its first measured
     step to the plan's end, at least twice the shortest judged window of its relaxation time)."""
@@ -247,7 +250,8 @@ def _never_warnings(d: Diagnostics) -> Iterator[Found]:
     # the judgement counts the layer once it follows it there, in a run long enough to be judged: not said
     started = f.on_trajectory & (f.start_forecast_made_at >= 0) & d.applicable
     counted = f.start_forecast_touches & _judgeable(d)
-    never = np.nonzero(started & (f.start_forecast_equilibrium < 0) & ~counted)[0]
+    said = np.array([_said(d, u, "SMD036") or _said(d, u, "SMD037") for u in range(len(d.names))], dtype=bool)
+    never = np.nonzero(started & (f.start_forecast_equilibrium < 0) & ~counted & ~said)[0]
     for u in never[:3].tolist():
         made, needed_at = int(f.start_forecast_made_at[u]), int(f.constant_equilibrium[u])
         needed = needed_at - made if needed_at >= 0 else None
@@ -306,3 +310,57 @@ def end_warnings(d: Diagnostics, config: DiagnosticsConfig, rejected: Mapping[st
         yield "SMD031", {"count": len(far), "max_deviation": config.max_deviation, "layers": shown(far)}
     if diag.get("re_equilibrating") and "late_decay" not in alerts.keys:
         yield "SMD033", {"count": len(diag["re_equilibrating"])}
+
+
+def plan_warnings(optimizer: int, plan: Plan, rule: Any, outlooks: Sequence[GroupOutlook], layers: Mapping[int, Sequence[str]], window: int) -> Iterator[Found]:
+    """Before step 1, what one optimizer's followed plan allows whatever the gradients (:mod:`~lightning_smd.analysis.preflight`):
+    ``SMD036`` for a plan too short to be judged, ``SMD037`` for a step down too late to come back from; once each, for
+    the group that falls shortest. ``layers``: the layers of each plan row."""
+
+    def named(o: GroupOutlook) -> str:
+        names = list(layers.get(o.group, ()))
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else f"param group {o.group}"
+
+    def weight_decay(o: GroupOutlook) -> float:
+        return float(plan.weight_decay[o.group, o.peak_index]) * o.weight_decay_factor
+
+    short = [o for o in outlooks if o.too_short and layers.get(o.group)]
+    if short:
+        o = max(short, key=lambda x: x.needed / max(x.planned, 1))
+        fastest = int(np.nanargmin(plan.tau[o.group]))
+        yield (
+            "SMD036",
+            {
+                "once": f"plan_short:{optimizer}",
+                "optimizer": optimizer,
+                "planned": o.planned,
+                "layers": named(o),
+                "needed": o.needed,
+                "time_constant": o.time_constant,
+                "settings": rule.describe(plan.hyper_at(o.group, plan.first_step + fastest)),
+                "window": window,
+                "weight_decay": weight_decay(o),
+                "factor": o.weight_decay_factor,
+            },
+        )
+    late = [o for o in outlooks if o.late_decay and not o.too_short and layers.get(o.group)]
+    if late:
+        o = max(late, key=lambda x: x.reequilibration / max(x.remaining, 1))
+        latest = plan.last_step - o.reequilibration
+        parts = [f"move that step down to step {latest:,} or earlier"] if latest > plan.first_step else []
+        parts.append(f"train {o.reequilibration - o.remaining:,} steps longer after it")
+        parts.append(f"raise weight_decay to at least {weight_decay(o):.2g} (×{o.weight_decay_factor:.1f})")
+        yield (
+            "SMD037",
+            {
+                "once": f"plan_late:{optimizer}",
+                "optimizer": optimizer,
+                "drop": o.decay_factor,
+                "step": o.decay_step,
+                "remaining": o.remaining,
+                "needed": o.reequilibration,
+                "time_constant": o.tau_after,
+                "layers": named(o),
+                "fix": "To end in equilibrium: " + ", or ".join(parts) + ".",
+            },
+        )

@@ -27,7 +27,8 @@ import torch
 from lightning_smd.io.dashboard import RatioHistory, heatmap_figure, per_layer_mode, progress_text, worst_metrics
 from lightning_smd.analysis.forecast import cannot_reach
 from lightning_smd.analysis.keys import NAMESPACE, layer_key, split_layer_key
-from lightning_smd.engine.alerts import Alerts, end_warnings, event_warnings, setup_warnings, slowest_unit, verification_warnings
+from lightning_smd.analysis.preflight import outlook
+from lightning_smd.engine.alerts import Alerts, end_warnings, event_warnings, plan_warnings, setup_warnings, slowest_unit, verification_warnings
 from lightning_smd.engine.detect import Detection, NormalizedWeight, verify_orthogonality
 from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig, Verdict, diffusion_exponent
 from lightning_smd.engine.measure import DistanceTracker, StepRecorder
@@ -248,7 +249,22 @@ class Session:
             followed = followed or plan is not None
             if not entry["read"]:
                 self.warn("SMD018", once=f"schedule:{index}", optimizer=index, reason=entry["reason"])
+            elif plan is not None and plan.first_step == 1:  # a fresh fit (a resumed one was told at its start)
+                self._preflight(index, plan, rule, groups)
         self._warn_too_short(followed)
+
+    def _preflight(self, index: int, plan: Any, rule: Any, groups: Sequence[int]) -> None:
+        """What optimizer ``index``'s followed plan allows whatever the gradients, said before step 1 (SMD036, SMD037);
+        the forecast at step 50 leaves unsaid what these said first."""
+        assert self.recorder is not None and self.diagnostics is not None
+        layers: dict[int, list[str]] = {}
+        for oi, _opt, _rule, u, g in self.recorder.unit_groups():
+            if oi == index and g in groups:
+                layers.setdefault(list(groups).index(g), []).append(self.diagnostics.units[u].name)
+        outlooks = outlook(plan, self.config.tolerance, self.config.window)
+        for code, fields in plan_warnings(index, plan, rule, outlooks, layers, self.config.window):
+            self.warn(code, **fields)
+            self.diagnostics.following.said_at_start.setdefault(index, set()).add(code)
 
     def _warn_too_short(self, followed: bool = False) -> None:
         """The held SMD003, unless a followed schedule makes it moot."""
