@@ -124,8 +124,8 @@ def _before_step_one(smd):
     class Before(pl.Callback):
         said = None
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.said is None:
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.said is None:  # after SMD's own hook (listed first), which attaches before the first step
                 self.said = list(smd.warnings)
 
     return Before()
