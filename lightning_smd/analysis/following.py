@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from lightning_smd.analysis.ema import Ema
 from lightning_smd.analysis.events import LeftPlan
 from lightning_smd.analysis.fields import Field, PerUnit
-from lightning_smd.analysis.theory import Rule
+from lightning_smd.analysis.theory import Rule, update_transient
 from lightning_smd.analysis.trajectory import Forecast, Plan, forecast_units
 
 __all__ = ["Following", "FORECAST_AFTER", "PLAN_RTOL"]
@@ -150,7 +150,9 @@ class Following(PerUnit):
         power = plan.power[group]
         hyper = [plan.hyper_at(g, step) for g in range(plan.lr.shape[0])]
         self.refresh_k(plan, idx, group, self._equilibrium_q(batch.rule, hyper, group, idx, power, L, numel), step)
-        self.forecast(plan, idx, group, step, smoothed)
+        with np.errstate(invalid="ignore"):
+            measured = np.asarray(batch.norm_sq_after[-1], dtype=np.float64) ** (power / 2.0)
+        self.forecast(plan, idx, group, step, smoothed, measured)
 
     def _equilibrium_q(
         self, rule: Rule, hyper: Sequence[dict[str, float]], group: np.ndarray, idx: np.ndarray, power: np.ndarray, L: np.ndarray, numel: np.ndarray
@@ -176,10 +178,14 @@ class Following(PerUnit):
         if batch.norm_sq_change is None or not np.isfinite(e).any():
             return
         lr = np.array([float(hyper[int(g)].get("lr", math.nan)) for g in batch.unit_group])
+        # the first steps' updates are larger by the optimizer's start alone (Adam's bias-corrected momentum): what
+        # the equilibrium norm follows is the steady mean square
+        step = int(batch.steps[r])
+        transient = np.array([update_transient(batch.rule.first_moment_start(hyper[int(g)]), step) for g in range(len(hyper))])[batch.unit_group]
         a, q = batch.norm_sq_before[r], batch.update_sq[r]
         with np.errstate(divide="ignore", invalid="ignore"):
             c = 0.5 * (batch.norm_sq_change[r] - q)  # ⟨w, δw⟩
-            u_sq = (q + 2.0 * e * c + e * e * a) / (lr * lr)
+            u_sq = (q + 2.0 * e * c + e * e * a) / (lr * lr) / transient
         self.update.update(batch.unit_index, np.where(np.isfinite(e) & (lr > 0), u_sq, np.nan))
 
     def step(
@@ -231,16 +237,26 @@ class Following(PerUnit):
         ok = np.isfinite(k) & (k > 0)
         self.model_k[idx[ok]] = k[ok]
 
-    def forecast(self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, smoothed: Ema | None = None) -> Forecast | None:
-        """Refresh the forecast of units ``idx`` from the model's state after ``step``; with ``smoothed`` (the moving
-        average of the measured ``Δ/Δ*``), its band events as that average will show them."""
+    def forecast(
+        self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, smoothed: Ema | None = None, measured: np.ndarray | None = None
+    ) -> Forecast | None:
+        """Refresh the forecast of units ``idx`` after ``step``: from the measured norm variable ``measured`` where
+        given (the state of the run, not of the model, whose start may be off), else the model's; with ``smoothed``
+        (the moving average of the measured ``Δ/Δ*``), its band events as that average will show them."""
         k = self.model_k[idx]
         ok = np.isfinite(k) & (k > 0) & (self.model_step[idx] >= 0)
         if not ok.any():
             return None
         units, g = idx[ok], group[ok]
+        q, v = self.model_q[units], self.model_v[units]
+        if measured is not None:
+            m = np.asarray(measured, dtype=np.float64)[ok]
+            use = np.isfinite(m) & (m > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = np.where(use, v * q / m, v)  # Adam's lagging moment keeps the model's ĝ² = 1/(q·v)
+            q = np.where(use, m, q)
         state = (smoothed.acc[units], smoothed.weight[units], smoothed.beta ** (1.0 / self.ratio_stride)) if smoothed is not None else None
-        f = forecast_units(plan, g, self.model_q[units], self.model_v[units], k[ok], step, self.tolerance, smoothed=state)
+        f = forecast_units(plan, g, q, v, k[ok], step, self.tolerance, smoothed=state)
         # a forecast step already passed stays (a refresh from past it finds no first equilibrium, or no freeze-out
         # ahead, but the one it forecast is what happened or not)
         old_eq = self.forecast_equilibrium[units]

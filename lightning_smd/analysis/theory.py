@@ -372,6 +372,18 @@ def _solve4(A: list[list[float]], b: list[float]) -> list[float] | None:
     return out
 
 
+def update_transient(beta1: float, t: float) -> float:
+    """How many times the mean square of the update of the optimizer's ``t``-th step (1-based) exceeds its steady value
+    when the update is a bias-corrected first moment ``m̂_t = Σ (1−β1)β1^(t−s) g_s / (1 − β1^t)`` (Adam): it averages
+    fewer gradients in its first ``~1/(1 − β1)`` steps, and for gradients of independent noise ``E‖m̂_t‖²`` is
+    ``(1 + β1^t)/(1 − β1^t)`` times the steady value — 19× at the first step, 1.1× at the 30th for β1 = 0.9. 1 for
+    ``beta1`` 0 (no such moment)."""
+    if not 0.0 < beta1 < 1.0:
+        return 1.0
+    p = beta1 ** min(max(float(t), 1.0), 1e6)
+    return (1.0 + p) / (1.0 - p)
+
+
 def time_to_band(q0_over_qstar: float, time_constant: float, tolerance: float) -> float:
     """Steps until the smoothed ratio ``Δ/Δ* = sqrt(q*/q)`` is within ``1 ± tolerance``, when ``q`` relaxes
     linearly to ``q*`` with ``time_constant`` (``q = ‖w‖⁴`` for SGD, ``‖w‖²`` for decoupled optimizers).
@@ -430,6 +442,11 @@ class Rule:
     def second_moment_lag(self, h: Hyper) -> float:
         """β2 of a second-moment estimate that normalizes the update and lags the gradient's scale (Adam's ``v``), or
         0 where the update does not follow the gradient's scale that way (SGD: it scales with it; Lion: a sign)."""
+        return 0.0
+
+    def first_moment_start(self, h: Hyper) -> float:
+        """β1 of a bias-corrected first moment whose first steps average fewer gradients (Adam's ``m̂``), or 0: the
+        update's start-up transient is :func:`update_transient` of it."""
         return 0.0
 
     def weight_norm_from_update(self, h: Hyper, update_sq: float) -> float:
@@ -624,6 +641,10 @@ class AdamWRule(Rule):
     def second_moment_lag(self, h: Hyper) -> float:
         b2 = _beta(h, 2)
         return b2 if not self._coupled(h) and 0.0 < b2 < 1.0 else 0.0
+
+    def first_moment_start(self, h: Hyper) -> float:
+        b1 = _beta(h, 1)
+        return b1 if not self._coupled(h) and 0.0 < b1 < 1.0 else 0.0
 
     def weight_norm_from_update(self, h: Hyper, update_sq: float) -> float:
         """``‖w*‖² = η²‖u‖²·(1 + (1 − e)κ)/(2e − e²)``: the balance of a decoupled decay ``e = ηλ`` against an update of

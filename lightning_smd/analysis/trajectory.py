@@ -128,6 +128,9 @@ class Plan:
     knot_index: list[np.ndarray]
     lag: np.ndarray
     """β2 of a second moment that lags the gradient's scale, per group (0: none)."""
+    start: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """β1 of a bias-corrected first moment, per group (0: none): the updates of the optimizer's first steps are larger
+    by :func:`~lightning_smd.analysis.theory.update_transient`, which pushes the norm and turns the weights faster."""
     tau_ref: np.ndarray = field(init=False)
     peak_delta: np.ndarray = field(init=False)
     """Per group, the largest Δ* of the plan (the peak settings' equilibrium angular update)."""
@@ -179,11 +182,26 @@ class Plan:
         k = int(np.searchsorted(self.knot_index[group], i, side="right")) - 1
         return self.hyper[group][max(k, 0)]
 
+    def transient(self, group: int, i0: int, i1: int) -> float:
+        """The mean of the update's start-up factor over entries ``i0 .. i1 − 1`` (entry ``i`` is the optimizer's step
+        ``first_step + i``): 1 past the first ``~1/(1 − β1)`` steps, or without a bias-corrected first moment."""
+        b1 = float(self.start[group]) if group < len(self.start) else 0.0
+        a, b = self.first_step + i0, self.first_step + i1 - 1
+        if not 0.0 < b1 < 1.0 or b < a:
+            return 1.0
+        horizon = int(math.ceil(30.0 / -math.log(b1)))  # past it β1^t < 1e-13: the factor is 1
+        if a > horizon:
+            return 1.0
+        hi = min(b, horizon)
+        p = b1 ** np.arange(max(a, 1), hi + 1, dtype=np.float64)
+        return float((np.sum((1.0 + p) / (1.0 - p)) + (b - hi)) / (b - a + 1))
+
     def ratio(self, group: int, i: int, q: np.ndarray, v: np.ndarray, K: np.ndarray) -> np.ndarray:
-        """``Δ̂/Δ*`` before entry ``i`` of units in state ``(q, v)`` with equilibrium factor ``K``."""
+        """``Δ̂/Δ*`` before entry ``i`` of units in state ``(q, v)`` with equilibrium factor ``K`` (the angle of the step
+        of entry ``i``, its start-up factor included)."""
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             g2 = 1.0 / (q * v) if self.lag[group] > 0.0 else 1.0
-            return np.sqrt(g2 * self.scale[group, i] * K / q)
+            return np.sqrt(g2 * self.transient(group, i, i + 1) * self.scale[group, i] * K / q)
 
     def advance(self, group: int, i0: int, i1: int, q: np.ndarray, v: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The state ``(q, v)`` before entry ``i1`` from ``(q, v)`` before ``i0`` (``i0 ≤ i1 ≤ n``), in one stretch with the
@@ -195,7 +213,7 @@ class Plan:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             lag = self.lag[group]
             g2 = 1.0 / (q * v) if lag > 0.0 else 1.0
-            target = scale * K * g2
+            target = scale * K * g2 * self.transient(group, i0, i1)
             new_q = np.where(np.isfinite(target) & (target > 0), rho * q + (1.0 - rho) * target, q)
             if lag > 0.0:
                 b = lag ** (i1 - i0)
@@ -232,6 +250,7 @@ def plan_from_columns(
     arrays = {name: np.full((groups, n), np.nan) for name in ("lr", "weight_decay", "delta", "scale", "tau")}
     power = np.full(groups, 2.0)
     lag = np.zeros(groups)
+    start = np.zeros(groups)
     hyper: list[list[dict[str, float]]] = []
     knot_index: list[np.ndarray] = []
     for g, cols in enumerate(columns):
@@ -251,11 +270,13 @@ def plan_from_columns(
         if hs:
             power[g] = float(rule.norm_exponents(hs[0])[0])
             lag[g] = float(rule.second_moment_lag(hs[0]))
+            start[g] = float(rule.first_moment_start(hs[0]))
         hyper.append(hs)
         knot_index.append(idx)
     return Plan(
-        first_step, source, truncated, arrays["lr"], arrays["weight_decay"], arrays["delta"], arrays["scale"], arrays["tau"], power, hyper, knot_index, lag
-    )
+        first_step, source, truncated, arrays["lr"], arrays["weight_decay"], arrays["delta"], arrays["scale"], arrays["tau"],
+        power, hyper, knot_index, lag, start,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
