@@ -22,8 +22,7 @@ from lightning_smd.analysis.trajectory import plan_from_columns
 from lightning_smd.demo import HeadNet, decayed_groups
 
 WINDOW, TOLERANCE = 100, 0.1
-#: Lion's rule is evaluated at each of a continuous plan's ~1,500 knots in seconds: its cells run in the full suite only
-OPTIMIZERS = ["sgdm", "adamw", pytest.param("lion", marks=pytest.mark.slow)]
+OPTIMIZERS = ["sgdm", "adamw", "lion"]
 
 
 def _plan(make, factor, n, weight_decay):

@@ -171,3 +171,29 @@ def test_adams_start_up_transient_is_that_of_its_bias_corrected_momentum(beta1):
         o = make([torch.nn.Parameter(torch.zeros(1))])
         rule = theory.rule_for(o)
         assert rule.first_moment_start(theory.group_hyper(rule, o, o.param_groups[0])) == start
+
+
+def test_lions_memory_sum_in_closed_tail_equals_the_plain_sum():
+    """``_lion_memory`` sums asin's series of the geometric tail instead of thousands of terms (a plan of thousands of
+    settings at fit start took seconds): against the plain sum carried to 1e-15 per term, over ηλ from 1e-6 to 0.5 and
+    β1, β2 from 0 to 0.999, within 1e-8 relative (the old loop stopped at 1e-12 per term: 1e-9 short at small ηλ)."""
+
+    def plain(e, b1, b2):
+        S = (1.0 - b1) ** 2 + b1**2 * (1.0 - b2) / (1.0 + b2)
+        d, acc, j = 1.0 - e, 0.0, 1
+        while j < 5_000_000:
+            cross = (1.0 - b1) * b1 * (1.0 - b2) * b2 ** (j - 1) + b1**2 * (1.0 - b2) * b2**j / (1.0 + b2)
+            term = d**j * (2.0 / math.pi) * math.asin(min(cross / S, 1.0))
+            acc += term
+            if term < 1e-15 and j > 1:
+                break
+            j += 1
+        return acc
+
+    for e in (1e-6, 1e-4, 1e-2, 0.5):
+        for b1 in (0.0, 0.5, 0.9, 0.99):
+            for b2 in (0.0, 0.5, 0.9, 0.99, 0.999):
+                expected = plain(e, b1, b2)
+                got, d = theory._lion_memory(e, 1.0, b1, b2)
+                assert d == 1.0 - e
+                assert got == pytest.approx(expected, rel=1e-8, abs=1e-300), (e, b1, b2)
