@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from lightning_smd.analysis.ema import Ema
 from lightning_smd.analysis.events import LeftPlan
 from lightning_smd.analysis.fields import Field, PerUnit
-from lightning_smd.analysis.theory import Rule, update_transient
+from lightning_smd.analysis.theory import Rule
 from lightning_smd.analysis.trajectory import Forecast, Plan, forecast_units
 
 __all__ = ["Following", "FORECAST_AFTER", "PLAN_RTOL"]
@@ -135,7 +135,7 @@ class Following(PerUnit):
             log_ref = np.log(self.model_q[idx]) / power
         self.ratio.update(idx, judged)
         self.smooth.update(idx, np.where(np.isfinite(batch.angular_update[r]), trajectory, np.nan))
-        self._observe_update(batch, r, hyper, decay)
+        self._observe_update(plan, batch, r, hyper, decay)
         return judged, log_ref
 
     def refresh(self, batch: Any, idx: np.ndarray, L: np.ndarray, numel: np.ndarray, smoothed: Ema | None = None) -> None:
@@ -173,15 +173,15 @@ class Following(PerUnit):
             out[j] = norm ** power[j]
         return out
 
-    def _observe_update(self, batch: Any, r: int, hyper: Sequence[dict[str, float]], e: np.ndarray) -> None:
+    def _observe_update(self, plan: Plan, batch: Any, r: int, hyper: Sequence[dict[str, float]], e: np.ndarray) -> None:
         """The mean square of a decoupled update ``‖u‖² = ‖ηu‖²/η²`` (AdamW's equilibrium norm follows it)."""
         if batch.norm_sq_change is None or not np.isfinite(e).any():
             return
         lr = np.array([float(hyper[int(g)].get("lr", math.nan)) for g in batch.unit_group])
         # the first steps' updates are larger by the optimizer's start alone (Adam's bias-corrected momentum): what
         # the equilibrium norm follows is the steady mean square
-        step = int(batch.steps[r])
-        transient = np.array([update_transient(batch.rule.first_moment_start(hyper[int(g)]), step) for g in range(len(hyper))])[batch.unit_group]
+        i = plan.index(int(batch.steps[r]))
+        transient = np.array([plan.transient(g, i, i + 1) for g in range(plan.lr.shape[0])])[batch.unit_group]
         a, q = batch.norm_sq_before[r], batch.update_sq[r]
         with np.errstate(divide="ignore", invalid="ignore"):
             c = 0.5 * (batch.norm_sq_change[r] - q)  # ⟨w, δw⟩

@@ -401,6 +401,19 @@ def update_transient(beta1: float, t: float) -> float:
     return (1.0 + p) / (1.0 - p)
 
 
+def mean_update_transient(beta1: float, first: int, last: int) -> float:
+    """The mean of :func:`update_transient` over the optimizer's steps ``first .. last``: 1 past the first
+    ``~30/(1 − β1)`` steps (there ``β1^t < 1e-13``), where it costs nothing."""
+    if not 0.0 < beta1 < 1.0 or last < first:
+        return 1.0
+    horizon = math.ceil(30.0 / -math.log(beta1))
+    if first > horizon:
+        return 1.0
+    hi = min(last, horizon)
+    total = sum(update_transient(beta1, t) for t in range(first, hi + 1))
+    return (total + (last - hi)) / (last - first + 1)
+
+
 def time_to_band(q0_over_qstar: float, time_constant: float, tolerance: float) -> float:
     """Steps until the smoothed ratio ``Δ/Δ* = sqrt(q*/q)`` is within ``1 ± tolerance``, when ``q`` relaxes
     linearly to ``q*`` with ``time_constant`` (``q = ‖w‖⁴`` for SGD, ``‖w‖²`` for decoupled optimizers).

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_smd.analysis.theory import Rule
+from lightning_smd.analysis.theory import Rule, mean_update_transient
 
 __all__ = ["Plan", "plan_from_columns", "Forecast", "forecast_units", "knots"]
 
@@ -186,15 +186,7 @@ class Plan:
         """The mean of the update's start-up factor over entries ``i0 .. i1 − 1`` (entry ``i`` is the optimizer's step
         ``first_step + i``): 1 past the first ``~1/(1 − β1)`` steps, or without a bias-corrected first moment."""
         b1 = float(self.start[group]) if group < len(self.start) else 0.0
-        a, b = self.first_step + i0, self.first_step + i1 - 1
-        if not 0.0 < b1 < 1.0 or b < a:
-            return 1.0
-        horizon = int(math.ceil(30.0 / -math.log(b1)))  # past it β1^t < 1e-13: the factor is 1
-        if a > horizon:
-            return 1.0
-        hi = min(b, horizon)
-        p = b1 ** np.arange(max(a, 1), hi + 1, dtype=np.float64)
-        return float((np.sum((1.0 + p) / (1.0 - p)) + (b - hi)) / (b - a + 1))
+        return mean_update_transient(b1, self.first_step + i0, self.first_step + i1 - 1)
 
     def ratio(self, group: int, i: int, q: np.ndarray, v: np.ndarray, K: np.ndarray) -> np.ndarray:
         """``Δ̂/Δ*`` before entry ``i`` of units in state ``(q, v)`` with equilibrium factor ``K`` (the angle of the step
