@@ -188,7 +188,7 @@ def event_warnings(d: Diagnostics, planned_steps: int | None, alerts: Alerts) ->
 def forecast_warnings(d: Diagnostics) -> Iterator[Found]:
     yield from _never_warnings(d)
     f = d.following
-    said = np.array([_said(d, u, "SMD037") for u in range(len(d.names))], dtype=bool)
+    said = _said(d, "SMD037")
     started = f.on_trajectory & (f.start_forecast_made_at >= 0) & (f.start_forecast_equilibrium >= 0) & d.applicable
     late = np.nonzero(started & f.ends_reequilibrating & ~said)[0]
     if late.size:
@@ -225,9 +225,10 @@ def fast_start_warnings(d: Diagnostics) -> Iterator[Found]:
     }
 
 
-def _said(d: Diagnostics, u: int, code: str) -> bool:
-    """Whether ``code`` was said before step 1 of unit ``u``'s optimizer's plan."""
-    return code in d.following.said_at_start.get(int(d.optimizer[u]), ())
+def _said(d: Diagnostics, *codes: str) -> np.ndarray:
+    """Per unit, whether one of ``codes`` was said before step 1 of its optimizer's plan."""
+    optimizers = [o for o, said in d.following.said_at_start.items() if said.intersection(codes)]
+    return np.isin(d.optimizer, optimizers)
 
 
 def _judgeable(d: Diagnostics) -> np.ndarray:
@@ -250,7 +251,7 @@ def _never_warnings(d: Diagnostics) -> Iterator[Found]:
     # the judgement counts the layer once it follows it there, in a run long enough to be judged: not said
     started = f.on_trajectory & (f.start_forecast_made_at >= 0) & d.applicable
     counted = f.start_forecast_touches & _judgeable(d)
-    said = np.array([_said(d, u, "SMD036") or _said(d, u, "SMD037") for u in range(len(d.names))], dtype=bool)
+    said = _said(d, "SMD036", "SMD037")
     never = np.nonzero(started & (f.start_forecast_equilibrium < 0) & ~counted & ~said)[0]
     for u in never[:3].tolist():
         made, needed_at = int(f.start_forecast_made_at[u]), int(f.constant_equilibrium[u])
