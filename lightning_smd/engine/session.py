@@ -27,15 +27,14 @@ import torch
 from lightning_smd.io.dashboard import RatioHistory, heatmap_figure, per_layer_mode, progress_text, worst_metrics
 from lightning_smd.analysis.forecast import cannot_reach
 from lightning_smd.analysis.keys import NAMESPACE, layer_key, split_layer_key
-from lightning_smd.analysis.preflight import outlook
-from lightning_smd.engine.alerts import Alerts, end_warnings, event_warnings, plan_warnings, setup_warnings, slowest_unit, verification_warnings
+from lightning_smd.engine.alerts import Alerts, end_warnings, event_warnings, verification_warnings
+from lightning_smd.engine.fitstart import FitStart
 from lightning_smd.engine.detect import Detection, NormalizedWeight, verify_orthogonality
 from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig, Verdict, diffusion_exponent
 from lightning_smd.engine.measure import DistanceTracker, StepRecorder
 from lightning_smd.messages import SMDWarning
 from lightning_smd.io.report import write_summary
 from lightning_smd.analysis.theory import group_hyper, rule_for
-from lightning_smd.engine.schedule import plan_of
 
 __all__ = ["Session", "GATE_MODES"]
 
@@ -95,9 +94,8 @@ class Session:
         #: the warnings issued in this run (see :attr:`warnings`)
         self.alerts = Alerts(emit)
         self.history = RatioHistory(0)
-        #: ``(steps, layer, relaxation time)``: the slowest layer can be judged after this many steps of
-        #: unchanged settings (None when no τ is known before training, e.g. coupled L2 or an unknown rule)
-        self.judgeable_after: tuple[int, str, float] | None = None
+        #: the fit-start warnings, and the steps after which the slowest layer can be judged
+        self.fit_start = FitStart(self.alerts.warn)
         self.detection: Detection | None = None
         self.recorder: StepRecorder | None = None
         self.diagnostics: Diagnostics | None = None
@@ -111,7 +109,6 @@ class Session:
         self.started = time.time()
         #: BatchNorm modules in eval mode while training (names), as the front end saw them before the first step
         self.eval_norms: list[str] = []
-        self._too_short: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Warnings
@@ -121,6 +118,12 @@ class Session:
         """``warn(code, *, once=None, **fields)``: :meth:`Alerts.warn` itself (no frame of its own between the caller
         and ``emit``, whose ``stacklevel`` counts on it)."""
         return self.alerts.warn
+
+    @property
+    def judgeable_after(self) -> tuple[int, str, float] | None:
+        """``(steps, layer, relaxation time)``: the slowest layer can be judged after this many steps of unchanged
+        settings (None when no τ is known before training, e.g. coupled L2 or an unknown rule)."""
+        return self.fit_start.judgeable_after
 
     @property
     def warnings(self) -> list[str]:
@@ -168,7 +171,8 @@ class Session:
         if resume is not None:
             self.load_state_dict(resume)
         else:
-            self._check_setup(units, model_name, planned_steps)
+            rejected = self.detection.rejected if self.detection else {}
+            self.fit_start.check_setup(recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps)
 
     def _recorder(self, units: Sequence[NormalizedWeight]) -> StepRecorder:
         a = self.attached
@@ -181,21 +185,6 @@ class Session:
             shard_group=a.shard_group,
             every_n_steps=self.every_n_steps,
         )
-
-    def _check_setup(self, units: list[NormalizedWeight], model_name: str, planned_steps: int | None) -> None:
-        """The fit-start warnings (:func:`~lightning_smd.engine.alerts.setup_warnings`) and :attr:`judgeable_after`."""
-        assert self.recorder is not None
-        slowest = slowest_unit(self.recorder, units, self.config.window)
-        if slowest is not None:
-            self.judgeable_after = (math.ceil(slowest[0]), slowest[2], slowest[1])
-        rejected = self.detection.rejected if self.detection else {}
-        for code, fields in setup_warnings(self.recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps):
-            if code == "SMD003":
-                # judged on the first step's settings: held until the schedule is known (a warm-up's first learning
-                # rate is no measure of the run; a followed plan has its own forecast, SMD019)
-                self._too_short = fields
-                continue
-            self.warn(code, **fields)
 
     def verify(self, named: Mapping[str, torch.Tensor], gather: Callable[[Any], Any] = lambda t: t) -> list[NormalizedWeight] | None:
         """The numerical check of scale invariance, right before the first optimizer step (one host
@@ -232,45 +221,9 @@ class Session:
         return units
 
     def plan(self, reads: Sequence[Any]) -> None:
-        """Follow the planned schedules read ahead at fit start (:mod:`lightning_smd.engine.schedule`: one
-        ``PlannedSchedule`` or ``Unreadable`` per optimizer): where the plan moves the equilibrium, each unit is
-        judged against its trajectory (:mod:`lightning_smd.analysis.following`); where it cannot be read, the changes
-        are judged as they come (SMD018)."""
-        if self.recorder is None or self.diagnostics is None:
-            return
-        by_index = {r.optimizer_index: r for r in reads}
-        followed = False
-        for index, _optimizer, rule, settings, groups, _taken in self.recorder.optimizer_groups():
-            read = by_index.get(index)
-            if read is None:
-                continue
-            plan, entry = plan_of(read, rule, settings, groups)
-            self.diagnostics.following.set_plan(index, plan, entry)
-            followed = followed or plan is not None
-            if not entry["read"]:
-                self.warn("SMD018", once=f"schedule:{index}", optimizer=index, reason=entry["reason"])
-            elif plan is not None and plan.first_step == 1:  # a fresh fit (a resumed one was told at its start)
-                self._preflight(index, plan, rule, groups)
-        self._warn_too_short(followed)
-
-    def _preflight(self, index: int, plan: Any, rule: Any, groups: Sequence[int]) -> None:
-        """What optimizer ``index``'s followed plan allows whatever the gradients, said before step 1 (SMD036, SMD037);
-        the forecast at step 50 leaves unsaid what these said first."""
-        assert self.recorder is not None and self.diagnostics is not None
-        layers: dict[int, list[str]] = {}
-        for oi, _opt, _rule, u, g in self.recorder.unit_groups():
-            if oi == index and g in groups:
-                layers.setdefault(list(groups).index(g), []).append(self.diagnostics.units[u].name)
-        outlooks = outlook(plan, self.config.tolerance, self.config.window)
-        for code, fields in plan_warnings(index, plan, rule, outlooks, layers, self.config.window):
-            self.warn(code, **fields)
-            self.diagnostics.following.said_at_start.setdefault(index, set()).add(code)
-
-    def _warn_too_short(self, followed: bool = False) -> None:
-        """The held SMD003, unless a followed schedule makes it moot."""
-        fields, self._too_short = self._too_short, None
-        if fields is not None and not followed:
-            self.warn("SMD003", **fields)
+        """Follow the planned schedules read ahead at fit start (:meth:`FitStart.follow`)."""
+        if self.recorder is not None and self.diagnostics is not None:
+            self.fit_start.follow(self.recorder, self.diagnostics, self.config, reads)
 
     def skip_verification(self) -> None:
         self.verify_pending = False
@@ -290,7 +243,7 @@ class Session:
         """Move the recorded steps to the host (one synchronization), fold them into the diagnostics, turn
         what happened into warnings; returns the angular distances (``track_distance``)."""
         assert self.recorder is not None and self.diagnostics is not None
-        self._warn_too_short()
+        self.fit_start.release()
         for batch in self.recorder.drain():
             self.diagnostics.update(batch)
         for index, optimizer, error in self.recorder.failures():
