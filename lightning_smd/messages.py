@@ -154,8 +154,7 @@ _ALL = (
         "The schedule of optimizer {optimizer} plans {planned:,} steps, but {layers} can be judged only after {needed:,} "
         "(4 norm relaxation times of {time_constant:.0f} steps, the fastest the plan reaches, at {settings}; and twice "
         "window={window}), so the verdict will be 'not_reached' whatever the gradients: train for at least {needed:,} "
-        "steps (twice that leaves as long again to judge), or raise weight_decay to about {weight_decay:.2g} (×{factor:.1f}, "
-        "which halves the run's settling; every relaxation time scales with 1/(lr·weight_decay)).",
+        "steps (twice that leaves as long again to judge){weight_decay}.",
     ),
     Message(
         "SMD037",

@@ -132,7 +132,7 @@ def _before_step_one(smd):
 
 def test_too_short_is_said_before_step_1_and_the_forecast_does_not_repeat_it(tmp_path):
     """A real Trainer: warm-up + cosine over 120 steps with weight decay 10× too small (τ = 1,000 steps): SMD036 is
-    among the warnings said before the first training step, naming the layers and the weight decay to use; the
+    among the warnings said before the first training step, naming the layers and the steps to train; the
     forecast made at step 50 does not say SMD019 again; the run ends not_reached."""
     n = 120
 
@@ -149,7 +149,8 @@ def test_too_short_is_said_before_step_1_and_the_forecast_does_not_repeat_it(tmp
         )
     said = [w for w in before.said if "[SMD036]" in w]
     assert said, before.said
-    assert "net.conv1.weight" in said[0] and "raise weight_decay to about" in said[0]
+    # 120 steps where 4,000 are needed: the weight decay that would do is ×67, no advice; the steps to train are
+    assert "net.conv1.weight" in said[0] and "train for at least 4,000 steps" in said[0] and "weight_decay to about" not in said[0]
     assert not any("[SMD019]" in w for w in smd.warnings), smd.warnings
     assert smd.summary()["verdict"] == "not_reached"
 
@@ -169,3 +170,18 @@ def test_a_late_step_down_is_said_by_the_monitor_at_construction():
         assert bool(said) is expected, (at, said)
         if expected:
             assert "at step 1,281" in said[0] and "steps longer after it" in said[0] and "move that step" not in said[0]
+
+
+def test_a_run_of_a_few_dozen_steps_is_told_to_train_longer_not_to_raise_weight_decay_thousands_of_times():
+    """SMD036 on a 20-step schedule (τ = 50 steps needs 200): the weight decay it would take is ×40 the one set, no
+    advice; the message says the steps to train and leaves the weight decay out. The 1,600-step cells' ×2.5–6 keep it
+    (test_too_short_is_said_before_step_1_and_the_forecast_does_not_repeat_it, tests/test_schedules.py)."""
+    net = HeadNet()
+    opt = torch.optim.SGD(decayed_groups(net, 5e-3), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** (t // 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SMDMonitor(net, opt, schedule=sched, max_steps=20).close()
+    said = [str(w.message) for w in caught if "[SMD036]" in str(w.message)]
+    assert said, [str(w.message) for w in caught]
+    assert "train for at least 200 steps" in said[0] and "weight_decay to about" not in said[0], said[0]

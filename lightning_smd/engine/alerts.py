@@ -313,6 +313,10 @@ def end_warnings(d: Diagnostics, config: DiagnosticsConfig, rejected: Mapping[st
         yield "SMD033", {"count": len(diag["re_equilibrating"])}
 
 
+#: SMD036 advises a larger weight decay only up to this many times the one set (beyond: train longer).
+MAX_WEIGHT_DECAY_FACTOR = 10.0
+
+
 def plan_warnings(optimizer: int, plan: Plan, rule: Any, outlooks: Sequence[GroupOutlook], layers: Mapping[int, Sequence[str]], window: int) -> Iterator[Found]:
     """Before step 1, what one optimizer's followed plan allows whatever the gradients (:mod:`~lightning_smd.analysis.preflight`):
     ``SMD036`` for a plan too short to be judged, ``SMD037`` for a step down too late to come back from; once each, for
@@ -340,8 +344,13 @@ def plan_warnings(optimizer: int, plan: Plan, rule: Any, outlooks: Sequence[Grou
                 "time_constant": o.time_constant,
                 "settings": rule.describe(plan.hyper_at(o.group, plan.first_step + fastest)),
                 "window": window,
-                "weight_decay": weight_decay(o),
-                "factor": o.weight_decay_factor,
+                # a weight decay many times the one set is no advice (a run of a few dozen steps): the run length is
+                "weight_decay": (
+                    f", or raise weight_decay to about {weight_decay(o):.2g} (×{o.weight_decay_factor:.1f}, which halves the "
+                    "run's settling; every relaxation time scales with 1/(lr·weight_decay))"
+                    if o.weight_decay_factor <= MAX_WEIGHT_DECAY_FACTOR
+                    else ""
+                ),
             },
         )
     late = [o for o in outlooks if o.late_decay and not o.too_short and layers.get(o.group)]
