@@ -1,5 +1,6 @@
 """The schedule forecast on learnable data: how the forecast and the trajectory hold where the network learns and its
-gradient statistics change as it does (the verdict sweep's task keeps them nearly constant).
+gradient statistics change as it does (on the verdict sweep's task too, SGD's ``L`` falls 2–3× over the first few
+hundred steps and rises again through the decay; here on real data).
 
     python benchmarks/learnable.py [--tasks chars digits] [--seeds 0] [--fast]
 

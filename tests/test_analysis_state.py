@@ -22,7 +22,8 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "data", "diagnostics_state_v2.
 #: Keys of the checkpoint that belong to the facade or to a part's non-field state.
 NON_FIELD_KEYS = {
     *("schema_version", "names", "stride", "series", "rules", "per_filter", "loss", "spikes"),
-    *("delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth", "trajectory_ratio", "trajectory_update", "trajectory_smooth", "early_delta"),
+    *("delta", "ratio", "unit_grad", "filter_delta", "predicted_smooth"),
+    *("trajectory_ratio", "trajectory_update", "trajectory_gradient", "trajectory_smooth", "early_delta"),
 }
 
 
@@ -69,7 +70,7 @@ def test_a_checkpoint_written_before_the_split_loads_key_for_key_and_continues_t
     state = _json(d.state_dict())
     assert {k: state[k] for k in fixture["state"]} == fixture["state"]
     added = {f.checkpoint_key for f in (*Following.FIELDS, *EarlyWatch.FIELDS)}
-    added |= {"trajectory_ratio", "trajectory_update", "trajectory_smooth", "last_change", "early_delta"}
+    added |= {"trajectory_ratio", "trajectory_update", "trajectory_gradient", "trajectory_smooth", "last_change", "early_delta"}
     assert set(state) - set(fixture["state"]) == added
     ratio, lr, loss = _old_run_inputs()
     feed(d, ratio[700:], lr=lr[700:], first=701, loss=loss[700:])

@@ -250,7 +250,8 @@ class Diagnostics:
         if plan is not None:
             power = np.array([p.power for p in preds])[group]
             decay = np.array([p.decay for p in preds])[group]
-            judged_ratio, log_ref = self.following.follow(plan, batch, r, hyper, pred, power, decay, m.unit_grad.value(idx), self._numel[idx])
+            exponent = np.array([p.grad_exponent for p in preds])[group]
+            judged_ratio, log_ref = self.following.follow(plan, batch, r, hyper, pred, power, decay, m.unit_grad.value(idx), self._numel[idx], exponent)
             # the target moves with the plan: no change of settings restarts the samples, and the windows follow the
             # fastest relaxation the plan reaches; a plan of a few step changes still has each change timed as a
             # re-equilibration (SMD022), a plan that moves at every step has no such changes

@@ -5,8 +5,10 @@ is against the trajectory ``Δ̂(t)`` instead of the instantaneous ``Δ*(t)``: t
 agree, the statistics of the constant-settings judgement applied to it. :class:`Following` keeps, per unit, the
 model's norm variable ``q̂`` (started from the measured norm at the first step and never reset to a measurement: it is
 a prediction), the unit's equilibrium factor ``K`` (refreshed at every drain from the smoothed gradient statistic, or
-for AdamW from the measured mean square of the update), and the forecast made from them; and what was observed: the
-first stay of the measured ``Δ/Δ*`` in the band and the step it left it for good.
+for AdamW from the measured mean square of the update; where the equilibrium norm follows ``L`` — SGD — moved at every
+step with a short average of it, which learning moves 2–3× in a run: Δ̂ then keeps up with the angle, which answers
+to the gradient within the update's memory), and the forecast made from them; and what was observed: the first stay
+of the measured ``Δ/Δ*`` in the band and the step it left it for good.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ __all__ = ["Following", "FORECAST_AFTER", "PLAN_RTOL"]
 
 #: Planned and actual learning rate or weight decay further apart than this (relative) end the following.
 PLAN_RTOL = 1e-2
+#: Time constant (steps) of the average of L that moves each unit's K at every step (SGD: the equilibrium norm
+#: follows L): about a momentum's memory, so that the trajectory's angle keeps up with the measured one.
+GRADIENT_STEPS = 10
 #: The first forecast kept as "made at fit start" is made once this many steps' gradient statistics are measured.
 FORECAST_AFTER = 50
 
@@ -39,6 +44,7 @@ class Following(PerUnit):
         Field("model_q", float, added=True, key="traj_q"),
         Field("model_k", float, added=True, key="traj_k"),
         Field("model_v", float, added=True, key="traj_v"),  # the model's lagging second moment (Adam), in units of 1/q
+        Field("model_l", float, added=True, key="traj_l"),  # the gradient statistic L that K was set from
         Field("model_step", int, -1, added=True, key="traj_step"),
         Field("model_tau", float, added=True, key="traj_tau"),  # the norm variable's time constant at the last step
         Field("expected_ratio", float, added=True),  # Δ̂/Δ* at the last step
@@ -71,6 +77,8 @@ class Following(PerUnit):
         self.ratio_stride = max(int(stride), 1)
         self.ratio = Ema(n, ema_steps, stride)
         """The smoothed Δ/Δ̂ (``nan`` where no trajectory is followed)."""
+        self.gradient = Ema(n, GRADIENT_STEPS, stride)
+        """The gradient statistic L averaged over a few steps (the update's memory): what moves K between drains."""
         self.update = Ema(n, ema_steps, stride)
         """The smoothed ‖u‖² of a decoupled update (``‖ηu‖²/η²``)."""
         self.smooth = Ema(n, ema_steps, stride)
@@ -119,17 +127,25 @@ class Following(PerUnit):
 
     def follow(
         self, plan: Plan, batch: Any, r: int, hyper: Sequence[dict[str, float]], delta_star: np.ndarray, power: np.ndarray, decay: np.ndarray,
-        L: np.ndarray, numel: np.ndarray,
+        L: np.ndarray, numel: np.ndarray, exponent: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Step ``r`` of ``batch`` along the trajectory: returns each unit's ``Δ/Δ̂`` and ``log ‖ŵ‖`` after the step.
         A unit met for the first time gets its equilibrium factor from this step's statistics (refined at every
         drain, :meth:`refresh`)."""
         idx, group, step = batch.unit_index, batch.unit_group, int(batch.steps[r])
+        self.gradient.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
         fresh = ~(self.model_k[idx] > 0)
         if fresh.any():
             q_star = self._equilibrium_q(batch.rule, hyper, group[fresh], idx[fresh], power[fresh], L[fresh], numel[fresh])
-            self.refresh_k(plan, idx[fresh], group[fresh], q_star, step)
-        trajectory = self.step(plan, idx, group, step, batch.norm_sq_before[r], delta_star, power)
+            self.refresh_k(plan, idx[fresh], group[fresh], q_star, step, L[fresh])
+        k = self.model_k[idx]
+        if exponent is not None and np.any(exponent != 0.0):
+            # between drains K moves with L as the equilibrium norm does (‖w*‖ ∝ L^e, q = ‖w‖^p): the angle responds
+            # to the gradient within the update's memory, the drains' 50-step average of L lags it
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                moved = k * (self.gradient.value(idx) / self.model_l[idx]) ** (power * exponent)
+            k = np.where(np.isfinite(moved) & (moved > 0), moved, k)
+        trajectory = self.step(plan, idx, group, step, batch.norm_sq_before[r], delta_star, power, k)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             judged = np.where(trajectory > 0, batch.angular_update[r] / trajectory, np.nan)
             log_ref = np.log(self.model_q[idx]) / power
@@ -149,7 +165,7 @@ class Following(PerUnit):
         group = batch.unit_group
         power = plan.power[group]
         hyper = [plan.hyper_at(g, step) for g in range(plan.lr.shape[0])]
-        self.refresh_k(plan, idx, group, self._equilibrium_q(batch.rule, hyper, group, idx, power, L, numel), step)
+        self.refresh_k(plan, idx, group, self._equilibrium_q(batch.rule, hyper, group, idx, power, L, numel), step, L)
         with np.errstate(invalid="ignore"):
             measured = np.asarray(batch.norm_sq_after[-1], dtype=np.float64) ** (power / 2.0)
         self.forecast(plan, idx, group, step, smoothed, measured)
@@ -189,8 +205,9 @@ class Following(PerUnit):
         self.update.update(batch.unit_index, np.where(np.isfinite(e) & (lr > 0), u_sq, np.nan))
 
     def step(
-        self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, norm_sq_before: np.ndarray, delta_star: np.ndarray, power: np.ndarray
-    ) -> np.ndarray:
+        self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, norm_sq_before: np.ndarray, delta_star: np.ndarray, power: np.ndarray,
+        k: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """Δ̂ of units ``idx`` at optimizer ``step`` (then the model advances past it). Units met for the first time
         start from their measured norm; ``K`` must be set (:meth:`refresh_k`) — where it is not yet, the unit's
         equilibrium at this step is taken as where it stands (Δ̂ = Δ*) until it is."""
@@ -201,7 +218,8 @@ class Following(PerUnit):
             self.model_q[u] = norm_sq_before[new] ** (power[new] / 2.0)
             self.model_v[u] = 1.0 / self.model_q[u]  # Adam's v starts matched to the first gradient
             self.model_step[u] = step - 1
-        q, v, k = self.model_q[idx], self.model_v[idx], self.model_k[idx]
+        q, v = self.model_q[idx], self.model_v[idx]
+        k = self.model_k[idx] if k is None else k
         ratio = np.full(len(idx), np.nan)
         after = np.full(len(idx), np.nan)
         for g in np.unique(group).tolist():
@@ -228,14 +246,17 @@ class Following(PerUnit):
         self.on_trajectory[idx] = True
         return trajectory
 
-    def refresh_k(self, plan: Plan, idx: np.ndarray, group: np.ndarray, q_star_now: np.ndarray, step: int) -> None:
+    def refresh_k(self, plan: Plan, idx: np.ndarray, group: np.ndarray, q_star_now: np.ndarray, step: int, L: np.ndarray | None = None) -> None:
         """Set each unit's equilibrium factor from its equilibrium norm variable ``q_star_now`` under the settings of
-        ``step`` (measured statistics); units without one keep theirs."""
+        ``step`` (measured statistics; ``L``: the gradient statistic it was computed from); units without one keep
+        theirs."""
         i = plan.index(step)
         with np.errstate(divide="ignore", invalid="ignore"):
             k = q_star_now / plan.scale[group, i]
         ok = np.isfinite(k) & (k > 0)
         self.model_k[idx[ok]] = k[ok]
+        if L is not None:
+            self.model_l[idx[ok]] = np.asarray(L, dtype=np.float64)[ok]
 
     def forecast(
         self, plan: Plan, idx: np.ndarray, group: np.ndarray, step: int, smoothed: Ema | None = None, measured: np.ndarray | None = None
@@ -324,6 +345,7 @@ class Following(PerUnit):
         out = super().state_dict()
         out["trajectory_ratio"] = self.ratio.state_dict()
         out["trajectory_update"] = self.update.state_dict()
+        out["trajectory_gradient"] = self.gradient.state_dict()
         out["trajectory_smooth"] = self.smooth.state_dict()
         return out
 
@@ -332,6 +354,8 @@ class Following(PerUnit):
         if "trajectory_ratio" in state:
             self.ratio.load_state_dict(state["trajectory_ratio"])
             self.update.load_state_dict(state["trajectory_update"])
+        if "trajectory_gradient" in state:
+            self.gradient.load_state_dict(state["trajectory_gradient"])
         if "trajectory_smooth" in state:
             self.smooth.load_state_dict(state["trajectory_smooth"])
 
