@@ -47,7 +47,7 @@ class Following(PerUnit):
         Field("model_l", float, added=True, key="traj_l"),  # the gradient statistic L that K was set from
         Field("model_step", int, -1, added=True, key="traj_step"),
         Field("model_tau", float, added=True, key="traj_tau"),  # the norm variable's time constant at the last step
-        Field("expected_ratio", float, added=True),  # Δ̂/Δ* at the last step
+        Field("expected_ratio", float, added=True),  # Δ̂/Δ* at the last step (with the drains' K: where the model stands)
         Field("trajectory", float, added=True),  # Δ̂ at the last step
         Field("forecast_equilibrium", int, -1, added=True),
         Field("forecast_freeze_out", int, -1, added=True),
@@ -138,13 +138,14 @@ class Following(PerUnit):
         if fresh.any():
             q_star = self._equilibrium_q(batch.rule, hyper, group[fresh], idx[fresh], power[fresh], L[fresh], numel[fresh])
             self.refresh_k(plan, idx[fresh], group[fresh], q_star, step, L[fresh])
-        k = self.model_k[idx]
+        k = None
         if exponent is not None and np.any(exponent != 0.0):
             # between drains K moves with L as the equilibrium norm does (‖w*‖ ∝ L^e, q = ‖w‖^p): the angle responds
             # to the gradient within the update's memory, the drains' 50-step average of L lags it
+            slow = self.model_k[idx]
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                moved = k * (self.gradient.value(idx) / self.model_l[idx]) ** (power * exponent)
-            k = np.where(np.isfinite(moved) & (moved > 0), moved, k)
+                moved = slow * (self.gradient.value(idx) / self.model_l[idx]) ** (power * exponent)
+            k = np.where(np.isfinite(moved) & (moved > 0), moved, slow)
         trajectory = self.step(plan, idx, group, step, batch.norm_sq_before[r], delta_star, power, k)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             judged = np.where(trajectory > 0, batch.angular_update[r] / trajectory, np.nan)
@@ -210,7 +211,12 @@ class Following(PerUnit):
     ) -> np.ndarray:  # fmt: skip
         """Δ̂ of units ``idx`` at optimizer ``step`` (then the model advances past it). Units met for the first time
         start from their measured norm; ``K`` must be set (:meth:`refresh_k`) — where it is not yet, the unit's
-        equilibrium at this step is taken as where it stands (Δ̂ = Δ*) until it is."""
+        equilibrium at this step is taken as where it stands (Δ̂ = Δ*) until it is.
+
+        ``k``: the equilibrium factors of this step, where they move between drains (SGD's, with a short average of
+        ``L``): the angle Δ̂ and the norm's push use them; where the trajectory stands against the equilibrium band
+        (:attr:`expected_ratio`, reached, falling) is read with the drains' :attr:`model_k`, which the noise of a few
+        steps' ``L`` does not move."""
         i = plan.index(step)
         new = self.model_step[idx] < 0
         if new.any():
@@ -219,19 +225,22 @@ class Following(PerUnit):
             self.model_v[u] = 1.0 / self.model_q[u]  # Adam's v starts matched to the first gradient
             self.model_step[u] = step - 1
         q, v = self.model_q[idx], self.model_v[idx]
-        k = self.model_k[idx] if k is None else k
+        slow = self.model_k[idx]
+        k = slow if k is None else k
+        angle = np.full(len(idx), np.nan)
         ratio = np.full(len(idx), np.nan)
         after = np.full(len(idx), np.nan)
         for g in np.unique(group).tolist():
             m = group == g
-            ratio[m] = plan.ratio(g, i, q[m], v[m], k[m])
+            angle[m] = plan.ratio(g, i, q[m], v[m], k[m])
+            ratio[m] = angle[m] if k is slow else plan.ratio(g, i, q[m], v[m], slow[m])
             q[m], v[m] = plan.advance(g, i, i + 1, q[m], v[m], k[m])
             if i + 1 < plan.n_steps:
-                after[m] = plan.ratio(g, i + 1, q[m], v[m], k[m])
+                after[m] = plan.ratio(g, i + 1, q[m], v[m], slow[m])
         if i + 1 < plan.n_steps:  # (at the plan's last step there is no next one to compare with: the trend stays)
             with np.errstate(invalid="ignore"):
                 self.expected_falling[idx] = after <= ratio
-        trajectory = delta_star * ratio
+        trajectory = delta_star * angle
         ok = np.isfinite(q) & (q > 0)
         self.model_q[idx] = np.where(ok, q, self.model_q[idx])
         self.model_v[idx] = np.where(ok, v, self.model_v[idx])
