@@ -179,7 +179,7 @@ def test_the_forecast_made_at_step_50_puts_first_equilibrium_and_freeze_out_wher
     assert abs(f_freeze - last) <= 0.15 * last, (f_freeze, last)
 
 
-def _noise_run(seed: int, jump: int, steps: int = 1200, warm: int = 100):
+def _noise_run(seed: int, jump: int, steps: int = 1200, warm: int = 100, factor=None):
     """A BatchNorm'ed linear layer whose gradient is pure noise (a random projection of its normalized output), SGD with
     momentum 0.9 under warm-up + cosine (τ = 100 steps), the noise doubled at step ``jump`` (L ×4: the equilibrium norm
     moves by √2 and, until the norm gets there, the angle by 2); followed by :class:`~lightning_smd.SMDMonitor`."""
@@ -190,7 +190,8 @@ def _noise_run(seed: int, jump: int, steps: int = 1200, warm: int = 100):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.BatchNorm1d(32, affine=False))
     opt = torch.optim.SGD([{"params": model[0].parameters(), "weight_decay": 5e-3}], lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / (steps - warm))))
+    cosine = lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / (steps - warm)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor or cosine)
     gen = torch.Generator().manual_seed(seed + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -250,3 +251,14 @@ def test_the_band_is_read_with_the_log_steps_k_and_the_angle_with_the_steps_k():
     assert follow.expected_ratio[0] == pytest.approx(1.0, rel=1e-9)
     assert trajectory[0] / delta_star[0] == pytest.approx(math.sqrt(1.5), rel=1e-9)  # the angle answers to it
     assert follow.model_q[0] > q_star  # and the norm is pushed out towards the higher equilibrium
+
+
+def test_a_step_down_is_a_re_equilibration_not_a_freeze_out_in_the_refreshed_forecast():
+    """Halving the learning rate leaves the layer below the band and coming back: the forecast refreshed at the log
+    steps after it has no freeze-out (it had one, dated at the last step in the band before the step down: every
+    layer of the sweep's 20 step-decay runs carried a freeze-out that never happened)."""
+    steps, ratio, raw, summary = _noise_run(seed=0, jump=10**9, factor=lambda t: 1.0 if t < 500 else 0.5)
+    layer = summary["layers"][0]
+    assert summary["verdict"] == "equilibrium", summary["reason"]
+    assert layer["reequilibrations"], layer  # the step down moved the equilibrium: the check has something to see
+    assert layer["forecast_freeze_out_step"] is None and layer["freeze_out_step"] is None, layer

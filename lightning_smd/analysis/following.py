@@ -292,7 +292,9 @@ class Following(PerUnit):
         old_eq = self.forecast_equilibrium[units]
         self.forecast_equilibrium[units] = np.where((old_eq >= 0) & (old_eq <= step), old_eq, f.first_equilibrium)
         with np.errstate(invalid="ignore"):
-            frozen = self.model_reached[units] & (self.expected_ratio[units] < 1.0 - self.tolerance)  # below the band now
+            # below the band now and falling: the schedule outruns the layer (below and rising is a re-equilibration
+            # after a step down, which the forecast ahead dates as it comes back)
+            frozen = self.model_reached[units] & (self.expected_ratio[units] < 1.0 - self.tolerance) & self.expected_falling[units]
         old_fz = self.forecast_freeze_out[units]
         passed = (old_fz >= 0) & (old_fz <= step)  # a freeze-out forecast and now passed stays what was forecast
         self.forecast_freeze_out[units] = np.where(passed, old_fz, np.where((f.freeze_out < 0) & frozen, self.model_last_inside[units], f.freeze_out))
