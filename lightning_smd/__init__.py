@@ -27,6 +27,7 @@ import warnings
 from typing import Any
 
 from lightning_smd.analysis import Diagnostics, DiagnosticsConfig, NormalizedWeight, StepBatch
+from lightning_smd.analysis.recommend import Recommendation, recommend, weight_decay_for
 from lightning_smd.io.report import EquilibriumNotReachedError, format_summary_table
 from lightning_smd.messages import SMDWarning
 
@@ -45,6 +46,9 @@ __all__ = [
     "StepBatch",
     "StepRecorder",
     "format_summary_table",
+    "recommend",
+    "weight_decay_for",
+    "Recommendation",
     "__version__",
 ]
 

@@ -469,6 +469,12 @@ class Rule:
     def relaxation_time(self, h: Hyper) -> float:
         return math.nan
 
+    def weight_norm_relaxation_time(self, h: Hyper) -> float:
+        """Time constant (steps) with which small deviations of ``‖w‖²`` from its equilibrium decay: what a measured
+        norm shows (``lightning_smd.engine.simulate.paired_relaxation``), and what :mod:`lightning_smd.analysis.recommend`
+        solves for. :meth:`relaxation_time` where that is the norm's own (decoupled decay, AdamW's slow mode)."""
+        return self.relaxation_time(h)
+
     def second_moment_lag(self, h: Hyper) -> float:
         """β2 of a second-moment estimate that normalizes the update and lags the gradient's scale (Adam's ``v``), or
         0 where the update does not follow the gradient's scale that way (SGD: it scales with it; Lion: a sign)."""
@@ -585,6 +591,11 @@ class SGDRule(Rule):
     def norm_time_constant(self, h: Hyper) -> float:
         # x = ‖w‖⁴ obeys dx/dt = −(2/τ)x + const ([Wan] Eq. 8/12 in continuous time)
         return self.relaxation_time(h) / 2.0
+
+    def weight_norm_relaxation_time(self, h: Hyper) -> float:
+        # [Wan]'s τ is that of the equation for ‖w‖²; ‖w‖⁴ relaxes linearly with τ/2, and so do small deviations of
+        # ‖w‖² (δ‖w‖⁴ = 2‖w‖²·δ‖w‖²)
+        return self.norm_time_constant(h)
 
     def equilibrium_scale(self, h: Hyper) -> float:
         return sgd_weight_norm(self._effective_lr(h), h["weight_decay"], h.get("momentum", 0.0), 1.0, h.get("nesterov", 0.0) > 0.0) ** 4

@@ -14,6 +14,11 @@
         run did not log: the message lists those it did)
     lightning-smd wandb-workspace ENTITY/PROJECT --summary LOG_DIR_OR_SUMMARY [--save]
         the W&B workspace for a run's layers: printed; saved with --save (needs wandb-workspaces)
+    lightning-smd recommend --lr LR (--tau-steps N | --tau-epochs X --steps-per-epoch N) [--steps N]
+                            [--optimizer adamw ...] [--momentum 0.9] [--betas 0.9 0.999] [--window 100] [--json]
+        the weight decay that puts each optimizer's relaxation time at the timescale asked
+        (lightning_smd.recommend), the steps before the verdict can judge a layer, and notes on the timescale
+        against an epoch and the run; exit 2 on bad input
 
 ``check`` re-judges the verdict when an option is given, from each layer's steady state and the confidence
 interval of its steady ratio in the summary: a layer counts as in equilibrium when it is steady and its
@@ -323,6 +328,46 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recommend(args: argparse.Namespace) -> int:
+    from lightning_smd.analysis.recommend import OPTIMIZERS, recommend
+
+    if (args.tau_steps is None) == (args.tau_epochs is None):
+        raise InputError("give the timescale with --tau-steps N or with --tau-epochs X (and --steps-per-epoch N)")
+    if args.tau_epochs is not None and args.steps_per_epoch is None:
+        raise InputError("--tau-epochs needs --steps-per-epoch (the optimizer steps of one epoch)")
+    settings: dict[str, dict[str, Any]] = {}
+    for name in OPTIMIZERS:
+        given: dict[str, Any] = {}
+        if args.momentum is not None and name.startswith(("sgd-momentum", "nesterov")):
+            given["momentum"] = args.momentum
+        if args.betas is not None and name in ("adamw", "lion"):
+            given["betas"] = tuple(args.betas)
+        settings[name] = given
+    try:
+        rows = recommend(
+            args.lr, relaxation_time=args.tau_steps, tau_epochs=args.tau_epochs, steps_per_epoch=args.steps_per_epoch, steps=args.steps,
+            optimizers=args.optimizer, settings=settings, window=args.window,
+        )  # fmt: skip
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2, allow_nan=False))
+        return 0
+    asked = args.tau_steps if args.tau_steps is not None else args.tau_epochs * args.steps_per_epoch
+    print(f"weight decay for a relaxation time of {asked:.0f} steps at lr {args.lr:g}:")
+    width = max(len(r.optimizer) for r in rows)
+
+    def num(x: float, fmt: str) -> str:
+        return format(x, fmt) if math.isfinite(x) else format("-", ">" + fmt.rstrip("gf").split(".")[0])
+
+    print(f"  {'optimizer':<{width}}  {'weight_decay':>12}  {'1/(lr*wd)':>10}  {'judged after':>12}  settings")
+    for r in rows:
+        print(f"  {r.optimizer:<{width}}  {num(r.weight_decay, '12.4g')}  {num(r.tau_iter, '10.0f')}  {num(r.judgeable_after, '12.0f')}  {r.settings}")
+        for note in r.notes:
+            print(f"  {'':<{width}}  note: {note}")
+    return 0
+
+
 def _check_layer_names(path: str, names: Sequence[str], name: str | None = None) -> None:
     """:class:`InputError` unless every name in ``names`` is a layer the run logged per-layer series for."""
     from lightning_smd.analysis.keys import metric_name
@@ -404,6 +449,14 @@ def _number(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def _share(text: str) -> float:
     """A share of the layers, in (0, 1] (``--min-fraction``, as ``SMDCallback(min_fraction=...)``)."""
     value = _number(text)
@@ -477,6 +530,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--name", default="SMD", help="the workspace's name")
     w.add_argument("--save", action="store_true", help="save it to the W&B server (needs wandb-workspaces and an API key)")
     w.set_defaults(fn=_workspace)
+    rc = sub.add_parser(
+        "recommend",
+        help="the weight decay that puts the relaxation time at a timescale, per optimizer",
+        description="The weight decay that puts each optimizer's relaxation time (how fast the weight norm forgets where it "
+        "started and settles at its equilibrium) at the timescale asked, at the learning rate given. Wang & Aitchison "
+        "(ICML 2025): the timescale should lie between about one epoch and the whole run.",
+    )
+    rc.add_argument("--lr", type=_positive, required=True, help="the learning rate (the peak of a schedule)")
+    rc.add_argument("--tau-steps", type=_positive, default=None, help="the relaxation time asked for, in optimizer steps")
+    rc.add_argument("--tau-epochs", type=_positive, default=None, help="the relaxation time asked for, in epochs (with --steps-per-epoch)")
+    rc.add_argument("--steps-per-epoch", type=_count(1), default=None, help="optimizer steps per epoch")
+    rc.add_argument("--steps", type=_count(1), default=None, help="the planned run, in optimizer steps (for the notes)")
+    rc.add_argument("--optimizer", action="append", default=None, help="only this one (repeatable): sgd, sgd-momentum, nesterov, adamw, lion")
+    rc.add_argument("--momentum", type=_number, default=None, help="SGD's momentum (default 0.9 for sgd-momentum and nesterov)")
+    rc.add_argument("--betas", type=_number, nargs=2, default=None, help="AdamW's or Lion's betas (defaults 0.9 0.999 and 0.9 0.99)")
+    rc.add_argument("--window", type=_count(1), default=100, help="the callback's window (default 100): for the steps before judging")
+    rc.add_argument("--json", action="store_true", help="print the rows as JSON")
+    rc.set_defaults(fn=_recommend)
     args = parser.parse_args(argv)
     if args.command == "plot" and args.heatmap and args.layer:
         p.error("--layer does not apply to --heatmap, which draws every layer")
