@@ -75,3 +75,21 @@ def test_learnable_script_prints_the_forecast_on_real_data():
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| chars") or line.startswith("| digits")}
     # chars: the two blocks' query and key projections; digits: the stem, four residual convolutions and the projection
     assert int(rows["chars"].split("|")[2]) == 4 and int(rows["digits"].split("|")[2]) == 6, rows
+
+
+def test_task_statistics_script_prints_what_the_forecast_holds_fixed():
+    """SGD with momentum's gradient statistic along a cosine run and Lion's measured sign memory: a row per tracked layer
+    of the sweep's task, every L positive, the update-over-uncorrelated range near 1 (noise, not a mean gradient), and
+    Lion's measured A next to the theory's."""
+    out = _run(["benchmarks/task_statistics.py"])
+    sgd = [line for line in out.splitlines() if line.startswith("| net.") and " / " not in line]
+    lion = [line for line in out.splitlines() if line.startswith("| net.") and " / " in line]
+    assert len(sgd) == 3 and len(lion) == 3, out
+    for line in sgd:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert all(float(c) > 0 for c in cells[1:-1]), line
+        low, high = (float(x) for x in cells[-1].split("–"))
+        assert 0.8 < low <= high < 2.0, line
+    for line in lion:
+        measured, theory = (float(x) for x in line.strip("|").split("|")[1].split(" / "))
+        assert measured > 0 and theory > 0, line
