@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -185,3 +186,24 @@ def test_a_run_of_a_few_dozen_steps_is_told_to_train_longer_not_to_raise_weight_
     said = [str(w.message) for w in caught if "[SMD036]" in str(w.message)]
     assert said, [str(w.message) for w in caught]
     assert "train for at least 200 steps" in said[0] and "weight_decay to about" not in said[0], said[0]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_the_advised_weight_decay_is_the_one_recommend_solves_for(optimizer):
+    """SMD036's weight decay is found by the function behind ``lightning-smd recommend`` (solved through the rule for
+    the time constant the fix needs), and it is the factor the outlook gives: every time constant the judgement uses
+    scales with 1/(lr·weight_decay)."""
+    from lightning_smd.analysis.recommend import solve_weight_decay
+    from lightning_smd.engine.alerts import plan_warnings
+
+    make, wd = _optimizers()[optimizer]
+    n = 1600
+    plan = _plan(make, _schedules(n)["cosine"], n, wd / 10)
+    (o,) = outlook(plan, TOLERANCE, WINDOW)
+    rule = rule_for(make([torch.nn.Parameter(torch.zeros(2, 2))], wd))
+    ((code, fields),) = list(plan_warnings(0, plan, rule, [o], {0: ["layer"]}, WINDOW))
+    h = plan.hyper_at(0, plan.first_step + int(np.nanargmin(plan.tau[0])))
+    solved = solve_weight_decay(rule, h, o.time_constant / o.weight_decay_factor, "norm_time_constant")
+    assert rule.norm_time_constant({**h, "weight_decay": solved}) == pytest.approx(o.time_constant / o.weight_decay_factor, rel=1e-9)
+    assert solved / h["weight_decay"] == pytest.approx(o.weight_decay_factor, rel=1e-6)
+    assert code == "SMD036" and f"raise weight_decay to about {plan.weight_decay[0, o.peak_index] * solved / h['weight_decay']:.2g}" in fields["weight_decay"]

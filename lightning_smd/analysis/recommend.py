@@ -23,7 +23,7 @@ from typing import Any
 from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES
 from lightning_smd.analysis.theory import AdamWRule, LionRule, Rule, SGDRule
 
-__all__ = ["OPTIMIZERS", "Recommendation", "weight_decay_for", "recommend"]
+__all__ = ["OPTIMIZERS", "Recommendation", "weight_decay_for", "solve_weight_decay", "recommend"]
 
 #: The optimizers :func:`recommend` covers by default: name -> (rule, the param-group settings besides lr and weight
 #: decay, as the optimizer's defaults or the usual choice).
@@ -37,22 +37,30 @@ OPTIMIZERS: dict[str, tuple[Rule, dict[str, Any]]] = {
 
 
 def weight_decay_for(rule: Rule, group: Mapping[str, Any], relaxation_time: float) -> float:
-    """The weight decay at which ``rule``'s relaxation time under the settings of ``group`` (a param-group dict: ``lr``,
-    ``momentum``, ``betas``, ...; its ``weight_decay`` is ignored) is ``relaxation_time`` steps.
+    """The weight decay at which ``rule``'s weight-norm relaxation time under the settings of ``group`` (a param-group
+    dict: ``lr``, ``momentum``, ``betas``, ...; its ``weight_decay`` is ignored) is ``relaxation_time`` steps.
 
     The relaxation time falls as the weight decay grows; it is solved by bisection on ``log λ`` to the last bits, so
-    ``rule.weight_norm_relaxation_time`` of the result gives ``relaxation_time`` back (to ~1e-12). ``nan`` where the rule has no
-    relaxation time of the settings alone (Adam with coupled L2: each layer's depends on its gradient statistic) or
-    none that long or short."""
-    target = float(relaxation_time)
-    lr = float(group.get("lr", math.nan))
-    if not (math.isfinite(target) and target > 0.0 and math.isfinite(lr) and lr > 0.0):
-        return math.nan
+    ``rule.weight_norm_relaxation_time`` of the result gives ``relaxation_time`` back (to ~1e-12). ``nan`` where the
+    rule has no relaxation time of the settings alone (Adam with coupled L2: each layer's depends on its gradient
+    statistic) or none that long or short."""
     if rule.unit_dependent(rule.hyper({**group, "weight_decay": 1.0})):
         return math.nan
+    return solve_weight_decay(rule, rule.hyper({**group, "weight_decay": 1.0}), relaxation_time)
+
+
+def solve_weight_decay(rule: Rule, h: Mapping[str, Any], time_constant: float, which: str = "weight_norm_relaxation_time") -> float:
+    """The weight decay at which the rule's time constant ``which`` (a method of :class:`Rule` taking the
+    hyper-parameters: ``weight_norm_relaxation_time``, or ``norm_time_constant`` — what the judgement's windows
+    follow) is ``time_constant`` steps, the other hyper-parameters ``h`` (the rule's, :meth:`Rule.hyper`) held."""
+    target = float(time_constant)
+    lr = float(h.get("lr", math.nan))
+    if not (math.isfinite(target) and target > 0.0 and math.isfinite(lr) and lr > 0.0):
+        return math.nan
+    method = getattr(rule, which)
 
     def tau(wd: float) -> float:
-        return float(rule.weight_norm_relaxation_time(rule.hyper({**group, "weight_decay": wd})))
+        return float(method({**h, "weight_decay": wd}))
 
     lo = hi = 1.0 / (lr * target)  # the first-order guess, then bracket it
     for _ in range(200):

@@ -23,6 +23,7 @@ from lightning_smd.analysis.diagnostics import (
     diverged_layers,
 )
 from lightning_smd.analysis.preflight import GroupOutlook, judging_steps
+from lightning_smd.analysis.recommend import solve_weight_decay
 from lightning_smd.analysis.reasons import off_prediction_causes
 from lightning_smd.analysis.tracking import window_range
 from lightning_smd.analysis.theory import group_hyper
@@ -327,7 +328,12 @@ def plan_warnings(optimizer: int, plan: Plan, rule: Any, outlooks: Sequence[Grou
         return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else f"param group {o.group}"
 
     def weight_decay(o: GroupOutlook) -> float:
-        return float(plan.weight_decay[o.group, o.peak_index]) * o.weight_decay_factor
+        # the weight decay at which the plan's fastest time constant is the one the fix needs, solved through the rule
+        # as `lightning-smd recommend` does (every time constant here scales with 1/(lr·weight_decay): the factor)
+        h = plan.hyper_at(o.group, plan.first_step + int(np.nanargmin(plan.tau[o.group])))
+        solved = solve_weight_decay(rule, h, o.time_constant / o.weight_decay_factor, "norm_time_constant")
+        factor = solved / h["weight_decay"] if math.isfinite(solved) and h.get("weight_decay", 0.0) > 0.0 else o.weight_decay_factor
+        return float(plan.weight_decay[o.group, o.peak_index]) * factor
 
     short = [o for o in outlooks if o.too_short and layers.get(o.group)]
     if short:
