@@ -247,10 +247,10 @@ class Diagnostics:
             self.events.append(left)
         self._peak = self._peak_delta(batch.optimizer_index, plan, group, pred, f_delta)
         judged_ratio, log_ref, tracked, restart = ratio, None, (settings_pred, scale, preds), True
+        exponent = np.array([p.grad_exponent for p in preds])[group]
         if plan is not None:
             power = np.array([p.power for p in preds])[group]
             decay = np.array([p.decay for p in preds])[group]
-            exponent = np.array([p.grad_exponent for p in preds])[group]
             judged_ratio, log_ref = self.following.follow(plan, batch, r, hyper, pred, power, decay, m.unit_grad.value(idx), self._numel[idx], exponent)
             # the target moves with the plan: no change of settings restarts the samples, and the windows follow the
             # fastest relaxation the plan reaches; a plan of a few step changes still has each change timed as a
@@ -276,7 +276,7 @@ class Diagnostics:
             longest = window_range(self.config, m.tau_ratio[idx])[1]
             self.series.max_window[idx] = np.maximum(self.series.max_window[idx], longest)
         m.decay[idx] = np.array([p.decay for p in preds])[group]
-        return pred, ratio, judged_ratio, np.array([p.grad_exponent for p in preds])[group], log_ref
+        return pred, ratio, judged_ratio, exponent, log_ref
 
     def _peak_delta(self, optimizer: int, plan: Any, group: np.ndarray, pred: np.ndarray, f_delta: np.ndarray) -> np.ndarray:
         """Per unit, Δ* at the peak settings of the schedule read ahead (the warm-up check's reference): the plan's

@@ -6,9 +6,9 @@ agree, the statistics of the constant-settings judgement applied to it. :class:`
 model's norm variable ``q̂`` (started from the measured norm at the first step and never reset to a measurement: it is
 a prediction), the unit's equilibrium factor ``K`` (refreshed at every drain from the smoothed gradient statistic, or
 for AdamW from the measured mean square of the update; where the equilibrium norm follows ``L`` — SGD — moved at every
-step with a short average of it, which learning moves 1.6–3.6× in the sweep's runs: Δ̂ then keeps up with the angle, which answers
-to the gradient within the update's memory), and the forecast made from them; and what was observed: the first stay
-of the measured ``Δ/Δ*`` in the band and the step it left it for good.
+step with a short average of it, which learning moves 1.6–3.6× in the sweep's runs: Δ̂ then keeps up with the angle,
+which answers to the gradient within the update's memory), and the forecast made from them; and what was observed: the
+first stay of the measured ``Δ/Δ*`` in the band and the step it left it for good.
 """
 
 from __future__ import annotations
@@ -133,13 +133,15 @@ class Following(PerUnit):
         A unit met for the first time gets its equilibrium factor from this step's statistics (refined at every
         drain, :meth:`refresh`)."""
         idx, group, step = batch.unit_index, batch.unit_group, int(batch.steps[r])
-        self.gradient.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
+        moves = exponent is not None and bool(np.any(exponent != 0.0))  # the equilibrium norm follows L (SGD)
+        if moves:
+            self.gradient.update(idx, batch.grad_sq[r] * batch.norm_sq_before[r])
         fresh = ~(self.model_k[idx] > 0)
         if fresh.any():
             q_star = self._equilibrium_q(batch.rule, hyper, group[fresh], idx[fresh], power[fresh], L[fresh], numel[fresh])
             self.refresh_k(plan, idx[fresh], group[fresh], q_star, step, L[fresh])
         k = None
-        if exponent is not None and np.any(exponent != 0.0):
+        if moves:
             # between drains K moves with L as the equilibrium norm does (‖w*‖ ∝ L^e, q = ‖w‖^p): the angle responds
             # to the gradient within the update's memory, the drains' 50-step average of L lags it
             slow = self.model_k[idx]

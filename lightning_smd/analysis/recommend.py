@@ -1,7 +1,7 @@
 """Which weight decay? The one that puts the relaxation time where it should be for the run.
 
-Every relaxation time of the theory (:meth:`Rule.weight_norm_relaxation_time`: how fast ``‖w‖²`` forgets where it started and
-settles at the equilibrium) scales about like ``1/(η·λ)``: [Li] call ``ηλ`` the intrinsic learning rate, and Wang &
+Every relaxation time of the theory (:meth:`Rule.weight_norm_relaxation_time`: how fast ``‖w‖²`` forgets where it
+started and settles at the equilibrium) scales about like ``1/(η·λ)``: [Li] call ``ηλ`` the intrinsic learning rate, and Wang &
 Aitchison (ICML 2025) and "Power Lines" (NeurIPS 2025) find that the timescale ``τ_iter = 1/(ηλ)`` — in epochs,
 ``τ_iter`` over the iterations per epoch — is what transfers across model and data size, and should lie between
 about one epoch and the whole run. Given the learning rate and the timescale asked for, :func:`weight_decay_for`
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES
+from lightning_smd.analysis.preflight import judging_steps
 from lightning_smd.analysis.theory import AdamWRule, LionRule, Rule, SGDRule
 
 __all__ = ["OPTIMIZERS", "Recommendation", "weight_decay_for", "solve_weight_decay", "recommend"]
@@ -109,8 +109,8 @@ class Recommendation:
     tau_iter: float
     """``1/(η·λ)`` in steps (Wang & Aitchison's timescale), for comparison."""
     judgeable_after: float
-    """Steps of unchanged settings before the verdict can judge a layer: twice the shortest window, which spans
-    ``WINDOW_RELAXATION_TIMES[0]`` time constants of ``Δ/Δ*`` and at least ``window`` steps."""
+    """Steps of unchanged settings before the verdict can judge a layer (:func:`~lightning_smd.analysis.preflight.judging_steps`
+    of the time constant ``Δ/Δ*`` relaxes with: twice the shortest window)."""
     notes: tuple[str, ...] = ()
     """What to look at: the timescale against an epoch and the run, a run too short to be judged."""
 
@@ -171,7 +171,7 @@ def recommend(
         h = rule.hyper({**group, "weight_decay": wd if math.isfinite(wd) else 0.0})
         tau = float(rule.weight_norm_relaxation_time(h)) if math.isfinite(wd) else math.nan
         ratio_tau = float(rule.norm_time_constant(h)) if math.isfinite(wd) else math.nan
-        judge = 2.0 * max(float(window), WINDOW_RELAXATION_TIMES[0] * ratio_tau) if math.isfinite(ratio_tau) else math.nan
+        judge = judging_steps(ratio_tau, window) if math.isfinite(ratio_tau) else math.nan
         notes = []
         if not math.isfinite(wd):
             notes.append(_why_none(rule, group, float(relaxation_time)))

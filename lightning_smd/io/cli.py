@@ -338,7 +338,7 @@ def _recommend(args: argparse.Namespace) -> int:
     settings: dict[str, dict[str, Any]] = {}
     for name in OPTIMIZERS:
         given: dict[str, Any] = {}
-        if args.momentum is not None and name.startswith(("sgd-momentum", "nesterov")):
+        if args.momentum is not None and name in ("sgd-momentum", "nesterov"):
             given["momentum"] = args.momentum
         if args.betas is not None and name in ("adamw", "lion"):
             given["betas"] = tuple(args.betas)
@@ -357,12 +357,12 @@ def _recommend(args: argparse.Namespace) -> int:
     print(f"weight decay for a relaxation time of {asked:.0f} steps at lr {args.lr:g}:")
     width = max(len(r.optimizer) for r in rows)
 
-    def num(x: float, fmt: str) -> str:
-        return format(x, fmt) if math.isfinite(x) else format("-", ">" + fmt.rstrip("gf").split(".")[0])
+    def num(x: float, width: int, spec: str) -> str:
+        return f"{x:>{width}{spec}}" if math.isfinite(x) else f"{'-':>{width}}"
 
     print(f"  {'optimizer':<{width}}  {'weight_decay':>12}  {'1/(lr*wd)':>10}  {'judged after':>12}  settings")
     for r in rows:
-        print(f"  {r.optimizer:<{width}}  {num(r.weight_decay, '12.4g')}  {num(r.tau_iter, '10.0f')}  {num(r.judgeable_after, '12.0f')}  {r.settings}")
+        print(f"  {r.optimizer:<{width}}  {num(r.weight_decay, 12, '.4g')}  {num(r.tau_iter, 10, '.0f')}  {num(r.judgeable_after, 12, '.0f')}  {r.settings}")
         for note in r.notes:
             print(f"  {'':<{width}}  note: {note}")
     return 0
