@@ -1,6 +1,6 @@
 """The schedule forecast on learnable data: how the forecast and the trajectory hold where the network learns and its
-gradient statistics change as it does (on the verdict sweep's task too, SGD's ``L`` falls 1.6–3.6× over the first
-400 steps and rises again through the decay: ``benchmarks/task_statistics.py``; here on real data).
+gradient statistics change as it does (on the verdict sweep's task too, SGD's ``L`` falls 1.6–9.5× after step 50
+and rises again through the decay: ``benchmarks/task_statistics.py``; here on real data).
 
     python benchmarks/learnable.py [--tasks chars digits] [--seeds 0] [--fast]
 

@@ -214,7 +214,7 @@ def _noise_run(seed: int, jump: int, steps: int = 1200, warm: int = 100, factor=
 
 
 def test_the_trajectory_keeps_up_with_a_gradient_statistic_that_moves():
-    """SGD's equilibrium norm follows the gradient statistic ``L``, which learning moves (1.6–3.6× over the verdict sweep's
+    """SGD's equilibrium norm follows the gradient statistic ``L``, which learning moves (1.6–9.5× over the verdict sweep's
     runs): between log steps the trajectory's ``K`` moves with a 10-step average of ``L``, so Δ̂ keeps up with the angle.
     Here the noise doubles at step 500: Δ/Δ* jumps to 1.50–1.53 (seeds 0–7), while the 50-step averages of Δ/Δ̂ stay
     within 0.057–0.068 of 1 at the 90th percentile over the 200 steps after the jump (0.033–0.042 over the run, past
@@ -256,7 +256,8 @@ def test_the_band_is_read_with_the_log_steps_k_and_the_angle_with_the_steps_k():
 def test_a_step_down_is_a_re_equilibration_not_a_freeze_out_in_the_refreshed_forecast():
     """Halving the learning rate leaves the layer below the band and coming back: the forecast refreshed at the log
     steps after it has no freeze-out (it had one, dated at the last step in the band before the step down: every
-    layer of the sweep's 20 step-decay runs carried a freeze-out that never happened)."""
+    layer of the sweep's 20 step-decay runs carried a freeze-out that never happened). Seeds 0–7: every run ends
+    ``equilibrium`` with one re-equilibration and no freeze-out, forecast or observed."""
     steps, ratio, raw, summary = _noise_run(seed=0, jump=10**9, factor=lambda t: 1.0 if t < 500 else 0.5)
     layer = summary["layers"][0]
     assert summary["verdict"] == "equilibrium", summary["reason"]

@@ -6,7 +6,7 @@ agree, the statistics of the constant-settings judgement applied to it. :class:`
 model's norm variable ``q̂`` (started from the measured norm at the first step and never reset to a measurement: it is
 a prediction), the unit's equilibrium factor ``K`` (refreshed at every drain from the smoothed gradient statistic, or
 for AdamW from the measured mean square of the update; where the equilibrium norm follows ``L`` — SGD — moved at every
-step with a short average of it, which learning moves 1.6–3.6× in the sweep's runs: Δ̂ then keeps up with the angle,
+step with a short average of it, which learning moves 1.6–9.5× in the sweep's runs: Δ̂ then keeps up with the angle,
 which answers to the gradient within the update's memory), and the forecast made from them; and what was observed: the
 first stay of the measured ``Δ/Δ*`` in the band and the step it left it for good.
 """
