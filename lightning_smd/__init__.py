@@ -48,6 +48,7 @@ __all__ = [
     "format_summary_table",
     "recommend",
     "weight_decay_for",
+    "param_groups",
     "Recommendation",
     "__version__",
 ]
@@ -60,6 +61,7 @@ _LAZY = {
     "Detection": "lightning_smd.engine.detect",
     "find_normalized_weights": "lightning_smd.engine.detect",
     "StepRecorder": "lightning_smd.engine.measure",
+    "param_groups": "lightning_smd.engine.groups",
 }
 
 

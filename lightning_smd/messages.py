@@ -51,6 +51,22 @@ _ALL = (
         "exclude only norm affine parameters and biases from decay.",
     ),
     Message(
+        "SMD038",
+        "weight decay on gains and biases",
+        "{count} gain(s) and bias(es) ({names}) are in param group {group} of optimizer {optimizer} with weight_decay={wd:g}. "
+        "They are not scale-invariant: decay only shrinks them, and a shrinking normalization gain makes the layer after it "
+        "learn as if its learning rate were raised. Keep them out of the decay: "
+        "torch.optim.<Optimizer>(lightning_smd.param_groups(model, weight_decay={wd:g}), ...) decays the weights and not the "
+        "gains and biases.",
+    ),
+    Message(
+        "SMD039",
+        "a parameter in several optimizers",
+        "{count} parameter(s) ({names}) are in the param groups of more than one optimizer ({optimizers}): each step moves "
+        "them twice, with two sets of settings, and no equilibrium of one optimizer describes them. Give each parameter "
+        "to one optimizer.",
+    ),
+    Message(
         "SMD003",
         "run too short to be judged",
         "The run is planned for {planned} optimizer steps, but the slowest layer ({name}: relaxation time tau = {tau:.0f} "

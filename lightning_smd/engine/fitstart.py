@@ -24,9 +24,15 @@ if TYPE_CHECKING:
     from lightning_smd.analysis.theory import Rule
     from lightning_smd.analysis.trajectory import Plan
     from lightning_smd.engine.detect import NormalizedWeight
+    from lightning_smd.engine.groups import GroupAudit
     from lightning_smd.engine.measure import StepRecorder
 
 __all__ = ["FitStart"]
+
+
+def _shown(names: Sequence[str], first: int = 5) -> str:
+    """At most ``first`` names, then how many more."""
+    return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
 
 
 class FitStart:
@@ -48,8 +54,11 @@ class FitStart:
         rejected: Mapping[str, str],
         model_name: str,
         planned_steps: int | None,
+        audit: GroupAudit | None = None,
     ) -> None:
-        """The set-up's warnings and :attr:`judgeable_after`; ``SMD003`` held until the schedules are read."""
+        """The set-up's warnings and :attr:`judgeable_after`; ``SMD003`` held until the schedules are read. ``audit``:
+        what the audit of the param groups found (``SMD038`` per param group decaying gains or biases, ``SMD039`` for
+        parameters in several optimizers)."""
         slowest = slowest_unit(recorder, units, config.window)
         if slowest is not None:
             self.judgeable_after = (math.ceil(slowest[0]), slowest[2], slowest[1])
@@ -60,6 +69,12 @@ class FitStart:
                 self._too_short = fields
                 continue
             self.warn(code, **fields)
+        if audit is not None:
+            for f in audit.decayed:
+                self.warn("SMD038", count=len(f.names), names=_shown(f.names), group=f.group, optimizer=f.optimizer, wd=f.weight_decay)
+            if audit.shared:
+                optimizers = sorted({o for owners in audit.shared.values() for o in owners})
+                self.warn("SMD039", count=len(audit.shared), names=_shown(list(audit.shared)), optimizers=", ".join(map(str, optimizers)))
 
     def follow(self, recorder: StepRecorder, diagnostics: Diagnostics, config: DiagnosticsConfig, reads: Sequence[Any]) -> None:
         """Follow the planned schedules read ahead (:mod:`lightning_smd.engine.schedule`: one ``PlannedSchedule`` or

@@ -1,0 +1,150 @@
+"""Which parameters get weight decay: the audit of the optimizers' param groups, and the conventional groups.
+
+``torch.optim.SGD(model.parameters(), weight_decay=…)`` is the first line of most training scripts, and it decays
+the gains and biases of the normalization layers too. A gain is not scale-invariant: decay shrinks it towards 0, and
+since the normalized weight before it is, the layer after it then learns as if its learning rate were raised (our
+ResNet example: a shortcut branch's gain shrank, its convolution sat steady at 0.57–0.64× the prediction with an
+effective learning rate 36× the other layers'). timm (``param_groups_weight_decay``), nanoGPT and torchvision's
+reference scripts all keep 1-D parameters — gains, biases — out of the decay. :func:`audit_groups` finds what does
+not; :func:`param_groups` builds the conventional groups, so the fix is one line.
+
+The converse, a normalized weight in a group with weight decay 0, has no equilibrium at all: that is ``SMD002``
+(:func:`~lightning_smd.engine.alerts.setup_warnings`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GroupFinding", "GroupAudit", "norm_parameters", "audit_groups", "param_groups"]
+
+#: Normalization modules of torch (their parameters are gains and shifts); other libraries' are found by name.
+_TORCH_NORMS: tuple[type, ...] = tuple(
+    t
+    for t in (
+        getattr(nn.modules.batchnorm, "_NormBase", None),
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.LocalResponseNorm,
+    )
+    if t is not None
+)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization layer: one of torch's, or a class named like one (``LlamaRMSNorm``, ``T5LayerNorm``,
+    ``LayerNorm2d``, ``FrozenBatchNorm2d``, ...)."""
+    return isinstance(module, _TORCH_NORMS) or "norm" in type(module).__name__.lower()
+
+
+def norm_parameters(model: nn.Module) -> dict[str, str]:
+    """The parameters owned directly by normalization layers, by name (as ``model.named_parameters()`` gives them),
+    with the layer's class name."""
+    out: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        if _is_norm(module):
+            for name, _ in module.named_parameters(recurse=False):
+                out[f"{prefix}.{name}" if prefix else name] = type(module).__name__
+    return out
+
+
+@dataclass(frozen=True)
+class GroupFinding:
+    """Gains and biases with weight decay in one param group."""
+
+    optimizer: int
+    group: int
+    weight_decay: float
+    norm: tuple[str, ...]
+    """Parameters of normalization layers (gains, shifts)."""
+    other: tuple[str, ...]
+    """Other parameters with at most one dimension (biases, layer scales)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.norm + self.other
+
+
+@dataclass
+class GroupAudit:
+    """What :func:`audit_groups` found."""
+
+    decayed: list[GroupFinding] = field(default_factory=list)
+    shared: dict[str, list[int]] = field(default_factory=dict)
+    """Parameters in the param groups of more than one optimizer, with the optimizers' indices."""
+
+    def summary(self) -> dict[str, Any]:
+        """The summary's ``groups`` block."""
+        return {
+            "decayed_gains_and_biases": [
+                {"optimizer": f.optimizer, "group": f.group, "weight_decay": f.weight_decay, "normalization": list(f.norm), "other": list(f.other)}
+                for f in self.decayed
+            ],
+            "in_several_optimizers": {k: list(v) for k, v in self.shared.items()},
+        }
+
+
+def audit_groups(named: Mapping[str, torch.Tensor], norm_names: Iterable[str], optimizers: Sequence[torch.optim.Optimizer]) -> GroupAudit:
+    """Each param group of ``optimizers`` with weight decay > 0 that holds parameters of normalization layers
+    (``norm_names``) or parameters of at most one dimension; and parameters in more than one optimizer. ``named``:
+    the model's parameters by name (a parameter under several names is reported under its first)."""
+    names: dict[int, str] = {}
+    for name, p in named.items():
+        names.setdefault(id(p), name)
+    norms = set(norm_names)
+    audit = GroupAudit()
+    owners: dict[int, list[int]] = {}
+    for oi, opt in enumerate(optimizers):
+        for gi, group in enumerate(opt.param_groups):
+            wd = group.get("weight_decay", 0.0)
+            try:
+                wd = float(wd)
+            except (TypeError, ValueError):
+                wd = 0.0
+            norm, other = [], []
+            for p in group["params"]:
+                if oi not in owners.setdefault(id(p), []):
+                    owners[id(p)].append(oi)
+                name = names.get(id(p))
+                if name is None or not wd > 0.0:
+                    continue
+                if name in norms:
+                    norm.append(name)
+                elif p.dim() <= 1:
+                    other.append(name)
+            if norm or other:
+                audit.decayed.append(GroupFinding(oi, gi, wd, tuple(norm), tuple(other)))
+    audit.shared = {names[i]: o for i, o in owners.items() if len(o) > 1 and i in names}
+    return audit
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The conventional param groups of ``model``: weight decay ``weight_decay`` on the weights (parameters of two or
+    more dimensions outside normalization layers), none on the gains, shifts and biases (normalization layers'
+    parameters and every 1-D one). ``decay``: names to decay whatever their shape (e.g. the normalized weights a
+    detection found, ``[p for u in find_normalized_weights(model).units for p in u.params]``).
+
+    ``torch.optim.AdamW(lightning_smd.param_groups(model, weight_decay=0.05), lr=1e-3)``. Frozen parameters
+    (``requires_grad=False``) are left out; an empty group is left out."""
+    forced = set(decay)
+    norms = norm_parameters(model)
+    decayed, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in forced or (p.dim() >= 2 and name not in norms):
+            decayed.append(p)
+        else:
+            plain.append(p)
+    groups = []
+    if decayed:
+        groups.append({"params": decayed, "weight_decay": float(weight_decay)})
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups

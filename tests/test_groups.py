@@ -1,0 +1,118 @@
+"""The audit of the param groups (lightning_smd.engine.groups): gains and biases with weight decay, a parameter in
+two optimizers, and the conventional groups that fix both (lightning_smd.param_groups)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from helpers import teacher_loader, trainer
+from torch import nn
+
+from lightning_smd import SMDCallback, SMDMonitor, param_groups
+from lightning_smd.engine.groups import audit_groups, norm_parameters
+
+
+class RMSNormLike(nn.Module):
+    """A normalization layer of another library (found by its class name)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 16), nn.LayerNorm(16), nn.Linear(16, 16), RMSNormLike(16), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+def test_norm_layers_parameters_are_found_by_type_and_by_name():
+    found = norm_parameters(_net())
+    assert found == {"1.weight": "BatchNorm2d", "1.bias": "BatchNorm2d", "5.weight": "LayerNorm", "5.bias": "LayerNorm", "7.weight": "RMSNormLike"}
+
+
+def test_model_parameters_with_weight_decay_decay_every_gain_and_bias():
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=5e-4)
+    audit = audit_groups(dict(net.named_parameters()), norm_parameters(net), [opt])
+    (finding,) = audit.decayed
+    assert set(finding.norm) == set(norm_parameters(net))  # every gain and shift: recall 100 %
+    assert set(finding.other) == {"4.bias", "6.bias", "8.bias"}
+    assert finding.weight_decay == 5e-4 and not audit.shared
+
+
+def test_the_conventional_groups_have_no_finding_and_decay_every_weight():
+    net = _net()
+    groups = param_groups(net, weight_decay=0.05)
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    assert not audit_groups(dict(net.named_parameters()), norm_parameters(net), [opt]).decayed
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {n for n, p in net.named_parameters() if id(p) in decayed}
+    assert names == {"0.weight", "4.weight", "6.weight", "8.weight"} and groups[0]["weight_decay"] == 0.05
+    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 8
+    # every parameter in exactly one group; frozen ones left out
+    net[0].weight.requires_grad_(False)
+    assert sum(len(g["params"]) for g in param_groups(net, 0.05)) == len(list(net.parameters())) - 1
+
+
+def test_a_one_dimensional_normalized_weight_can_be_kept_in_the_decay():
+    net = _net()
+    groups = param_groups(net, 0.1, decay=["7.weight"])
+    assert any(p is net[7].weight for p in groups[0]["params"])
+
+
+def test_a_parameter_in_two_optimizers_is_found():
+    net = _net()
+    a = torch.optim.SGD(net.parameters(), lr=0.1)
+    b = torch.optim.SGD(net[4].parameters(), lr=0.1)
+    audit = audit_groups(dict(net.named_parameters()), norm_parameters(net), [a, b])
+    assert audit.shared == {"4.weight": [0, 1], "4.bias": [0, 1]}
+    assert not audit.decayed  # weight_decay 0: nothing decayed
+
+
+def test_the_callback_warns_at_fit_start_names_the_fix_and_keeps_the_audit_in_the_summary(tmp_path):
+    """A real Trainer: ``model.parameters()`` with weight decay gets SMD038 with the parameters and the one-line fix, and
+    the summary's ``groups`` block lists them; the demo's groups (decay on the normalized weights only) get neither."""
+    import functools
+
+    from helpers import Module
+
+    from lightning_smd.demo import HeadNet
+
+    sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        module = Module(HeadNet(), optimizer=sgd, decay=2.5e-3) if grouped else Module(HeadNet(), optimizer=functools.partial(sgd, weight_decay=2.5e-3))
+        path = tmp_path / f"s{grouped}.json"
+        smd = SMDCallback(verbose=False, summary_path=str(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, [smd], max_steps=20).fit(module, teacher_loader())
+        said = [str(w.message) for w in caught if "[SMD038]" in str(w.message)]
+        groups = json.loads(path.read_text())["groups"]
+        norms = {n for n in norm_parameters(module)}
+        if grouped:
+            assert not said and groups["decayed_gains_and_biases"] == []
+        else:
+            (message,) = said
+            assert "lightning_smd.param_groups(model, weight_decay=0.0025)" in message, message
+            (row,) = groups["decayed_gains_and_biases"]
+            assert set(row["normalization"]) == norms and norms  # every gain and shift of the model
+            assert row["weight_decay"] == pytest.approx(0.0025)
+
+
+def test_the_monitor_warns_too():
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = SMDMonitor(net, opt, example_input=torch.randn(4, 3, 8, 8))
+    assert any("[SMD038]" in str(w.message) and "8 gain(s) and bias(es)" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert mon.summary()["groups"]["decayed_gains_and_biases"][0]["optimizer"] == 0
