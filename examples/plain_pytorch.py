@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_smd import SMDMonitor
+from lightning_smd import SMDMonitor, param_groups
 from lightning_smd.demo import NoisyTemplates
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model = ConvNet(width=16)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    optimizer = torch.optim.SGD(param_groups(model, weight_decay=5e-3), lr=0.1, momentum=0.9)
     monitor = SMDMonitor(model, optimizer, log_every_n_steps=100)
     print("tracking:", ", ".join(monitor.units))
     data = iter(NoisyTemplates(batch_size=64, seed=args.seed))

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_smd import SMDCallback
+from lightning_smd import SMDCallback, param_groups
 from lightning_smd.demo import NoisyTemplates
 
 
@@ -67,7 +67,8 @@ class ConvNet(pl.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        # weight decay on the weights, none on BatchNorm's gains and shifts nor on the biases (SMD038 tells when they are)
+        opt = torch.optim.SGD(param_groups(self, weight_decay=h.weight_decay), lr=h.lr, momentum=h.momentum)
         if h.schedule == "constant":
             return opt
         warm = 100  # then cosine to 0 at the last step

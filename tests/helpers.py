@@ -191,8 +191,19 @@ def trainer(tmp_path: Any, callbacks: list | None = None, max_steps: int = 20, l
 # ---------------------------------------------------------------------------------------------
 class Fit(NamedTuple):
     smd: Any  # the SMDCallback
-    warnings: list[str]  # the SMD warnings issued during the fit, in order
+    warnings: list[str]  # the SMD warnings issued during the fit, in order (SMD038 left out, see ``counted``)
     trainer: pl.Trainer
+
+
+#: The test models decay their BatchNorm gains through ``self.parameters()``, as most training scripts do, so every
+#: fit says SMD038 (weight decay on gains and biases) at its start. It is tested in ``tests/test_groups.py``; the tests
+#: that count the other warnings leave it out.
+NOT_COUNTED = "[SMD038]"
+
+
+def counted(msgs: Sequence[str]) -> list[str]:
+    """``msgs`` without :data:`NOT_COUNTED`."""
+    return [m for m in msgs if not m.endswith(NOT_COUNTED)]
 
 
 def fit_smd(
@@ -215,7 +226,7 @@ def fit_smd(
         warnings.simplefilter("always")
         t = trainer(tmp_path, [smd, *callbacks], max_steps=steps, **(trainer_kw or {}))
         t.fit(model, loader() if data is None else data)
-    return Fit(smd, [str(w.message) for w in record if issubclass(w.category, SMDWarning)], t)
+    return Fit(smd, counted([str(w.message) for w in record if issubclass(w.category, SMDWarning)]), t)
 
 
 ROOT = Path(__file__).resolve().parents[1]

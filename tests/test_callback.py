@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import HEALTHY_STEPS, Module, NoNormNet, SmallConvNet, healthy_module, loader, sgd, teacher_loader, trainer, fit_smd
+from helpers import HEALTHY_STEPS, Module, NoNormNet, SmallConvNet, healthy_module, loader, sgd, teacher_loader, trainer, fit_smd, counted
 
 from lightning_smd import SMDCallback, SMDWarning
 from lightning_smd.analysis.theory import sgd_angular_update
@@ -32,7 +32,7 @@ def read_csv(path):
 
 def smd_warnings(record, end=False):
     """SMD warnings; without ``end``, the end-of-run verdict warning (tested on its own) is left out."""
-    msgs = [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
+    msgs = counted([str(w.message) for w in record if issubclass(w.category, SMDWarning)])
     return msgs if end else [m for m in msgs if not m.startswith("No equilibrium reached")]
 
 

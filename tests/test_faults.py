@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from helpers import HEALTHY_STEPS, Module, PlainConvNet, SmallConvNet, fit_smd, healthy_module, loader, sgd, teacher_loader, trainer
+from helpers import HEALTHY_STEPS, Module, PlainConvNet, SmallConvNet, counted, fit_smd, healthy_module, loader, sgd, teacher_loader, trainer
 from lightning_smd import EquilibriumNotReachedError, SMDCallback, SMDWarning
 
 
@@ -281,7 +281,7 @@ def test_two_callbacks_with_different_criteria_keep_two_summaries_and_two_sets_o
     for ns in ("smd", strict.namespace, "smd-gate"):
         assert f"{ns}/angular_update_ratio" in t.callback_metrics
     # each shown warning says which callback it comes from: the default one's bare, the others' after their label
-    shown = [str(w.message) for w in record if issubclass(w.category, SMDWarning)]
+    shown = counted([str(w.message) for w in record if issubclass(w.category, SMDWarning)])
     for cb in (lenient, strict, named):
         prefix = "" if cb is lenient else f"SMDCallback '{cb.namespace[4:]}': "
         own = [m[len(prefix) :] for m in shown if m.startswith(prefix) and not (cb is lenient and m.startswith("SMDCallback '"))]

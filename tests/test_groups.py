@@ -116,3 +116,73 @@ def test_the_monitor_warns_too():
         mon = SMDMonitor(net, opt, example_input=torch.randn(4, 3, 8, 8))
     assert any("[SMD038]" in str(w.message) and "8 gain(s) and bias(es)" in str(w.message) for w in caught), [str(w.message) for w in caught]
     assert mon.summary()["groups"]["decayed_gains_and_biases"][0]["optimizer"] == 0
+
+
+class TinyLM(nn.Module):
+    """Embedding → LayerNorm → linear → RMS-normalized head: one embedding, one normalized weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.norm = nn.LayerNorm(16)
+        self.proj = nn.Linear(16, 16, bias=False)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.norm(self.embed(x)))
+        return self.head(h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+
+
+def test_embeddings_decayed_by_an_adam_type_optimizer_are_information_not_a_finding():
+    net = TinyLM()
+    named, norms, emb = dict(net.named_parameters()), norm_parameters(net), ["embed.weight"]
+    adamw = torch.optim.AdamW(param_groups(net, 0.1), lr=1e-3)  # decays the embedding (as nanoGPT)
+    audit = audit_groups(named, norms, [adamw], embeddings=emb)
+    assert audit.embeddings == ["embed.weight"] and audit.findings == 0 and not audit.decayed
+    assert "1 embedding weight(s) (embed.weight)" in audit.embeddings_note() and "decay_embeddings=False" in audit.embeddings_note()
+    sgd = torch.optim.SGD(param_groups(net, 1e-4), lr=0.1)  # a gradient step: decay on embeddings is the usual L2
+    assert audit_groups(named, norms, [sgd], embeddings=emb).embeddings == []
+    kept = torch.optim.AdamW(param_groups(net, 0.1, decay_embeddings=False), lr=1e-3)
+    assert audit_groups(named, norms, [kept], embeddings=emb).embeddings == []
+    assert not any(p is net.embed.weight for p in param_groups(net, 0.1, decay_embeddings=False)[0]["params"])
+
+
+def test_a_normalized_weight_without_weight_decay_is_in_the_audit():
+    net = TinyLM()
+    groups = [{"params": [net.proj.weight], "weight_decay": 0.0}, {"params": [p for n, p in net.named_parameters() if n != "proj.weight"], "weight_decay": 0.0}]
+    audit = audit_groups(dict(net.named_parameters()), norm_parameters(net), [torch.optim.AdamW(groups)], normalized=["proj.weight"])
+    assert audit.undecayed == ["proj.weight"] and audit.findings == 1
+    assert audit.summary()["normalized_without_decay"] == ["proj.weight"]
+    ok = audit_groups(dict(net.named_parameters()), norm_parameters(net), [torch.optim.AdamW(param_groups(net, 0.1))], normalized=["proj.weight"])
+    assert ok.undecayed == [] and ok.findings == 0
+
+
+def test_the_verbose_fit_start_prints_the_embedding_note_once(tmp_path, capsys):
+    """A real Trainer: AdamW decaying an embedding prints the note (no warning); the summary lists it."""
+    import pytorch_lightning as pl
+    from torch.nn import functional as F
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyLM()
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0]
+            return F.cross_entropy(self.net(x).flatten(0, 1), x.flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(param_groups(self, 0.1), lr=1e-3)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 50, (64, 6))), batch_size=8)
+    path = tmp_path / "s.json"
+    smd = SMDCallback(summary_path=str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [smd], max_steps=4).fit(LM(), data)
+    out = capsys.readouterr().out
+    assert out.count("embedding weight(s) (net.embed.weight) are decayed by an Adam-type optimizer") == 1, out
+    assert not any(c in str(w.message) for w in caught for c in ("[SMD038]", "[SMD039]", "[SMD002]"))
+    groups = json.loads(path.read_text())["groups"]
+    assert groups["decayed_embeddings_adaptive"] == ["net.embed.weight"] and groups["decayed_gains_and_biases"] == []

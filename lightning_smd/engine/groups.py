@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GroupFinding", "GroupAudit", "norm_parameters", "audit_groups", "param_groups"]
+__all__ = ["GroupFinding", "GroupAudit", "ParamRoles", "param_roles", "norm_parameters", "embedding_parameters", "audit_groups", "param_groups"]
 
 #: Normalization modules of torch (their parameters are gains and shifts); other libraries' are found by name.
 _TORCH_NORMS: tuple[type, ...] = tuple(
@@ -54,6 +54,39 @@ def norm_parameters(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def embedding_parameters(model: nn.Module) -> list[str]:
+    """The weights of the model's ``nn.Embedding`` / ``nn.EmbeddingBag`` layers (subclasses included), by name."""
+    return [
+        f"{prefix}.weight" if prefix else "weight"
+        for prefix, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and isinstance(getattr(module, "weight", None), nn.Parameter)
+    ]
+
+
+@dataclass(frozen=True)
+class ParamRoles:
+    """What the audit needs to know of a model's parameters, by name: those of normalization layers (with the
+    layer's class) and the embedding weights."""
+
+    norms: dict[str, str]
+    embeddings: list[str]
+
+
+def param_roles(model: nn.Module) -> ParamRoles:
+    """:func:`norm_parameters` and :func:`embedding_parameters` of ``model``."""
+    return ParamRoles(norm_parameters(model), embedding_parameters(model))
+
+
+def _adaptive(optimizer: Any) -> bool:
+    """Adam-type (AdamW, Adam, NAdam, RAdam) or Lion: a per-coordinate (or sign) update, not a gradient step."""
+    from lightning_smd.analysis.theory import AdamWRule, LionRule, rule_for
+
+    try:
+        return isinstance(rule_for(optimizer), (AdamWRule, LionRule))
+    except Exception:  # an optimizer the theory cannot read is not Adam-type for this purpose
+        return False
+
+
 @dataclass(frozen=True)
 class GroupFinding:
     """Gains and biases with weight decay in one param group."""
@@ -78,6 +111,26 @@ class GroupAudit:
     decayed: list[GroupFinding] = field(default_factory=list)
     shared: dict[str, list[int]] = field(default_factory=dict)
     """Parameters in the param groups of more than one optimizer, with the optimizers' indices."""
+    undecayed: list[str] = field(default_factory=list)
+    """Normalized (scale-invariant) weights in a param group with weight decay 0: no equilibrium (``SMD002``)."""
+    embeddings: list[str] = field(default_factory=list)
+    """Embedding weights decayed by an Adam-type optimizer: information, not a warning (nanoGPT does it): a row is
+    decayed at every step but updated only when its token occurs."""
+
+    @property
+    def findings(self) -> int:
+        """The count of warnings the audit gives (embeddings are information)."""
+        return len(self.decayed) + bool(self.shared) + bool(self.undecayed)
+
+    def embeddings_note(self) -> str:
+        """The line the verbose fit start prints about :attr:`embeddings` (information: no code, no warning)."""
+        shown = ", ".join(self.embeddings[:5]) + (f" and {len(self.embeddings) - 5} more" if len(self.embeddings) > 5 else "")
+        return (
+            f"SMDCallback: note: {len(self.embeddings)} embedding weight(s) ({shown}) are decayed by an Adam-type "
+            "optimizer. Common (nanoGPT does it) and not an error, but a row is decayed at every step and updated only "
+            "when its token occurs, so rare tokens' rows shrink; lightning_smd.param_groups(model, weight_decay=..., "
+            "decay_embeddings=False) leaves them out."
+        )
 
     def summary(self) -> dict[str, Any]:
         """The summary's ``groups`` block."""
@@ -87,20 +140,32 @@ class GroupAudit:
                 for f in self.decayed
             ],
             "in_several_optimizers": {k: list(v) for k, v in self.shared.items()},
+            "normalized_without_decay": list(self.undecayed),
+            "decayed_embeddings_adaptive": list(self.embeddings),
         }
 
 
-def audit_groups(named: Mapping[str, torch.Tensor], norm_names: Iterable[str], optimizers: Sequence[torch.optim.Optimizer]) -> GroupAudit:
+def audit_groups(
+    named: Mapping[str, torch.Tensor],
+    norm_names: Iterable[str],
+    optimizers: Sequence[torch.optim.Optimizer],
+    *,
+    normalized: Iterable[str] = (),
+    embeddings: Iterable[str] = (),
+) -> GroupAudit:
     """Each param group of ``optimizers`` with weight decay > 0 that holds parameters of normalization layers
-    (``norm_names``) or parameters of at most one dimension; and parameters in more than one optimizer. ``named``:
-    the model's parameters by name (a parameter under several names is reported under its first)."""
+    (``norm_names``) or parameters of at most one dimension; parameters in more than one optimizer; the normalized
+    weights (``normalized``) with weight decay 0; the embedding weights (``embeddings``) an Adam-type optimizer
+    decays. ``named``: the model's parameters by name (a parameter under several names is reported under its
+    first)."""
     names: dict[int, str] = {}
     for name, p in named.items():
         names.setdefault(id(p), name)
-    norms = set(norm_names)
+    norms, invariant, embedded = set(norm_names), set(normalized), set(embeddings)
     audit = GroupAudit()
     owners: dict[int, list[int]] = {}
     for oi, opt in enumerate(optimizers):
+        adaptive = _adaptive(opt) if embedded else False
         for gi, group in enumerate(opt.param_groups):
             wd = group.get("weight_decay", 0.0)
             try:
@@ -112,9 +177,15 @@ def audit_groups(named: Mapping[str, torch.Tensor], norm_names: Iterable[str], o
                 if oi not in owners.setdefault(id(p), []):
                     owners[id(p)].append(oi)
                 name = names.get(id(p))
-                if name is None or not wd > 0.0:
+                if name is None:
                     continue
-                if name in norms:
+                if not wd > 0.0:
+                    if name in invariant and name not in audit.undecayed:
+                        audit.undecayed.append(name)
+                    continue
+                if adaptive and name in embedded:
+                    audit.embeddings.append(name)
+                elif name in norms:
                     norm.append(name)
                 elif p.dim() <= 1:
                     other.append(name)
@@ -124,21 +195,26 @@ def audit_groups(named: Mapping[str, torch.Tensor], norm_names: Iterable[str], o
     return audit
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, decay: Iterable[str] = ()) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, *, decay: Iterable[str] = (), decay_embeddings: bool = True) -> list[dict[str, Any]]:
     """The conventional param groups of ``model``: weight decay ``weight_decay`` on the weights (parameters of two or
     more dimensions outside normalization layers), none on the gains, shifts and biases (normalization layers'
-    parameters and every 1-D one). ``decay``: names to decay whatever their shape (e.g. the normalized weights a
-    detection found, ``[p for u in find_normalized_weights(model).units for p in u.params]``).
+    parameters and every 1-D one). This is the grouping of nanoGPT and of timm's ``param_groups_weight_decay`` (which
+    also takes a model's ``no_weight_decay()`` names out: pass the others with ``decay``, or build the groups with
+    timm). ``decay``: names to decay whatever their shape (e.g. the normalized weights a detection found,
+    ``[p for u in find_normalized_weights(model).units for p in u.params]``). ``decay_embeddings=False`` keeps the
+    ``nn.Embedding`` weights out of the decay too.
 
     ``torch.optim.AdamW(lightning_smd.param_groups(model, weight_decay=0.05), lr=1e-3)``. Frozen parameters
-    (``requires_grad=False``) are left out; an empty group is left out."""
+    (``requires_grad=False``) are left out; an empty group is left out. A parameter shared under several names is
+    placed once."""
     forced = set(decay)
     norms = norm_parameters(model)
+    kept = set() if decay_embeddings else set(embedding_parameters(model))
     decayed, plain = [], []
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # each shared parameter once, under its first name
         if not p.requires_grad:
             continue
-        if name in forced or (p.dim() >= 2 and name not in norms):
+        if name in forced or (p.dim() >= 2 and name not in norms and name not in kept):
             decayed.append(p)
         else:
             plain.append(p)

@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +29,7 @@ from lightning_smd.analysis.forecast import cannot_reach
 from lightning_smd.analysis.keys import NAMESPACE, layer_key, split_layer_key
 from lightning_smd.engine.alerts import Alerts, end_warnings, event_warnings, verification_warnings
 from lightning_smd.engine.fitstart import FitStart
-from lightning_smd.engine.groups import GroupAudit, audit_groups
+from lightning_smd.engine.groups import GroupAudit, ParamRoles, audit_groups
 from lightning_smd.engine.detect import Detection, NormalizedWeight, verify_orthogonality
 from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig, Verdict, diffusion_exponent
 from lightning_smd.engine.measure import DistanceTracker, StepRecorder
@@ -147,11 +147,11 @@ class Session:
         planned_steps: int | None = None,
         model_name: str = "the model",
         resume: dict[str, Any] | None = None,
-        norm_params: Iterable[str] | None = None,
+        roles: ParamRoles | None = None,
     ) -> None:
         """Create the recorder and the diagnostics for ``units`` (those whose parameters are all in ``named``)
-        and issue the set-up warnings — or, with ``resume``, continue from a :meth:`state_dict`. ``norm_params``: the
-        names (in ``named``) of the normalization layers' parameters, for the audit of the param groups
+        and issue the set-up warnings — or, with ``resume``, continue from a :meth:`state_dict`. ``roles``: the
+        normalization layers' parameters and the embeddings (names in ``named``), for the audit of the param groups
         (:func:`~lightning_smd.engine.groups.audit_groups`; not under FSDP1, whose flat parameters have no shapes)."""
         self.close()
         self.attached = Attached(named, list(optimizers), capacity, shard_group)
@@ -178,7 +178,10 @@ class Session:
             self.load_state_dict(resume)
         else:
             rejected = self.detection.rejected if self.detection else {}
-            self.group_audit = audit_groups(named, norm_params, optimizers) if norm_params is not None and shard_group is None else None
+            self.group_audit = None
+            if roles is not None and shard_group is None:
+                normalized = [p for u in units for p in u.params]
+                self.group_audit = audit_groups(named, roles.norms, optimizers, normalized=normalized, embeddings=roles.embeddings)
             self.fit_start.check_setup(
                 recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps, self.group_audit
             )  # fmt: skip

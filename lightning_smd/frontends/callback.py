@@ -26,7 +26,7 @@ import torch
 from lightning_smd.analysis.keys import namespace_for, renamed
 from lightning_smd.analysis.theory import rule_for
 from lightning_smd.engine.detect import DataFlowRecorder, Detection, NormalizedWeight, format_detection_table
-from lightning_smd.engine.groups import norm_parameters
+from lightning_smd.engine.groups import param_roles
 from lightning_smd.engine.schedule import read_trainer_schedules
 from lightning_smd.engine.session import Session, eval_mode_batch_norms
 from lightning_smd.frontends.instances import distinct_options, instance_label
@@ -247,12 +247,15 @@ class SMDCallback(*_CALLBACK_BASES, FrontEnd):  # type: ignore[misc]
             planned_steps=None if debug_run(trainer) else planned_steps(trainer),
             model_name=type(pl_module).__name__,
             resume=resume,
-            norm_params=norm_parameters(pl_module),
+            roles=param_roles(pl_module),
         )
         if resume:
             self._fit.last_logged_step = int(resume.get("last_logged_step", -1))
         else:
             self._fit.plan_to_print = self.verbose  # at train start, once the schedule is read
+            audit = self.session.group_audit
+            if self.verbose and trainer.is_global_zero and audit is not None and audit.embeddings:
+                print(audit.embeddings_note())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the schedulers' state is restored (resume) and the data set up (steps per epoch) only now

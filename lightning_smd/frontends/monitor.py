@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lightning_smd.engine.detect import find_normalized_weights
-from lightning_smd.engine.groups import norm_parameters
+from lightning_smd.engine.groups import param_roles
 from lightning_smd.engine.schedule import read_monitor_schedules
 from lightning_smd.frontends.loop import checked_optimizers, hook_verification, inner_model
 from lightning_smd.frontends.shared import FrontEnd, LossSum, Options, adopt_detection, documents_shared_options, end_gate, log_step
@@ -120,7 +120,7 @@ class SMDMonitor(FrontEnd):
             capacity=options.capacity(self.log_every_n_steps),
             planned_steps=self.max_steps,
             model_name=type(self.model).__name__,
-            norm_params=norm_parameters(self.model),
+            roles=param_roles(self.model),
         )
         self._verify_hook = hook_verification(self, named)  # the numerical check, before the first step changes the weights
         if self.max_steps is not None or schedule is not None:
