@@ -18,6 +18,8 @@ Variants:
   buffer, no weight copy);
 - ``smd_cosine``: as ``smd_sgdm`` under a warm-up + cosine schedule, read ahead and followed (each layer's
   trajectory per step, the forecast refreshed at every log step): the cost of judging a schedule;
+- ``smd_per_filter``: as ``smd_sgdm`` with ``per_filter=True`` (every filter's norm and update, the RMS over
+  filters and the rotation imbalance at drains);
 - ``smd_snapshot``: ``SMDCallback(use_momentum_buffer=False)``, every step (one copy of the tracked
   weights: the path of every other optimizer);
 - ``smd_every_10``: ``SMDCallback(every_n_steps=10, use_momentum_buffer=False)``;
@@ -52,7 +54,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from detection import Block  # noqa: E402  (the residual block of the detection benchmark)
 
-VARIANTS = ["none", "smd_sgdm", "smd_cosine", "smd_snapshot", "smd_every_10", "naive_item", "full_clone", "wandb_watch_1", "wandb_watch_100"]
+VARIANTS = ["none", "smd_sgdm", "smd_cosine", "smd_per_filter", "smd_snapshot", "smd_every_10", "naive_item", "full_clone", "wandb_watch_1", "wandb_watch_100"]
 
 
 class Bottleneck(nn.Module):
@@ -194,8 +196,10 @@ def child(args: argparse.Namespace) -> dict:
     smd = None
     if v.startswith("smd"):
         kw: dict = {"verbose": False, "summary_path": False}
-        if v not in ("smd_sgdm", "smd_cosine"):
+        if v not in ("smd_sgdm", "smd_cosine", "smd_per_filter"):
             kw["use_momentum_buffer"] = False
+        if v == "smd_per_filter":
+            kw["per_filter"] = True  # every filter measured: the RMS over filters and the rotation imbalance
         if v.startswith("smd_every_"):
             kw["every_n_steps"] = int(v.rsplit("_", 1)[1])
         smd = SMDCallback(**kw)

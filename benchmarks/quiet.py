@@ -24,3 +24,21 @@ def quiet_trainer(max_steps: int, callbacks: list) -> object:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+
+
+def run_all(run: object, todo: list, workers: int, json_path: str | None = None) -> list:
+    """``run(*args)`` for every ``args`` of ``todo``, in ``workers`` spawned processes (in this one for 1), in order;
+    the results also written to ``json_path`` as JSON when given."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(run, *zip(*todo)))
+    else:
+        results = [run(*args) for args in todo]
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return results

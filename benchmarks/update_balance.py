@@ -19,12 +19,11 @@ the accounting closes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import Any
+
+from quiet import run_all
 
 #: cell -> (task, optimizer, lr, weight decay of the normalized weights, steps): ≥ 12 relaxation times 1/(2ηλ)
 CELLS: dict[str, tuple[str, str, float, float, int]] = {
@@ -83,9 +82,6 @@ def run(cell: str, seed: int) -> dict[str, Any]:
     }
 
 
-def _run(args: tuple[str, int]) -> dict[str, Any]:
-    return run(*args)
-
 
 def _range(values: list[float]) -> str:
     if not values:
@@ -132,14 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     todo = [(c, s) for c in args.cells for s in range(args.seeds)]
     start = time.perf_counter()
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(_run, todo))
-    else:
-        results = [_run(t) for t in todo]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    results = run_all(run, todo, args.workers, args.json)
     print(report(results))
     print(f"\n{time.perf_counter() - start:.0f} s on {args.workers} worker(s)")
     return 0

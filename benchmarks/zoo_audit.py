@@ -5,7 +5,8 @@ architectures from torchvision, timm and Hugging Face transformers (built at ran
     python benchmarks/zoo_audit.py --quick                  # a CI-size subset (about 8 small models)
     python benchmarks/zoo_audit.py --models resnet18,tm_nf_resnet26 --json /tmp/zoo.json
     python benchmarks/zoo_audit.py --list                   # the model names
-    python benchmarks/zoo_audit.py --selftest               # the ground truth on hand-made cases
+    python benchmarks/zoo_audit.py --selftest               # the ground truths on hand-made cases
+    python benchmarks/zoo_audit.py --groups [--quick]       # the audit of the param groups instead (below)
 
 For every model, ``find_normalized_weights(model, example_input)`` runs on the model as a user would have it
 (float32, default epsilons; timed with 2 threads) and is compared, weight by weight, with the ground truth.
@@ -41,6 +42,17 @@ gets no gradient at all is reported as ``unused`` and left out of the scores.
 Scores per model: precision and recall of the tracked weights, whether the unit (weight vs weight+bias) and
 the granularity agree on the correctly tracked ones, and how many candidates are neither in a unit nor in
 ``Detection.rejected`` ("unaccounted").
+
+``--groups`` audits ``lightning_smd.engine.groups`` instead. Its ground truth of normalization gains and shifts
+(:func:`norm_truth`, sharing no code with groups.py) works on the same float64 reference copy: every module that
+owns parameters directly (conv / linear / embedding layers left out) is called again on its own, on the inputs its
+first call got, with its first tensor input scaled by 1.7; a module whose output does not move (< 1e-7 relative),
+but does under a generic change of that input, and in which no other module owns parameters, is a normalization
+layer, and its direct parameters are gains and shifts. Then, per model, ``audit_groups`` (with the detector's
+units as ``normalized=``) on AdamW over timm's default groups (``param_groups_weight_decay`` with the
+model's ``no_weight_decay()``), nanoGPT's (weight decay on dim >= 2) and ``lightning_smd.param_groups()``, each of
+which should give no finding; and on ``SGD(model.parameters(), weight_decay=5e-4)``, where the audit should name
+every gain and shift of the truth (recall).
 """
 
 from __future__ import annotations
@@ -559,6 +571,9 @@ def _timm_specs() -> list[Spec]:
         tm("densenet121"),
         tm("selecsls42b"),
         tm("eca_nfnet_l0"),
+        # separable convs without a norm between depthwise and pointwise: only the whole depthwise weight is invariant
+        tm("ese_vovnet19b_dw"),
+        tm("legacy_xception", size=72),
     ]
 
 
@@ -724,20 +739,29 @@ def _forward_backward(model: nn.Module, inp: Any) -> None:
         p.grad = None
 
 
-def audit(spec: Spec, verbose: bool = False) -> Result:
-    from lightning_smd.engine.detect import find_normalized_weights
-
-    res = Result(spec.name, spec.source)
+def _build(spec: Spec, res: Any) -> tuple[nn.Module, Any] | None:
+    """The model (seed 0, dropout off) and its example input; or None, with ``res.skipped`` / ``res.error`` set."""
     torch.manual_seed(0)
     try:
         model, inp = spec.build()
         disable_dropout(model)
     except SkipModel as err:
         res.skipped = str(err)
-        return res
+        return None
     except Exception as err:  # noqa: BLE001 - a model that cannot be built is reported, not fatal
         res.error = f"constructor: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return None
+    return model, inp
+
+
+def audit(spec: Spec, verbose: bool = False) -> Result:
+    from lightning_smd.engine.detect import find_normalized_weights
+
+    res = Result(spec.name, spec.source)
+    built = _build(spec, res)
+    if built is None:
         return res
+    model, inp = built
     try:
         # the model's own forward + backward on the example batch (also a warm-up): the numerical check needs one
         t0 = time.perf_counter()
@@ -853,6 +877,490 @@ def margins(results: list[Result]) -> str:
     return "\n".join("- " + p for p in parts) or "- (no weights)"
 
 
+# ----------------------------------------------------------------------------------------------
+# Parameter groups (--groups): the audit of the param groups against a ground truth of normalization gains
+# ----------------------------------------------------------------------------------------------
+
+GROUPS_WD = 0.05  # AdamW's weight decay of the timm / nanoGPT / param_groups() groupings
+SGD_WD = 5e-4  # the weight decay of ``SGD(model.parameters(), ...)``
+SENSITIVE_TOL = 1e-3  # a normalization layer's output must move at least this much under a generic input change
+
+
+def _is_linear_map(mod: nn.Module) -> bool:
+    """Conv, linear and embedding layers (HF ``Conv1D`` too): linear in their input, never normalization layers."""
+    return isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.EmbeddingBag)) or _is_hf_conv1d(mod)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> tuple[str, int | str] | None:
+    """Where the first tensor input of a call is: ("arg", index) or ("kwarg", key)."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            return ("arg", i)
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            return ("kwarg", k)
+    return None
+
+
+def _with_input(args: tuple, kwargs: dict, where: tuple[str, int | str], x: torch.Tensor) -> tuple[tuple, dict]:
+    if where[0] == "arg":
+        i = int(where[1])
+        return args[:i] + (x,) + args[i + 1:], kwargs
+    return args, dict(kwargs, **{str(where[1]): x})
+
+
+@dataclass
+class NormTruth:
+    """The ground truth of normalization layers of one model (see :func:`norm_truth`)."""
+
+    gains: list[str] = field(default_factory=list)
+    """The direct parameters of the normalization layers: the gains and shifts."""
+    layers: dict[str, str] = field(default_factory=dict)
+    """Normalization layer (module name) -> its class."""
+    checked: int = 0
+    """Modules owning parameters directly, linear maps left out, called again in isolation."""
+    linear_maps: int = 0
+    """Conv / linear / embedding modules, not checked (linear in their input)."""
+    unchecked: dict[str, str] = field(default_factory=dict)
+    """Module -> why it could not be checked."""
+    compound: dict[str, list[str]] = field(default_factory=dict)
+    """Modules invariant to the scale of their input whose children own parameters (the invariance may come from
+    normalization layers inside), with their direct parameters: not counted as gains."""
+    input_independent: list[str] = field(default_factory=list)
+    """Modules whose output did not move under a generic change of their input either: not normalization layers."""
+    largest_invariant_change: float | None = None
+    """The largest relative output change, under input scaling, of a module judged invariant."""
+    closest_non_invariant: tuple[float, str] | None = None
+    """The smallest relative output change, under input scaling, of a module judged not invariant."""
+
+
+def norm_truth(model: nn.Module, inp: Any, seed: int = 0) -> NormTruth:
+    """Which parameters are normalization gains and shifts, by behaviour (no code shared with
+    ``lightning_smd.engine.groups``).
+
+    On the float64 reference copy (:func:`reference_copy`: train mode, dropout off, epsilons 1e-30, constant
+    parameters perturbed), forward pre-hooks record the first call's inputs of every module that owns parameters
+    directly, conv / linear / embedding layers left out. Each such module is then called again on its own, on the
+    recorded inputs with the first tensor input (a) as recorded, (b) multiplied by 1.7 and (c) changed generically
+    (plus 0.5 of its standard deviation times Gaussian noise), the other inputs unchanged. A module whose output
+    is unchanged by (b), ``max|out_b - out_a| / max|out_a| < 1e-7``, and moves under (c) by more than 1e-3 is
+    invariant to the scale of its input: when no module inside it owns parameters it is a normalization layer and
+    its direct parameters are the gains and shifts; otherwise it is listed as compound and not counted.
+    """
+    ref = _Reference(model, inp, seed)
+    first_name: dict[int, str] = {}
+    for name, p in ref.model.named_parameters():
+        first_name.setdefault(id(p), name)
+    owners: dict[str, nn.Module] = {}
+    truth = NormTruth()
+    for mname, mod in ref.model.named_modules():
+        if not list(mod.named_parameters(recurse=False)):
+            continue
+        if _is_linear_map(mod):
+            truth.linear_maps += 1
+        else:
+            owners[mname] = mod
+    recorded: dict[str, tuple[tuple, dict, tuple[str, int | str]] | str] = {}
+
+    def hook_for(mname: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if mname in recorded:
+                return
+            where = _first_tensor(args, kwargs)
+            if where is None:
+                recorded[mname] = "no tensor input"
+                return
+            x = args[int(where[1])] if where[0] == "arg" else kwargs[str(where[1])]
+            if not x.is_floating_point():
+                recorded[mname] = f"its first tensor input is {x.dtype}, not floating"
+                return
+            recorded[mname] = (*_with_input(args, kwargs, where, x.detach().clone()), where)
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(mname), with_kwargs=True) for mname, mod in owners.items()]
+    try:
+        with torch.no_grad():
+            ref.forward()
+    finally:
+        for h in handles:
+            h.remove()
+
+    gen = torch.Generator().manual_seed(seed)
+    for mname, mod in owners.items():
+        rec = recorded.get(mname)
+        if rec is None:
+            truth.unchecked[mname] = ("never called as a module in the forward pass (its parameters may be used by a "
+                                      "method of it, e.g. timm's RelPosBias.get_bias())")
+            continue
+        if isinstance(rec, str):
+            truth.unchecked[mname] = rec
+            continue
+        args, kwargs, where = rec
+        x = args[int(where[1])] if where[0] == "arg" else kwargs[str(where[1])]
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype) * 0.5 * float(x.std() if x.numel() > 1 else 1.0)
+        try:
+            with torch.no_grad(), _float64():
+                outs = [flat_output(mod(*a, **k)) for a, k in
+                        (_with_input(args, kwargs, where, v) for v in (x.clone(), x * SCALE, x + noise))]
+        except Exception as err:  # noqa: BLE001 - a module that cannot be called on its own is reported
+            truth.unchecked[mname] = f"cannot be called on its own: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            continue
+        base = float(outs[0].abs().max()) if outs[0].numel() else 0.0
+        if base == 0 or not math.isfinite(base) or any(o.shape != outs[0].shape for o in outs):
+            truth.unchecked[mname] = f"degenerate output (max |out| = {base}) or one whose shape depends on the input's values"
+            continue
+        truth.checked += 1
+        scaled, generic = (float((o - outs[0]).abs().max()) / base for o in outs[1:])
+        if scaled >= CHANGE_TOL:
+            if truth.closest_non_invariant is None or scaled < truth.closest_non_invariant[0]:
+                truth.closest_non_invariant = (scaled, mname or "(model)")
+            continue
+        if generic <= SENSITIVE_TOL:
+            truth.input_independent.append(mname or "(model)")
+            continue
+        truth.largest_invariant_change = max(truth.largest_invariant_change or 0.0, scaled)
+        direct = [first_name[id(p)] for _, p in mod.named_parameters(recurse=False) if id(p) in first_name]
+        if any(True for child in mod.children() for _ in child.parameters()):
+            truth.compound[mname or "(model)"] = direct
+            continue
+        truth.layers[mname] = type(mod).__name__
+        truth.gains.extend(n for n in direct if n not in truth.gains)
+    return truth
+
+
+class _Scaler(nn.Module):
+    """An RMS normalization with a gain, in a class not named like a normalization layer."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((n,), 1e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class _Table(nn.Module):
+    """A learned table added to the input's shape, the input's values ignored."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.expand_as(x) + 0 * x
+
+
+class _NormedProjection(nn.Module):
+    """Linear (no bias) -> LayerNorm -> + its own shift: invariant to its input's scale, but compound."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.proj, self.ln = nn.Linear(n, n, bias=False), nn.LayerNorm(n, elementwise_affine=False)
+        self.shift = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.proj(x)) + self.shift
+
+
+class _NormTruthNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn = nn.Linear(8, 6), nn.BatchNorm1d(6)
+        self.fc2, self.scaler = nn.Linear(6, 6), _Scaler(6)
+        self.ls, self.table = _LayerScale(6), _Table(6)
+        self.block, self.ln, self.head = _NormedProjection(6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.scaler(self.fc2(torch.relu(self.bn(self.fc1(x)))))
+        h = h + self.ls(h) + self.table(h)
+        return self.head(self.ln(self.block(h)))
+
+
+def norm_truth_selftest() -> bool:
+    """The ground truth of normalization gains on a hand-made model whose answer is known."""
+    torch.manual_seed(0)
+    truth = norm_truth(_NormTruthNet(), torch.randn(BATCH, 8))
+    expected = {"gains": ["bn.weight", "bn.bias", "scaler.weight", "ln.weight", "ln.bias"], "compound": {"block": ["block.shift"]},
+                "input_independent": ["table"], "linear_maps": 4, "unchecked": {}}
+    got = {"gains": truth.gains, "compound": truth.compound, "input_independent": truth.input_independent,
+           "linear_maps": truth.linear_maps, "unchecked": truth.unchecked}
+    ok = True
+    for key, want in expected.items():
+        good = (sorted(got[key]) == sorted(want)) if isinstance(want, list) else got[key] == want
+        ok &= good
+        print(f"  [{'ok' if good else 'FAIL'}] normalization gains: {key}: {got[key]}" + ("" if good else f" (expected {want})"))
+    return ok
+
+
+def _nanogpt_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """nanoGPT's ``configure_optimizers``: weight decay on every parameter of two or more dimensions."""
+    param_dict = {pn: p for pn, p in model.named_parameters() if p.requires_grad}
+    decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
+    nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+    groups = [{"params": decay_params, "weight_decay": weight_decay}, {"params": nodecay_params, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # (nanoGPT's models have both)
+
+
+def _timm_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's default (``create_optimizer_v2`` without layer decay): ``param_groups_weight_decay`` with the model's
+    ``no_weight_decay()`` names."""
+    _import_torchvision_models()
+    from timm.optim import param_groups_weight_decay
+
+    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_wd)
+
+
+def _decayed_names(model: nn.Module, groups: list[dict[str, Any]]) -> set[str]:
+    name = {}
+    for n, p in model.named_parameters():
+        name.setdefault(id(p), n)
+    return {name[id(p)] for g in groups if float(g.get("weight_decay", 0.0)) > 0 for p in g["params"]}
+
+
+@dataclass
+class GroupsResult:
+    model: str
+    source: str
+    error: str | None = None
+    skipped: str | None = None
+    detector_error: str | None = None
+    params: int = 0
+    norm_by_class: int = 0
+    """Parameters of normalization layers by class (``norm_parameters``)."""
+    units: list[list[str]] = field(default_factory=list)
+    """The detector's units (their parameters: a weight, or a weight and its bias; ``normalized=`` of the audits)."""
+    truth: dict[str, Any] = field(default_factory=dict)
+    """:class:`NormTruth` as a dict."""
+    findings: dict[str, int | None] = field(default_factory=dict)
+    """Grouping -> the audit's finding count (None where the grouping could not be built)."""
+    audits: dict[str, Any] = field(default_factory=dict)
+    """Grouping -> the audit's summary block, or the error building it."""
+    recall: float | None = None
+    """The fraction of the truth's gains and shifts the audit names when ``model.parameters()`` is decayed."""
+    missed: list[str] = field(default_factory=list)
+    """The truth's gains the audit does not name then."""
+    norm_unconfirmed: list[str] = field(default_factory=list)
+    """Named as normalization parameters by class (``audit.decayed[].norm``) but not invariant by the truth."""
+    other_named: int = 0
+    """Parameters the audit names as ``other`` (at most one dimension, not in a normalization layer)."""
+    truth_not_norm_by_class: list[str] = field(default_factory=list)
+    """The truth's gains that ``norm_parameters`` does not list (the audit can still name them as 1-D)."""
+    pg_vs_nanogpt: dict[str, list[str]] = field(default_factory=dict)
+    """Decayed by ``param_groups()`` only / by nanoGPT's grouping only."""
+    timm_vs_nanogpt: dict[str, list[str]] = field(default_factory=dict)
+    """Decayed by timm's grouping only / by nanoGPT's only."""
+    detection_s: float = 0.0
+    truth_s: float = 0.0
+    audit_s: float = 0.0
+
+
+def groups_audit(spec: Spec, verbose: bool = False) -> GroupsResult:
+    """The param-group audit of one model: the three groupings, ``model.parameters()`` and ``param_groups()``."""
+    from lightning_smd.engine.detect import find_normalized_weights
+    from lightning_smd.engine.groups import audit_groups, embedding_parameters, norm_parameters, param_groups
+
+    res = GroupsResult(spec.name, spec.source)
+    built = _build(spec, res)
+    if built is None:
+        return res
+    model, inp = built
+    try:
+        t0 = time.perf_counter()
+        det = find_normalized_weights(model, inp)
+        res.detection_s = time.perf_counter() - t0
+        res.detector_error = det.error
+        res.units = [list(u.params) for u in det.units]
+        t0 = time.perf_counter()
+        truth = norm_truth(model, inp)
+        res.truth_s = time.perf_counter() - t0
+    except Exception as err:  # noqa: BLE001
+        res.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if verbose:
+            traceback.print_exc()
+        return res
+    res.truth = asdict(truth)
+    t0 = time.perf_counter()
+    named = dict(model.named_parameters())
+    res.params = len(named)
+    norms = norm_parameters(model)
+    res.norm_by_class = len(norms)
+    embeddings = embedding_parameters(model)
+    res.truth_not_norm_by_class = [n for n in truth.gains if n not in norms]
+    builders: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "timm": lambda: torch.optim.AdamW(_timm_groups(model, GROUPS_WD), lr=1e-3),
+        "nanogpt": lambda: torch.optim.AdamW(_nanogpt_groups(model, GROUPS_WD), lr=1e-3),
+        "param_groups": lambda: torch.optim.AdamW(param_groups(model, GROUPS_WD), lr=1e-3),
+        "parameters": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=SGD_WD),
+    }
+    opts: dict[str, torch.optim.Optimizer] = {}
+    for key, build in builders.items():
+        try:
+            opts[key] = build()
+        except Exception as err:  # noqa: BLE001
+            res.findings[key] = None
+            res.audits[key] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        audit = audit_groups(named, norms, [opts[key]], normalized=res.units, embeddings=embeddings)
+        res.findings[key] = audit.findings
+        res.audits[key] = audit.summary()
+        if key == "parameters":
+            named_by_audit = {n for f in audit.decayed for n in f.names}
+            gains = set(truth.gains)
+            res.missed = [n for n in truth.gains if n not in named_by_audit]
+            res.recall = len(gains & named_by_audit) / len(gains) if gains else None
+            res.norm_unconfirmed = [n for f in audit.decayed for n in f.norm if n not in gains]
+            res.other_named = sum(len(f.other) for f in audit.decayed)
+
+    def diff(a: str, b: str) -> dict[str, list[str]]:
+        if a not in opts or b not in opts:
+            return {}
+        da, db = _decayed_names(model, opts[a].param_groups), _decayed_names(model, opts[b].param_groups)
+        return {f"only_{a}": sorted(da - db), f"only_{b}": sorted(db - da)}
+
+    res.pg_vs_nanogpt = diff("param_groups", "nanogpt")
+    res.timm_vs_nanogpt = diff("timm", "nanogpt")
+    res.audit_s = time.perf_counter() - t0
+    return res
+
+
+def _finding_text(summary: dict[str, Any]) -> str:
+    if "error" in summary:
+        return f"could not be built: {summary['error']}"
+    parts = [f"group {f['group']} (wd {f['weight_decay']:g}): normalization {f['normalization']}, other {f['other']}"
+             for f in summary["decayed_gains_and_biases"]]
+    if summary["in_several_optimizers"]:
+        parts.append(f"in several optimizers: {summary['in_several_optimizers']}")
+    if summary["normalized_without_decay"]:
+        parts.append(f"normalized weights without decay: {summary['normalized_without_decay']}")
+    return "; ".join(parts)
+
+
+def groups_line(res: GroupsResult) -> str:
+    if res.skipped:
+        return f"{res.model:28s} {res.source:12s} skipped: {res.skipped}"
+    if res.error:
+        return f"{res.model:28s} {res.source:12s} error: {res.error}"
+    t = res.truth
+    f = res.findings
+    return (f"{res.model:28s} {res.source:12s} params {res.params:4d}  by class {res.norm_by_class:4d}  truth {len(t['gains']):4d}"
+            f" (layers {len(t['layers'])}, compound {len(t['compound'])}, unchecked {len(t['unchecked'])})  findings timm "
+            f"{f.get('timm')} nanoGPT {f.get('nanogpt')} param_groups {f.get('param_groups')} parameters() {f.get('parameters')}"
+            f"  recall {_pct(res.recall)}  detect {res.detection_s:.2f}s truth {res.truth_s:.2f}s")
+
+
+def _diff_text(res: GroupsResult) -> str:
+    d = res.pg_vs_nanogpt
+    if not d:
+        return "–"
+    if not d["only_param_groups"] and not d["only_nanogpt"]:
+        return "none"
+    return f"+{len(d['only_param_groups'])} / −{len(d['only_nanogpt'])}"
+
+
+def groups_table(results: list[GroupsResult]) -> str:
+    rows = ["| model | source | norm params by class | truth gains | unchecked | findings timm | findings nanoGPT | "
+            "findings param_groups | recall | by class, not confirmed | differences |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        if r.skipped or r.error:
+            rows.append(f"| {r.model} | {r.source} | {'skipped: ' + r.skipped if r.skipped else 'error: ' + (r.error or '').replace('|', '/')}"
+                        " | | | | | | | | |")
+            continue
+        f = r.findings
+        rows.append(f"| {r.model} | {r.source} | {r.norm_by_class} | {len(r.truth['gains'])} | {len(r.truth['unchecked'])} | "
+                    f"{f.get('timm')} | {f.get('nanogpt')} | {f.get('param_groups')} | {_pct(r.recall)} | "
+                    f"{len(r.norm_unconfirmed)} | {_diff_text(r)} |")
+    ok = [r for r in results if not r.error and not r.skipped]
+    gains = sum(len(r.truth["gains"]) for r in ok)
+    found = sum(len(r.truth["gains"]) - len(r.missed) for r in ok)
+
+    def total(key: str) -> int:
+        return sum(r.findings.get(key) or 0 for r in ok)
+
+    errors = sum(1 for r in results if r.error)
+    rows.append(f"| **total ({len(ok)} models, {errors} errors)** | | {sum(r.norm_by_class for r in ok)} | {gains} | "
+                f"{sum(len(r.truth['unchecked']) for r in ok)} | {total('timm')} | {total('nanogpt')} | {total('param_groups')} | "
+                f"{_pct(found / gains if gains else None)} | {sum(len(r.norm_unconfirmed) for r in ok)} | "
+                f"{sum(1 for r in ok if _diff_text(r) not in ('none', '–'))} models |")
+    return "\n".join(rows)
+
+
+def groups_notes(results: list[GroupsResult]) -> str:
+    """Every finding, every missed gain, every unconfirmed name, every difference, every unchecked module."""
+    out = []
+    for r in results:
+        if r.error or r.skipped:
+            continue
+        lines = []
+        if r.detector_error:
+            lines.append(f"- detector error: {r.detector_error}")
+        for key in ("timm", "nanogpt", "param_groups"):
+            if r.findings.get(key) != 0:
+                lines.append(f"- {key}: {r.findings.get(key)} finding(s): {_finding_text(r.audits[key])}")
+        if r.missed:
+            lines.append(f"- model.parameters(): truth gains the audit does not name: {r.missed}")
+        if r.norm_unconfirmed:
+            lines.append(f"- named as normalization by class, not invariant by the truth: {r.norm_unconfirmed}")
+        if r.truth_not_norm_by_class:
+            lines.append(f"- truth gains not in norm_parameters() (named by the audit as 1-D): {r.truth_not_norm_by_class}")
+        for key, diff in (("param_groups() vs nanoGPT", r.pg_vs_nanogpt), ("timm vs nanoGPT", r.timm_vs_nanogpt)):
+            if any(diff.values()):
+                lines.append(f"- decayed, {key}: " + "; ".join(f"{k}: {v}" for k, v in diff.items() if v))
+        for mname, reason in r.truth["unchecked"].items():
+            lines.append(f"- unchecked `{mname}`: {reason}")
+        for mname, direct in r.truth["compound"].items():
+            lines.append(f"- compound invariant module `{mname}` (not counted), its direct parameters: {direct}")
+        if r.truth["input_independent"]:
+            lines.append(f"- modules ignoring their input (not counted): {r.truth['input_independent']}")
+        if lines:
+            out.append(f"\n### {r.model} ({r.source})")
+            out.extend(lines)
+    return "\n".join(out) if out else "\n(none)"
+
+
+def groups_margins(results: list[GroupsResult]) -> str:
+    inv = [(r.truth["largest_invariant_change"], r.model) for r in results
+           if not r.error and not r.skipped and r.truth["largest_invariant_change"] is not None]
+    non = [(r.truth["closest_non_invariant"][0], f"{r.model}:{r.truth['closest_non_invariant'][1]}") for r in results
+           if not r.error and not r.skipped and r.truth["closest_non_invariant"] is not None]
+    parts = []
+    if inv:
+        c = max(inv)
+        parts.append(f"largest output change of an invariant module under input scaling {c[0]:.1e} ({c[1]})")
+    if non:
+        c2 = min(non)
+        parts.append(f"smallest output change of a non-invariant module {c2[0]:.1e} ({c2[1]}) [threshold {CHANGE_TOL:.0e}]")
+    return "\n".join("- " + p for p in parts) or "- (no modules)"
+
+
+def run_groups(specs: list[Spec], args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    results = []
+    for spec in specs:
+        res = groups_audit(spec, args.verbose)
+        results.append(res)
+        print(groups_line(res), flush=True)
+    total = time.perf_counter() - start
+    print(f"\n{groups_table(results)}\n\nNotes:{groups_notes(results)}")
+    print(f"\nGround-truth margins:\n{groups_margins(results)}")
+    print(f"\ngroups audit wall time {total:.1f} s ({len(results)} models)")
+    if args.json:
+        payload = {"wall_s": total, "table": groups_table(results), "models": [asdict(r) for r in results]}
+        with open(args.json, "w") as fh:
+            json.dump(payload, fh, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated model names (see --list)")
@@ -861,11 +1369,17 @@ def main() -> None:
     parser.add_argument("--json", help="write the results as JSON to this path")
     parser.add_argument("--selftest", action="store_true", help="check the ground truth on hand-made cases")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of model errors")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--groups", action="store_true",
+                        help="audit the param groups (timm's, nanoGPT's, param_groups(), model.parameters()) against a "
+                             "ground truth of normalization gains, instead of the detector")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     if args.selftest:
-        sys.exit(0 if selftest() else 1)
+        ok = selftest()
+        ok &= norm_truth_selftest()
+        sys.exit(0 if ok else 1)
     specs = zoo()
     if args.list:
         for s in specs:
@@ -886,6 +1400,9 @@ def main() -> None:
             print(f"note: {source} is not installed; skipping its models", flush=True)
     specs = [s for s in specs if available[s.source]]
 
+    if args.groups:
+        run_groups(specs, args)
+        return
     start = time.perf_counter()
     results = []
     for spec in specs:

@@ -150,10 +150,10 @@ def test_embeddings_decayed_by_an_adam_type_optimizer_are_information_not_a_find
 def test_a_normalized_weight_without_weight_decay_is_in_the_audit():
     net = TinyLM()
     groups = [{"params": [net.proj.weight], "weight_decay": 0.0}, {"params": [p for n, p in net.named_parameters() if n != "proj.weight"], "weight_decay": 0.0}]
-    audit = audit_groups(dict(net.named_parameters()), norm_parameters(net), [torch.optim.AdamW(groups)], normalized=["proj.weight"])
+    audit = audit_groups(dict(net.named_parameters()), norm_parameters(net), [torch.optim.AdamW(groups)], normalized=[("proj.weight",)])
     assert audit.undecayed == ["proj.weight"] and audit.findings == 1
     assert audit.summary()["normalized_without_decay"] == ["proj.weight"]
-    ok = audit_groups(dict(net.named_parameters()), norm_parameters(net), [torch.optim.AdamW(param_groups(net, 0.1))], normalized=["proj.weight"])
+    ok = audit_groups(dict(net.named_parameters()), norm_parameters(net), [torch.optim.AdamW(param_groups(net, 0.1))], normalized=[("proj.weight",)])
     assert ok.undecayed == [] and ok.findings == 0
 
 
@@ -186,3 +186,14 @@ def test_the_verbose_fit_start_prints_the_embedding_note_once(tmp_path, capsys):
     assert not any(c in str(w.message) for w in caught for c in ("[SMD038]", "[SMD039]", "[SMD002]"))
     groups = json.loads(path.read_text())["groups"]
     assert groups["decayed_embeddings_adaptive"] == ["net.embed.weight"] and groups["decayed_gains_and_biases"] == []
+
+
+def test_a_weight_and_bias_unit_with_its_weight_decayed_is_not_undecayed():
+    """Conv + bias → GroupNorm: only weight and bias together are invariant. The conventional groups decay the weight,
+    not the bias: the unit is still pulled in, no finding; with neither decayed it is SMD002's case."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    named, norms, unit = dict(net.named_parameters()), norm_parameters(net), [("0.weight", "0.bias")]
+    conventional = torch.optim.AdamW(param_groups(net, 0.05), lr=1e-3)
+    assert audit_groups(named, norms, [conventional], normalized=unit).findings == 0
+    none = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    assert audit_groups(named, norms, [none], normalized=unit).undecayed == ["0.weight"]

@@ -420,6 +420,27 @@ class PostNormAttention(nn.Module):
         return self.head(x + self.norm(self.o(a.transpose(1, 2).reshape(b, t, d))))
 
 
+class SeparableConv(nn.Module):
+    """Xception / one-shot-aggregation style separable conv: depthwise → pointwise → BatchNorm, no norm between.
+    The pointwise conv sums over the depthwise channels before the norm, so only the whole depthwise weight is
+    invariant (scaling one depthwise filter changes the output); with ``groups`` it sums within blocks of
+    ``8 / groups`` channels, and at ``groups=8`` it keeps each depthwise filter apart."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.pw = nn.Conv2d(8, 16, 1, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn(self.pw(self.dw(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 def exclude_eps_effects(model: nn.Module) -> nn.Module:
     """Make the normalizations' eps negligible, so that the numerical invariance check sees the structure
     alone (BatchNorm's eps is a real, separate effect when activations are tiny)."""
@@ -481,4 +502,10 @@ ZOO = {
     "convnext_depthwise_layer_norm": (ConvNeXtBlock, img, {"dw.weight+bias": ("tensor", None)}),
     "rms_norm_by_hand": (HandRMSNorm, seq, {"lin.weight": ("tensor", None)}),
     "post_norm_attention": (PostNormAttention, seq, {"v.weight": ("tensor", None), "o.weight": ("tensor", None)}),
+    "separable_conv": (SeparableConv, img, {"stem.weight": ("filter", None), "dw.weight": ("tensor", None), "pw.weight": ("filter", None)}),
+    "separable_conv_grouped_pointwise": (
+        lambda: SeparableConv(groups=2),
+        img,
+        {"stem.weight": ("filter", None), "dw.weight": ("group", 4), "pw.weight": ("filter", None)},
+    ),
 }

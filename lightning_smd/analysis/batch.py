@@ -37,5 +37,8 @@ class StepBatch:
     rule: Rule
     filter_angular_update_rms: np.ndarray | None = None
     """``[k, n]`` RMS over filters (or groups) of the per-filter angular update; nan where not recorded."""
+    filter_angles: dict[int, np.ndarray] | None = None
+    """Per column (unit position in ``unit_index``) with per-filter rows, ``[k, filters]`` angular update of each
+    filter (or group)."""
     norm_sq_change: np.ndarray | None = None
     """``‖w_{t+1}‖² − ‖w_t‖²`` (from the cross term ``⟨d, w_{t+1}⟩`` where recorded: no cancellation)."""

@@ -49,6 +49,7 @@ from lightning_smd.analysis.batch import StepBatch
 from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES, DiagnosticsConfig
 from lightning_smd.analysis.events import Diverged, Divergence, Event, NormSpike, Reequilibrating, Spikes, VanishingNoise, VanishingWatch
 from lightning_smd.analysis.fields import PerUnit, check_distinct, plain, unplain
+from lightning_smd.analysis.filters import FilterStats
 from lightning_smd.analysis.events import LeftPlan
 from lightning_smd.analysis.following import Following
 from lightning_smd.analysis.forecast import predicted_time_to_equilibrium, steps_needed
@@ -95,6 +96,7 @@ _PARTS: dict[str, type[PerUnit]] = {
     "vanishing": VanishingWatch,
     "following": Following,
     "early": EarlyWatch,
+    "filters": FilterStats,
 }
 check_distinct(
     _PARTS.values(),
@@ -142,6 +144,7 @@ class Diagnostics:
         self.vanishing = VanishingWatch(n, self.config)
         self.following = Following(n, self.config.tolerance, self.config.ema_steps, self.stride)
         self.early = EarlyWatch(n, self.stride)
+        self.filters = FilterStats(n, self.config.ema_steps, self.stride)
         self._peak = np.full(n, np.nan)  # this step's Δ* at the peak settings, per unit of the batch (the warm-up check)
         # the steady-state samples, and passive window means for the balance of the update (decoupled decay only):
         # ⟨w,ηu⟩/‖w‖², its square, ‖ηu‖²/‖w‖², Δ², (‖w_{t+1}‖² − ‖w_t‖²)/‖w_t‖²
@@ -216,6 +219,8 @@ class Diagnostics:
                 self.judge(commit=True)
         if k:
             self.measurements.last_of_batch(idx, batch)
+            if batch.filter_angles:
+                self.filters.update(idx, batch.filter_angles)
             self._set_reasons(idx, batch, batch.hyper[-1])
             self._refresh_forecast(batch, idx)
             self.judge(commit=False)
@@ -229,6 +234,7 @@ class Diagnostics:
         for e in self.divergence.observe(idx, batch.norm_sq_after[r], step):
             self.events.append(e)
             m.forget(e.unit)
+            self.filters.forget(e.unit)
         preds = [self.predictor.predict(batch.rule, hyper[g]) for g in range(n_groups)]
         settings_pred = np.array([p.delta for p in preds])[group]  # what a change of settings moves
         scale = np.array([p.scale for p in preds])[group]

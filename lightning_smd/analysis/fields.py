@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Field", "PerUnit", "plain", "unplain", "num", "check_distinct"]
+__all__ = ["Field", "PerUnit", "plain", "unplain", "num", "check_distinct", "vector"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,14 @@ def plain(obj: Any) -> Any:
         return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
     return obj
+
+
+def vector(value: Any) -> np.ndarray:
+    """A :attr:`Field.kind` for per-unit float arrays of their own length (per-filter figures)."""
+    return np.asarray(value, dtype=np.float64)
 
 
 def unplain(obj: Any) -> Any:

@@ -64,6 +64,7 @@ def layer_columns(d: Diagnostics) -> dict[str, np.ndarray]:
         columns["trajectory_ratio"] = np.where(f.on_trajectory, f.ratio.value(), np.nan)
     if d.per_filter:
         columns["filter_angular_update_rms"] = d.filter_delta.value()
+        columns["rotation_imbalance"] = d.filters.imbalance()
     return columns
 
 
@@ -134,6 +135,7 @@ def _course(d: Diagnostics, u: int, smoothed: dict[str, np.ndarray]) -> dict[str
     measured = d.changes.measured_steps(u, int(d.steps[u]))
     return {
         "filter_angular_update_rms": num(smoothed["filter"][u]) if d.per_filter else None,
+        "rotation_imbalance": num(smoothed["imbalance"][u]) if d.per_filter else None,
         "first_equilibrium_step": first if first >= 0 else None,
         "diverged_at_step": int(d.diverged_step[u]) if d.diverged_step[u] >= 0 else None,
         "steps_in_equilibrium": int(d.steps_in_equilibrium[u]),
@@ -205,6 +207,7 @@ def layer_rows(d: Diagnostics) -> list[dict[str, Any]]:
         "ratio": d.ratio.value(),
         "norm": d.predicted_weight_norm(),
         "filter": d.filter_delta.value(),
+        "imbalance": d.filters.imbalance(),
         "t_eq": predicted_time_to_equilibrium(d),
     }
     lo, hi = d.ratio_interval()

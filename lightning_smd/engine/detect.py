@@ -232,7 +232,7 @@ class _Op:
     own_params: tuple[str, ...] = ()  # parameters an opaque op/norm uses directly
     feature_axis: int = 1  # layers: where the output features are (1 conv, -1 linear)
     filter_dim: int = 0  # layers: weight dim indexing output filters
-    groups: int | None = None  # group norms: number of groups
+    groups: int | None = None  # group norms: number of groups; layers: the conv's groups (1 mixes every channel; None unknown)
     channel_cat: bool = False  # cat: along dim 1, the channel axis of conv and (N, C) activations
 
 
@@ -311,11 +311,12 @@ def _product(a: Any, b: Any) -> Any:
 class _Propagation(NamedTuple):
     """The outcome of :meth:`_Graph.propagate`: whether the unit is invariant, why not (a sentence), the absorbing
     normalizations as (node, degree in, whether an op that can move or split channels lies between the unit and
-    the normalization), and whether a layer's own bias broke the invariance."""
+    the normalization, the fewest groups of a layer that mixed the unit's channels on the way there: None when no
+    layer did, 1 for a dense conv or a linear), and whether a layer's own bias broke the invariance."""
 
     invariant: bool
     why: str
-    absorbed: list[tuple[int, Any, bool]]
+    absorbed: list[tuple[int, Any, bool, int | None]]
     by_bias: bool = False
 
 
@@ -414,8 +415,12 @@ class _Graph:
         heap = list(set(start))
         heapq.heapify(heap)
         queued = set(heap)
-        absorbed: list[tuple[int, Any, bool]] = []
+        absorbed: list[tuple[int, Any, bool, int | None]] = []
         moved: set[int] = set()  # values that went through an op that can move or split channels
+        # values that went through a layer summing over the unit's channels: the fewest groups of such a layer (a
+        # depthwise conv after a depthwise conv keeps the filters apart; a pointwise conv mixes them all, so that
+        # only the whole depthwise weight is invariant under the normalization after it)
+        mixed: dict[int, int] = {}
 
         def val(a: int | None) -> Any:
             return 0.0 if a is None else value.get(a, 0.0)
@@ -427,12 +432,17 @@ class _Graph:
             n_absorbed = len(absorbed)
             v = self._eval(op, scope, i)
             is_moved = any(a in moved for a in op.args if a is not None) or (op.kind == "unary" and op.label in _CHANNEL_MOVING)
+            mix = min((mixed[a] for a in op.args if a is not None and a in mixed), default=None)
             if len(absorbed) > n_absorbed:
-                absorbed[n_absorbed:] = [(j, x, is_moved) for j, x, *_ in absorbed[n_absorbed:]]
+                absorbed[n_absorbed:] = [(j, x, is_moved, mix) for j, x, *_ in absorbed[n_absorbed:]]
+            if op.kind == "layer" and op.args and val(op.args[0]) != 0.0:  # the unit's scale enters a layer's input
+                mix = min(mix, op.groups or 1) if mix is not None else (op.groups or 1)
             if v != 0.0:
                 value[i] = v
                 if is_moved:
                     moved.add(i)
+                if mix is not None:
+                    mixed[i] = mix
                 if i in self.out_set:
                     why, by_bias = self._explain(i, value)
                     return _Propagation(False, why, absorbed, by_bias)
@@ -632,6 +642,15 @@ def _norm_kind_of_module(mod: nn.Module) -> str | None:
     return None
 
 
+def _layer_groups(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
+    """The ``groups`` of a functional conv call (the 7th argument of ``conv*d`` and ``conv_transpose*d``); 1 for
+    ``linear``; None when it is not a plain int (a traced value)."""
+    if name == "linear":
+        return 1
+    groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+    return groups if isinstance(groups, int) and not isinstance(groups, bool) and groups > 0 else None
+
+
 def _layer_name_of_module(mod: nn.Module) -> str | None:
     for cls, name in _LAYER_MODULES.items():
         if isinstance(mod, cls):
@@ -710,6 +729,7 @@ def _graph_from_fx(model: nn.Module, pname: Mapping[int, str]) -> _Graph:
             if layer is not None:
                 w_ref, b_ref = _weight_refs(g, mod, str(node.target), pname)
                 op = _op_from_name(layer, [first, w_ref, b_ref], [], label)
+                op.groups = int(getattr(mod, "groups", 1) or 1)
             elif kind is not None:
                 op = _Op("norm", [first], label=label, norm_kind=kind, own_params=own, groups=getattr(mod, "num_groups", None))
             elif isinstance(mod, nn.PReLU):
@@ -733,6 +753,7 @@ def _graph_from_fx(model: nn.Module, pname: Mapping[int, str]) -> _Graph:
                 w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
                 op = _op_from_name(name, [ref(x), ref(w), ref(b)], [], name)
+                op.groups = _layer_groups(name, node.args, node.kwargs)
             elif name in _NORMS:
                 op = _op_from_name(name, refs, consts, name)
                 if name == "group_norm" and len(node.args) > 1 and isinstance(node.args[1], int):
@@ -818,6 +839,7 @@ class DataFlowRecorder(TorchFunctionMode):
             positional = list(args) + [kwargs.get("weight"), kwargs.get("bias")]
             x, w, b = (positional + [None, None, None])[:3]
             op = _op_from_name(name, [self._tref(x), self._tref(w), self._tref(b)], consts, name)
+            op.groups = _layer_groups(name, args, kwargs)
         else:
             op = _op_from_name(name, refs, consts, name)
             if name == "group_norm":
@@ -951,19 +973,25 @@ def _absorber_label(g: _Graph, i: int) -> str:
     return op.label
 
 
-def _granularity(g: _Graph, absorbed: list[tuple[int, Any, bool]], layer_node: int, weight: torch.Tensor) -> tuple[str, int | None, bool]:
-    """The structural granularity the absorbing normalizations give, and whether the structure leaves it open
-    (then the numerical check may refine or coarsen it): channels moved or split before a normalization, a
-    weight divided by its own statistics or normalized before the layer (the reduction dims are not recorded),
-    BatchNorm after a Linear."""
+def _granularity(g: _Graph, absorbed: list[tuple[int, Any, bool, int | None]], layer_node: int, weight: torch.Tensor) -> tuple[str, int | None, bool]:
+    """The structural granularity the absorbing normalizations give, coarsened where a layer between the unit and a
+    normalization sums over the unit's channels (a depthwise conv into a pointwise conv before the norm: only the
+    whole depthwise weight is invariant), and whether the structure leaves it open (then the numerical check may
+    refine or coarsen it): channels moved or split before a normalization, a weight divided by its own statistics
+    or normalized before the layer (the reduction dims are not recorded), BatchNorm after a Linear, a grouped conv
+    whose groups do not divide the unit's filters."""
     layer = g.ops[layer_node]
     order = {"filter": 0, "group": 1, "tensor": 2}
     grans: list[tuple[str, int | None]] = []
     n_filters = weight.shape[layer.filter_dim] if weight.dim() else 1
     refinable = False
-    for i, _, moved in absorbed:
+    for i, _, moved, mix in absorbed:
         op = g.ops[i]
         refinable |= moved or (i < layer_node and op.kind == "norm" and op.norm_kind != "batch")  # F.normalize(W, dim=1)
+        if mix is not None and mix < n_filters:  # groups == filters: a depthwise conv keeps each filter apart
+            size = n_filters // mix if n_filters % mix == 0 else n_filters
+            refinable |= n_filters % mix != 0 or 1 < mix
+            grans.append(("tensor", None) if size >= n_filters else ("group", size))
         if op.kind == "weight_norm":
             grans.append(("filter", None))
         elif op.kind in ("div", "rdiv", "mul"):

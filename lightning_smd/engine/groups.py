@@ -112,7 +112,9 @@ class GroupAudit:
     shared: dict[str, list[int]] = field(default_factory=dict)
     """Parameters in the param groups of more than one optimizer, with the optimizers' indices."""
     undecayed: list[str] = field(default_factory=list)
-    """Normalized (scale-invariant) weights in a param group with weight decay 0: no equilibrium (``SMD002``)."""
+    """Normalized (scale-invariant) units none of whose parameters has weight decay, by their first parameter: no
+    equilibrium (``SMD002``). A ``weight+bias`` unit whose weight is decayed is not one: conventional groups leave
+    every bias undecayed, and the decay of the weight still pulls the unit in."""
     embeddings: list[str] = field(default_factory=list)
     """Embedding weights decayed by an Adam-type optimizer: information, not a warning (nanoGPT does it): a row is
     decayed at every step but updated only when its token occurs."""
@@ -150,18 +152,20 @@ def audit_groups(
     norm_names: Iterable[str],
     optimizers: Sequence[torch.optim.Optimizer],
     *,
-    normalized: Iterable[str] = (),
+    normalized: Iterable[Sequence[str]] = (),
     embeddings: Iterable[str] = (),
 ) -> GroupAudit:
     """Each param group of ``optimizers`` with weight decay > 0 that holds parameters of normalization layers
     (``norm_names``) or parameters of at most one dimension; parameters in more than one optimizer; the normalized
-    weights (``normalized``) with weight decay 0; the embedding weights (``embeddings``) an Adam-type optimizer
-    decays. ``named``: the model's parameters by name (a parameter under several names is reported under its
-    first)."""
+    units (``normalized``: each the names of its parameters, e.g. ``("conv.weight", "conv.bias")``) none of whose
+    parameters is decayed; the embedding weights (``embeddings``) an Adam-type optimizer decays. ``named``: the
+    model's parameters by name (a parameter under several names is reported under its first)."""
     names: dict[int, str] = {}
     for name, p in named.items():
         names.setdefault(id(p), name)
-    norms, invariant, embedded = set(norm_names), set(normalized), set(embeddings)
+    norms, embedded = set(norm_names), set(embeddings)
+    units = [tuple(u) for u in normalized]
+    decayed_names: set[str] = set()
     audit = GroupAudit()
     owners: dict[int, list[int]] = {}
     for oi, opt in enumerate(optimizers):
@@ -180,9 +184,8 @@ def audit_groups(
                 if name is None:
                     continue
                 if not wd > 0.0:
-                    if name in invariant and name not in audit.undecayed:
-                        audit.undecayed.append(name)
                     continue
+                decayed_names.add(name)
                 if adaptive and name in embedded:
                     audit.embeddings.append(name)
                 elif name in norms:
@@ -192,6 +195,8 @@ def audit_groups(
             if norm or other:
                 audit.decayed.append(GroupFinding(oi, gi, wd, tuple(norm), tuple(other)))
     audit.shared = {names[i]: o for i, o in owners.items() if len(o) > 1 and i in names}
+    optimized = {names[i] for i in owners if i in names}
+    audit.undecayed = [u[0] for u in units if u and all(p in optimized and p not in decayed_names for p in u)]
     return audit
 
 

@@ -180,7 +180,7 @@ class Session:
             rejected = self.detection.rejected if self.detection else {}
             self.group_audit = None
             if roles is not None and shard_group is None:
-                normalized = [p for u in units for p in u.params]
+                normalized = [u.params for u in units]
                 self.group_audit = audit_groups(named, roles.norms, optimizers, normalized=normalized, embeddings=roles.embeddings)
             self.fit_start.check_setup(
                 recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps, self.group_audit

@@ -63,8 +63,8 @@ use_momentum_buffer: for PyTorch SGD with heavy-ball momentum, take the update f
     optimizers.
 per_filter: also measure every filter (or group) of the weights whose filters are scale-invariant
     on their own, and log the RMS over filters of their angular updates
-    (``smd/<name>/filter_angular_update_rms``; each filter has the same predicted Δ*). Costs a few
-    extra launches per tracked tensor and step.
+    (``smd/<name>/filter_angular_update_rms``; each filter has the same predicted Δ*) and how unevenly
+    they rotate (``smd/<name>/rotation_imbalance``). Costs a few extra launches per tracked tensor and step.
 track_distance: from the first log step at which a layer is in equilibrium, keep a copy of it and
     log the angular distance travelled since (``smd/<name>/angular_distance``) and the exponent
     ``c`` of ``distance ∝ t^c`` in the summary (one extra copy of the tracked weights).

@@ -1,0 +1,155 @@
+"""How evenly the neurons of a layer rotate, by optimizer: the rotation imbalance of AdamW, SGD with momentum and
+Adam with an L2 penalty on the benchmark tasks.
+
+    python benchmarks/rotation_balance.py                      # 10 seeds, both tasks, 2 worker processes (~8 min)
+    python benchmarks/rotation_balance.py --seeds 2 --tasks thin --json /tmp/rb.json
+
+Every run is a real ``pytorch_lightning.Trainer`` fit with ``SMDCallback(per_filter=True)`` on the persistent-noise
+tasks of :mod:`lightning_smd.demo` (``thin``: :class:`ThinConvNet`, ``head``: :class:`HeadNet`, on a
+:class:`TeacherStream` with 20 % label noise, as ``verdict_reliability.py``'s healthy cells), weight decay on the
+normalized weights only. The summary's ``rotation_imbalance`` of a layer is the coefficient of variation, over its
+filters, of each filter's angular update (the root of its 50-step moving average of the square; every filter has
+the same Δ*), at the end of the run. Kosson et al. (ICML 2024, "Rotational Equilibrium") predict that AdamW and
+SGD balance the rotation of the neurons of a per-filter normalized layer and that Adam with L2 does not.
+
+The script prints, per task, optimizer and layer, the imbalance over the seeds (mean, min–max), then how often Adam
+with L2 scores higher than AdamW on the same task, seed and layer (the issue's acceptance: ≥ 80 % of layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from quiet import run_all
+
+#: optimizer -> (lr, weight decay of the normalized weights): AdamW and SGD-momentum as verdict_reliability's healthy
+#: cells (τ = 125 and 200 steps); Adam with an L2 penalty at AdamW's learning rate (its decay acts through Adam's
+#: normalization, so no weight decay matches AdamW's exactly: this one reaches its equilibrium within the run)
+OPTIMIZERS: dict[str, tuple[float, float]] = {
+    "adamw": (0.01, 0.4),
+    "sgd_momentum": (0.1, 0.0025),
+    "adam_l2": (0.01, 4e-3),
+}
+TASKS = ("thin", "head")
+STEPS = 1600
+
+
+def run(task: str, optimizer: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
+    import pytorch_lightning as pl
+    import torch
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from lightning_smd import SMDCallback
+    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
+    from quiet import quiet_trainer
+
+    torch.set_num_threads(1)
+    lr, wd = OPTIMIZERS[optimizer]
+
+    class Task(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = {"thin": ThinConvNet, "head": HeadNet}[task]()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            groups = decayed_groups(self.net, wd)
+            if optimizer == "adamw":
+                return torch.optim.AdamW(groups, lr=lr)
+            if optimizer == "adam_l2":
+                return torch.optim.Adam(groups, lr=lr)
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+    torch.manual_seed(seed)
+    model = Task()
+    smd = SMDCallback(verbose=False, summary_path=False, log_every_n_steps=50, per_filter=True)
+    start = time.perf_counter()
+    quiet_trainer(steps, [smd]).fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
+    s = smd.summary()
+    keys = ("name", "shape", "granularity", "state", "steady_ratio", "rotation_imbalance")
+    return {
+        "task": task,
+        "optimizer": optimizer,
+        "seed": seed,
+        "verdict": s["verdict"],
+        "seconds": time.perf_counter() - start,
+        "layers": [{k: r.get(k) for k in keys} for r in s["layers"]],
+    }
+
+
+
+def _range(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def comparison(results: list[dict[str, Any]], higher: str = "adam_l2", lower: str = "adamw") -> tuple[int, int]:
+    """How many (task, seed, layer) have a larger imbalance under ``higher`` than under ``lower``, of those
+    measured under both."""
+    by = {(r["task"], r["optimizer"], r["seed"]): {x["name"]: x["rotation_imbalance"] for x in r["layers"]} for r in results}
+    wins = total = 0
+    for (task, opt, seed), layers in by.items():
+        if opt != higher or (task, lower, seed) not in by:
+            continue
+        other = by[(task, lower, seed)]
+        for name, value in layers.items():
+            if value is not None and other.get(name) is not None:
+                total += 1
+                wins += value > other[name]
+    return wins, total
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    lines = ["| task | layer | filters | " + " | ".join(f"{o}: imbalance" for o in OPTIMIZERS) + " |", "| --- | --- | ---: |" + " --- |" * len(OPTIMIZERS)]
+    for task in TASKS:
+        runs = [r for r in results if r["task"] == task]
+        if not runs:
+            continue
+        names = [x["name"] for x in runs[0]["layers"]]
+        shapes = {x["name"]: x["shape"][0] for x in runs[0]["layers"]}
+        for name in names:
+            cells = []
+            for opt in OPTIMIZERS:
+                values = [x["rotation_imbalance"] for r in runs if r["optimizer"] == opt for x in r["layers"] if x["name"] == name]
+                cells.append(_range([v for v in values if v is not None]))
+            lines.append(f"| {task} | {name} | {shapes[name]} | " + " | ".join(cells) + " |")
+    wins, total = comparison(results)
+    sgd_wins, sgd_total = comparison(results, "adam_l2", "sgd_momentum")
+    verdicts = {o: sum(r["verdict"] == "equilibrium" for r in results if r["optimizer"] == o) for o in OPTIMIZERS}
+    runs = {o: sum(r["optimizer"] == o for r in results) for o in OPTIMIZERS}
+    lines += [
+        "",
+        f"Adam with L2 more imbalanced than AdamW: {wins}/{total} layers ({100.0 * wins / max(total, 1):.0f} %); "
+        f"than SGD with momentum: {sgd_wins}/{sgd_total} ({100.0 * sgd_wins / max(sgd_total, 1):.0f} %)",
+        "verdict equilibrium: " + ", ".join(f"{o} {verdicts[o]}/{runs[o]}" for o in OPTIMIZERS),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--json", help="also write every run's per-layer figures here")
+    args = parser.parse_args(argv)
+    todo = [(t, o, s, args.steps) for t in args.tasks for o in args.optimizers for s in range(args.seeds)]
+    start = time.perf_counter()
+    results = run_all(run, todo, args.workers, args.json)
+    print(report(results))
+    print(f"\n{len(results)} runs, {time.perf_counter() - start:.0f} s on {args.workers} worker(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
