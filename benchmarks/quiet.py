@@ -42,3 +42,10 @@ def run_all(run: object, todo: list, workers: int, json_path: str | None = None)
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def mean_range(values: list[float]) -> str:
+    """``mean (min–max)`` to three decimals, ``-`` for none."""
+    if not values:
+        return "-"
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"

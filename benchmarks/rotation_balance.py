@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from quiet import run_all
+from quiet import mean_range, run_all
 
 #: optimizer -> (lr, weight decay of the normalized weights): AdamW and SGD-momentum as verdict_reliability's healthy
 #: cells (τ = 125 and 200 steps); Adam with an L2 penalty at AdamW's learning rate (its decay acts through Adam's
@@ -84,13 +84,6 @@ def run(task: str, optimizer: str, seed: int, steps: int = STEPS) -> dict[str, A
     }
 
 
-
-def _range(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"
-
-
 def comparison(results: list[dict[str, Any]], higher: str = "adam_l2", lower: str = "adamw") -> tuple[int, int]:
     """How many (task, seed, layer) have a larger imbalance under ``higher`` than under ``lower``, of those
     measured under both."""
@@ -119,7 +112,7 @@ def report(results: list[dict[str, Any]]) -> str:
             cells = []
             for opt in OPTIMIZERS:
                 values = [x["rotation_imbalance"] for r in runs if r["optimizer"] == opt for x in r["layers"] if x["name"] == name]
-                cells.append(_range([v for v in values if v is not None]))
+                cells.append(mean_range([v for v in values if v is not None]))
             lines.append(f"| {task} | {name} | {shapes[name]} | " + " | ".join(cells) + " |")
     wins, total = comparison(results)
     sgd_wins, sgd_total = comparison(results, "adam_l2", "sgd_momentum")

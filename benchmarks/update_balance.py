@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from quiet import run_all
+from quiet import mean_range, run_all
 
 #: cell -> (task, optimizer, lr, weight decay of the normalized weights, steps): ≥ 12 relaxation times 1/(2ηλ)
 CELLS: dict[str, tuple[str, str, float, float, int]] = {
@@ -82,13 +82,6 @@ def run(cell: str, seed: int) -> dict[str, Any]:
     }
 
 
-
-def _range(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"
-
-
 def report(results: list[dict[str, Any]]) -> str:
     lines = [
         "| cell | layer | weights | steady Δ/Δ* (closed form) | direction_ratio (measured κ, ρ) | κ | balance_drift δ/(2e) |",
@@ -109,7 +102,7 @@ def report(results: list[dict[str, Any]]) -> str:
                 if None not in (x["steady_ratio"], x["direction_ratio"], x["balance_drift"]):
                     worst = max(worst, abs(x["steady_ratio"] / (x["direction_ratio"] * (1.0 + x["balance_drift"] / 2.0)) - 1.0))
             k = f"{sum(kappa) / len(kappa):.1f}" if kappa else "-"
-            lines.append(f"| {cell} | {name} | {rows[0]['numel']} | {_range(closed)} | {_range(direction)} | {k} | {_range(drift)} |")
+            lines.append(f"| {cell} | {name} | {rows[0]['numel']} | {mean_range(closed)} | {mean_range(direction)} | {k} | {mean_range(drift)} |")
     verdicts = sum(r["verdict"] == "equilibrium" for r in results)
     lines.append("")
     lines.append(
