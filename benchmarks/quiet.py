@@ -49,3 +49,18 @@ def mean_range(values: list[float]) -> str:
     if not values:
         return "-"
     return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def sweep_args(doc: str, tasks: object, optimizers: object, seeds: int, steps: int, argv: list | None = None) -> object:
+    """The command line of a sweep over tasks, optimizers and seeds (``--seeds --steps --workers --tasks --optimizers
+    --json``), parsed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tasks", nargs="*", default=list(tasks), choices=list(tasks))
+    parser.add_argument("--optimizers", nargs="*", default=list(optimizers), choices=list(optimizers))
+    parser.add_argument("--json", help="also write every run's figures here")
+    return parser.parse_args(argv)

@@ -18,12 +18,11 @@ with L2 scores higher than AdamW on the same task, seed and layer (the issue's a
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Any
 
-from quiet import mean_range, run_all
+from quiet import mean_range, run_all, sweep_args
 
 #: optimizer -> (lr, weight decay of the normalized weights): AdamW and SGD-momentum as verdict_reliability's healthy
 #: cells (τ = 125 and 200 steps); Adam with an L2 penalty at AdamW's learning rate (its decay acts through Adam's
@@ -128,14 +127,7 @@ def report(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    parser.add_argument("--json", help="also write every run's per-layer figures here")
-    args = parser.parse_args(argv)
+    args = sweep_args(__doc__, TASKS, OPTIMIZERS, 10, STEPS, argv)
     todo = [(t, o, s, args.steps) for t in args.tasks for o in args.optimizers for s in range(args.seeds)]
     start = time.perf_counter()
     results = run_all(run, todo, args.workers, args.json)

@@ -208,6 +208,21 @@ _ALL = (
         "noise alive: more data or augmentation, label smoothing, or less weight decay late in training.",
     ),
     Message(
+        "SMD048",
+        "dead layers",
+        "Dead from step {step} ({layers}): the gradient statistic L fell from {peak:.3g} to {now:.3g} {loss}, and the "
+        "norm followed the pure weight-decay curve for a relaxation time: the loss no longer reaches these weights, and "
+        "they have no equilibrium. Look for what cut them off: a gain or a residual branch decayed to zero, a block the "
+        "task does not need, a ReLU that never fires, a frozen or detached path.",
+    ),
+    Message(
+        "SMD049",
+        "dead filters",
+        "{count} filter(s) are dead at step {step} ({layers}): each stopped rotating and its norm follows the pure "
+        "weight-decay curve, with its gradient 100x below its peak. Usually a ReLU that never fires after them or a "
+        "channel nothing reads; per-layer counts are logged as smd/<name>/dead_filters and in the summary.",
+    ),
+    Message(
         "SMD021",
         "norm spike",
         "Norm spike at step {step} in {name}: the angular update jumped to {ratio:.1f} times the prediction after the "
@@ -316,6 +331,8 @@ _ALL = (
 
 #: Every message by code.
 MESSAGES: dict[str, Message] = {m.code: m for m in _ALL}
+if len(MESSAGES) != len(_ALL):  # a code given twice would silently hide one of its messages
+    raise RuntimeError(f"duplicate warning codes: {sorted({m.code for m in _ALL if sum(x.code == m.code for x in _ALL) > 1})}")
 
 
 def render(code: str, **fields: object) -> str:

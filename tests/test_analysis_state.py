@@ -16,6 +16,7 @@ from lightning_smd.analysis.following import Following
 from lightning_smd.analysis.warmup import EarlyWatch
 from lightning_smd.analysis.diagnostics import _PARTS
 from lightning_smd.analysis.fields import Field, vector
+from lightning_smd.analysis.dead import DeadWatch
 from lightning_smd.analysis.filters import FilterStats
 from lightning_smd.analysis.states import Agreement, UnitState
 
@@ -70,14 +71,14 @@ def test_a_checkpoint_written_before_the_split_loads_key_for_key_and_continues_t
     # those
     state = _json(d.state_dict())
     assert {k: state[k] for k in fixture["state"]} == fixture["state"]
-    added = {f.checkpoint_key for f in (*Following.FIELDS, *EarlyWatch.FIELDS, *FilterStats.FIELDS)}
+    added = {f.checkpoint_key for f in (*Following.FIELDS, *EarlyWatch.FIELDS, *FilterStats.FIELDS, *DeadWatch.FIELDS)}
     added |= {"trajectory_ratio", "trajectory_update", "trajectory_gradient", "trajectory_smooth", "last_change", "early_delta"}
     assert set(state) - set(fixture["state"]) == added
     ratio, lr, loss = _old_run_inputs()
     feed(d, ratio[700:], lr=lr[700:], first=701, loss=loss[700:])
     summary = _json(d.summary())
-    for layer in summary["layers"]:  # added since the fixture (per-filter rows: None without them)
-        assert layer.pop("rotation_imbalance") is None
+    for layer in summary["layers"]:  # added since the fixture (per-filter rows: None without them; no dead layer)
+        assert layer.pop("rotation_imbalance") is None and layer.pop("dead_filters") is None and layer.pop("dead_since") is None
     _close(summary, fixture["summary"])
     # the fixture's run reached equilibrium after its change of the learning rate: the check has something to compare
     assert fixture["summary"]["verdict"] == "equilibrium"

@@ -12,7 +12,7 @@ from helpers import teacher_loader, trainer
 from torch import nn
 
 from lightning_smd import SMDCallback, SMDMonitor, param_groups
-from lightning_smd.engine.groups import audit_groups, norm_parameters
+from lightning_smd.engine.groups import audit_groups, embedding_parameters, norm_parameters, param_roles
 
 
 class RMSNormLike(nn.Module):
@@ -114,7 +114,9 @@ def test_the_monitor_warns_too():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mon = SMDMonitor(net, opt, example_input=torch.randn(4, 3, 8, 8))
-    assert any("[SMD038]" in str(w.message) and "8 gain(s) and bias(es)" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    # 5 gains and shifts and the classifier's bias; the two Linear biases before LayerNorm and RMSNorm are part of
+    # their normalized weight+bias units, for which decay is right
+    assert any("[SMD038]" in str(w.message) and "6 gain(s) and bias(es)" in str(w.message) for w in caught), [str(w.message) for w in caught]
     assert mon.summary()["groups"]["decayed_gains_and_biases"][0]["optimizer"] == 0
 
 
@@ -197,3 +199,41 @@ def test_a_weight_and_bias_unit_with_its_weight_decayed_is_not_undecayed():
     assert audit_groups(named, norms, [conventional], normalized=unit).findings == 0
     none = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
     assert audit_groups(named, norms, [none], normalized=unit).undecayed == ["0.weight"]
+
+
+def test_frozen_parameters_and_a_normalized_units_bias_are_not_findings():
+    """A frozen BatchNorm moves with no step; a Linear bias before a LayerNorm is part of its weight+bias unit."""
+    net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16, elementwise_affine=False), nn.Linear(16, 16, bias=False), nn.BatchNorm1d(16))
+    net[3].requires_grad_(False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=1e-3)
+    audit = audit_groups(dict(net.named_parameters()), norm_parameters(net), [opt], normalized=[("0.weight", "0.bias")])
+    assert audit.findings == 0 and not audit.decayed
+
+
+def test_a_module_named_like_a_norm_keeps_its_matrix_in_the_decay():
+    class NormedLinear(nn.Linear):  # a cosine classifier: its weight is a weight, not a gain
+        def forward(self, x):
+            return nn.functional.linear(nn.functional.normalize(x, dim=-1), nn.functional.normalize(self.weight, dim=-1))
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), NormedLinear(8, 3, bias=False))
+    assert norm_parameters(net) == {"1.weight": "LayerNorm", "1.bias": "LayerNorm"}
+    assert any(p is net[2].weight for p in param_groups(net, 0.1)[0]["params"])
+
+
+def test_a_tied_embedding_is_found_by_identity_and_names_follow_the_front_end():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(8, 20, bias=False)  # declared first: named_parameters() calls the tied weight head.weight
+            self.embed = nn.Embedding(20, 8)
+            self.embed.weight = self.head.weight
+
+    net = Tied()
+    assert embedding_parameters(net) == ["head.weight"]
+    assert not any(p is net.head.weight for g in param_groups(net, 0.1, decay_embeddings=False) if g["weight_decay"] > 0 for p in g["params"])
+    # a front end that lists a wrapped module's parameter twice (the wrapper's path, then its own): the last name is used
+    named = {"_wrapped.head.weight": net.head.weight, "head.weight": net.head.weight}
+    norms, embeddings = param_roles(net).named(named)
+    assert embeddings == ["head.weight"] and norms == {}
+    audit = audit_groups(named, norms, [torch.optim.AdamW(net.parameters(), lr=1e-3)], embeddings=embeddings)
+    assert audit.embeddings == ["head.weight"]

@@ -441,6 +441,22 @@ class SeparableConv(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class TimeMixing(nn.Module):
+    """Conv1d → a Linear over the time axis → BatchNorm1d over the channels: the Linear sums over time, not over the
+    conv's channels, so each conv filter stays invariant (the structure alone cannot tell which axis it sums over:
+    refined by the numerical check); the Linear's rows are not, only its whole weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv1d(3, 8, 3, padding=1, bias=False)
+        self.t = nn.Linear(8, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.bn(self.t(self.c(x)))).mean(-1))
+
+
 def exclude_eps_effects(model: nn.Module) -> nn.Module:
     """Make the normalizations' eps negligible, so that the numerical invariance check sees the structure
     alone (BatchNorm's eps is a real, separate effect when activations are tiny)."""
@@ -508,4 +524,5 @@ ZOO = {
         img,
         {"stem.weight": ("filter", None), "dw.weight": ("group", 4), "pw.weight": ("filter", None)},
     ),
+    "linear_over_time": (TimeMixing, lambda: torch.randn(4, 3, 8), {"c.weight": ("filter", None), "t.weight": ("tensor", None)}),
 }

@@ -40,5 +40,7 @@ class StepBatch:
     filter_angles: dict[int, np.ndarray] | None = None
     """Per column (unit position in ``unit_index``) with per-filter rows, ``[k, filters]`` angular update of each
     filter (or group)."""
+    filter_norm_sq: dict[int, np.ndarray] | None = None
+    """The same columns' ``[k, filters]`` squared norm of each filter (or group) after each step."""
     norm_sq_change: np.ndarray | None = None
     """``‖w_{t+1}‖² − ‖w_t‖²`` (from the cross term ``⟨d, w_{t+1}⟩`` where recorded: no cancellation)."""

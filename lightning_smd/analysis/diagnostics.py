@@ -49,6 +49,7 @@ from lightning_smd.analysis.batch import StepBatch
 from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES, DiagnosticsConfig
 from lightning_smd.analysis.events import Diverged, Divergence, Event, NormSpike, Reequilibrating, Spikes, VanishingNoise, VanishingWatch
 from lightning_smd.analysis.fields import PerUnit, check_distinct, plain, unplain
+from lightning_smd.analysis.dead import DeadWatch
 from lightning_smd.analysis.filters import FilterStats
 from lightning_smd.analysis.events import LeftPlan
 from lightning_smd.analysis.following import Following
@@ -97,6 +98,7 @@ _PARTS: dict[str, type[PerUnit]] = {
     "following": Following,
     "early": EarlyWatch,
     "filters": FilterStats,
+    "dead": DeadWatch,
 }
 check_distinct(
     _PARTS.values(),
@@ -145,6 +147,7 @@ class Diagnostics:
         self.following = Following(n, self.config.tolerance, self.config.ema_steps, self.stride)
         self.early = EarlyWatch(n, self.stride)
         self.filters = FilterStats(n, self.config.ema_steps, self.stride)
+        self.dead = DeadWatch(n)
         self._peak = np.full(n, np.nan)  # this step's Δ* at the peak settings, per unit of the batch (the warm-up check)
         # the steady-state samples, and passive window means for the balance of the update (decoupled decay only):
         # ⟨w,ηu⟩/‖w‖², its square, ‖ηu‖²/‖w‖², Δ², (‖w_{t+1}‖² − ‖w_t‖²)/‖w_t‖²
@@ -219,13 +222,26 @@ class Diagnostics:
                 self.judge(commit=True)
         if k:
             self.measurements.last_of_batch(idx, batch)
-            if batch.filter_angles:
-                self.filters.update(idx, batch.filter_angles)
+            self._update_filters_and_dead(batch, idx)
             self._set_reasons(idx, batch, batch.hyper[-1])
             self._refresh_forecast(batch, idx)
             self.judge(commit=False)
             if self.keep_history:
                 self.history.append(_history_entry(batch, hist_pred, hist_ratio, hist_traj))
+
+    def _update_filters_and_dead(self, batch: StepBatch, idx: np.ndarray) -> None:
+        """At the end of a batch, with the rule's pure-decay rate at each of its steps: the dead-layer watch and, with
+        per-filter rows, each filter's smoothed angle and the dead-filter tests."""
+        m, rule = self.measurements, batch.rule
+        per_group = np.array([[rule.pure_decay(h) for h in step_hyper] for step_hyper in batch.hyper], dtype=np.float64)
+        decay = per_group[:, batch.unit_group]
+        v = self.vanishing
+        # the loss is known and has not vanished (without it a dead layer cannot be told from vanishing noise)
+        loss_ok = math.isfinite(v.loss_now) and not v.loss_now < v.loss_peak / self.config.loss_factor
+        L = m.unit_grad.value(idx)
+        self.events.extend(self.dead.observe(idx, batch.norm_sq_after[-1], int(batch.steps[-1]), decay, L, v.unit_grad_peak[idx], loss_ok))
+        if batch.filter_angles:
+            self.filters.update(idx, batch.filter_angles, batch.filter_norm_sq, batch.steps, decay, m.norm_power[idx])
 
     def _predict(self, batch: StepBatch, idx: np.ndarray, r: int, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step ``r`` of ``batch``: divergence, the prediction and its changes, the stored settings; returns the
@@ -235,6 +251,7 @@ class Diagnostics:
             self.events.append(e)
             m.forget(e.unit)
             self.filters.forget(e.unit)
+            self.dead.forget(e.unit)
         preds = [self.predictor.predict(batch.rule, hyper[g]) for g in range(n_groups)]
         settings_pred = np.array([p.delta for p in preds])[group]  # what a change of settings moves
         scale = np.array([p.scale for p in preds])[group]
@@ -356,7 +373,7 @@ class Diagnostics:
         inputs = JudgeInputs(
             m.steps, self.changes.origin, m.tau_ratio, m.norm_power, m.decay, m.predicted, self.applicable,
             self.vanishing.vanishing_since >= 0, self.divergence.diverged, self.record.committed_state, self.stride,
-            self.following.reach(),
+            self.following.reach(), self.dead.dead_since >= 0,
         )  # fmt: skip
         judged = judge(inputs, self.series, self.config)
         if commit:

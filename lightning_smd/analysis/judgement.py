@@ -51,6 +51,8 @@ class JudgeInputs:
     reach: np.ndarray | None = None
     """Under a planned schedule, the units whose trajectory has them in equilibrium now (in the band, or past the
     freeze-out after having been in it): a steady unit outside it is still approaching. ``None``: all."""
+    dead: np.ndarray | None = None
+    """Units the loss no longer reaches (:mod:`lightning_smd.analysis.dead`). ``None``: none."""
 
 
 @dataclass
@@ -159,17 +161,18 @@ def reached(n_counted: int, n_applicable: int, min_fraction: float) -> bool:
 
 def _states(x: JudgeInputs, w: _Windows, vanishing: np.ndarray, far: np.ndarray, off: np.ndarray, counted: np.ndarray) -> list[UnitState]:
     """Each unit's state: the first that applies of diverged, (not seen: unchanged), no prediction, no equilibrium,
-    vanishing noise, equilibrium, far off, off the prediction, (re-equilibrating or departed: unchanged), departed
+    vanishing noise, dead, equilibrium, far off, off the prediction, (re-equilibrating or departed: unchanged), departed
     (was in equilibrium), approaching."""
     previous = np.array(x.previous, dtype=object)
     state = np.select(
         [
-            x.diverged, ~w.seen, ~x.applicable, ~w.judged, vanishing, counted, far, off,
+            x.diverged, ~w.seen, ~x.applicable, ~w.judged, vanishing, x.dead if x.dead is not None else np.zeros(len(vanishing), bool),
+            counted, far, off,
             (previous == UnitState.REEQUILIBRATING) | (previous == UnitState.DEPARTED), previous == UnitState.EQUILIBRIUM,
         ],
         [
             UnitState.DIVERGED, previous, UnitState.NO_PREDICTION, UnitState.NO_EQUILIBRIUM, UnitState.VANISHING_NOISE,
-            UnitState.EQUILIBRIUM, UnitState.STEADY_FAR_OFF, UnitState.OFF_PREDICTION, previous, UnitState.DEPARTED,
+            UnitState.DEAD, UnitState.EQUILIBRIUM, UnitState.STEADY_FAR_OFF, UnitState.OFF_PREDICTION, previous, UnitState.DEPARTED,
         ],
         default=UnitState.APPROACHING,
     )  # fmt: skip

@@ -125,6 +125,7 @@ def _not_counted_text(d: Diagnostics, app: np.ndarray) -> str:
         UnitState.STEADY_FAR_OFF: f"steady, but further than ±{cfg.max_deviation:.0%} from the prediction (not SMD's equilibrium)",
         UnitState.OFF_PREDICTION: f"steady, but off the prediction by more than ±{cfg.tolerance:.0%} (require_agreement)",
         UnitState.VANISHING_NOISE: "diagnosed as vanishing gradient noise (the training loss approaches zero: a property of the run, not a measurement error)",
+        UnitState.DEAD: "dead (the loss no longer reaches them: their gradient fell 100× while the loss did not; their norm followed pure decay)",
     }
     reason = ""
     for state, members in groups.items():

@@ -31,6 +31,8 @@ def metrics(d: Diagnostics, per_layer: bool = True, namespace: str = keys.NAMESP
         keys.key("angular_update_ratio", namespace=namespace): d.median_ratio(),
         keys.key("equilibrium_fraction", namespace=namespace): d.equilibrium_fraction(),
     }
+    if d.per_filter:  # the count of dead filters over the layers (0 where none can be told yet)
+        out[keys.key("dead_filters", namespace=namespace)] = float(np.nansum(d.filters.dead_counts()))
     if per_layer:
         columns = layer_columns(d)
         for u, unit in enumerate(d.units):
@@ -65,6 +67,7 @@ def layer_columns(d: Diagnostics) -> dict[str, np.ndarray]:
     if d.per_filter:
         columns["filter_angular_update_rms"] = d.filter_delta.value()
         columns["rotation_imbalance"] = d.filters.imbalance()
+        columns["dead_filters"] = d.filters.dead_counts()
     return columns
 
 
@@ -136,6 +139,7 @@ def _course(d: Diagnostics, u: int, smoothed: dict[str, np.ndarray]) -> dict[str
     return {
         "filter_angular_update_rms": num(smoothed["filter"][u]) if d.per_filter else None,
         "rotation_imbalance": num(smoothed["imbalance"][u]) if d.per_filter else None,
+        "dead_filters": num(smoothed["dead"][u]) if d.per_filter else None,
         "first_equilibrium_step": first if first >= 0 else None,
         "diverged_at_step": int(d.diverged_step[u]) if d.diverged_step[u] >= 0 else None,
         "steps_in_equilibrium": int(d.steps_in_equilibrium[u]),
@@ -149,6 +153,7 @@ def _course(d: Diagnostics, u: int, smoothed: dict[str, np.ndarray]) -> dict[str
         "expected_reequilibration_steps": num(d.expected_reequilibration[u]) if d.state[u] == UnitState.REEQUILIBRATING else None,
         "spikes": int(d.spike_count[u]),
         "vanishing_gradient_noise_since": int(d.vanishing_first[u]) if d.vanishing_first[u] >= 0 else None,
+        "dead_since": int(d.dead.dead_since[u]) if d.dead.dead_since[u] >= 0 else None,
         "unit_grad_sq": num(d.unit_grad.value(np.array([u]))[0]),
         "unit_grad_sq_peak": num(d.unit_grad_peak[u]),
         "reason": d.reasons[u],
@@ -208,6 +213,7 @@ def layer_rows(d: Diagnostics) -> list[dict[str, Any]]:
         "norm": d.predicted_weight_norm(),
         "filter": d.filter_delta.value(),
         "imbalance": d.filters.imbalance(),
+        "dead": d.filters.dead_counts(),
         "t_eq": predicted_time_to_equilibrium(d),
     }
     lo, hi = d.ratio_interval()
@@ -237,6 +243,7 @@ def diagnoses(d: Diagnostics) -> dict[str, Any]:
     never = [names[u] for u in units if app[u] and d.first_equilibrium[u] < 0]
     found = {
         "vanishing_gradient_noise": [names[u] for u in units if d.vanishing_first[u] >= 0 and not eq[u]],
+        "dead": [names[u] for u in units if d.dead.dead_since[u] >= 0],
         "norm_spikes": [names[u] for u in units if d.spike_count[u] > 0],
         "re_equilibrating": [names[u] for u in units if d.state[u] == UnitState.REEQUILIBRATING],
         "off_prediction": [names[u] for u in units if d.agreement[u] == Agreement.OFF_PREDICTION],

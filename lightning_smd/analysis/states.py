@@ -44,6 +44,9 @@ class UnitState(_Word):
     """Was in equilibrium, drifts now without a change of the hyper-parameters."""
     VANISHING_NOISE = "vanishing_noise"
     """The gradient noise vanished: no equilibrium."""
+    DEAD = "dead"
+    """The loss no longer reaches the weight: its gradient statistic fell 100× from its peak while the loss did not,
+    and its norm followed the pure weight-decay curve (:mod:`lightning_smd.analysis.dead`)."""
     NO_EQUILIBRIUM = "no_equilibrium"
     """No weight decay (or no learning rate): the theory has no equilibrium."""
     NO_PREDICTION = "no_prediction"

@@ -521,6 +521,12 @@ class Rule:
         separate from the update (SGD, coupled L2). It lets the measured step be split into decay and update."""
         return math.nan
 
+    def pure_decay(self, h: Hyper) -> float:
+        """The fraction by which a weight that gets no gradient shrinks per step, once the optimizer's memory of its
+        last gradients has faded (the pure-decay curve a dead weight follows), or ``nan`` where such a weight does not
+        just shrink (Lion's sign step and Adam's normalized L2 term keep moving it)."""
+        return math.nan
+
     # Relaxation of the norm. The norm variable ``q = ‖w‖^norm_power`` relaxes linearly towards ``q*`` with
     # ``norm_time_constant`` steps, and the angular-update ratio is ``sqrt(q*/q)``.
     norm_power: float = 2.0
@@ -575,6 +581,11 @@ class SGDRule(Rule):
     def _effective_lr(h: Hyper) -> float:
         momentum = h.get("momentum", 0.0)
         return h["lr"] * (1.0 - h.get("dampening", 0.0)) if momentum > 0.0 else h["lr"]
+
+    def pure_decay(self, h: Hyper) -> float:
+        # with g = 0 the buffer settles at λw/(1 − μ) (times 1 − dampening): w shrinks by ηλ(1 − τ)/(1 − μ) per step
+        momentum = h.get("momentum", 0.0)
+        return self._effective_lr(h) * h["weight_decay"] / (1.0 - momentum) if momentum < 1.0 else math.nan
 
     def angular_update(self, h: Hyper) -> float:
         return sgd_angular_update(self._effective_lr(h), h["weight_decay"], h.get("momentum", 0.0), h.get("nesterov", 0.0) > 0.0)
@@ -734,6 +745,10 @@ class AdamWRule(Rule):
 
     def decoupled_decay(self, h: Hyper) -> float:
         return math.nan if self._coupled(h) else self._lr(h) * h["weight_decay"]
+
+    def pure_decay(self, h: Hyper) -> float:
+        # without gradient m/√v fades as (β1/√β2)^t: only the decoupled decay is left (coupled L2 is normalized away)
+        return self.decoupled_decay(h)
 
     def reason(self, h: Hyper) -> str | None:
         return _decay_reason(self._lr(h), h["weight_decay"])

@@ -22,6 +22,7 @@ from lightning_smd.analysis.diagnostics import (
     VanishingNoise,
     diverged_layers,
 )
+from lightning_smd.analysis.dead import DeadLayer
 from lightning_smd.analysis.preflight import GroupOutlook, judging_steps
 from lightning_smd.analysis.recommend import solve_weight_decay
 from lightning_smd.analysis.reasons import off_prediction_causes
@@ -171,6 +172,17 @@ def event_warnings(d: Diagnostics, planned_steps: int | None, alerts: Alerts) ->
         layers = ", ".join(sorted({names[e.unit] for e in vanishing})[:5])
         fell = f"the training loss fell from {d.loss_peak:.3g} to {d.loss_now:.3g}, " if math.isfinite(d.loss_now) else "(training loss not seen) "
         yield "SMD020", {"once": "vanishing", "step": v.step, "layers": layers, "loss": fell, "peak": v.peak, "now": v.now, "ratio": v.ratio}
+    dead = [e for e in events if isinstance(e, DeadLayer)]
+    if dead:
+        e = dead[0]
+        layers = ", ".join(sorted({names[x.unit] for x in dead})[:5])
+        loss = f"while the training loss stayed at {d.loss_now:.3g} (peak {d.loss_peak:.3g})" if math.isfinite(d.loss_now) else "(training loss not seen)"
+        yield "SMD048", {"once": "dead", "step": e.step, "layers": layers, "peak": e.peak, "now": e.now, "loss": loss}
+    if d.per_filter:
+        counts = d.filters.dead_counts()
+        if np.nansum(counts) > 0:
+            which = [f"{names[u]} ({int(c)})" for u, c in enumerate(counts.tolist()) if c == c and c > 0]
+            yield "SMD049", {"once": "dead_filters", "count": int(np.nansum(counts)), "layers": ", ".join(which[:5]), "step": int(d.steps.max(initial=0))}
     spike = next((e for e in events if isinstance(e, NormSpike)), None)
     if spike is not None:
         yield "SMD021", {"once": "spike", "step": spike.step, "name": names[spike.unit], "ratio": spike.ratio}

@@ -316,8 +316,29 @@ class _Propagation(NamedTuple):
 
     invariant: bool
     why: str
-    absorbed: list[tuple[int, Any, bool, int | None]]
+    absorbed: list[tuple[int, Any, bool, _Mix | None]]
     by_bias: bool = False
+
+
+class _Mix(NamedTuple):
+    """Layers between a unit and a value that sum over the unit's channels: the groups they leave apart (the gcd of
+    their groups: 1 when one mixes them all), the feature axis they share (None when they differ or are unknown),
+    and whether the structure shows it for certain (known groups, channels as the unit made them)."""
+
+    groups: int
+    axis: int | None
+    certain: bool
+
+    @staticmethod
+    def join(mixes: Iterable[_Mix]) -> _Mix | None:
+        """Layers in series (or on joining paths): a channel mixed by any of them is mixed."""
+        out: _Mix | None = None
+        for m in mixes:
+            if out is None:
+                out = m
+            else:
+                out = _Mix(math.gcd(out.groups, m.groups), out.axis if out.axis == m.axis else None, out.certain and m.certain)
+        return out
 
 
 class _Scope(NamedTuple):
@@ -415,12 +436,13 @@ class _Graph:
         heap = list(set(start))
         heapq.heapify(heap)
         queued = set(heap)
-        absorbed: list[tuple[int, Any, bool, int | None]] = []
+        absorbed: list[tuple[int, Any, bool, _Mix | None]] = []
         moved: set[int] = set()  # values that went through an op that can move or split channels
+        catted: set[int] = set()  # values that went through a channel concatenation (channels at new positions)
         # values that went through a layer summing over the unit's channels: the fewest groups of such a layer (a
         # depthwise conv after a depthwise conv keeps the filters apart; a pointwise conv mixes them all, so that
         # only the whole depthwise weight is invariant under the normalization after it)
-        mixed: dict[int, int] = {}
+        mixed: dict[int, _Mix] = {}
 
         def val(a: int | None) -> Any:
             return 0.0 if a is None else value.get(a, 0.0)
@@ -432,15 +454,24 @@ class _Graph:
             n_absorbed = len(absorbed)
             v = self._eval(op, scope, i)
             is_moved = any(a in moved for a in op.args if a is not None) or (op.kind == "unary" and op.label in _CHANNEL_MOVING)
-            mix = min((mixed[a] for a in op.args if a is not None and a in mixed), default=None)
+            is_catted = any(a in catted for a in op.args if a is not None) or (op.kind == "cat" and op.channel_cat)
+            mix = _Mix.join(mixed[a] for a in op.args if a is not None and a in mixed)
             if len(absorbed) > n_absorbed:
                 absorbed[n_absorbed:] = [(j, x, is_moved, mix) for j, x, *_ in absorbed[n_absorbed:]]
             if op.kind == "layer" and op.args and val(op.args[0]) != 0.0:  # the unit's scale enters a layer's input
-                mix = min(mix, op.groups or 1) if mix is not None else (op.groups or 1)
+                # certain only for known groups over an input whose channels came straight from the unit (a
+                # concatenation or a channel-moving op before it changes which channels a group holds)
+                placed = not any(a in moved or a in catted for a in op.args[:1] if a is not None)
+                this = _Mix(op.groups or 1, op.feature_axis, op.groups is not None and placed)
+                mix = _Mix.join([m for m in (mix, this) if m is not None])
+            elif op.kind == "mul" and op.label in _MATMUL and any(val(a) != 0.0 for a in op.args):
+                mix = _Mix.join([m for m in (mix, _Mix(1, None, False)) if m is not None])  # a matmul / einsum may sum over them
             if v != 0.0:
                 value[i] = v
                 if is_moved:
                     moved.add(i)
+                if is_catted:
+                    catted.add(i)
                 if mix is not None:
                     mixed[i] = mix
                 if i in self.out_set:
@@ -973,7 +1004,7 @@ def _absorber_label(g: _Graph, i: int) -> str:
     return op.label
 
 
-def _granularity(g: _Graph, absorbed: list[tuple[int, Any, bool, int | None]], layer_node: int, weight: torch.Tensor) -> tuple[str, int | None, bool]:
+def _granularity(g: _Graph, absorbed: list[tuple[int, Any, bool, _Mix | None]], layer_node: int, weight: torch.Tensor) -> tuple[str, int | None, bool]:
     """The structural granularity the absorbing normalizations give, coarsened where a layer between the unit and a
     normalization sums over the unit's channels (a depthwise conv into a pointwise conv before the norm: only the
     whole depthwise weight is invariant), and whether the structure leaves it open (then the numerical check may
@@ -988,9 +1019,10 @@ def _granularity(g: _Graph, absorbed: list[tuple[int, Any, bool, int | None]], l
     for i, _, moved, mix in absorbed:
         op = g.ops[i]
         refinable |= moved or (i < layer_node and op.kind == "norm" and op.norm_kind != "batch")  # F.normalize(W, dim=1)
-        if mix is not None and mix < n_filters:  # groups == filters: a depthwise conv keeps each filter apart
-            size = n_filters // mix if n_filters % mix == 0 else n_filters
-            refinable |= n_filters % mix != 0 or 1 < mix
+        refinable |= mix is not None and not mix.certain
+        if mix is not None and mix.groups < n_filters:  # groups == filters: a depthwise conv keeps each filter apart
+            size = n_filters // mix.groups if n_filters % mix.groups == 0 else n_filters
+            refinable |= mix.groups > 1 or not mix.certain or mix.axis != layer.feature_axis
             grans.append(("tensor", None) if size >= n_filters else ("group", size))
         if op.kind == "weight_norm":
             grans.append(("filter", None))
@@ -1012,6 +1044,10 @@ def _granularity(g: _Graph, absorbed: list[tuple[int, Any, bool, int | None]], l
     if not grans:
         return "tensor", None, True
     gran, size = max(grans, key=lambda x: order[x[0]])
+    if gran == "group":  # blocks of several sizes: the smallest block that is a union of blocks of each
+        size = math.lcm(*(s for k, s in grans if k == "group" and s))
+        if size >= n_filters or n_filters % size:
+            return "tensor", None, True
     return gran, size, refinable
 
 

@@ -37,44 +37,67 @@ _TORCH_NORMS: tuple[type, ...] = tuple(
 )
 
 
-def _is_norm(module: nn.Module) -> bool:
-    """A normalization layer: one of torch's, or a class named like one (``LlamaRMSNorm``, ``T5LayerNorm``,
-    ``LayerNorm2d``, ``FrozenBatchNorm2d``, ...)."""
-    return isinstance(module, _TORCH_NORMS) or "norm" in type(module).__name__.lower()
-
-
-def norm_parameters(model: nn.Module) -> dict[str, str]:
-    """The parameters owned directly by normalization layers, by name (as ``model.named_parameters()`` gives them),
-    with the layer's class name."""
-    out: dict[str, str] = {}
-    for prefix, module in model.named_modules():
-        if _is_norm(module):
-            for name, _ in module.named_parameters(recurse=False):
-                out[f"{prefix}.{name}" if prefix else name] = type(module).__name__
+def _norm_params(model: nn.Module) -> dict[int, tuple[nn.Parameter, str]]:
+    """``id`` → (parameter, class name) of the parameters owned directly by normalization layers: every one of a
+    torch normalization module's; of a module whose class is named like one (``LlamaRMSNorm``, ``T5LayerNorm``,
+    ``FrozenBatchNorm2d``, ...), those of at most one dimension (a cosine classifier ``NormedLinear`` owns a matrix,
+    which is a weight)."""
+    out: dict[int, tuple[nn.Parameter, str]] = {}
+    for module in model.modules():
+        torch_norm = isinstance(module, _TORCH_NORMS)
+        if torch_norm or "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                if torch_norm or p.dim() <= 1:
+                    out.setdefault(id(p), (p, type(module).__name__))
     return out
 
 
+def _embedding_params(model: nn.Module) -> dict[int, nn.Parameter]:
+    """``id`` → weight of the model's ``nn.Embedding`` / ``nn.EmbeddingBag`` layers (subclasses included)."""
+    return {
+        id(m.weight): m.weight
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and isinstance(getattr(m, "weight", None), nn.Parameter)
+    }
+
+
+def _first_names(model: nn.Module) -> dict[int, str]:
+    """``id`` → the name ``model.named_parameters()`` gives a parameter (the first, for one shared by modules)."""
+    return {id(p): n for n, p in reversed(list(model.named_parameters()))}
+
+
+def norm_parameters(model: nn.Module) -> dict[str, str]:
+    """The parameters owned directly by normalization layers, by their name in ``model.named_parameters()``, with the
+    layer's class name."""
+    names = _first_names(model)
+    return {names[i]: cls for i, (_, cls) in _norm_params(model).items() if i in names}
+
+
 def embedding_parameters(model: nn.Module) -> list[str]:
-    """The weights of the model's ``nn.Embedding`` / ``nn.EmbeddingBag`` layers (subclasses included), by name."""
-    return [
-        f"{prefix}.weight" if prefix else "weight"
-        for prefix, module in model.named_modules()
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and isinstance(getattr(module, "weight", None), nn.Parameter)
-    ]
+    """The embedding weights, by their name in ``model.named_parameters()`` (a weight tied to a head is found under
+    whichever name comes first)."""
+    names = _first_names(model)
+    return [names[i] for i in _embedding_params(model) if i in names]
 
 
 @dataclass(frozen=True)
 class ParamRoles:
-    """What the audit needs to know of a model's parameters, by name: those of normalization layers (with the
-    layer's class) and the embedding weights."""
+    """What the audit needs to know of a model's parameters, by ``id``: those of normalization layers (with the
+    layer's class) and the embedding weights. :meth:`named` gives them under the names a front end uses."""
 
-    norms: dict[str, str]
-    embeddings: list[str]
+    norms: dict[int, str]
+    embeddings: set[int]
+
+    def named(self, named: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
+        """The norms and embeddings under ``named``'s names (the last name of a parameter listed under several: the
+        front ends list a wrapped module's parameter under its wrapper's path, then under its own)."""
+        names = {id(p): n for n, p in named.items()}
+        return {names[i]: c for i, c in self.norms.items() if i in names}, [names[i] for i in self.embeddings if i in names]
 
 
 def param_roles(model: nn.Module) -> ParamRoles:
-    """:func:`norm_parameters` and :func:`embedding_parameters` of ``model``."""
-    return ParamRoles(norm_parameters(model), embedding_parameters(model))
+    """The normalization layers' parameters and the embedding weights of ``model``, by ``id``."""
+    return ParamRoles({i: cls for i, (_, cls) in _norm_params(model).items()}, set(_embedding_params(model)))
 
 
 def _adaptive(optimizer: Any) -> bool:
@@ -121,7 +144,9 @@ class GroupAudit:
 
     @property
     def findings(self) -> int:
-        """The count of warnings the audit gives (embeddings are information)."""
+        """The count of what the audit finds wrong: one per param group decaying gains or biases (``SMD038``), one for
+        parameters in several optimizers (``SMD039``), one for normalized units without decay (said by ``SMD002``);
+        decayed embeddings are information, not counted."""
         return len(self.decayed) + bool(self.shared) + bool(self.undecayed)
 
     def embeddings_note(self) -> str:
@@ -160,11 +185,10 @@ def audit_groups(
     units (``normalized``: each the names of its parameters, e.g. ``("conv.weight", "conv.bias")``) none of whose
     parameters is decayed; the embedding weights (``embeddings``) an Adam-type optimizer decays. ``named``: the
     model's parameters by name (a parameter under several names is reported under its first)."""
-    names: dict[int, str] = {}
-    for name, p in named.items():
-        names.setdefault(id(p), name)
+    names = {id(p): name for name, p in named.items()}  # the last name: a wrapper's path comes before the module's own
     norms, embedded = set(norm_names), set(embeddings)
     units = [tuple(u) for u in normalized]
+    in_units = {p for u in units for p in u}
     decayed_names: set[str] = set()
     audit = GroupAudit()
     owners: dict[int, list[int]] = {}
@@ -178,16 +202,18 @@ def audit_groups(
                 wd = 0.0
             norm, other = [], []
             for p in group["params"]:
+                if not p.requires_grad:  # frozen: no step moves it, whatever its group says
+                    continue
                 if oi not in owners.setdefault(id(p), []):
                     owners[id(p)].append(oi)
                 name = names.get(id(p))
-                if name is None:
-                    continue
-                if not wd > 0.0:
+                if name is None or not wd > 0.0:
                     continue
                 decayed_names.add(name)
                 if adaptive and name in embedded:
                     audit.embeddings.append(name)
+                elif name in in_units:  # part of a normalized unit (a weight+bias unit's bias): decay is its due
+                    continue
                 elif name in norms:
                     norm.append(name)
                 elif p.dim() <= 1:
@@ -213,13 +239,13 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay: Iterable[str] 
     (``requires_grad=False``) are left out; an empty group is left out. A parameter shared under several names is
     placed once."""
     forced = set(decay)
-    norms = norm_parameters(model)
-    kept = set() if decay_embeddings else set(embedding_parameters(model))
+    norms = _norm_params(model)
+    kept = set() if decay_embeddings else set(_embedding_params(model))
     decayed, plain = [], []
     for name, p in model.named_parameters():  # each shared parameter once, under its first name
         if not p.requires_grad:
             continue
-        if name in forced or (p.dim() >= 2 and name not in norms and name not in kept):
+        if name in forced or (p.dim() >= 2 and id(p) not in norms and id(p) not in kept):
             decayed.append(p)
         else:
             plain.append(p)

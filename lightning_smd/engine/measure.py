@@ -373,9 +373,11 @@ class _PerFilter:
     def to_host(self, count: int) -> np.ndarray:
         return self.buffer[:count].to("cpu", copy=True).numpy()
 
-    def rms(self, pf: np.ndarray, hyper: list[list[dict[str, float]]], placement: _Placement, momentum_path: bool) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``; and the
-        per-filter angular updates themselves, ``[k, filters]`` by unit column."""
+    def rms(
+        self, pf: np.ndarray, hyper: list[list[dict[str, float]]], placement: _Placement, momentum_path: bool
+    ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``; and, by unit
+        column, the per-filter angular updates and squared norms after each step, ``[k, filters]``."""
         total = self.total
         w_sq, d_sq = pf[:, :total], pf[:, total : 2 * total]
         if self.last is None:
@@ -392,6 +394,7 @@ class _PerFilter:
         k = pf.shape[0]
         out = np.full((k, len(placement.units)), np.nan)
         per_filter: dict[int, np.ndarray] = {}
+        norms: dict[int, np.ndarray] = {}
         # sum the tensors of a unit filter by filter, then filters into groups
         offsets = np.concatenate([[0], np.cumsum(self.rows)])
         per_unit: dict[int, list[int]] = {}
@@ -410,7 +413,8 @@ class _PerFilter:
             angles = angles_from_norms(b, a, d)
             out[:, u] = np.sqrt(np.nanmean(angles**2, axis=1))
             per_filter[u] = angles
-        return out, per_filter
+            norms[u] = a
+        return out, per_filter, norms
 
 
 class _Slot:
@@ -767,7 +771,9 @@ class _Slot:
             before = w_sq + diff
             diff_u = to_units(diff)
         before_u, after_u, upd_u, grad_u = (to_units(x) for x in (before, w_sq, d_sq, g_sq))
-        filter_rms, filter_angles = self.pf.rms(np.concatenate(pf_parts), hyper, self.placement, self.momentum_path) if pf_parts else (None, None)
+        filter_rms, filter_angles, filter_norms = (
+            self.pf.rms(np.concatenate(pf_parts), hyper, self.placement, self.momentum_path) if pf_parts else (None, None, None)
+        )
         return StepBatch(
             optimizer_index=self.index,
             unit_index=np.array(self.units, dtype=np.int64),
@@ -782,6 +788,7 @@ class _Slot:
             rule=self.rule,
             filter_angular_update_rms=filter_rms,
             filter_angles=filter_angles,
+            filter_norm_sq=filter_norms,
             norm_sq_change=-diff_u if diff_u is not None else after_u - before_u,
         )
 

@@ -180,8 +180,8 @@ class Session:
             rejected = self.detection.rejected if self.detection else {}
             self.group_audit = None
             if roles is not None and shard_group is None:
-                normalized = [u.params for u in units]
-                self.group_audit = audit_groups(named, roles.norms, optimizers, normalized=normalized, embeddings=roles.embeddings)
+                norms, embeddings = roles.named(named)
+                self.group_audit = audit_groups(named, norms, optimizers, normalized=[u.params for u in units], embeddings=embeddings)
             self.fit_start.check_setup(
                 recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps, self.group_audit
             )  # fmt: skip
@@ -367,8 +367,8 @@ class Session:
                     f"the model has {len(unoptimized)} normalized weight(s) ({shown}), but no optimizer updates them "
                     "(or several share one): nothing is measured"
                 )
-        if self.group_audit is not None:
-            out["groups"] = self.group_audit.summary()
+        # the audit of the param groups at fit start (None where none was made: a resumed fit, FSDP1's flat shards)
+        out["groups"] = self.group_audit.summary() if self.group_audit is not None else None
         out["complete"] = complete
         out["run_id"] = self.run_id
         out["started_at"] = _iso(self.started)

@@ -1,0 +1,104 @@
+"""Dead layers and dead filters (lightning_smd.analysis.dead, the dead-filter tests of lightning_smd.analysis.filters):
+a weight the loss no longer reaches, told from vanishing noise by the loss and from a large norm by its gradient."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import run_python
+
+from lightning_smd.analysis.dead import DEAD_FACTOR, DeadWatch
+from lightning_smd.analysis.filters import FilterStats
+
+E = 2.5e-3  # pure decay per step; relaxation time 1/(2e) = 200 steps
+
+
+def _drains(watch, norms, Ls, peak, loss_ok=True, k=50):
+    """Feed one unit drain by drain (``k`` steps each): norms after each drain, ``L`` at each; returns the events."""
+    out = []
+    for j, (n, L) in enumerate(zip(norms, Ls)):
+        out += watch.observe(np.array([0]), np.array([n * n]), (j + 1) * k, np.full((k, 1), E), np.array([L]), np.array([peak]), loss_ok)
+    return out
+
+
+def test_a_layer_on_the_pure_decay_curve_with_its_gradient_gone_is_dead_until_the_gradient_returns():
+    steps = np.arange(1, 13) * 50
+    decaying = 5.0 * (1 - E) ** steps  # the pure-decay curve exactly
+    watch = DeadWatch(1)
+    events = _drains(watch, decaying, [1.0] * 2 + [0.5 / DEAD_FACTOR] * 10, peak=1.0)
+    # dead at the first drain with a relaxation time (200 steps) of curve behind it and L at peak/200
+    assert [e.step for e in events] == [250] and watch.dead_since[0] == 250 and watch.dead_first[0] == 250
+    # the gradient comes back: no longer dead (the first time is kept)
+    _drains(watch, [decaying[-1]], [0.5], peak=1.0)
+    assert watch.dead_since[0] == -1 and watch.dead_first[0] == 250
+
+
+def test_not_dead_when_the_norm_does_not_follow_the_curve_or_the_loss_vanished_or_the_gradient_merely_fell_20x():
+    steps = np.arange(1, 13) * 50
+    decaying = 5.0 * (1 - E) ** steps
+    steady = np.full(12, 5.0)  # a rotating layer in equilibrium: its norm stays
+    assert _drains(DeadWatch(1), steady, [0.5 / DEAD_FACTOR] * 12, peak=1.0) == []
+    slow = 5.0 * (1 - 0.7 * E) ** steps  # shrinking at 70 % of the curve's rate: outside the 15 % tolerance
+    assert _drains(DeadWatch(1), slow, [0.5 / DEAD_FACTOR] * 12, peak=1.0) == []
+    assert _drains(DeadWatch(1), decaying, [0.5 / DEAD_FACTOR] * 12, peak=1.0, loss_ok=False) == []  # vanishing noise
+    assert _drains(DeadWatch(1), decaying, [1.0 / 20] * 12, peak=1.0) == []  # what learning alone does to L
+    assert _drains(DeadWatch(1), decaying, [0.5 / DEAD_FACTOR] * 12, peak=1.0) != []  # the same, with L 200x down
+
+
+def test_dead_filters_follow_the_curve_with_their_drive_gone_and_a_large_norm_is_not_dead():
+    """Four filters: rotating at a steady norm; dead (no rotation, pure decay); far above equilibrium (shrinking
+    almost as pure decay, but still driven); one that slowed down but keeps its norm."""
+    stats = FilterStats(1, ema_steps=50)
+    k, norms = 50, np.array([2.0, 2.0, 60.0, 2.0])
+    for j in range(12):
+        steps = np.arange(j * k + 1, (j + 1) * k + 1)
+        decay = (1 - E) ** steps[:, None]
+        n = np.stack([np.full(k, norms[0]), norms[1] * decay[:, 0], norms[2] * decay[:, 0] ** 0.98, np.full(k, norms[3])], axis=1)
+        drive = np.array([0.02 * 4.0, 0.02 * 4.0 if j < 2 else 1e-6, 0.02 * 4.0, 0.02 * 4.0 if j < 2 else 0.02 * 4.0 / 30])
+        angles = np.tile(drive, (k, 1)) / n**2  # SGD: the drive is Δ·‖w‖²
+        stats.update(np.array([0]), {0: angles}, {0: n**2}, steps.astype(float), np.full((k, 1), E), np.array([4.0]))
+    assert stats.dead(0).tolist() == [False, True, False, False]
+    assert stats.dead_counts()[0] == 1.0
+
+
+@pytest.mark.slow
+def test_the_two_block_transformer_reads_dead_for_its_first_block(tmp_path):
+    """``examples/transformer_qknorm.py --depth 2`` (its docstring's story) at the CI size: the reversal needs one
+    attention layer; the first block's q/k gradient falls from 0.60 to 0.003 while the loss stays at its noise floor,
+    their norms follow AdamW's pure decay, and they read ``dead`` (found at step 580, 920 steps before the end), the
+    second block ``equilibrium``. Before issue 30 they read ``approaching`` or ``departed``."""
+    env = {"SMD_EXAMPLE_FAST": "1"}
+    proc = run_python(["examples/transformer_qknorm.py", "--depth", "2", "--out", str(tmp_path)], env=env)
+    summary = json.loads((tmp_path / "smd_summary.json").read_text())
+    states = {layer["name"]: layer["state"] for layer in summary["layers"]}
+    assert states == {
+        "blocks.0.attn.q.weight": "dead",
+        "blocks.0.attn.k.weight": "dead",
+        "blocks.1.attn.q.weight": "equilibrium",
+        "blocks.1.attn.k.weight": "equilibrium",
+    }, states
+    assert set(summary["diagnoses"]["dead"]) == {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}
+    assert any(w.endswith("[SMD048]") for w in summary["warnings"]), summary["warnings"]
+    assert "SMD048" in proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_filters_are_flagged_within_two_relaxation_times_and_live_ones_are_not(tmp_path):
+    """``benchmarks/dead_filters.py`` on ``thin``, seed 0: a quarter of conv2's channels cut at step 400. All 8 killed
+    filters flagged within 2 relaxation times (1.0 and 1.2–1.6 τ for SGD-momentum and AdamW), no live filter flagged
+    in the killed or the uncut run. Over 20 seeds and both tasks: ``python benchmarks/dead_filters.py`` (docs)."""
+    out = tmp_path / "dead.json"
+    run_python(["benchmarks/dead_filters.py", "--seeds", "1", "--tasks", "thin", "--workers", "1", "--steps", "1000", "--json", out])
+    runs = json.loads(out.read_text())
+    tau = {"sgd_momentum": 200.0, "adamw": 125.0}
+    for r in runs:
+        flagged = r["flagged"].get("net.conv2.weight", {})
+        if r["cut"]:
+            delays = [(flagged[str(i)] - 400) / tau[r["optimizer"]] for i in r["killed"] if str(i) in flagged]
+            assert len(delays) == len(r["killed"]) == 8 and max(delays) <= 2.0, (r["optimizer"], delays)
+        for layer, got in r["flagged"].items():
+            killed = r["killed"] if layer.endswith("conv2.weight") else []
+            false = [i for i in got if int(i) not in killed and not r["confirmed"][layer][i]]
+            assert not false, (r["optimizer"], r["cut"], layer, false)
