@@ -10,7 +10,7 @@ a quarter of the channels of ``bn2`` (the BatchNorm after ``conv2``) are cut at 
 by 0 from then on, so ``conv2``'s filters for them get no gradient at all — a ReLU that never fires, a gain set to 0,
 a channel nothing reads. At every log step (every 50 steps) the script reads which filters the callback calls dead.
 
-Filters also die on their own: on ``head``, 10–22 of ``fc1``'s 64 neurons end with a ReLU that never fires (their
+Filters also die on their own: on ``head``, 6–25 of ``fc1``'s 64 neurons end with a ReLU that never fires (their
 BatchNorm1d output stays below 0) and get exactly no gradient. So a flag is checked against a ground truth computed
 after the fit, independently of the callback: a filter is **dead** when its scale-free gradient
 ``‖∇w_i‖·‖w_i‖``, averaged over 10 fresh batches in training mode, is below 1e-6 of the layer's median.

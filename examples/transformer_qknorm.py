@@ -15,8 +15,9 @@ steps; the angular updates of q and k dip below the prediction while Adam's seco
 the larger gradients of the learning phase, then settle at it; the verdict is ``equilibrium``.
 
 One block, not two: with ``--depth 2`` the reversal needs only one attention layer; the first block's q/k
-gradients fade, weight decay shrinks those weights towards zero (no equilibrium exists for a weight the loss
-no longer reaches) and the verdict is ``not_reached``, with those layers below their prediction.
+gradients fade (``L`` 100× and more below its peak while the loss stays at its noise floor), weight decay shrinks
+those weights along its pure-decay curve (no equilibrium exists for a weight the loss no longer reaches), and they
+read ``dead`` (SMD048); the verdict is ``not_reached``.
 """
 
 from __future__ import annotations
