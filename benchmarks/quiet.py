@@ -64,3 +64,35 @@ def sweep_args(doc: str, tasks: object, optimizers: object, seeds: int, steps: i
     parser.add_argument("--optimizers", nargs="*", default=list(optimizers), choices=list(optimizers))
     parser.add_argument("--json", help="also write every run's figures here")
     return parser.parse_args(argv)
+
+
+def fit_demo_task(task: str, optimizer: object, weight_decay: float, seed: int, steps: int, smd: object) -> object:
+    """A real fit of :mod:`lightning_smd.demo`'s ``task`` (``thin``: ``ThinConvNet``, ``head``: ``HeadNet``) on a
+    ``TeacherStream`` with 20 % label noise (verdict_reliability's healthy cells), one thread, ``seed``;
+    ``optimizer(groups)`` makes the optimizer of :func:`lightning_smd.demo.decayed_groups` (``weight_decay`` on the
+    normalized weights only). Returns the module."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
+
+    torch.set_num_threads(1)
+
+    class Task(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = {"thin": ThinConvNet, "head": HeadNet}[task]()
+
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> object:
+            return optimizer(decayed_groups(self.net, weight_decay))
+
+    torch.manual_seed(seed)
+    model = Task()
+    quiet_trainer(steps, [smd]).fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
+    return model

@@ -37,40 +37,22 @@ STEPS = 1600
 
 
 def run(task: str, optimizer: str, seed: int, steps: int = STEPS) -> dict[str, Any]:
-    import pytorch_lightning as pl
+    import functools
+
     import torch
-    from torch.nn import functional as F
-    from torch.utils.data import DataLoader
 
     from lightning_smd import SMDCallback
-    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
-    from quiet import quiet_trainer
+    from quiet import fit_demo_task
 
-    torch.set_num_threads(1)
     lr, wd = OPTIMIZERS[optimizer]
-
-    class Task(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = {"thin": ThinConvNet, "head": HeadNet}[task]()
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self) -> Any:
-            groups = decayed_groups(self.net, wd)
-            if optimizer == "adamw":
-                return torch.optim.AdamW(groups, lr=lr)
-            if optimizer == "adam_l2":
-                return torch.optim.Adam(groups, lr=lr)
-            return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-
-    torch.manual_seed(seed)
-    model = Task()
+    make = {
+        "adamw": functools.partial(torch.optim.AdamW, lr=lr),
+        "adam_l2": functools.partial(torch.optim.Adam, lr=lr),  # weight_decay set per group: the L2 penalty
+        "sgd_momentum": functools.partial(torch.optim.SGD, lr=lr, momentum=0.9),
+    }[optimizer]
     smd = SMDCallback(verbose=False, summary_path=False, log_every_n_steps=50, per_filter=True)
     start = time.perf_counter()
-    quiet_trainer(steps, [smd]).fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
+    fit_demo_task(task, make, wd, seed, steps, smd)
     s = smd.summary()
     keys = ("name", "shape", "granularity", "state", "steady_ratio", "rotation_imbalance")
     return {

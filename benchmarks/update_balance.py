@@ -36,41 +36,23 @@ CELLS: dict[str, tuple[str, str, float, float, int]] = {
 
 
 def run(cell: str, seed: int) -> dict[str, Any]:
-    import pytorch_lightning as pl
     import torch
-    from torch.nn import functional as F
-    from torch.utils.data import DataLoader
 
     from lightning_smd import SMDCallback
-    from lightning_smd.demo import HeadNet, TeacherStream, ThinConvNet, decayed_groups
-    from quiet import quiet_trainer
+    from quiet import fit_demo_task
 
-    torch.set_num_threads(1)
     task, optimizer, lr, wd, steps = CELLS[cell]
 
-    class Task(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = {"thin": ThinConvNet, "head": HeadNet}[task]()
+    def make(groups: Any) -> Any:
+        if optimizer == "lion":
+            from lion_pytorch import Lion
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
+            return Lion(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr)
 
-        def configure_optimizers(self) -> Any:
-            groups = decayed_groups(self.net, wd)
-            if optimizer == "lion":
-                from lion_pytorch import Lion
-
-                return Lion(groups, lr=lr)
-            return torch.optim.AdamW(groups, lr=lr)
-
-    torch.manual_seed(seed)
-    model = Task()
     smd = SMDCallback(verbose=False, summary_path=False, log_every_n_steps=50)
-    trainer = quiet_trainer(steps, [smd])
     start = time.perf_counter()
-    trainer.fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
+    fit_demo_task(task, make, wd, seed, steps, smd)
     s = smd.summary()
     keys = ("name", "numel", "state", "steady_ratio", "direction_ratio", "update_kappa", "update_radial_share", "balance_drift")
     return {

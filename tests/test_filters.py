@@ -59,8 +59,10 @@ def test_a_real_fit_logs_and_summarizes_the_rotation_imbalance(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("smd/net.conv1.weight/rotation_imbalance")]
     assert rows and all(0.0 <= float(r["smd/net.conv1.weight/rotation_imbalance"]) < 5.0 for r in rows)
+    assert all(r["smd/dead_filters"] == "0.0" for r in rows)  # nothing is cut: the count is there, and 0
     layers = fit.smd.summary()["layers"]
     assert all(layer["rotation_imbalance"] is not None and layer["rotation_imbalance"] >= 0.0 for layer in layers)
+    assert "dead_filters" in layers[0] and "smd/net.conv1.weight/dead_filters" in rows[0]
     plain = fit_smd(tmp_path / "plain", Module(SmallConvNet()), 10)
     assert all(layer["rotation_imbalance"] is None for layer in plain.smd.summary()["layers"])
 

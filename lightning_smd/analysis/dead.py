@@ -17,16 +17,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from lightning_smd.analysis.fields import Field, PerUnit
 from lightning_smd.analysis.filters import follow_pure_decay
 
-__all__ = ["DeadWatch", "DeadLayer", "DEAD_FACTOR"]
+__all__ = ["DeadWatch", "DeadLayer", "DEAD_FACTOR", "pure_decay_rates"]
 
 #: ``L`` of a dead unit is at most its peak over this.
 DEAD_FACTOR = 100.0
+
+
+def pure_decay_rates(batch: Any) -> np.ndarray:
+    """``[k, units]``: the rule's pure decay ``e`` at each step of a drained batch, per unit of it (nan: none)."""
+    rule = batch.rule
+    per_group = np.array([[rule.pure_decay(h) for h in step] for step in batch.hyper], dtype=np.float64)
+    return per_group[:, batch.unit_group]
 
 
 @dataclass(frozen=True)

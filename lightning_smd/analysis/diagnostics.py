@@ -49,7 +49,7 @@ from lightning_smd.analysis.batch import StepBatch
 from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES, DiagnosticsConfig
 from lightning_smd.analysis.events import Diverged, Divergence, Event, NormSpike, Reequilibrating, Spikes, VanishingNoise, VanishingWatch
 from lightning_smd.analysis.fields import PerUnit, check_distinct, plain, unplain
-from lightning_smd.analysis.dead import DeadWatch
+from lightning_smd.analysis.dead import DeadWatch, pure_decay_rates
 from lightning_smd.analysis.filters import FilterStats
 from lightning_smd.analysis.events import LeftPlan
 from lightning_smd.analysis.following import Following
@@ -232,14 +232,9 @@ class Diagnostics:
     def _update_filters_and_dead(self, batch: StepBatch, idx: np.ndarray) -> None:
         """At the end of a batch, with the rule's pure-decay rate at each of its steps: the dead-layer watch and, with
         per-filter rows, each filter's smoothed angle and the dead-filter tests."""
-        m, rule = self.measurements, batch.rule
-        per_group = np.array([[rule.pure_decay(h) for h in step_hyper] for step_hyper in batch.hyper], dtype=np.float64)
-        decay = per_group[:, batch.unit_group]
-        v = self.vanishing
-        # the loss is known and has not vanished (without it a dead layer cannot be told from vanishing noise)
-        loss_ok = math.isfinite(v.loss_now) and not v.loss_now < v.loss_peak / self.config.loss_factor
-        L = m.unit_grad.value(idx)
-        self.events.extend(self.dead.observe(idx, batch.norm_sq_after[-1], int(batch.steps[-1]), decay, L, v.unit_grad_peak[idx], loss_ok))
+        m, v, decay = self.measurements, self.vanishing, pure_decay_rates(batch)
+        step, L = int(batch.steps[-1]), m.unit_grad.value(idx)
+        self.events.extend(self.dead.observe(idx, batch.norm_sq_after[-1], step, decay, L, v.unit_grad_peak[idx], v.loss_alive()))
         if batch.filter_angles:
             self.filters.update(idx, batch.filter_angles, batch.filter_norm_sq, batch.steps, decay, m.norm_power[idx])
 

@@ -147,6 +147,11 @@ class VanishingWatch(PerUnit):
         """Mean training loss of the last log interval (:meth:`observe_loss`), or nan if unknown."""
         self.loss_peak = math.nan
 
+    def loss_alive(self) -> bool:
+        """The training loss is known and has not vanished (not below its peak / ``loss_factor``): a collapsed ``L``
+        then means a lost gradient, not lost noise (:mod:`lightning_smd.analysis.dead`)."""
+        return math.isfinite(self.loss_now) and not self.loss_now < self.loss_peak / self.config.loss_factor
+
     def observe_loss(self, mean_loss: float) -> None:
         value = float(mean_loss)
         if not math.isfinite(value):

@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GroupFinding", "GroupAudit", "ParamRoles", "param_roles", "norm_parameters", "embedding_parameters", "audit_groups", "param_groups"]
+__all__ = [
+    "GroupFinding", "GroupAudit", "ParamRoles", "param_roles", "norm_parameters", "embedding_parameters", "audit_groups", "audit_session",
+    "param_groups",
+]  # fmt: skip
 
 #: Normalization modules of torch (their parameters are gains and shifts); other libraries' are found by name.
 _TORCH_NORMS: tuple[type, ...] = tuple(
@@ -93,6 +96,13 @@ class ParamRoles:
         front ends list a wrapped module's parameter under its wrapper's path, then under its own)."""
         names = {id(p): n for n, p in named.items()}
         return {names[i]: c for i, c in self.norms.items() if i in names}, [names[i] for i in self.embeddings if i in names]
+
+
+def audit_session(named: Mapping[str, torch.Tensor], roles: ParamRoles, optimizers: Sequence[torch.optim.Optimizer], units: Iterable[Any]) -> GroupAudit:
+    """:func:`audit_groups` as a session runs it: the roles under ``named``'s names, the tracked ``units``
+    (:class:`~lightning_smd.engine.detect.NormalizedWeight`) as the normalized ones."""
+    norms, embeddings = roles.named(named)
+    return audit_groups(named, norms, optimizers, normalized=[u.params for u in units], embeddings=embeddings)
 
 
 def param_roles(model: nn.Module) -> ParamRoles:

@@ -29,7 +29,7 @@ from lightning_smd.analysis.forecast import cannot_reach
 from lightning_smd.analysis.keys import NAMESPACE, layer_key, split_layer_key
 from lightning_smd.engine.alerts import Alerts, end_warnings, event_warnings, verification_warnings
 from lightning_smd.engine.fitstart import FitStart
-from lightning_smd.engine.groups import GroupAudit, ParamRoles, audit_groups
+from lightning_smd.engine.groups import GroupAudit, ParamRoles, audit_session
 from lightning_smd.engine.detect import Detection, NormalizedWeight, verify_orthogonality
 from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig, Verdict, diffusion_exponent
 from lightning_smd.engine.measure import DistanceTracker, StepRecorder
@@ -178,10 +178,8 @@ class Session:
             self.load_state_dict(resume)
         else:
             rejected = self.detection.rejected if self.detection else {}
-            self.group_audit = None
-            if roles is not None and shard_group is None:
-                norms, embeddings = roles.named(named)
-                self.group_audit = audit_groups(named, norms, optimizers, normalized=[u.params for u in units], embeddings=embeddings)
+            no_audit = roles is None or shard_group is not None
+            self.group_audit = None if no_audit else audit_session(named, roles, optimizers, units)
             self.fit_start.check_setup(
                 recorder, units, self.config, self.attached.unoptimized, rejected, model_name, planned_steps, self.group_audit
             )  # fmt: skip
