@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SMDWarning", "Message", "MESSAGES", "render"]
+__all__ = ["SMDWarning", "Message", "MESSAGES", "render", "shown_names"]
 
 
 class SMDWarning(UserWarning):
@@ -338,3 +338,8 @@ if len(MESSAGES) != len(_ALL):  # a code given twice would silently hide one of 
 def render(code: str, **fields: object) -> str:
     """The warning text of ``code`` with its fields, ending with the code."""
     return f"{MESSAGES[code].template.format(**fields)} [{code}]"
+
+
+def shown_names(names: list[str] | tuple[str, ...], first: int = 5) -> str:
+    """At most ``first`` of ``names``, comma-separated, then how many more."""
+    return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")

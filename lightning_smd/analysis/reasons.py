@@ -14,6 +14,7 @@ from lightning_smd.analysis.config import WINDOW_RELAXATION_TIMES, DiagnosticsCo
 from lightning_smd.analysis.judgement import reached
 from lightning_smd.analysis.states import Agreement, UnitState, Verdict
 from lightning_smd.analysis.theory import AdamWRule, LionRule
+from lightning_smd.messages import shown_names
 
 if TYPE_CHECKING:
     from lightning_smd.analysis.diagnostics import Diagnostics
@@ -174,7 +175,7 @@ def diverged_layers(names: Sequence[str]) -> str:
     be told apart among them: one non-finite loss or gradient reaches every layer in that step)."""
     if len(names) == 1:
         return f"the weights of {names[0]}"
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    shown = shown_names(names, 4)
     return f"the weights of {len(names)} layers at once ({shown})"
 
 

@@ -31,7 +31,7 @@ from lightning_smd.analysis.theory import group_hyper
 from lightning_smd.analysis.units import not_scale_invariant
 from lightning_smd.analysis.warmup import warmup_advice
 from lightning_smd.engine.detect import FROZEN, NOT_ORTHOGONAL_WARNING, ORTHOGONALITY_TOLERANCE, NormalizedWeight
-from lightning_smd.messages import render
+from lightning_smd.messages import render, shown_names
 
 if TYPE_CHECKING:
     from lightning_smd.analysis.trajectory import Plan
@@ -125,7 +125,7 @@ def setup_warnings(
     for caveat in sorted(caveats):
         yield "SMD007", {"caveat": caveat}
     for (oi, g), names in zero_wd.items():
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        shown = shown_names(names)
         yield "SMD002", {"count": len(names), "names": shown, "group": g, "optimizer": oi}
     slowest = slowest_unit(recorder, units, config.window)
     if slowest is not None and planned_steps is not None:
@@ -337,7 +337,7 @@ def plan_warnings(optimizer: int, plan: Plan, rule: Any, outlooks: Sequence[Grou
 
     def named(o: GroupOutlook) -> str:
         names = list(layers.get(o.group, ()))
-        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else f"param group {o.group}"
+        return shown_names(names) if names else f"param group {o.group}"
 
     def weight_decay(o: GroupOutlook) -> float:
         # the weight decay at which the plan's fastest time constant is the one the fix needs, solved through the rule

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_smd.analysis.preflight import outlook
 from lightning_smd.engine.alerts import plan_warnings, setup_warnings, slowest_unit
 from lightning_smd.engine.schedule import plan_of
+from lightning_smd.messages import shown_names
 
 if TYPE_CHECKING:
     from lightning_smd.analysis.diagnostics import Diagnostics, DiagnosticsConfig
@@ -28,11 +29,6 @@ if TYPE_CHECKING:
     from lightning_smd.engine.measure import StepRecorder
 
 __all__ = ["FitStart"]
-
-
-def _shown(names: Sequence[str], first: int = 5) -> str:
-    """At most ``first`` names, then how many more."""
-    return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
 
 
 class FitStart:
@@ -71,10 +67,10 @@ class FitStart:
             self.warn(code, **fields)
         if audit is not None:
             for f in audit.decayed:
-                self.warn("SMD038", count=len(f.names), names=_shown(f.names), group=f.group, optimizer=f.optimizer, wd=f.weight_decay)
+                self.warn("SMD038", count=len(f.names), names=shown_names(f.names), group=f.group, optimizer=f.optimizer, wd=f.weight_decay)
             if audit.shared:
                 optimizers = sorted({o for owners in audit.shared.values() for o in owners})
-                self.warn("SMD039", count=len(audit.shared), names=_shown(list(audit.shared)), optimizers=", ".join(map(str, optimizers)))
+                self.warn("SMD039", count=len(audit.shared), names=shown_names(list(audit.shared)), optimizers=", ".join(map(str, optimizers)))
 
     def follow(self, recorder: StepRecorder, diagnostics: Diagnostics, config: DiagnosticsConfig, reads: Sequence[Any]) -> None:
         """Follow the planned schedules read ahead (:mod:`lightning_smd.engine.schedule`: one ``PlannedSchedule`` or

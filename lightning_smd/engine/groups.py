@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning_smd.messages import shown_names
 from torch import nn
 
 __all__ = [
@@ -161,7 +162,7 @@ class GroupAudit:
 
     def embeddings_note(self) -> str:
         """The line the verbose fit start prints about :attr:`embeddings` (information: no code, no warning)."""
-        shown = ", ".join(self.embeddings[:5]) + (f" and {len(self.embeddings) - 5} more" if len(self.embeddings) > 5 else "")
+        shown = shown_names(self.embeddings)
         return (
             f"SMDCallback: note: {len(self.embeddings)} embedding weight(s) ({shown}) are decayed by an Adam-type "
             "optimizer. Common (nanoGPT does it) and not an error, but a row is decayed at every step and updated only "

@@ -48,6 +48,7 @@ from lightning_smd.analysis.judgement import agreement_words, classify, reached
 from lightning_smd.analysis.states import Agreement, UnitState, Verdict
 from lightning_smd.io.plot import newest_file
 from lightning_smd.io.report import SUMMARY_FILENAME, TABLE_ROWS, format_summary_table
+from lightning_smd.messages import shown_names
 
 __all__ = ["main", "find_summary", "judge"]
 
@@ -380,7 +381,7 @@ def _check_layer_names(path: str, names: Sequence[str], name: str | None = None)
         return
     if not logged:
         raise InputError(f"{path}: no per-layer series logged, so no --layer to draw (log them with SMDCallback(log_per_layer='all'))")
-    shown = ", ".join(logged[:5]) + (f" and {len(logged) - 5} more" if len(logged) > 5 else "")
+    shown = shown_names(logged)
     raise InputError(f"{path}: no layer {', '.join(map(repr, unknown))} in the logged series; the layers: {shown}")
 
 
