@@ -1357,12 +1357,15 @@ def verify_orthogonality(
                     break
         # A finer block is invariant only if its |cos| is at the noise floor of this precision: the floor is what the
         # unit shows where it is invariant (its granularity so far), but never below 256 ulps of the gradient's dtype.
-        floor = max(best[2], 8.0 * torch.finfo(gs[0].dtype).eps)  # type: ignore[union-attr]
-        finer_limit = min(ORTHOGONALITY_TOLERANCE, 32.0 * floor)
+        # What the unit shows is a sum over its blocks of filters whose deviations (a normalization's epsilon, rounding)
+        # have random signs: a block of `size` filters shows sqrt(current / size) times more (BatchNorm1d after a
+        # Linear, real epsilon: rows 3-5e-4 where the whole weight shows 1e-5).
         current = {"filter": 1, "group": best[1] or n_filters, "tensor": n_filters}[best[0]]
+        ulps = 8.0 * torch.finfo(gs[0].dtype).eps  # type: ignore[union-attr]
         for size in [1] + [d for d in _divisors(n_filters) if d < current]:
             if size >= current:
                 break
+            finer_limit = min(ORTHOGONALITY_TOLERANCE, 32.0 * max(best[2] * math.sqrt(current / size), ulps))
             c = _block_cos(w_rows, g_rows, size)
             if c <= finer_limit:
                 best = ("filter", None, c) if size == 1 else ("group", size, c)
