@@ -20,6 +20,9 @@ gradients recorded at every step (independently of the callback): a flag at step
 filter's ``L`` (its squared scale-free gradient), averaged over the 50 steps before ``s``, is below its peak 50-step
 average by 100×.
 
+Every figure is at the callback's granularity: where the detection measures a layer in groups of rows, a filter is
+a group, its scale-free gradient ``‖∇w_G‖·‖w_G‖`` and dead when every row in it is.
+
 It prints, per task and optimizer, over the seeds: the share of the killed filters flagged within 2 relaxation times
 of the cut (the issue's acceptance: ≥ 95 %), the median and largest delay in relaxation times; the false flags
 (flags the gradients do not confirm) as a share of the filters that were not cut and not dead at the end, in the
@@ -86,7 +89,7 @@ def run(task: str, optimizer: str, seed: int, cut: bool, steps: int = STEPS) -> 
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
             for n, w in pl_module.net.named_parameters():
                 if w.dim() > 1 and w.grad is not None and not n.startswith("fc."):
-                    grad_log.setdefault(f"net.{n}", []).append((w.grad.flatten(1).norm(dim=1) * w.detach().flatten(1).norm(dim=1)).numpy().copy())
+                    grad_log.setdefault(f"net.{n}", []).append((w.grad.flatten(1).square().sum(1), w.detach().flatten(1).square().sum(1)))
 
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
             d = smd.diagnostics
@@ -103,8 +106,13 @@ def run(task: str, optimizer: str, seed: int, cut: bool, steps: int = STEPS) -> 
     smd = SMDCallback(verbose=False, summary_path=False, log_every_n_steps=LOG_EVERY, per_filter=True)
     start = time.perf_counter()
     quiet_trainer(steps, [smd, Watch()]).fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
-    filters = {layer["name"]: layer["shape"][0] for layer in smd.summary()["layers"]}
-    truth = _dead_by_gradient(model, TeacherStream(model.net.input_shape, seed=seed + 1000, flip=0.2), [n[4:] for n in filters])
+    layers = smd.summary()["layers"]
+    # the callback's filters are groups of rows where the detection found groups: every figure is per group
+    group = {layer["name"]: (layer["shape"][0] // layer["group_size"] if layer["granularity"] == "group" else 1) for layer in layers}
+    filters = {layer["name"]: layer["shape"][0] // group[layer["name"]] for layer in layers}
+    truth = _dead_by_gradient(model, TeacherStream(model.net.input_shape, seed=seed + 1000, flip=0.2), [n[4:] for n in filters], group)
+    assert group["net.conv2.weight"] == 1, "the cut channels are conv2's filters: it must be measured per filter"
+    grad_log = {k: [_grouped(g, w, group[k]) for g, w in v] for k, v in grad_log.items()}
     window = int(OPTIMIZERS[optimizer][2])
     confirmed = {layer: {str(i): _dead_in_window(grad_log[layer], i, step, window) for i, step in got.items()} for layer, got in flagged.items()}
     last = {u.name: (smd.diagnostics.filters.dead(i) if smd.diagnostics is not None else None) for i, u in enumerate(smd.diagnostics.units)}
@@ -119,10 +127,16 @@ def run(task: str, optimizer: str, seed: int, cut: bool, steps: int = STEPS) -> 
         "cut": cut,
         "killed": killed if cut else [],
         "filters": filters,
+        "group": group,
         "flagged": flagged,
         "dead_filters": {layer["name"]: layer.get("dead_filters") for layer in smd.summary()["layers"]},
         "seconds": time.perf_counter() - start,
     }
+
+
+def _grouped(g_sq: Any, w_sq: Any, size: int) -> Any:
+    """The scale-free gradient ``‖∇w_G‖·‖w_G‖`` of each group of ``size`` rows, from the rows' squared norms."""
+    return (g_sq.reshape(-1, size).sum(1) * w_sq.reshape(-1, size).sum(1)).sqrt().numpy()
 
 
 def _dead_in_window(log: list[Any], i: int, step: int, window: int) -> bool:
@@ -139,14 +153,15 @@ def _dead_in_window(log: list[Any], i: int, step: int, window: int) -> bool:
     return bool(means[-1] <= means.max() / 100.0)
 
 
-def _dead_by_gradient(model: Any, stream: Any, names: list[str], batches: int = 10) -> dict[str, list[int]]:
-    """The ground truth: per layer (``net.<name>``), the filters whose scale-free gradient ``‖∇w_i‖·‖w_i‖``, averaged
-    over ``batches`` fresh batches in training mode, is below 1e-6 of the layer's median."""
+def _dead_by_gradient(model: Any, stream: Any, names: list[str], group: dict[str, int], batches: int = 10) -> dict[str, list[int]]:
+    """The ground truth: per layer (``net.<name>``), the filters (groups of ``group[layer]`` rows) whose scale-free
+    gradient ``‖∇w_i‖·‖w_i‖``, averaged over ``batches`` fresh batches in training mode, is below 1e-6 of the layer's
+    median."""
     import torch
     from torch.nn import functional as F
 
     params = dict(model.net.named_parameters())
-    total = {n: torch.zeros(params[n].shape[0]) for n in names}
+    total = {n: torch.zeros(params[n].shape[0] // group[f"net.{n}"]) for n in names}
     data = iter(stream)
     model.train()
     for _ in range(batches):
@@ -155,7 +170,7 @@ def _dead_by_gradient(model: Any, stream: Any, names: list[str], batches: int = 
         F.cross_entropy(model.net(x), y).backward()
         for n in names:
             w = params[n]
-            total[n] += w.grad.flatten(1).norm(dim=1) * w.detach().flatten(1).norm(dim=1)
+            total[n] += torch.as_tensor(_grouped(w.grad.flatten(1).square().sum(1), w.detach().flatten(1).square().sum(1), group[f"net.{n}"]))
     if os.environ.get("SMD_DEAD_DEBUG"):
         print({n: sorted(round(float(v), 5) for v in (t / t.median()) if v < 0.2) for n, t in total.items()})
     return {f"net.{n}": [int(i) for i in (t <= 1e-6 * t.median()).nonzero().flatten()] for n, t in total.items()}

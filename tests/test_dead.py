@@ -47,40 +47,47 @@ def test_not_dead_when_the_norm_does_not_follow_the_curve_or_the_loss_vanished_o
     assert _drains(DeadWatch(1), decaying, [0.5 / DEAD_FACTOR] * 12, peak=1.0) != []  # the same, with L 200x down
 
 
-def test_dead_filters_follow_the_curve_with_their_drive_gone_and_a_large_norm_is_not_dead():
-    """Four filters: rotating at a steady norm; dead (no rotation, pure decay); far above equilibrium (shrinking
-    almost as pure decay, but still driven); one that slowed down but keeps its norm."""
+def test_dead_filters_follow_the_curve_with_their_gradient_gone_and_a_large_norm_is_not_dead():
+    """Five filters: rotating at a steady norm; dead (pure decay, its L gone); far above equilibrium (shrinking almost
+    as pure decay, but with its gradient); one whose gradient fell 900× but keeps its norm; one on the curve whose
+    L fell only 50× (not yet the 100× of a dead one)."""
     stats = FilterStats(1, ema_steps=50)
-    k, norms = 50, np.array([2.0, 2.0, 60.0, 2.0])
+    k, norms = 50, np.array([2.0, 2.0, 60.0, 2.0, 2.0])
     for j in range(12):
         steps = np.arange(j * k + 1, (j + 1) * k + 1)
         decay = (1 - E) ** steps[:, None]
-        n = np.stack([np.full(k, norms[0]), norms[1] * decay[:, 0], norms[2] * decay[:, 0] ** 0.98, np.full(k, norms[3])], axis=1)
-        drive = np.array([0.02 * 4.0, 0.02 * 4.0 if j < 2 else 1e-6, 0.02 * 4.0, 0.02 * 4.0 if j < 2 else 0.02 * 4.0 / 30])
-        angles = np.tile(drive, (k, 1)) / n**2  # SGD: the drive is Δ·‖w‖²
-        stats.update(np.array([0]), {0: angles}, {0: n**2}, steps.astype(float), np.full((k, 1), E), np.array([4.0]))
-    assert stats.dead(0).tolist() == [False, True, False, False]
+        d = decay[:, 0]
+        n = np.stack([np.full(k, norms[0]), norms[1] * d, norms[2] * d**0.98, np.full(k, norms[3]), norms[4] * d], axis=1)
+        late = j >= 2
+        L = np.array([1.0, 1e-9 if late else 1.0, 1.0, 1.0 / 900 if late else 1.0, 1.0 / 50 if late else 1.0])
+        angles = np.tile(np.sqrt(L) * 0.08, (k, 1)) / n**2  # SGD: Δ·‖w‖² goes as √L
+        stats.update(np.array([0]), {0: angles}, {0: n**2}, steps.astype(float), np.full((k, 1), E), {0: np.tile(L, (k, 1))})
+    assert stats.dead(0).tolist() == [False, True, False, False, False]
     assert stats.dead_counts()[0] == 1.0
+    stats.forget(0)
+    assert stats.dead(0) is None
 
 
 @pytest.mark.slow
 def test_the_two_block_transformer_reads_dead_for_its_first_block(tmp_path):
     """``examples/transformer_qknorm.py --depth 2`` (its docstring's story) at the CI size: the reversal needs one
     attention layer; the first block's q/k gradient falls from 0.60 to 0.003 while the loss stays at its noise floor,
-    their norms follow AdamW's pure decay, and they read ``dead``, the second block ``equilibrium``. Before issue 30
-    they read ``approaching`` or ``departed``. Margins over seeds 0–2 (``--seed``): found dead at step 540–580 of
-    1,500, with ``L`` 102–193× below its peak at that drain (the threshold is 100×) and 1e8–7e8× below at the end; block 1 in
-    equilibrium in all three."""
+    their norms follow AdamW's pure decay, and they read ``dead``; the second block keeps rotating at the prediction.
+    Before issue 30 the first block read ``approaching`` or ``departed``. Margins over seeds 0–2 (``--seed``) and two
+    CPUs: first found dead (the warning's step) at step 540–600 of 1,500, with ``L`` 102–280× below its peak at that
+    drain (the threshold is 100×). The second block's verdict depends on the CPU's trajectory — ``equilibrium`` on one, ``approaching`` on
+    another (its 750-step window too noisy to bound the drift) — so the test asks only that it is alive, not dead and
+    steady within 0.15 of the prediction (seen: 0.94–1.03)."""
     env = {"SMD_EXAMPLE_FAST": "1"}
     proc = run_python(["examples/transformer_qknorm.py", "--depth", "2", "--out", str(tmp_path)], env=env)
     summary = json.loads((tmp_path / "smd_summary.json").read_text())
-    states = {layer["name"]: layer["state"] for layer in summary["layers"]}
-    assert states == {
-        "blocks.0.attn.q.weight": "dead",
-        "blocks.0.attn.k.weight": "dead",
-        "blocks.1.attn.q.weight": "equilibrium",
-        "blocks.1.attn.k.weight": "equilibrium",
-    }, states
+    layers = {layer["name"]: layer for layer in summary["layers"]}
+    assert set(layers) == {f"blocks.{b}.attn.{p}.weight" for b in (0, 1) for p in "qk"}, set(layers)
+    for p in "qk":
+        assert layers[f"blocks.0.attn.{p}.weight"]["state"] == "dead", layers[f"blocks.0.attn.{p}.weight"]["state"]
+        alive = layers[f"blocks.1.attn.{p}.weight"]
+        assert alive["state"] in ("equilibrium", "approaching") and alive["dead_since"] is None, alive["state"]
+        assert abs(alive["steady_ratio"] - 1.0) < 0.15, alive["steady_ratio"]
     assert set(summary["diagnoses"]["dead"]) == {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}
     assert any(w.endswith("[SMD048]") for w in summary["warnings"]), summary["warnings"]
     assert "SMD048" in proc.stderr
@@ -91,8 +98,8 @@ def test_killed_filters_are_flagged_within_two_relaxation_times_and_live_ones_ar
     """``benchmarks/dead_filters.py`` on ``thin``, seed 0: a quarter of conv2's channels cut at step 400. Every killed
     filter is flagged, and no live filter in the killed or the uncut run. Over 20 seeds (``python
     benchmarks/dead_filters.py``): SGD-momentum flags every killed filter 1.0 relaxation time after the cut, AdamW
-    1.6–2.0 (the log steps every 50 steps are 0.4 τ apart), and 0 of 11,154 live filters of ``thin`` were flagged.
-    The delay bounds here, 2 τ and 3 τ, keep one log step of margin for AdamW."""
+    1.2–1.6 (the log steps every 50 steps are 0.4 τ apart), and 1 of 11,144 live filters of ``thin`` was flagged (seed
+    3, not this one). The delay bounds here, 2 τ and 3 τ, keep two log steps of margin for AdamW."""
     out = tmp_path / "dead.json"
     run_python(["benchmarks/dead_filters.py", "--seeds", "1", "--tasks", "thin", "--workers", "1", "--steps", "1000", "--json", out])
     runs = json.loads(out.read_text())

@@ -240,6 +240,38 @@ def test_recorder_without_lightning_and_momentum_path_saves_memory():
     snap.close()
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["buffer", "snapshot"])
+def test_per_filter_gradient_statistic_matches_a_float64_reference_and_is_nan_without_gradient(momentum):
+    """``L_i = ‖g_i‖²·‖w_i‖²`` of each filter (the norm before the step), recorded on the device at every step: equal
+    to a float64 reference, in groups where the unit is measured in groups, and nan at the step a tensor had no
+    gradient (the dead-filter test skips it rather than reading a zero as a dead filter)."""
+    torch.manual_seed(0)
+    net = SmallConvNet()
+    params = [[net.conv1.weight], [net.conv3.weight]]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-3)
+    rec = StepRecorder(params, [opt], capacity=8, unit_filters=[(0, 1), (0, 2)])
+    data, want = iter(loader()), []
+    for step in range(5):
+        x, y = next(data)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        if step == 3:
+            net.conv3.weight.grad = None  # SGD skips it this step
+        rows = []
+        for w, group in ((net.conv1.weight, 1), (net.conv3.weight, 2)):
+            wr = w.detach().double().flatten(1).reshape(w.shape[0] // group, -1)
+            g = w.grad.double().flatten(1).reshape(w.shape[0] // group, -1) if w.grad is not None else torch.full_like(wr, float("nan"))
+            rows.append((g.square().sum(1) * wr.square().sum(1)).numpy())
+        want.append(rows)
+        opt.step()
+    (batch,) = rec.drain()
+    for u in (0, 1):
+        np.testing.assert_allclose(batch.filter_grad_stat[u], np.stack([r[u] for r in want]), rtol=1e-5)
+    assert np.isnan(batch.filter_grad_stat[1][3]).all() and np.isfinite(batch.filter_grad_stat[0]).all()
+    assert batch.filter_grad_stat[1].shape == (5, net.conv3.weight.shape[0] // 2)
+    rec.close()
+
+
 class ReferenceFilterAngles(pl.Callback):
     """Per-filter float64 angles of one weight (filters along ``dim``, summed in groups of ``group``)."""
 

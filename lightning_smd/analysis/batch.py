@@ -42,5 +42,8 @@ class StepBatch:
     filter (or group)."""
     filter_norm_sq: dict[int, np.ndarray] | None = None
     """The same columns' ``[k, filters]`` squared norm of each filter (or group) after each step."""
+    filter_grad_stat: dict[int, np.ndarray] | None = None
+    """The same columns' ``[k, filters]`` gradient statistic of each filter (or group), ``L_i = ‖g_i‖²·‖w_i‖²`` with
+    the norm before the step (nan at a step without gradient)."""
     norm_sq_change: np.ndarray | None = None
     """``‖w_{t+1}‖² − ‖w_t‖²`` (from the cross term ``⟨d, w_{t+1}⟩`` where recorded: no cancellation)."""

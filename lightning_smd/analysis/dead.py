@@ -22,12 +22,9 @@ from typing import Any
 import numpy as np
 
 from lightning_smd.analysis.fields import Field, PerUnit
-from lightning_smd.analysis.filters import follow_pure_decay
+from lightning_smd.analysis.filters import DEAD_FACTOR, follow_pure_decay
 
 __all__ = ["DeadWatch", "DeadLayer", "DEAD_FACTOR", "pure_decay_rates"]
-
-#: ``L`` of a dead unit is at most its peak over this.
-DEAD_FACTOR = 100.0
 
 
 def pure_decay_rates(batch: Any) -> np.ndarray:

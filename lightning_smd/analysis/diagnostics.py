@@ -236,7 +236,7 @@ class Diagnostics:
         step, L = int(batch.steps[-1]), m.unit_grad.value(idx)
         self.events.extend(self.dead.observe(idx, batch.norm_sq_after[-1], step, decay, L, v.unit_grad_peak[idx], v.loss_alive()))
         if batch.filter_angles:
-            self.filters.update(idx, batch.filter_angles, batch.filter_norm_sq, batch.steps, decay, m.norm_power[idx])
+            self.filters.update(idx, batch.filter_angles, batch.filter_norm_sq, batch.steps, decay, batch.filter_grad_stat)
 
     def _predict(self, batch: StepBatch, idx: np.ndarray, r: int, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step ``r`` of ``batch``: divergence, the prediction and its changes, the stored settings; returns the

@@ -11,13 +11,13 @@ is not exact, and the most even layer of ``benchmarks/rotation_balance.py`` read
 **Dead filters.** A filter the loss no longer reaches (a ReLU that never fires after it, a normalization gain
 decayed or set to zero, a channel no later layer reads) gets no gradient: it stops rotating and its norm follows the
 optimizer's pure-decay curve, ``∏(1 − e)`` with ``e`` the rule's :meth:`~lightning_smd.analysis.theory.Rule.pure_decay`
-(``ηλ`` for AdamW, ``ηλ/(1 − μ)`` for SGD). A filter is **dead** when both hold: over the last relaxation time
-``τ = 1/(2e)`` its log-norm fell as the pure-decay curve did, within :data:`PURE_DECAY_TOLERANCE`; and its drive, the
-scale-free size of what moves it (its smoothed angular update times ``‖w_i‖^(p/2)``, ``p`` the rule's norm power:
-``Δ‖w‖²`` for SGD, whose ``L`` it tracks, ``Δ‖w‖`` for AdamW), fell to a fifteenth of its peak (:data:`DRIVE_FALL`) — ``L``, the square,
-by 225×. A filter at a large norm relaxing towards equilibrium also shrinks almost as pure decay, but its drive has
-not fallen; a filter that rotates does not follow the curve. Optimizers with no pure-decay curve (Lion, Adam with L2)
-get no dead-filter count.
+(``ηλ`` for AdamW, ``ηλ/(1 − μ)`` for SGD). A filter is **dead** when both hold, the tests of a dead layer
+(:mod:`lightning_smd.analysis.dead`) filter by filter: over the last relaxation time ``τ = 1/(2e)`` its log-norm fell as
+the pure-decay curve did, within :data:`PURE_DECAY_TOLERANCE`; and its gradient statistic ``L_i = ‖g_i‖²·‖w_i‖²``
+(recorded on the device at every step, averaged over :data:`GRADIENT_WINDOW` of the smoothing window) fell to its
+peak / :data:`DEAD_FACTOR` or below. A filter at a large norm relaxing towards equilibrium also shrinks almost as
+pure decay, but its gradient has not gone; a filter that rotates does not follow the curve. Optimizers with no
+pure-decay curve (Lion, Adam with L2) get no dead-filter count.
 
 Everything here runs on the host at drains, over the per-filter rows the recorder copies off the device.
 """
@@ -30,15 +30,17 @@ import numpy as np
 
 from lightning_smd.analysis.fields import Field, PerUnit, vector
 
-__all__ = ["FilterStats", "PURE_DECAY_TOLERANCE", "DRIVE_FALL", "follow_pure_decay"]
+__all__ = ["FilterStats", "PURE_DECAY_TOLERANCE", "DEAD_FACTOR", "GRADIENT_WINDOW", "follow_pure_decay"]
 
 #: A filter follows the pure-decay curve when its log-norm change over a relaxation time is within this share of the
 #: curve's (dead filters: 0.93–1.02 of it from the window that starts at their death; rotating ones −0.44–0.33).
 PURE_DECAY_TOLERANCE = 0.15
-#: The drive of a dead filter has fallen below its peak divided by this: its ``L``-like square by 225×, a margin over
-#: the issue's 100× for the drive's lag behind the gradient (at 10, `head`'s fast-dying neurons were flagged with their
-#: ``L`` 57–94× below its peak; ``benchmarks/dead_filters.py``).
-DRIVE_FALL = 15.0
+#: ``L`` of a dead filter, and of a dead layer, is at most its peak over this.
+DEAD_FACTOR = 100.0
+#: A filter's ``L`` is averaged over this share of the smoothing window (``ema_steps``; 25 steps by default): noisy
+#: enough per filter to need an average, and a cut filter's average falls 100× in ``4.6 × 25`` steps, under the
+#: relaxation time of the benchmark tasks (125-200 steps), where the full window's 230 steps made it the slower test.
+GRADIENT_WINDOW = 0.5
 
 
 def follow_pure_decay(snapshots: list, decay_log: float, step: float, e_now: float, log_norm: Any) -> tuple[Any, list]:
@@ -59,6 +61,19 @@ def follow_pure_decay(snapshots: list, decay_log: float, step: float, e_now: flo
     return followed, [*snapshots, [step, decay_log, log_norm]]
 
 
+def _fold(acc: np.ndarray | None, weight: np.ndarray | None, x: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` sequential updates of an exponential moving average (per column of ``x``, ``[k, filters]``, non-finite
+    samples skipped), at once: a sample weighs ``(1 − β)·β^m``, ``m`` the finite samples after it. Returns the new
+    accumulator and weight (their ratio is the bias-corrected average); they start afresh when the width changed."""
+    ok = np.isfinite(x)
+    after = np.cumsum(ok[::-1], axis=0)[::-1] - ok  # finite samples after each step, per filter
+    w = np.where(ok, (1.0 - beta) * beta**after, 0.0)
+    shrink = beta ** ok.sum(axis=0)
+    if acc is None or weight is None or len(acc) != x.shape[1]:
+        acc, weight = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    return shrink * acc + (w * np.where(ok, x, 0.0)).sum(axis=0), shrink * weight + w.sum(axis=0)
+
+
 class FilterStats(PerUnit):
     """Per unit, the moving average (over ``ema_steps`` steps, bias-corrected, skipping non-finite samples) of
     each filter's squared angular update; :meth:`imbalance` turns it into the rotation imbalance."""
@@ -66,19 +81,23 @@ class FilterStats(PerUnit):
     FIELDS = (
         Field("filter_sq_acc", object, None, added=True, kind=vector),
         Field("filter_sq_weight", object, None, added=True, kind=vector),
-        Field("filter_drive_peak", object, None, added=True, kind=vector),
         Field("filter_on_decay", object, None, added=True, kind=vector),
-        Field("filter_drive_now", object, None, added=True, kind=vector),
         Field("filter_decay_log", float, 0.0, added=True),
         Field("filter_snapshots", object, list, added=True),
+        Field("filter_grad_acc", object, None, added=True, kind=vector),
+        Field("filter_grad_weight", object, None, added=True, kind=vector),
+        Field("filter_grad_peak", object, None, added=True, kind=vector),
     )
     """``filter_on_decay``: 1 where the filter followed the pure-decay curve over the last relaxation time;
     ``filter_decay_log``: the curve's cumulative ``Σ log(1 − e)``; ``filter_snapshots``: ``[step, decay_log,
-    log-norms]`` at the drains of the last relaxation time or so."""
+    log-norms]`` at the drains of the last relaxation time or so; ``filter_grad_*``: the moving average of each filter's
+    gradient statistic ``L_i`` (over :data:`GRADIENT_WINDOW` of the window) and its peak (once the average holds half
+    its weight)."""
 
     def __init__(self, n: int, ema_steps: int, stride: int = 1) -> None:
         super().__init__(n)
         self.beta = (1.0 - 1.0 / ema_steps) ** stride
+        self.grad_beta = (1.0 - 1.0 / max(GRADIENT_WINDOW * ema_steps, 1.0)) ** stride
 
     def update(
         self,
@@ -87,41 +106,33 @@ class FilterStats(PerUnit):
         norms_sq: dict[int, np.ndarray] | None = None,
         steps: np.ndarray | None = None,
         decay: np.ndarray | None = None,
-        norm_power: np.ndarray | None = None,
+        grad_stat: dict[int, np.ndarray] | None = None,
     ) -> None:
         """Fold a drained batch in: ``angles`` maps a column of the batch (a position in ``idx``) to its ``[k,
         filters]`` angular updates. Equal to ``k`` sequential updates of an exponential moving average, computed at
-        once: a sample at step ``r`` weighs ``(1 − β)·β^m``, ``m`` the finite samples after it. With ``norms_sq``
-        (the same columns' squared filter norms after each step), ``steps``, ``decay`` (``[k, columns]``: the rule's
-        pure decay ``e`` at each step, nan where it has none) and ``norm_power`` (per column), the dead-filter
-        tests too."""
-        beta = self.beta
+        once: a sample at step ``r`` weighs ``(1 − β)·β^m``, ``m`` the finite samples after it. ``grad_stat``: the
+        same columns' ``[k, filters]`` gradient statistics ``L_i``, averaged the same way over a shorter window. With
+        ``norms_sq`` (the same columns' squared filter norms after each step), ``steps`` and ``decay`` (``[k,
+        columns]``: the rule's pure decay ``e`` at each step, nan where it has none), the pure-decay test too."""
         for col, a in angles.items():
             u = int(idx[col])
-            ok = np.isfinite(a)
-            x = np.where(ok, a * a, 0.0)
-            after = np.cumsum(ok[::-1], axis=0)[::-1] - ok  # finite samples after each step, per filter
-            w = np.where(ok, (1.0 - beta) * beta**after, 0.0)
-            shrink = beta ** ok.sum(axis=0)
-            acc, weight = self.filter_sq_acc[u], self.filter_sq_weight[u]
-            if acc is None or len(acc) != a.shape[1]:
-                acc, weight = np.zeros(a.shape[1]), np.zeros(a.shape[1])
-            self.filter_sq_acc[u] = shrink * acc + (w * x).sum(axis=0)
-            self.filter_sq_weight[u] = shrink * weight + w.sum(axis=0)
-        if norms_sq is None or steps is None or decay is None or norm_power is None:
+            self.filter_sq_acc[u], self.filter_sq_weight[u] = _fold(self.filter_sq_acc[u], self.filter_sq_weight[u], a * a, self.beta)
+        for col, g in (grad_stat or {}).items():
+            u = int(idx[col])
+            acc, weight = _fold(self.filter_grad_acc[u], self.filter_grad_weight[u], g, self.grad_beta)
+            self.filter_grad_acc[u], self.filter_grad_weight[u] = acc, weight
+            with np.errstate(divide="ignore", invalid="ignore"):
+                now = np.where(weight > 0.5, acc / np.where(weight > 0, weight, 1.0), np.nan)
+            peak = self.filter_grad_peak[u]
+            self.filter_grad_peak[u] = now if peak is None or len(peak) != len(now) else np.fmax(peak, now)
+        if norms_sq is None or steps is None or decay is None:
             return
         for col, n_sq in norms_sq.items():
-            self._follow_decay(int(idx[col]), n_sq[-1], float(steps[-1]), decay[:, col], float(norm_power[col]))
+            self._follow_decay(int(idx[col]), n_sq[-1], float(steps[-1]), decay[:, col])
 
-    def _follow_decay(self, u: int, n_sq: np.ndarray, step: float, e: np.ndarray, power: float) -> None:
-        """Unit ``u`` after a drain: the drive and its peak, and whether each filter followed the pure-decay curve
-        over the last relaxation time (the newest snapshot at least ``τ = 1/(2e)`` steps old)."""
-        rms = self.filter_angular_update(u)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            drive = rms * np.sqrt(n_sq) ** (power / 2.0) if rms is not None and len(rms) == len(n_sq) else np.full(len(n_sq), np.nan)
-        peak = self.filter_drive_peak[u]
-        peak = drive.copy() if peak is None or len(peak) != len(drive) else np.fmax(peak, drive)
-        self.filter_drive_peak[u], self.filter_drive_now[u] = peak, drive
+    def _follow_decay(self, u: int, n_sq: np.ndarray, step: float, e: np.ndarray) -> None:
+        """Unit ``u`` after a drain: whether each filter followed the pure-decay curve over the last relaxation time
+        (the newest snapshot at least ``τ = 1/(2e)`` steps old)."""
         ok = np.isfinite(e) & (e > 0.0) & (e < 1.0)
         if not ok[-1]:  # no pure-decay curve now (Lion, Adam with L2, no weight decay): nothing to follow
             self.filter_snapshots[u], self.filter_on_decay[u] = [], None
@@ -134,12 +145,12 @@ class FilterStats(PerUnit):
 
     def dead(self, u: int) -> np.ndarray | None:
         """Unit ``u``'s dead filters (a boolean per filter), or None where it cannot be told (no pure-decay curve,
-        or not yet a relaxation time of per-filter rows)."""
-        on_decay, drive, peak = self.filter_on_decay[u], self.filter_drive_now[u], self.filter_drive_peak[u]
-        if on_decay is None or drive is None or peak is None or not (len(on_decay) == len(drive) == len(peak)):
+        not yet a relaxation time of per-filter rows, no gradient statistic yet)."""
+        on_decay, acc, weight, peak = self.filter_on_decay[u], self.filter_grad_acc[u], self.filter_grad_weight[u], self.filter_grad_peak[u]
+        if on_decay is None or acc is None or weight is None or peak is None or not (len(on_decay) == len(acc) == len(peak)):
             return None
-        with np.errstate(invalid="ignore"):
-            return (np.asarray(on_decay) > 0.5) & (np.asarray(drive) <= np.asarray(peak) / DRIVE_FALL)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (np.asarray(on_decay) > 0.5) & (acc / weight <= peak / DEAD_FACTOR)
 
     def dead_counts(self) -> np.ndarray:
         """Per unit, the count of dead filters (nan where it cannot be told)."""
@@ -174,5 +185,6 @@ class FilterStats(PerUnit):
     def forget(self, u: int) -> None:
         """Unit ``u`` diverged: its averages start afresh."""
         self.filter_sq_acc[u], self.filter_sq_weight[u] = None, None
-        self.filter_drive_peak[u] = self.filter_on_decay[u] = self.filter_drive_now[u] = None
+        self.filter_grad_acc[u] = self.filter_grad_weight[u] = self.filter_grad_peak[u] = None
+        self.filter_on_decay[u] = None
         self.filter_snapshots[u] = []

@@ -322,10 +322,11 @@ class _HostLog:
 
 
 class _PerFilter:
-    """Per-filter statistics of a slot (opt-in): ‖w‖² and ‖d‖² of every filter (a row along the filter dim) of
-    the tensors that have filters, reported as the RMS over a unit's filters (or groups) of their angular updates.
+    """Per-filter statistics of a slot (opt-in): ‖w‖², ‖d‖² and ‖g‖² of every filter (a row along the filter dim)
+    of the tensors that have filters, reported as the RMS over a unit's filters (or groups) of their angular updates,
+    and per filter its angle, norm and gradient statistic ``L_i = ‖g_i‖²·‖w_i‖²``.
 
-    Buffer rows: ‖w_{t+1}‖² per filter, ‖d‖² per filter, and when sampling ‖w_t‖² per filter."""
+    Buffer rows: ‖w_{t+1}‖² per filter, ‖d‖² per filter, ‖g_t‖² per filter, and when sampling ‖w_t‖² per filter."""
 
     def __init__(self, tensors: list[torch.Tensor], filter_of: dict[int, tuple[int, int]], *, capacity: int, sampled: bool, device: torch.device) -> None:
         self.filter_of = filter_of  # tensor position -> (filter dim, filters per invariant group)
@@ -333,7 +334,7 @@ class _PerFilter:
         self.rows = [tensors[t].shape[filter_of[t][0]] if tensors[t].dim() > 1 else tensors[t].numel() for t in self.tensors]
         self.total = sum(self.rows)
         self.sampled = sampled
-        self.buffer = torch.zeros(capacity, (3 if sampled else 2) * self.total, dtype=torch.float64, device=device)
+        self.buffer = torch.zeros(capacity, (4 if sampled else 3) * self.total, dtype=torch.float64, device=device)
         self.last: np.ndarray | None = None  # per filter, host: ‖w‖² after the last drained step
         with torch.no_grad():
             self.initial = torch.cat(self.row_sq([tensors[t] for t in self.tensors]))
@@ -348,13 +349,18 @@ class _PerFilter:
     def extra_bytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
-    def row_sq(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Squared norm of every filter (row along the filter dim) of each per-filter tensor, in float64."""
+    def row_sq(self, tensors: list[torch.Tensor | None], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+        """Squared norm of every filter (row along the filter dim) of each per-filter tensor, accumulated in ``dtype``
+        (float64 for the weights and updates, whose angles need it) and returned in float64; zeros for None (a missing
+        gradient, masked on the host)."""
         out = []
-        for t, pos in zip(tensors, self.tensors):
+        for t, pos, n in zip(tensors, self.tensors, self.rows):
+            if t is None:
+                out.append(self.buffer.new_zeros(n))
+                continue
             dim = self.filter_of[pos][0]
             rows = t.reshape(-1, 1) if t.dim() <= 1 else t.movedim(dim, 0).reshape(t.shape[dim], -1)
-            out.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square())
+            out.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.promote_types(rows.dtype, dtype)).to(torch.float64).square())
         return out
 
     def of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -362,10 +368,13 @@ class _PerFilter:
         return [tensors[t] for t in self.tensors]
 
     def record_before(self, row: int, tensors: list[torch.Tensor]) -> None:
-        torch.cat(self.row_sq(self.of(tensors)), out=self.buffer[row, 2 * self.total :])
+        torch.cat(self.row_sq(self.of(tensors)), out=self.buffer[row, 3 * self.total :])
 
-    def record(self, row: int, tensors: list[torch.Tensor], update_sq: list[torch.Tensor]) -> None:
-        torch.cat(self.row_sq(self.of(tensors)) + update_sq, out=self.buffer[row, : 2 * self.total])
+    def record(self, row: int, tensors: list[torch.Tensor], update_sq: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """Step row ``row``: the filters' ‖w_{t+1}‖², the given ‖d‖² and the ‖g_t‖² of ``grads`` (the slot's gradients
+        in tracked order, None where a tensor has none)."""
+        # the gradient's only use is L_i's fall from its peak: float32 (a tenth of float64's cost on a CPU) is plenty
+        torch.cat(self.row_sq(self.of(tensors)) + update_sq + self.row_sq(self.of(grads), torch.float32), out=self.buffer[row, : 3 * self.total])
 
     def rebase(self, tensors: list[torch.Tensor]) -> None:
         self.initial = torch.cat(self.row_sq(self.of(tensors)))
@@ -374,16 +383,26 @@ class _PerFilter:
         return self.buffer[:count].to("cpu", copy=True).numpy()
 
     def rms(
-        self, pf: np.ndarray, hyper: list[list[dict[str, float]]], placement: _Placement, momentum_path: bool
-    ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
+        self, pf: np.ndarray, hyper: list[list[dict[str, float]]], placement: _Placement, momentum_path: bool, missing: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray]]:
         """RMS over the filters (or groups) of each unit of the per-filter angular updates: ``[k, n]``; and, by unit
-        column, the per-filter angular updates and squared norms after each step, ``[k, filters]``."""
+        column, ``[k, filters]``: the per-filter angular updates, squared norms after each step and gradient
+        statistics ``L_i = ‖g_i‖²·‖w_i‖²`` (with the norm before the step; nan at a step where a tensor of the unit
+        had no gradient, ``missing``: per row, the slot's tensor positions)."""
         total = self.total
-        w_sq, d_sq = pf[:, :total], pf[:, total : 2 * total]
+        w_sq, d_sq, g_sq = pf[:, :total], pf[:, total : 2 * total], pf[:, 2 * total : 3 * total]
+        offsets = np.concatenate([[0], np.cumsum(self.rows)])
+        if missing and any(missing):
+            g_sq = g_sq.copy()
+            at = {t: j for j, t in enumerate(self.tensors)}
+            for r, miss in enumerate(missing[-len(g_sq) :]):
+                for t in miss:
+                    if t in at:
+                        g_sq[r, offsets[at[t]] : offsets[at[t] + 1]] = np.nan
         if self.last is None:
             self.last = self.initial.to("cpu", copy=True).numpy()
         if self.sampled:
-            before = pf[:, 2 * total :]
+            before = pf[:, 3 * total :]
         else:
             before = np.concatenate([self.last[None, :], w_sq[:-1]], axis=0)
         self.last = w_sq[-1].copy()
@@ -395,8 +414,8 @@ class _PerFilter:
         out = np.full((k, len(placement.units)), np.nan)
         per_filter: dict[int, np.ndarray] = {}
         norms: dict[int, np.ndarray] = {}
+        grads: dict[int, np.ndarray] = {}
         # sum the tensors of a unit filter by filter, then filters into groups
-        offsets = np.concatenate([[0], np.cumsum(self.rows)])
         per_unit: dict[int, list[int]] = {}
         for j, t in enumerate(self.tensors):
             per_unit.setdefault(placement.tensor_unit_local[t], []).append(j)
@@ -407,14 +426,16 @@ class _PerFilter:
             b = sum(before[:, offsets[j] : offsets[j + 1]] for j in js)
             a = sum(w_sq[:, offsets[j] : offsets[j + 1]] for j in js)
             d = sum(d_sq[:, offsets[j] : offsets[j + 1]] for j in js)
+            g = sum(g_sq[:, offsets[j] : offsets[j + 1]] for j in js)
             group = self.filter_of[self.tensors[js[0]]][1]
             if group > 1 and rows % group == 0:
-                b, a, d = (x.reshape(k, rows // group, group).sum(2) for x in (b, a, d))
+                b, a, d, g = (x.reshape(k, rows // group, group).sum(2) for x in (b, a, d, g))
             angles = angles_from_norms(b, a, d)
             out[:, u] = np.sqrt(np.nanmean(angles**2, axis=1))
             per_filter[u] = angles
             norms[u] = a
-        return out, per_filter, norms
+            grads[u] = g * b
+        return out, per_filter, norms, grads
 
 
 class _Slot:
@@ -690,7 +711,7 @@ class _Slot:
                 # (sampling re-takes it in the pre-hook of the next sampled step)
                 torch._foreach_copy_(self.snapshot, self._large(tensors))  # type: ignore[arg-type]
             if self.pf is not None:
-                self.pf.record(self.count, tensors, pf_updates)
+                self.pf.record(self.count, tensors, pf_updates, [t.grad for t in params])
         groups = self.optimizer.param_groups
         keys = self.rule.keys
         step = self.clock.taken + 1
@@ -771,8 +792,8 @@ class _Slot:
             before = w_sq + diff
             diff_u = to_units(diff)
         before_u, after_u, upd_u, grad_u = (to_units(x) for x in (before, w_sq, d_sq, g_sq))
-        filter_rms, filter_angles, filter_norms = (
-            self.pf.rms(np.concatenate(pf_parts), hyper, self.placement, self.momentum_path) if pf_parts else (None, None, None)
+        filter_rms, filter_angles, filter_norms, filter_grads = (
+            self.pf.rms(np.concatenate(pf_parts), hyper, self.placement, self.momentum_path, missing) if pf_parts else (None, None, None, None)
         )
         return StepBatch(
             optimizer_index=self.index,
@@ -789,6 +810,7 @@ class _Slot:
             filter_angular_update_rms=filter_rms,
             filter_angles=filter_angles,
             filter_norm_sq=filter_norms,
+            filter_grad_stat=filter_grads,
             norm_sq_change=-diff_u if diff_u is not None else after_u - before_u,
         )
 
