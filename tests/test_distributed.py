@@ -43,36 +43,32 @@ def test_ddp_summary_equals_single_process(tmp_path, single, strategy):
     assert len(smd_rows) == 8  # logged once per interval, not once per rank
 
 
-def _run_counting(out: Path, strategy: str) -> tuple[dict, list[str]]:
-    proc = run_python([SCRIPT, out, strategy, 2, "count"], env=ENV, cwd=out.parent)
+def _run_counting(out: Path, strategy: str, extras: str = "count") -> tuple[dict, list[str], str]:
+    proc = run_python([SCRIPT, out, strategy, 2, extras], env=ENV, cwd=out.parent)
     assert "RESULT-OK" in proc.stdout, proc.stderr[-3000:]
     counts = [(out / f"collectives_rank{rank}.txt").read_text().strip() for rank in (0, 1)]
     assert all(re.fullmatch(rf"COLLECTIVES rank={rank} all_reduce=\d+ flushes=\d+", c) for rank, c in enumerate(counts)), counts
-    return json.loads(next(out.rglob("smd_summary.json")).read_text()), counts
+    return json.loads(next(out.rglob("smd_summary.json")).read_text()), counts, proc.stdout
 
 
-@pytest.fixture(scope="module")
-def single_fp32(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("single32"), "auto32", 1)
-
-
-def test_fsdp2_sharded_statistics_equal_the_unsharded_run(tmp_path, single_fp32):
-    """FSDP2 (ModelParallelStrategy + fully_shard) on CPU: per-layer norms and angles from shard-local
-    partial sums, including conv2 whose single filter leaves one rank an empty shard."""
-    sharded, counts = _run_counting(tmp_path / "fsdp2", "fsdp2")
-    assert [layer["name"] for layer in sharded["layers"]] == [layer["name"] for layer in single_fp32["layers"]]
+def test_fsdp2_sharded_statistics_equal_the_whole_tensors(tmp_path):
+    """FSDP2 (ModelParallelStrategy + fully_shard) on CPU over 2 ranks: per-layer norms and angles from shard-local
+    partial sums, including conv2 whose single filter leaves one rank an empty shard, equal at every step a float64
+    reference from the whole tensors (``full_tensor()``) of the same run. (Compared with an unsharded run instead,
+    the test passed on one CPU and failed on another: FSDP2 trains along another float32 trajectory than no strategy,
+    0.6 % apart in conv1's angle after 40 steps, with one rank as with two.)"""
+    sharded, counts, stdout = _run_counting(tmp_path / "fsdp2", "fsdp2", "count,reference")
     assert any(layer["shape"][0] == 1 for layer in sharded["layers"])  # the layer with an empty shard
-    for a, b in zip(single_fp32["layers"], sharded["layers"]):
-        for key in ("angular_update", "last_angular_update", "weight_norm", "predicted_weight_norm", "ratio"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["name"], key)
-        assert b["steps"] == a["steps"] == 40
+    assert all(layer["steps"] == 40 for layer in sharded["layers"])
+    worst = re.search(r"REFERENCE 3 layers x 40 steps, largest relative difference ([0-9.e+-]+)", stdout)
+    assert worst and float(worst.group(1)) <= 1e-5, stdout[-2000:]
     # one all-reduce per log interval (40 steps / 5), whatever the number of layers and metrics
     for line in counts:
         assert "all_reduce=8 flushes=8" in line, line
 
 
 def test_plain_ddp_issues_no_collective_for_the_statistics(tmp_path):
-    _, counts = _run_counting(tmp_path / "ddp", "ddp")
+    _, counts, _ = _run_counting(tmp_path / "ddp", "ddp")
     for line in counts:
         assert "all_reduce=0 " in line, line
 
@@ -100,9 +96,9 @@ def test_unsupported_strategies_are_named_at_fit_start():
     assert _unsupported_strategy(Fake(object())) is None
 
 
-def test_fsdp1_flat_shards_equal_the_unsharded_run(tmp_path):
+def test_fsdp1_flat_shards_equal_the_whole_tensors(tmp_path):
     """torch FSDP1 with use_orig_params=True on CPU: 1-D shard views, empty on some ranks; the recorder's
-    partial sums over the shard group give the unsharded norms and angles."""
+    partial sums over the shard group give the norms and angles of the whole tensors at every step."""
     script = SCRIPT.with_name("fsdp1_script.py")
     for world in (1, 2):
         proc = run_python([script, tmp_path, world], env=ENV, check=False)
@@ -117,5 +113,9 @@ def test_fsdp1_flat_shards_equal_the_unsharded_run(tmp_path):
     assert sharded["collectives"] == 1
     import numpy as np
 
-    np.testing.assert_allclose(sharded["angular_update"], single["angular_update"], rtol=1e-5)
-    np.testing.assert_allclose(sharded["weight_norm"], single["weight_norm"], rtol=1e-5)
+    # each run against its own whole tensors: two runs cannot be compared with each other (the sharded one sums its
+    # gradient over two half batches; on one CPU the float32 trajectories stayed within 1e-5, on another they parted
+    # by 3 % in 30 steps)
+    for run in (single, sharded):
+        np.testing.assert_allclose(run["angular_update"], run["reference_angular_update"], rtol=1e-5)
+        np.testing.assert_allclose(run["weight_norm"], run["reference_weight_norm"], rtol=1e-5)

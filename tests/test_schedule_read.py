@@ -295,7 +295,9 @@ def test_accumulation_counts_batches_and_steps_on_the_partial_last_one(name):
     _assert_plan_matches(cb, steps=EPOCHS * math.ceil(BATCHES / 2))
     if name == "StepLR every 3 batches":
         lr = cb.plans[0].columns[0]["lr"]
-        assert np.array_equal(lr, 0.1 * 0.8 ** np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]))
+        # (to rounding: StepLR multiplies by 0.8 step by step, and numpy's vectorized power rounds differently on
+        # some CPUs; the pattern of the steps is what is tested)
+        np.testing.assert_allclose(lr, 0.1 * 0.8 ** np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]), rtol=1e-12, atol=0)
 
 
 def test_limited_batches_with_accumulation():
