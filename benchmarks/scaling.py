@@ -1,6 +1,6 @@
 """How the per-step statistics scale: with the number of tracked tensors and with their total size.
 
-    python benchmarks/scaling.py [--device cpu|cuda] [--repeats 200]
+    python benchmarks/scaling.py [--device cpu|cuda] [--repeats 200] [--max-log2 24]
 
 No Lightning here: a :class:`lightning_smd.engine.measure.StepRecorder` is attached to a plain optimizer over
 ``n`` tensors and the benchmark times its per-step work (``record()``, what the step post-hook runs) on its
@@ -146,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--max-log2", type=int, default=24, help="Table 2 goes up to 2^this elements")
     args = parser.parse_args()
     dev = args.device
     cuda = dev == "cuda"
@@ -181,7 +182,7 @@ def main() -> None:
     print("\nTable 2: total size (16 tensors, SGD momentum path: reads weight, momentum buffer and gradient once)")
     print(f"| {'elements':>10} | {'ops':>7} | {'us/step':>8} | {'MB read':>8} | {'GB/s':>6} | {'x bound':>7} |")
     print("|------------|---------|----------|----------|--------|---------|")
-    for log2 in (14, 16, 18, 20, 22, 24):
+    for log2 in [n for n in (14, 16, 18, 20, 22, 24) if n <= args.max_log2]:
         total = 2**log2
         _, _, rec = _setup(16, total // 16, dev, True)
         rec.slots[0].record()

@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=16 if fast else 32, help="channels of the first conv")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="cosine: 100 warm-up steps, then cosine to 0")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning's accelerator (benchmarks/gpu_check.py runs it on cuda)")
     args = parser.parse_args(argv)
 
     pl.seed_everything(args.seed, verbose=False)
     smd = SMDCallback()
     trainer = pl.Trainer(
         max_steps=args.steps,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         logger=pl.loggers.CSVLogger(args.out, name="", version=""),
         callbacks=[smd],

@@ -1,6 +1,9 @@
 """Run by tests/test_distributed.py: one training run, single-process or 2-process DDP on CPU (gloo).
 
-    python tests/ddp_script.py OUT_DIR STRATEGY DEVICES [extra]
+    python tests/ddp_script.py OUT_DIR STRATEGY DEVICES [extra[,extra]]   # extras: count, reference, raise
+
+``SMD_ACCELERATOR`` (default ``cpu``) picks Lightning's accelerator: ``benchmarks/gpu_check.py`` runs it on a GPU,
+where ``fsdp1`` (Lightning's ``FSDPStrategy``, GPU only) is a strategy too.
 
 The global batch is the same whatever the number of processes (each rank takes every world_size-th sample
 of each global batch of 16), the model normalizes per sample (GroupNorm) and computes in float64, so DDP must
@@ -65,38 +68,73 @@ class ShardedModule(Module):
         return DataLoader(TensorDataset(x[rank::world], y[rank::world]), batch_size=GLOBAL_BATCH // world, shuffle=False)
 
 
+class Reference(pl.Callback):
+    """Extra ``reference``: each tracked weight's angular update and norm after every step, in float64 from the
+    whole tensor (``full_tensor()`` of an FSDP2 DTensor; FSDP1's ``use_orig_params`` views are whole on one rank),
+    independently of SMD: the sharded run is checked against itself, not against another run's trajectory."""
+
+    NAMES = ("conv1.weight", "conv2.weight", "conv3.weight")
+
+    def __init__(self) -> None:
+        self.angles: dict[str, list[float]] = {n: [] for n in self.NAMES}
+        self.norms: dict[str, list[float]] = {n: [] for n in self.NAMES}
+
+    def _whole(self, pl_module):
+        params = dict(pl_module.net.named_parameters())
+        out = {}
+        for n in self.NAMES:
+            t = params[n].detach()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[n] = t.to(torch.float64).flatten().cpu()
+        return out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._before = self._whole(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        after = self._whole(pl_module)
+        for n in self.NAMES:
+            a, b = self._before[n], after[n]
+            ua, ub = a / a.norm(), b / b.norm()
+            self.angles[n].append(float(2 * torch.atan2((ua - ub).norm(), (ua + ub).norm())))
+            self.norms[n].append(float(b.norm()))
+
+
 def main() -> None:
     out, strategy, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
     # ModelParallelStrategy (FSDP2) runs float32 only: "auto32" is its single-process reference
-    dtype = torch.float32 if strategy in ("fsdp2", "auto32") else torch.float64
+    dtype = torch.float32 if strategy in ("fsdp1", "fsdp2", "auto32") else torch.float64
     if strategy == "fsdp2":
         strategy = pl.strategies.ModelParallelStrategy()
+    elif strategy == "fsdp1":
+        strategy = pl.strategies.FSDPStrategy(use_orig_params=True)
     elif strategy == "auto32":
         strategy = "auto"
-    extra = sys.argv[4] if len(sys.argv) > 4 else ""
+    extras = set(sys.argv[4].split(",")) if len(sys.argv) > 4 else set()
     torch.set_num_threads(1)
     stream = iter(NoisyTemplates(batch_size=GLOBAL_BATCH, size=8, dtype=dtype))
     batches = [next(stream) for _ in range(40)]
     data = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     torch.manual_seed(0)
     model = ShardedModule(GroupNormNet(), data, optimizer=sgd(lr=0.2, weight_decay=0.01))
-    smd = SMDCallback(verbose=False, window=10, keep_history=False, on_no_equilibrium="raise" if extra == "raise" else "warn")
+    smd = SMDCallback(verbose=False, window=10, keep_history="reference" in extras, on_no_equilibrium="raise" if "raise" in extras else "warn")
+    reference = Reference() if "reference" in extras else None
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=os.environ.get("SMD_ACCELERATOR", "cpu"),
         devices=devices,
         strategy=strategy,
         max_steps=40,
         precision="64-true" if dtype == torch.float64 else "32-true",
         log_every_n_steps=5,
         logger=pl.loggers.CSVLogger(out, name="", version=""),
-        callbacks=[smd],
+        callbacks=[smd] + ([reference] if reference else []),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out,
         use_distributed_sampler=False,
     )
-    if extra == "count":  # count the collectives SMDCallback issues while it drains, per log interval
+    if "count" in extras:  # count the collectives SMDCallback issues while it drains, per log interval
         import torch.distributed as dist
 
         from lightning_smd.frontends.callback import SMDCallback as C
@@ -120,10 +158,18 @@ def main() -> None:
 
         C._flush = counted_flush
     trainer.fit(model)
-    if extra == "count":  # one file per rank: two processes writing one pipe may interleave their lines
+    if "count" in extras:  # one file per rank: two processes writing one pipe may interleave their lines
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"collectives_rank{trainer.global_rank}.txt"), "w") as fh:
             fh.write(f"COLLECTIVES rank={trainer.global_rank} all_reduce={calls['n']} flushes={calls['flushes']}\n")
+    if reference is not None and trainer.global_rank == 0:
+        got = {n: smd.diagnostics.unit_history(f"net.{n}") for n in Reference.NAMES}
+        worst = 0.0
+        for n in Reference.NAMES:
+            for mine, ref in ((got[n]["angular_update"], reference.angles[n]), (got[n]["weight_norm"], reference.norms[n])):
+                assert len(mine) == len(ref) == 40, (n, len(mine), len(ref))
+                worst = max(worst, max(abs(float(x) - y) / max(abs(y), 1e-30) for x, y in zip(mine, ref)))
+        print(f"REFERENCE {len(Reference.NAMES)} layers x 40 steps, largest relative difference {worst:.1e}")
     if trainer.global_rank == 0:
         print("RESULT-OK")
 
