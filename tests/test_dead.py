@@ -4,6 +4,7 @@ a weight the loss no longer reaches, told from vanishing noise by the loss and f
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -66,6 +67,40 @@ def test_dead_filters_follow_the_curve_with_their_gradient_gone_and_a_large_norm
     assert stats.dead_counts()[0] == 1.0
     stats.forget(0)
     assert stats.dead(0) is None
+
+
+def test_a_real_fit_with_two_channels_cut_warns_smd049_and_counts_them(tmp_path):
+    """A real Trainer with ``per_filter=True``: two of conv2's eight channels multiplied by 0 after BatchNorm from step
+    40 on get no gradient; with SGD at lr 0.1, momentum 0.5 and weight decay 0.1 on the normalized weights (pure decay
+    0.02 per step, relaxation time 25 steps; momentum 0.9 at such a decay would make the decay ring, outside the
+    theory's overdamped regime) both are flagged dead by step 250 (their averaged ``L`` thousands of times below its
+    peak there, against the 100× asked, whatever the CPU: it decays as exp(-t/25) after the cut) — their norms on the pure-decay
+    curve — the summary counts them, and the once-per-fit ``SMD049`` is given (at its first dead filters: one of
+    conv3's, whose ReLU before its BatchNorm stops firing, is found first on this seed)."""
+    import pytorch_lightning as pl
+    import torch
+    from helpers import Module, SmallConvNet, fit_smd, sgd
+
+    torch.manual_seed(0)
+    net = SmallConvNet()
+    mask = torch.ones(8)
+    net.bn2.register_forward_hook(lambda _m, _i, out: out * mask.view(1, -1, 1, 1))
+
+    class Cut(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 40:
+                mask[[0, 2]] = 0.0
+
+    module = Module(net, optimizer=sgd(lr=0.1, momentum=0.5), decay=0.1)
+    fit = fit_smd(tmp_path, module, 250, per_filter=True, log_every_n_steps=10, callbacks=[Cut()])
+    d = fit.smd.diagnostics
+    (conv2,) = [n for n in d.names if n.startswith("net.conv2.")]
+    dead = d.filters.dead(d.names.index(conv2))
+    assert dead is not None and dead[[0, 2]].all(), dead
+    (warning,) = [w for w in fit.warnings if w.endswith("[SMD049]")]  # once per fit, at the first dead filters:
+    assert re.match(r"\d+ filter\(s\) are dead at step \d+ \(net\.conv\d\.weight \(\d+\)", warning), warning  # (one of conv3's dies too)
+    layers = {layer["name"]: layer for layer in fit.smd.summary()["layers"]}
+    assert layers[conv2]["dead_filters"] >= 2
 
 
 @pytest.mark.slow
