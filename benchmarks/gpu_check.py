@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(limit, 1.0))
                 text += f"$ {' '.join(cmd[:3])} ...\n{p.stdout}{p.stderr}\n"
                 rc = rc or p.returncode
-            except subprocess.TimeoutExpired as err:
-                text += f"$ {' '.join(cmd[:3])} ...\n{err.stdout or ''}{err.stderr or ''}\nTIMEOUT after {limit:.0f} s\n"
+            except subprocess.TimeoutExpired as err:  # (its captured output comes as bytes, even with text=True)
+                got = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (err.stdout, err.stderr))
+                text += f"$ {' '.join(cmd[:3])} ...\n{got}\nTIMEOUT after {limit:.0f} s\n"
                 rc = 124
             if rc:
                 break
