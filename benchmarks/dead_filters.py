@@ -108,7 +108,7 @@ def run(task: str, optimizer: str, seed: int, cut: bool, steps: int = STEPS) -> 
     quiet_trainer(steps, [smd, Watch()]).fit(model, DataLoader(TeacherStream(model.net.input_shape, seed=seed, flip=0.2), batch_size=None))
     layers = smd.summary()["layers"]
     # the callback's filters are groups of rows where the detection found groups: every figure is per group
-    group = {layer["name"]: (layer["shape"][0] // layer["group_size"] if layer["granularity"] == "group" else 1) for layer in layers}
+    group = {layer["name"]: (layer["group_size"] if layer["granularity"] == "group" else 1) for layer in layers}  # rows per group
     filters = {layer["name"]: layer["shape"][0] // group[layer["name"]] for layer in layers}
     truth = _dead_by_gradient(model, TeacherStream(model.net.input_shape, seed=seed + 1000, flip=0.2), [n[4:] for n in filters], group)
     assert group["net.conv2.weight"] == 1, "the cut channels are conv2's filters: it must be measured per filter"
